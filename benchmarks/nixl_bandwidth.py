@@ -1,0 +1,116 @@
+"""NIXL READ bandwidth between two local processes vs a plain torch copy of the same bytes.
+
+    python benchmarks/nixl_bandwidth.py [--block-kib 256] [--repeats 5] [--sizes-mib 1 64 1024]
+
+A spawned "prefill" process registers a KV-cache-shaped buffer; this process READs the first
+``size / block`` blocks into its own registered buffer with ``KVTransferAgent.read_blocks`` (one
+descriptor per block, as the serving path does). The baseline is ``dst.copy_(src)`` of the same
+number of bytes inside one process (a memcpy). Each cell is the median of ``--repeats`` runs.
+On a CUDA machine ``--device cuda`` measures VRAM to VRAM instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+
+import torch
+
+from moeserve.worker.kv_transfer import KVTransferAgent
+
+MiB = 1 << 20
+
+
+def _peer(conn, num_blocks: int, block_bytes: int, device: str) -> None:
+    src = torch.empty((num_blocks, block_bytes), dtype=torch.uint8, device=device)
+    src.random_(0, 256)
+    agent = KVTransferAgent("bench-prefill", src)
+    conn.send(agent.metadata())
+    conn.recv()  # any message: done
+    agent.close()
+
+
+def _time_it(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats + 1):  # first run warms caches and UCX endpoints
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 64, 1024])
+    parser.add_argument("--block-kib", type=int, default=256, help="bytes per KV block (KiB)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+
+    block_bytes = args.block_kib * 1024
+    num_blocks = max(args.sizes_mib) * MiB // block_bytes
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_peer, args=(child, num_blocks, block_bytes, args.device))
+    proc.start()
+    try:
+        if not conn.poll(120):
+            raise RuntimeError("peer process did not start")
+        dst = torch.zeros((num_blocks, block_bytes), dtype=torch.uint8, device=args.device)
+        src_local = torch.ones_like(dst)
+        agent = KVTransferAgent("bench-decode", dst)
+        peer = agent.add_peer(conn.recv())
+        rows = []
+        for size in args.sizes_mib:
+            n = size * MiB // block_bytes
+            ids = list(range(n))
+
+            def nixl_read(ids: list[int] = ids) -> None:
+                result = agent.wait(agent.read_blocks(peer, ids, ids), timeout_s=120)
+                if not result.ok:
+                    raise RuntimeError(result.error)
+
+            def memcpy(n: int = n) -> None:
+                dst[:n].copy_(src_local[:n])
+
+            t_nixl = _time_it(nixl_read, args.repeats, sync)
+            t_copy = _time_it(memcpy, args.repeats, sync)
+            rows.append(
+                {
+                    "size_mib": size,
+                    "descriptors": n,
+                    "nixl_gib_s": size / 1024 / t_nixl,
+                    "copy_gib_s": size / 1024 / t_copy,
+                    "nixl_ms": t_nixl * 1e3,
+                    "copy_ms": t_copy * 1e3,
+                }
+            )
+        agent.close()
+    finally:
+        conn.send("done")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+    print(f"block {args.block_kib} KiB, device {args.device}, median of {args.repeats}")
+    print(f"{'size':>9} {'descs':>6} {'NIXL GiB/s':>11} {'copy GiB/s':>11} {'ratio':>6}")
+    for r in rows:
+        ratio = r["nixl_gib_s"] / r["copy_gib_s"]
+        print(
+            f"{r['size_mib']:>5} MiB {r['descriptors']:>6} {r['nixl_gib_s']:>11.2f} "
+            f"{r['copy_gib_s']:>11.2f} {ratio:>6.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""KV-cache transfer between workers with NIXL (prefill -> decode, READ initiated by decode).
+
+Two halves, as in vLLM's KV connector:
+
+* Scheduler side (pure, no device, no NIXL): ``block_descs`` turns block ids into byte ranges,
+  ``LeaseTable`` remembers which pinned prefill blocks were handed out and when they expire, and
+  the release notification is encoded/decoded here.
+* Worker side: ``KVTransferAgent`` owns one NIXL agent, registers the whole KV cache tensor once
+  and READs blocks from peers.
+
+The KV cache is ``[num_blocks, num_layers, block_size, kv_dim]`` and contiguous, so one block of
+every layer is one contiguous byte range: a transfer is one descriptor per block.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import torch
+
+from moeserve.common.errors import MoeServeError
+
+__all__ = [
+    "METADATA_VERSION",
+    "KVLayout",
+    "KVTransferAgent",
+    "KVTransferError",
+    "LeaseTable",
+    "TransferHandle",
+    "TransferResult",
+    "TransferState",
+    "block_descs",
+    "decode_release_notif",
+    "encode_release_notif",
+]
+
+# Bumped whenever the metadata blob or the meaning of a descriptor changes.
+METADATA_VERSION = 1
+_MAGIC = b"MSKV"
+_NOTIF_PREFIX = b"moeserve.kv.release:"
+
+
+class KVTransferError(MoeServeError):
+    """A peer that cannot be used (bad metadata, incompatible layout, unknown name)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    error_type = "kv_transfer_error"
+
+
+# --------------------------------------------------------------------------- scheduler side
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where a worker's KV cache lives; travels inside the metadata blob."""
+
+    base_addr: int
+    num_blocks: int
+    block_bytes: int
+    mem_type: str  # "DRAM" or "VRAM"
+    dev_id: int
+
+    def check_blocks(self, block_ids: list[int], what: str) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"{what} block ids {bad[:4]} outside [0, {self.num_blocks})")
+
+
+def block_descs(layout: KVLayout, block_ids: list[int]) -> np.ndarray:
+    """``[n, 3]`` uint64 array of (address, length, device id), one row per block, in order."""
+    layout.check_blocks(block_ids, "descriptor")
+    ids = np.asarray(block_ids, dtype=np.uint64)
+    descs = np.empty((len(block_ids), 3), dtype=np.uint64)
+    descs[:, 0] = np.uint64(layout.base_addr) + ids * np.uint64(layout.block_bytes)
+    descs[:, 1] = layout.block_bytes
+    descs[:, 2] = layout.dev_id
+    return descs
+
+
+def encode_release_notif(request_id: str) -> bytes:
+    """NIXL notification the decode side attaches to its READ: 'done with request_id's blocks'."""
+    return _NOTIF_PREFIX + request_id.encode("utf-8")
+
+
+def decode_release_notif(msg: bytes) -> str | None:
+    """Request id of a release notification, or None for a message that is not one."""
+    if not msg.startswith(_NOTIF_PREFIX):
+        return None
+    return msg[len(_NOTIF_PREFIX) :].decode("utf-8", errors="replace")
+
+
+@dataclass
+class _Lease:
+    block_ids: list[int]
+    expires_at: float
+
+
+@dataclass
+class LeaseTable:
+    """Pinned prefill blocks handed out to decode workers, each with a deadline.
+
+    The prefill worker adds a lease when Prefill returns a handle; the lease ends when the decode
+    side's release notification or ReleaseKV arrives (``release``), or when it expires
+    (``expired``): a decode worker that died or gave up must not leak the blocks.
+    """
+
+    default_lease_s: float = 30.0
+    _leases: dict[str, _Lease] = field(default_factory=dict)
+
+    def add(
+        self, request_id: str, block_ids: list[int], now: float, lease_s: float | None = None
+    ) -> None:
+        lease = self.default_lease_s if lease_s is None else lease_s
+        self._leases[request_id] = _Lease(list(block_ids), now + lease)
+
+    def release(self, request_id: str) -> list[int] | None:
+        """Block ids of the lease, removed; None when it is unknown or already released."""
+        lease = self._leases.pop(request_id, None)
+        return None if lease is None else lease.block_ids
+
+    def expired(self, now: float) -> list[str]:
+        """Request ids whose lease ran out, removed from the table."""
+        gone = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
+        for rid in gone:
+            del self._leases[rid]
+        return gone
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._leases
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+
+def _pack_metadata(name: str, layout: KVLayout, agent_md: bytes) -> bytes:
+    header = json.dumps(
+        {"version": METADATA_VERSION, "name": name, **layout.__dict__}, sort_keys=True
+    ).encode()
+    return _MAGIC + struct.pack(">I", len(header)) + header + agent_md
+
+
+def _unpack_metadata(blob: bytes) -> tuple[str, KVLayout, bytes]:
+    if len(blob) < 8 or blob[:4] != _MAGIC:
+        raise KVTransferError("peer metadata is not a moeserve KV metadata blob")
+    (n,) = struct.unpack(">I", blob[4:8])
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except ValueError as e:
+        raise KVTransferError(f"peer metadata header is corrupt: {e}") from None
+    if header.get("version") != METADATA_VERSION:
+        raise KVTransferError(
+            f"peer metadata version {header.get('version')} != ours {METADATA_VERSION}"
+        )
+    name = header.pop("name")
+    header.pop("version")
+    return name, KVLayout(**header), blob[8 + n :]
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class TransferState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class TransferHandle:
+    peer: str
+    num_blocks: int
+    num_bytes: int
+    started_at: float
+    _xfer: object = field(repr=False, default=None)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    ok: bool
+    num_bytes: int
+    seconds: float
+    error: str | None = None
+
+
+class KVTransferAgent:
+    """One NIXL agent (UCX backend) exposing this worker's KV cache to peers.
+
+    Methods are guarded by one lock, so the engine thread and the server's event loop may both
+    call in; ``wait`` never holds the lock while sleeping.
+    """
+
+    def __init__(self, name: str, kv_cache: torch.Tensor, backends: tuple[str, ...] = ("UCX",)):
+        if not kv_cache.is_contiguous() or kv_cache.dim() < 2:
+            raise ValueError("kv_cache must be a contiguous [num_blocks, ...] tensor")
+        from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only when used
+
+        self.name = name
+        self.layout = KVLayout(
+            base_addr=kv_cache.data_ptr(),
+            num_blocks=kv_cache.shape[0],
+            block_bytes=kv_cache[0].nbytes,
+            mem_type="VRAM" if kv_cache.is_cuda else "DRAM",
+            dev_id=(kv_cache.device.index or 0) if kv_cache.is_cuda else 0,
+        )
+        self._kv_cache = kv_cache  # keep the registered memory alive
+        self._lock = threading.Lock()
+        config = nixl_agent_config(
+            enable_prog_thread=True, enable_listen_thread=False, backends=list(backends)
+        )
+        self._agent = nixl_agent(name, config)
+        self._reg = self._agent.register_memory(kv_cache)
+        self._peers: dict[str, tuple[bytes, KVLayout]] = {}
+        self._closed = False
+
+    def metadata(self) -> bytes:
+        """Blob a peer passes to ``add_peer``: our NIXL agent metadata plus KV layout."""
+        with self._lock:
+            return _pack_metadata(self.name, self.layout, self._agent.get_agent_metadata())
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata once (cached by name; reloaded if the peer restarted)."""
+        name, layout, agent_md = _unpack_metadata(metadata)
+        if layout.block_bytes != self.layout.block_bytes:
+            raise KVTransferError(
+                f"peer {name!r} KV block is {layout.block_bytes} bytes, ours "
+                f"{self.layout.block_bytes}: layouts are incompatible"
+            )
+        with self._lock:
+            cached = self._peers.get(name)
+            if cached is not None and cached[0] == agent_md:
+                return name
+            if cached is not None:
+                self._agent.remove_remote_agent(name)
+            loaded = self._agent.add_remote_agent(agent_md)
+            loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if loaded != name:
+                raise KVTransferError(f"peer metadata names agent {loaded!r}, header {name!r}")
+            self._peers[name] = (agent_md, layout)
+        return name
+
+    def has_peer(self, name: str) -> bool:
+        with self._lock:
+            return name in self._peers
+
+    def remove_peer(self, name: str) -> None:
+        with self._lock:
+            if self._peers.pop(name, None) is not None:
+                self._agent.remove_remote_agent(name)
+
+    def read_blocks(
+        self,
+        peer: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        notif: bytes = b"",
+    ) -> TransferHandle:
+        """Start READing the peer's blocks into ours; the peer receives ``notif`` when done.
+
+        Never raises for transport trouble: a handle that could not start comes back already
+        FAILED with ``error`` set, so callers have one failure path (recompute).
+        """
+        if len(remote_block_ids) != len(local_block_ids):
+            raise ValueError(
+                f"{len(remote_block_ids)} remote blocks but {len(local_block_ids)} local blocks"
+            )
+        now = time.monotonic()
+        nbytes = len(local_block_ids) * self.layout.block_bytes
+        handle = TransferHandle(peer, len(local_block_ids), nbytes, now)
+        with self._lock:
+            cached = self._peers.get(peer)
+            if cached is None:
+                handle.error = f"unknown peer {peer!r}: add_peer first"
+                return handle
+            try:
+                remote = self._agent.get_xfer_descs(
+                    block_descs(cached[1], remote_block_ids), cached[1].mem_type
+                )
+                local = self._agent.get_xfer_descs(
+                    block_descs(self.layout, local_block_ids), self.layout.mem_type
+                )
+                xfer = self._agent.initialize_xfer("READ", local, remote, peer, notif)
+                state = self._agent.transfer(xfer)
+            except Exception as e:  # NIXL raises backend-specific types
+                handle.error = f"{type(e).__name__}: {e}"
+                return handle
+            handle._xfer = xfer
+            if state == "ERR":
+                handle.error = "NIXL refused to post the transfer"
+        return handle
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        """Non-blocking state of a transfer."""
+        if handle.error is not None:
+            return TransferState.FAILED
+        with self._lock:
+            try:
+                state = self._agent.check_xfer_state(handle._xfer)
+            except Exception as e:
+                state, handle.error = "ERR", f"{type(e).__name__}: {e}"
+        if state == "DONE":
+            return TransferState.DONE
+        if state == "PROC":
+            return TransferState.PENDING
+        handle.error = handle.error or "NIXL reported a transfer error"
+        return TransferState.FAILED
+
+    def finish(self, handle: TransferHandle, timed_out: bool = False) -> TransferResult:
+        """Release NIXL resources of a handle and summarise it (call once per handle)."""
+        if timed_out and handle.error is None:
+            handle.error = "transfer timed out"
+        ok = handle.error is None
+        if handle._xfer is not None:
+            with self._lock:
+                try:
+                    self._agent.release_xfer_handle(handle._xfer)
+                except Exception:
+                    pass  # NIXL keeps an uncancellable handle and frees it with the agent
+            handle._xfer = None
+        seconds = time.monotonic() - handle.started_at
+        return TransferResult(ok, handle.num_bytes if ok else 0, seconds, handle.error)
+
+    def wait(self, handle: TransferHandle, timeout_s: float) -> TransferResult:
+        """Block until the transfer ends or ``timeout_s`` passes; never hangs."""
+        deadline = time.monotonic() + timeout_s
+        sleep = 1e-5
+        while True:
+            state = self.poll(handle)
+            if state is not TransferState.PENDING:
+                return self.finish(handle)
+            if time.monotonic() >= deadline:
+                return self.finish(handle, timed_out=True)
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 1e-3)
+
+    def take_notifs(self) -> list[tuple[str, bytes]]:
+        """Notifications received since the last call, as (peer name, message)."""
+        with self._lock:
+            notifs = self._agent.get_new_notifs()
+        return [(peer, msg) for peer, msgs in notifs.items() for msg in msgs]
+
+    def take_released_requests(self) -> list[str]:
+        """Request ids whose blocks decode workers finished reading."""
+        ids = (decode_release_notif(msg) for _, msg in self.take_notifs())
+        return [rid for rid in ids if rid is not None]
+
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        with self._lock:
+            self._agent.send_notif(peer, msg)
+
+    def close(self) -> None:
+        """Deregister the KV cache and drop peers; the agent is unusable afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for name in list(self._peers):
+                try:
+                    self._agent.remove_remote_agent(name)
+                except Exception:
+                    pass
+            self._peers.clear()
+            self._agent.deregister_memory(self._reg)
