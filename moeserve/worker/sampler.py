@@ -1,0 +1,133 @@
+"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Sampling uses the exponential race: ``argmax(probs / q)`` with ``q ~ Exponential(1)`` i.i.d.
+picks token i with probability ``probs[i]``. It needs no cumulative sums or multinomial kernel
+(no host sync), and a seeded row draws its ``q`` from its own generator in vocabulary order, so
+its tokens depend only on its seed and its own logits, never on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moeserve.common.sampling import SamplingParams
+
+__all__ = ["Sampler", "make_generator"]
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``; keep one per request across steps."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        suppress_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """Pick one token per row.
+
+        Args:
+            logits: [N, V] float32 (other float dtypes are upcast), one row per request.
+            params: N sampling params, row-aligned with ``logits``.
+            generators: N generators (on ``logits.device``) or None; a row with a generator
+                draws its noise from it, others from the global RNG.
+            suppress_token_ids: optional N lists of token ids masked out before sampling
+                (EOS / stop ids before ``min_tokens``; see ``Request.tokens_to_suppress``).
+        Returns:
+            [N] int64 token ids on ``logits.device``.
+        """
+        num_rows, vocab = logits.shape
+        if len(params) != num_rows or len(generators) != num_rows:
+            raise ValueError(
+                f"{num_rows} logits rows but {len(params)} params, {len(generators)} generators"
+            )
+        logits = logits.float()
+        if suppress_token_ids is not None and any(suppress_token_ids):
+            logits = _suppress(logits, suppress_token_ids)
+        greedy_tokens = logits.argmax(dim=-1)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return greedy_tokens
+
+        device = logits.device
+        # Greedy rows get neutral values so the batched math stays finite; their result is
+        # replaced by the argmax at the end.
+        temperature = torch.tensor(
+            [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+            dtype=torch.float32,
+            device=device,
+        )
+        logits = logits / temperature.unsqueeze(1)
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _apply_top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        # A zero draw would turn a masked token's 0/0 into NaN, which argmax picks.
+        noise = _exponential_noise(probs, generators, greedy).clamp_(min=1e-20)
+        sampled = probs.div_(noise).argmax(dim=-1)
+        is_greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def _suppress(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Copy of ``logits`` [N, V] with the listed ids of each row set to -inf."""
+    rows = [row for row, ids in enumerate(token_ids) for _ in ids]
+    cols = [tok for ids in token_ids for tok in ids]
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = (
+        float("-inf")
+    )
+    return logits
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+) -> torch.Tensor:
+    """Mask ``logits`` [N, V] outside each row's top-k and top-p nucleus with -inf (one sort)."""
+    device = logits.device
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=device).unsqueeze(0)
+    k = torch.tensor(top_k, device=device).clamp_(max=vocab).unsqueeze(1)
+    sorted_logits.masked_fill_(rank >= k, float("-inf"))
+
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep a token while the mass before it is below p; the top token is always kept. Rows
+    # with p == 1 skip the test so float rounding in cumsum cannot drop tail tokens.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    p = torch.tensor([q if q < 1.0 else 2.0 for q in top_p], device=device).unsqueeze(1)
+    drop = (mass_before >= p) & (rank > 0)
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _exponential_noise(
+    probs: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    skip: Sequence[bool],
+) -> torch.Tensor:
+    """[N, V] Exponential(1) noise: seeded rows from their generator, the rest in one draw."""
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        return noise.exponential_()
+    if unseeded:
+        idx = torch.tensor(unseeded, device=probs.device)
+        noise[idx] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    for row, generator in enumerate(generators):
+        # Greedy rows keep their generator untouched; their noise is never used.
+        if generator is not None:
+            if skip[row]:
+                noise[row].fill_(1.0)
+            else:
+                noise[row].exponential_(generator=generator)
+    return noise

@@ -1,0 +1,285 @@
+"""Continuous batching with a per-step token budget (vLLM v1 style, no prefill/decode phases).
+
+Each step ``schedule()`` picks ``{request_id: num_tokens}`` so that every request's
+``num_computed_tokens`` catches up with its ``num_tokens``: a decode gets 1 token, a prompt gets
+its uncached remainder, chunked when it exceeds the budget. Running requests go first, then
+waiting ones in arrival order. When blocks run out the most recently admitted running request
+is preempted (its KV dropped, recomputed later). ``update_from_output()`` applies one step's
+sampled tokens, checks stop conditions and frees finished requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from moeserve.common.errors import ConfigError, InvalidRequestError
+from moeserve.worker.kv_cache_manager import KVCacheManager
+from moeserve.worker.request import Request, RequestStatus
+
+__all__ = ["EngineCoreOutput", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits of one engine step.
+
+    ``long_prefill_token_threshold`` caps one request's tokens per step (0 = only the budget
+    caps it). ``max_model_len`` None means limited by KV capacity alone.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError("long_prefill_token_threshold must be >= 0")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and (
+            self.max_model_len is None or self.max_model_len > self.max_num_batched_tokens
+        ):
+            # Without chunking a whole prompt must fit one step's budget.
+            raise ConfigError(
+                "enable_chunked_prefill=False needs max_model_len <= max_num_batched_tokens, "
+                f"got max_model_len={self.max_model_len}, "
+                f"max_num_batched_tokens={self.max_num_batched_tokens}"
+            )
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work. ``scheduled`` is in batch order: running requests, then admitted ones.
+
+    For each scheduled request the runner computes tokens
+    ``all_token_ids[num_computed_tokens : num_computed_tokens + num_scheduled_tokens[id]]``
+    into ``block_ids`` and samples a token when ``Scheduler.needs_sampling`` says so.
+    """
+
+    scheduled: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_req_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
+    preempted_req_ids: list[str] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+        self.config = config
+        self.kv = kv_manager
+        capacity = kv_manager.num_usable_blocks * kv_manager.block_size
+        if config.max_model_len is not None and config.max_model_len > capacity:
+            # A lone request must always fit, or preemption could never make room for it.
+            logger.warning(
+                "max_model_len=%d exceeds the KV cache (%d tokens); capping it",
+                config.max_model_len,
+                capacity,
+            )
+        self.max_model_len = min(config.max_model_len or capacity, capacity)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the tail is preempted first
+        self._finished_req_ids: set[str] = set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @staticmethod
+    def needs_sampling(req: Request, num_scheduled_tokens: int) -> bool:
+        """True when this step's chunk reaches the end of ``req``'s known tokens."""
+        return req.num_computed_tokens + num_scheduled_tokens == req.num_tokens
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {req.request_id!r}", param="id")
+        if req.num_tokens == 0:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if req.num_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {req.num_tokens} tokens, more than the context limit "
+                f"max_model_len={self.max_model_len}",
+                param="prompt",
+            )
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        """Finish the named requests as "abort"; unknown or finished ids are ignored."""
+        outputs = []
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(req, []))
+        return outputs
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        # Admitting right after preempting would only thrash the cache.
+        if not out.preempted_req_ids:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _chunk(self, req: Request, num_cached: int, budget: int) -> int:
+        num_new = req.num_tokens - req.num_computed_tokens - num_cached
+        if self.config.enable_chunked_prefill and self.config.long_prefill_token_threshold:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return min(num_new, budget)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._chunk(req, 0, budget)
+            while (new_blocks := self.kv.allocate(req, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_req_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            if new_blocks is None:
+                break  # req itself was preempted; everything after it already was
+            req.block_ids.extend(new_blocks)
+            self._add_to_batch(out, req, num_new)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            computed_blocks, num_cached = self.kv.get_computed_blocks(req)
+            num_new = self._chunk(req, num_cached, budget)
+            if not self.config.enable_chunked_prefill and num_new < req.num_tokens - num_cached:
+                break  # strict arrival order: nobody overtakes a prompt that does not fit
+            new_blocks = self.kv.allocate(req, num_new, computed_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            req.block_ids.extend(new_blocks)
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.new_req_ids.append(req.request_id)
+            self._add_to_batch(out, req, num_new)
+            budget -= num_new
+
+    @staticmethod
+    def _add_to_batch(out: SchedulerOutput, req: Request, num_new: int) -> None:
+        out.scheduled.append(req)
+        out.num_scheduled_tokens[req.request_id] = num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.block_ids.clear()
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
+    ) -> list[EngineCoreOutput]:
+        """Apply one step: advance progress, append sampled tokens, finish what stopped.
+
+        ``sampled_token_ids`` holds exactly the requests whose chunk reached their last token.
+        Returns an output for every request that got a token or finished.
+        """
+        outputs = []
+        for req in output.scheduled:
+            if req.is_finished:
+                continue  # aborted between schedule() and now
+            n = output.num_scheduled_tokens[req.request_id]
+            sampled = self.needs_sampling(req, n)
+            if sampled != (req.request_id in sampled_token_ids):
+                raise ValueError(
+                    f"request {req.request_id!r}: a sampled token is expected exactly when "
+                    f"the chunk reaches the last token (needs_sampling={sampled})"
+                )
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            if not sampled:
+                continue
+            token_id = sampled_token_ids[req.request_id]
+            req.append_output_token(token_id)
+            status = self._check_stop(req, token_id)
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            outputs.append(self._output(req, [token_id]))
+        return outputs
+
+    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens and (
+            (token_id == req.eos_token_id and not params.ignore_eos)
+            or token_id in params.stop_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.kv.free(req)
+        req.block_ids.clear()
+        req.status = status
+        del self.requests[req.request_id]
+        self._finished_req_ids.add(req.request_id)
+
+    @staticmethod
+    def _output(req: Request, new_token_ids: list[int]) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            new_token_ids=new_token_ids,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            num_cached_tokens=req.num_cached_tokens,
+        )
