@@ -1,0 +1,213 @@
+"""Router manifests: ServiceAccount + Role/RoleBinding for discovery, ConfigMap, Deployment,
+Service.
+
+The router reads /etc/moeserve/router.yaml (rendered by :func:`router_config`)::
+
+    model: {name, path, blockSize}
+    listen: {http, grpc, metrics}
+    disaggThreshold: int
+    discovery: {namespace, port, selector: {label: value}, roleLabel, groupLabel}
+
+and finds workers by watching EndpointSlices and Pods in ``discovery.namespace`` that carry
+``discovery.selector``; a worker's pool comes from its ``roleLabel`` and its EP group from
+``groupLabel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from moeserve.common import spec as s
+from moeserve.common.spec import MoEDeployment
+from moeserve.operator.build_workers import model_volume, preset_init_containers
+from moeserve.operator.render import (
+    child_labels,
+    object_meta,
+    pod_security_context,
+    security_context,
+)
+
+__all__ = ["build_router", "router_name", "router_config", "router_endpoint"]
+
+CONFIG_PATH = "/etc/moeserve/router.yaml"
+
+
+def router_name(dep: MoEDeployment) -> str:
+    return f"{dep.name}-router"
+
+
+def router_endpoint(dep: MoEDeployment) -> str:
+    return f"http://{router_name(dep)}.{dep.namespace}.svc:{s.PORT_ROUTER_HTTP}"
+
+
+def build_router(dep: MoEDeployment) -> list[dict[str, Any]]:
+    return [
+        build_service_account(dep), build_role(dep), build_role_binding(dep),
+        build_config_map(dep), build_deployment(dep), build_service(dep),
+    ]
+
+
+def _labels(dep: MoEDeployment) -> dict[str, str]:
+    return child_labels(dep, "router")
+
+
+def build_service_account(dep: MoEDeployment) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": object_meta(dep, router_name(dep), _labels(dep))}
+
+
+def build_role(dep: MoEDeployment) -> dict[str, Any]:
+    # Discovery only: read pods and endpoint slices of this namespace, nothing else.
+    read = ["get", "list", "watch"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": object_meta(dep, router_name(dep), _labels(dep)),
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+        ],
+    }
+
+
+def build_role_binding(dep: MoEDeployment) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": object_meta(dep, router_name(dep), _labels(dep)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": router_name(dep)},
+        "subjects": [{"kind": "ServiceAccount", "name": router_name(dep),
+                      "namespace": dep.namespace}],
+    }
+
+
+def router_config(dep: MoEDeployment) -> dict[str, Any]:
+    model = dep.spec.model
+    return {
+        "model": {"name": model.name, "path": model.container_path(),
+                  "blockSize": model.block_size},
+        "listen": {"http": s.PORT_ROUTER_HTTP, "grpc": s.PORT_ROUTER_GRPC,
+                   "metrics": s.PORT_ROUTER_METRICS},
+        "disaggThreshold": dep.spec.router.disagg_threshold,
+        "discovery": {
+            "namespace": dep.namespace,
+            "port": s.PORT_WORKER_GRPC,
+            "selector": {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "worker"},
+            "roleLabel": s.LABEL_ROLE,
+            "groupLabel": s.LABEL_GROUP,
+        },
+    }
+
+
+def build_config_map(dep: MoEDeployment) -> dict[str, Any]:
+    text = yaml.safe_dump(router_config(dep), sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": object_meta(dep, router_name(dep), _labels(dep)),
+            "data": {"router.yaml": text}}
+
+
+def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
+    router = dep.spec.router
+    env: list[dict[str, Any]] = [
+        {"name": s.ENV_LOG_LEVEL, "value": dep.spec.log_level},
+        {"name": "HOME", "value": "/cache"},
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+    ]
+    if router.api_key_secret:
+        env.append({"name": s.ENV_API_KEYS, "valueFrom": {"secretKeyRef": {
+            "name": router.api_key_secret, "key": "api-keys"}}})
+    resources: dict[str, Any] = {}
+    if router.resources.requests:
+        resources["requests"] = dict(router.resources.requests)
+    if router.resources.limits:
+        resources["limits"] = dict(router.resources.limits)
+    ports = [("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
+             ("metrics", s.PORT_ROUTER_METRICS)]
+    return {
+        "name": "router",
+        "image": image,
+        "imagePullPolicy": dep.spec.image_pull_policy,
+        "command": ["moeserve", "router", "--config", CONFIG_PATH],
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "env": env,
+        "resources": resources,
+        "securityContext": security_context(),
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                          "periodSeconds": 15, "failureThreshold": 4},
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/moeserve", "readOnly": True},
+            # The router owns the tokenizer, which it reads from the model directory.
+            {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+        ],
+    }
+
+
+def build_deployment(dep: MoEDeployment) -> dict[str, Any]:
+    router = dep.spec.router
+    image = router.image or s.DEFAULT_IMAGE
+    selector = {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "router"}
+    pod: dict[str, Any] = {
+        "serviceAccountName": router_name(dep),
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "initContainers": preset_init_containers(dep, image),
+        "containers": [_container(dep, image)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": router_name(dep)}},
+            model_volume(dep),
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+    }
+    if not pod["initContainers"]:
+        del pod["initContainers"]
+    if router.node_selector:
+        pod["nodeSelector"] = dict(router.node_selector)
+    if router.tolerations:
+        pod["tolerations"] = [dict(t) for t in router.tolerations]
+    if dep.spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in dep.spec.image_pull_secrets]
+    # A config change must roll the pods: the checksum of the rendered config goes on the pod.
+    checksum = _digest(yaml.safe_dump(router_config(dep), sort_keys=True))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(dep, router_name(dep), _labels(dep)),
+        "spec": {
+            "replicas": router.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": _labels(dep),
+                             "annotations": {"moeserve.io/config-checksum": checksum}},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_service(dep: MoEDeployment) -> dict[str, Any]:
+    ports = [("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
+             ("metrics", s.PORT_ROUTER_METRICS)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(dep, router_name(dep), _labels(dep)),
+        "spec": {
+            "type": dep.spec.router.service_type,
+            "selector": {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "router"},
+            "ports": [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"}
+                      for n, p in ports],
+        },
+    }

@@ -1,0 +1,328 @@
+"""Worker pool manifests: MoEWorkerPool, one StatefulSet + headless Service per EP group,
+a NetworkPolicy and (when autoscaled) an HPA per pool.
+
+Rank convention (read by the engine): every pod of a group gets ``MOESERVE_RANK`` from the
+label ``apps.kubernetes.io/pod-index`` through the downward API (the StatefulSet ordinal; the
+label exists on Kubernetes >= 1.28), so the worker never parses its hostname.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeserve.common import spec as s
+from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, ranks_per_pod
+from moeserve.operator.render import (
+    child_labels,
+    object_meta,
+    pod_security_context,
+    security_context,
+)
+
+__all__ = ["build_pool", "build_worker_pool", "build_group_statefulset", "build_group_service",
+           "build_network_policy", "build_hpa", "build_worker_service_account", "pool_name",
+           "group_name", "worker_command"]
+
+
+def pool_name(dep: MoEDeployment, role: Role) -> str:
+    return f"{dep.name}-{role}"
+
+
+def group_name(dep: MoEDeployment, role: Role, group: int) -> str:
+    return f"{dep.name}-{role}-{group}"
+
+
+def pool_selector(dep: MoEDeployment, role: Role) -> dict[str, str]:
+    return {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_ROLE: role}
+
+
+def build_pool(dep: MoEDeployment, role: Role, groups: int) -> list[dict[str, Any]]:
+    pool = dep.spec.pool(role)
+    out = [build_worker_pool(dep, role, groups), build_network_policy(dep, role)]
+    for group in range(groups):
+        out.append(build_group_service(dep, role, group))
+        out.append(build_group_statefulset(dep, role, group))
+    if pool.autoscaling.enabled:
+        out.append(build_hpa(dep, role))
+    return out
+
+
+def build_worker_service_account(dep: MoEDeployment) -> dict[str, Any]:
+    # Workers never call the API: no token is mounted.
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": object_meta(dep, f"{dep.name}-worker", child_labels(dep, "worker")),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_worker_pool(dep: MoEDeployment, role: Role, groups: int) -> dict[str, Any]:
+    pool = dep.spec.pool(role)
+    return {
+        "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
+        "kind": s.KIND_WORKER_POOL,
+        "metadata": object_meta(dep, pool_name(dep, role),
+                                child_labels(dep, "worker", **{s.LABEL_ROLE: role})),
+        "spec": {
+            "deployment": dep.name,
+            "role": role,
+            "replicas": groups,
+            "podsPerGroup": pods_per_group(pool),
+            "ranksPerGroup": pool.parallelism.ep,
+        },
+    }
+
+
+def build_group_service(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
+    labels = child_labels(dep, "worker", **{s.LABEL_ROLE: role, s.LABEL_GROUP: str(group)})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(dep, group_name(dep, role, group), labels),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks rendezvous before any of them is ready, so DNS must resolve unready pods.
+            "publishNotReadyAddresses": True,
+            "selector": {**pool_selector(dep, role), s.LABEL_GROUP: str(group)},
+            "ports": [_port(name, port) for name, port in _worker_ports()],
+        },
+    }
+
+
+def _worker_ports() -> list[tuple[str, int]]:
+    return [("grpc", s.PORT_WORKER_GRPC), ("metrics", s.PORT_WORKER_METRICS),
+            ("nixl", s.PORT_WORKER_NIXL), ("rendezvous", s.PORT_WORKER_RENDEZVOUS)]
+
+
+def _port(name: str, port: int) -> dict[str, Any]:
+    return {"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
+
+
+def worker_command(dep: MoEDeployment, role: Role) -> list[str]:
+    pool = dep.spec.pool(role)
+    par = pool.parallelism
+    return ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
+            "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
+            *pool.extra_args]
+
+
+def _env(dep: MoEDeployment, role: Role, group: int) -> list[dict[str, Any]]:
+    pool = dep.spec.pool(role)
+    name = group_name(dep, role, group)
+    rendezvous = (f"{name}-0.{name}.{dep.namespace}.svc.{dep.spec.cluster_domain}:"
+                  f"{s.PORT_WORKER_RENDEZVOUS}")
+    plain = {
+        s.ENV_WORLD_SIZE: pool.parallelism.ep,
+        s.ENV_RANKS_PER_POD: ranks_per_pod(pool),
+        s.ENV_NUM_PODS: pods_per_group(pool),
+        s.ENV_GROUP: group,
+        s.ENV_RENDEZVOUS: rendezvous,
+        s.ENV_ROLE: role,
+        s.ENV_MODEL: dep.spec.model.name,
+        s.ENV_DEPLOYMENT: dep.name,
+        s.ENV_TP: pool.parallelism.tp,
+        s.ENV_BLOCK_SIZE: dep.spec.model.block_size,
+        s.ENV_METRICS_PORT: s.PORT_WORKER_METRICS,
+        s.ENV_NIXL_PORT: s.PORT_WORKER_NIXL,
+        s.ENV_EPLB_ENABLED: int(pool.eplb.enabled),
+        s.ENV_EPLB_REDUNDANT_EXPERTS: pool.eplb.redundant_experts,
+        s.ENV_DBO_ENABLED: int(pool.dbo.enabled),
+        s.ENV_LOG_LEVEL: dep.spec.log_level,
+        # Caches (Triton, torch inductor, HF) go to the writable emptyDir, not the read-only root.
+        "HOME": "/cache",
+        "XDG_CACHE_HOME": "/cache",
+        "TRITON_CACHE_DIR": "/cache/triton",
+    }
+    env: list[dict[str, Any]] = [
+        {"name": s.ENV_RANK, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.labels['{s.LABEL_POD_INDEX}']"}}},
+        {"name": s.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": s.ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": s.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    env.extend({"name": k, "value": str(v)} for k, v in plain.items())
+    env.extend({"name": e.name, "value": e.value} for e in pool.env)
+    return env
+
+
+def _resources(pool: PoolSpec) -> dict[str, Any]:
+    requests = dict(pool.resources.requests)
+    limits = dict(pool.resources.limits)
+    if pool.gpus_per_pod:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = pool.gpus_per_pod
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def model_volume(dep: MoEDeployment) -> dict[str, Any]:
+    source = dep.spec.model.source
+    if source.pvc:
+        return {"name": "models", "persistentVolumeClaim": {
+            "claimName": source.pvc.claim_name, "readOnly": True}}
+    if source.host_path:
+        return {"name": "models", "hostPath": {"path": source.host_path.path,
+                                               "type": "Directory"}}
+    return {"name": "models", "emptyDir": {}}
+
+
+def preset_init_containers(dep: MoEDeployment, image: str) -> list[dict[str, Any]]:
+    """An init container writing the preset checkpoint, when the model is a preset."""
+    preset = dep.spec.model.source.preset
+    if not preset:
+        return []
+    return [{
+        "name": "make-checkpoint",
+        "image": image,
+        "imagePullPolicy": dep.spec.image_pull_policy,
+        "command": ["moeserve", "make-checkpoint", "--preset", preset,
+                    "--output", dep.spec.model.container_path()],
+        "securityContext": security_context(),
+        "volumeMounts": [{"name": "models", "mountPath": s.MODELS_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }]
+
+
+def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
+    pool = dep.spec.pool(role)
+    image = pool.image or dep.spec.image
+    container = {
+        "name": "worker",
+        "image": image,
+        "imagePullPolicy": dep.spec.image_pull_policy,
+        "command": worker_command(dep, role),
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _worker_ports()],
+        "env": _env(dep, role, group),
+        "resources": _resources(pool),
+        "securityContext": security_context(),
+        # Loading a DeepSeek checkpoint and capturing CUDA graphs takes minutes.
+        "startupProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 10,
+                         "failureThreshold": 180},
+        "readinessProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 5,
+                           "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 15,
+                          "failureThreshold": 4},
+        "volumeMounts": [
+            {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    spec: dict[str, Any] = {
+        "serviceAccountName": f"{dep.name}-worker",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": 60,
+        "initContainers": preset_init_containers(dep, image),
+        "containers": [container],
+        "volumes": [
+            model_volume(dep),
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "dshm",
+             "emptyDir": {"medium": "Memory", "sizeLimit": pool.shared_memory_size}},
+        ],
+    }
+    if not spec["initContainers"]:
+        del spec["initContainers"]
+    if pool.node_selector:
+        spec["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        spec["tolerations"] = [dict(t) for t in pool.tolerations]
+    if pool.affinity:
+        spec["affinity"] = dict(pool.affinity)
+    if dep.spec.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in dep.spec.image_pull_secrets]
+    return spec
+
+
+def build_group_statefulset(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
+    pool = dep.spec.pool(role)
+    name = group_name(dep, role, group)
+    selector = {**pool_selector(dep, role), s.LABEL_GROUP: str(group)}
+    labels = child_labels(dep, "worker", **{s.LABEL_ROLE: role, s.LABEL_GROUP: str(group)})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": object_meta(dep, name, labels),
+        "spec": {
+            "replicas": pods_per_group(pool),
+            "serviceName": name,
+            # All ranks of a group must start together to rendezvous.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(dep, role, group)},
+        },
+    }
+
+
+def build_network_policy(dep: MoEDeployment, role: Role) -> dict[str, Any]:
+    """gRPC, NIXL and collective ports only from this deployment's pods; metrics from anywhere."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(dep, pool_name(dep, role),
+                                child_labels(dep, "worker", **{s.LABEL_ROLE: role})),
+        "spec": {
+            "podSelector": {"matchLabels": pool_selector(dep, role)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                # NCCL / gloo pick ephemeral ports, so peers get every port.
+                {"from": [{"podSelector": {"matchLabels": {s.LABEL_DEPLOYMENT: dep.name}}}]},
+                {"ports": [{"port": s.PORT_WORKER_METRICS, "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
+def _quantity(value: float) -> str:
+    """An exact Kubernetes quantity: whole numbers as-is, fractions in milli-units."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{round(value * 1000)}m"
+
+
+def _pods_metric(name: str, target: float) -> dict[str, Any]:
+    return {"type": "Pods", "pods": {"metric": {"name": name}, "target": {
+        "type": "AverageValue", "averageValue": _quantity(target)}}}
+
+
+def build_hpa(dep: MoEDeployment, role: Role) -> dict[str, Any]:
+    scaling = dep.spec.pool(role).autoscaling
+    metrics = []
+    if scaling.target_num_requests_waiting is not None:
+        metrics.append(_pods_metric(s.HPA_METRIC_NUM_REQUESTS_WAITING,
+                                    scaling.target_num_requests_waiting))
+    if scaling.target_kv_cache_usage_perc is not None:
+        metrics.append(_pods_metric(s.HPA_METRIC_KV_CACHE_USAGE_PERC,
+                                    scaling.target_kv_cache_usage_perc))
+    if scaling.target_time_to_first_token_seconds is not None:
+        metrics.append(_pods_metric(s.HPA_METRIC_TIME_TO_FIRST_TOKEN_P90,
+                                    scaling.target_time_to_first_token_seconds))
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": object_meta(dep, pool_name(dep, role),
+                                child_labels(dep, "worker", **{s.LABEL_ROLE: role})),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
+                               "kind": s.KIND_WORKER_POOL, "name": pool_name(dep, role)},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": metrics,
+            # A group is many GPUs that load weights for minutes: add one at a time, remove slowly.
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 60, "selectPolicy": "Max",
+                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}]},
+                "scaleDown": {
+                    "stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}]},
+            },
+        },
+    }
