@@ -1,0 +1,241 @@
+"""`moeserve make-checkpoint`: random DeepSeek checkpoints in the real HuggingFace layout.
+
+Weights go through exactly the loader a downloaded checkpoint does: config.json in DeepSeek's
+release layout, sharded safetensors with model.safetensors.index.json, tokenizer.json and
+tokenizer_config.json with a chat template. Each tensor is drawn from a generator seeded by
+(seed, tensor name), so output is deterministic and independent of shard order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moeserve.common.model_config import ModelConfig
+from moeserve.worker.model.deepseek import DeepseekForCausalLM
+from moeserve.worker.tokenizer_files import write_tokenizer
+
+__all__ = [
+    "PRESETS", "preset_config", "make_checkpoint", "random_tensors", "ensure_tiny_checkpoint",
+    "default_cache_dir",
+]
+
+_YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for CPU tests, with every feature of V3 switched on: q_lora, groups, yarn.
+    "tiny": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 2, "topk_group": 1,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5, "max_position_embeddings": 4096, "rope_theta": 10000,
+        "rope_scaling": {**_YARN_V3, "factor": 4, "original_max_position_embeddings": 1024},
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 0,
+        "eos_token_id": 1, "hidden_act": "silu", "attention_bias": False,
+    },
+    "v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
+        "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0, "max_position_embeddings": 163840, "rope_theta": 10000,
+        "rope_scaling": {**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 100000,
+        "eos_token_id": 100001, "hidden_act": "silu", "attention_bias": False,
+    },
+    "v3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_group": 8, "topk_group": 4,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5, "max_position_embeddings": 163840, "rope_theta": 10000,
+        "rope_scaling": _YARN_V3, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu", "attention_bias": False,
+    },
+}
+
+
+def preset_config(
+    preset: str, layers: int | None = None, experts: int | None = None, dtype: str = "bfloat16"
+) -> dict[str, Any]:
+    """config.json contents for a preset, optionally with fewer layers or routed experts."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = json.loads(json.dumps(PRESETS[preset]))
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        cfg["num_hidden_layers"] = layers
+        cfg["first_k_dense_replace"] = min(cfg["first_k_dense_replace"], max(layers - 1, 0))
+    if experts is not None:
+        if experts < cfg["num_experts_per_tok"] or experts % cfg["n_group"]:
+            raise ValueError(
+                f"--experts {experts} must be >= num_experts_per_tok "
+                f"({cfg['num_experts_per_tok']}) and divisible by n_group ({cfg['n_group']})"
+            )
+        cfg["n_routed_experts"] = experts
+    cfg["torch_dtype"] = dtype
+    return cfg
+
+
+def _tensor_shapes(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config, max_positions=1)
+    params = dict(model.named_parameters())
+    for name in sorted(model.expected_tensor_names()):
+        if name in params:
+            yield name, tuple(params[name].shape)
+        else:  # a per-expert tensor of the stacked experts
+            prefix, proj = name.rsplit(".", 3)[0], name.split(".")[-2]
+            experts = model.get_submodule(prefix)
+            inter, hidden = experts.intermediate_size, config.hidden_size
+            yield name, (hidden, inter) if proj == "down_proj" else (inter, hidden)
+
+
+def _generator(seed: int, name: str, device: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def random_tensors(
+    config: ModelConfig, seed: int, device: str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 tensor) for every weight of a random model of `config`."""
+    for name, shape in _tensor_shapes(config):
+        g = _generator(seed, name, device)
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        elif name.endswith("e_score_correction_bias"):
+            t = 0.1 * torch.randn(shape, generator=g, device=device)
+        elif name.endswith("embed_tokens.weight"):
+            t = torch.randn(shape, generator=g, device=device)
+        else:  # 1/sqrt(fan_in) keeps activations O(1) so attention is not uniform
+            t = torch.randn(shape, generator=g, device=device) * shape[-1] ** -0.5
+        yield name, t
+
+
+def _quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    bn, bk = block
+    pad = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk, device=w.device)
+    pad[:n, :k] = w
+    tiles = pad.view(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (tiles / scale_inv[:, None, :, None]).view_as(pad)[:n, :k]
+    return q.to(torch.float8_e4m3fn), scale_inv.float()
+
+
+def _is_fp8_target(name: str, t: torch.Tensor) -> bool:
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.")
+    return t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in skip)
+
+
+def make_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    *,
+    layers: int | None = None,
+    experts: int | None = None,
+    dtype: str = "bfloat16",
+    fp8: bool = False,
+    seed: int = 0,
+    shard_bytes: int = 2 << 30,
+    device: str = "cpu",
+    config_layout: str = "deepseek",
+) -> Path:
+    """Write a random checkpoint to `out_dir`; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = preset_config(preset, layers, experts, dtype)
+    if fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                      "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    config = ModelConfig.from_dict(cfg)
+    torch_dtype = getattr(torch, dtype)
+    weight_map: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in random_tensors(config, seed, device):
+        group = {name: t.to(torch_dtype)}
+        if fp8 and _is_fp8_target(name, t):
+            q, s = _quantize_fp8(t, (128, 128))
+            group = {name: q, name + "_scale_inv": s}
+        nbytes = sum(v.numel() * v.element_size() for v in group.values())
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1].update({k: v.cpu().contiguous() for k, v in group.items()})
+        size += nbytes
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(_layout(cfg, config_layout), indent=2))
+    write_tokenizer(out, vocab_size=cfg["vocab_size"], bos_id=cfg["bos_token_id"],
+                    eos_id=cfg["eos_token_id"])
+    return out
+
+
+def _layout(cfg: dict[str, Any], layout: str) -> dict[str, Any]:
+    """DeepSeek's release layout, or transformers 5's `rope_parameters` layout."""
+    if layout == "deepseek":
+        return cfg
+    if layout != "transformers":
+        raise ValueError(f"config layout must be deepseek or transformers, got {layout!r}")
+    cfg = dict(cfg)
+    scaling = dict(cfg.pop("rope_scaling") or {})
+    kind = scaling.pop("type", "default")
+    cfg["rope_parameters"] = {"rope_type": kind, "rope_theta": cfg.pop("rope_theta"), **scaling}
+    return cfg
+
+
+def default_cache_dir() -> Path:
+    """Where `moeserve up` and `moeserve generate` keep the embedded tiny model."""
+    base = os.environ.get("MOESERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moeserve"
+    )
+    return Path(base)
+
+
+def ensure_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The tiny random checkpoint, created once; written to a temp dir then renamed so that
+    concurrent callers never see a half-written checkpoint."""
+    target = (cache_dir or default_cache_dir()) / "tiny-deepseek-v3"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    make_checkpoint(tmp, "tiny", dtype="float32")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,63 @@
+"""EngineConfig: the one place engine defaults live; CLI flags are derived from its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["EngineConfig", "default_model_id"]
+
+
+def default_model_id(model_dir: str) -> str:
+    """The model id used in block hashes and /v1/models: the checkpoint directory's name."""
+    return Path(model_dir).resolve().name
+
+
+@dataclass
+class EngineConfig:
+    """How one engine runs. Field docs below double as CLI help."""
+
+    model: str
+    """checkpoint directory (config.json, safetensors, tokenizer files)"""
+    model_id: str = ""
+    """id hashed into prefix-cache keys and shown by /v1/models (default: directory name)"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda when available)"""
+    dtype: str = "auto"
+    """float32, bfloat16, float16 or auto (checkpoint dtype on GPU, float32 on CPU)"""
+    block_size: int = 64
+    """tokens per KV cache block (the block-hash granularity)"""
+    num_kv_blocks: int = 0
+    """KV cache blocks (0: sized from kv_cache_memory_gb / gpu_memory_utilization)"""
+    kv_cache_memory_gb: float = 1.0
+    """KV cache size on the CPU when num_kv_blocks is 0"""
+    gpu_memory_utilization: float = 0.9
+    """fraction of GPU memory the engine may use (weights + KV) when num_kv_blocks is 0"""
+    max_model_len: int = 0
+    """longest prompt + output in tokens (0: max_position_embeddings, at most 32768)"""
+    max_num_seqs: int = 256
+    """most requests in one batch"""
+    max_num_batched_tokens: int = 2048
+    """token budget of one step (chunked prefill splits longer prompts)"""
+    enable_prefix_caching: bool = True
+    """reuse KV of identical prompt prefixes"""
+    mla_impl: str = "absorbed"
+    """absorbed (latent attention, serving path) or naive (expanded K/V, the test oracle)"""
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            self.model_id = default_model_id(self.model)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Help text per field, read from the attribute docstrings above."""
+        import ast
+        import inspect
+
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        docs: dict[str, str] = {}
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = str(nxt.value.value)
+        return {f.name: docs.get(f.name, "") for f in fields(cls)}

@@ -1,0 +1,177 @@
+"""LLMEngine: the loop schedule -> run -> update, and the API the server and CLI use.
+
+Not thread-safe: one thread owns an engine and calls every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from moeserve.common.errors import InvalidRequestError
+from moeserve.common.model_config import ModelConfig, load_model_config
+from moeserve.common.sampling import SamplingParams
+from moeserve.worker.config import EngineConfig
+from moeserve.worker.kv_cache_manager import KVCacheManager
+from moeserve.worker.request import Request
+from moeserve.worker.runner import ModelRunner
+from moeserve.worker.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
+
+__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_MODEL_LEN_DEFAULT_CAP = 32768
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_kv_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens_computed: int
+    generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config: ModelConfig = load_model_config(config.model)
+        c = self.model_config
+        self.max_model_len = config.max_model_len or min(
+            c.max_position_embeddings, _MAX_MODEL_LEN_DEFAULT_CAP
+        )
+        if self.max_model_len > c.max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len={self.max_model_len} exceeds the checkpoint's "
+                f"max_position_embeddings={c.max_position_embeddings}",
+                param="max_model_len",
+            )
+        self.runner = ModelRunner(config, c, self.max_model_len)
+        self.kv_manager = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.model_id,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv_manager,
+        )
+        self.max_model_len = self.scheduler.max_model_len
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+        self._prompt_computed = 0
+        self._generated = 0
+        logger.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+            config.model_id, self.runner.device, self.runner.dtype, self.runner.num_blocks,
+            config.block_size, self.max_model_len,
+        )
+
+    @property
+    def kv_cache(self):
+        """[num_blocks, num_layers, block_size, kv_dim] tensor (register it once for NIXL)."""
+        return self.runner.kv_cache
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; raises InvalidRequestError naming the problem (engine unaffected)."""
+        self._validate(prompt_token_ids, params)
+        req = Request(
+            request_id, prompt_token_ids, params, self.model_config.eos_token_id,
+            block_size=self.config.block_size if self.config.enable_prefix_caching else None,
+            model_id=self.config.model_id,
+        )
+        self.scheduler.add_request(req)
+        self._prefix_queries += len(prompt_token_ids)
+
+    def _validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams", param="params")
+        if len(prompt) == 0:
+            raise InvalidRequestError("prompt must contain at least one token", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
+        for t in params.stop_token_ids:
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(
+                    f"stop token id {t} is outside the vocabulary [0, {vocab})",
+                    param="stop_token_ids",
+                )
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"request needs {total} ({len(prompt)} prompt + {params.max_tokens} max_tokens)",
+                param="max_tokens" if len(prompt) < self.max_model_len else "prompt",
+            )
+
+    def abort_request(self, request_id: str) -> list[EngineCoreOutput]:
+        return self.scheduler.abort_requests([request_id])
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One batch: schedule, run the model, apply the sampled tokens."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        for request_id in out.new_req_ids:
+            req = self.scheduler.requests[request_id]
+            if req.num_preemptions == 0:
+                self._prefix_hits += req.num_cached_tokens
+        for req in out.scheduled:
+            start = req.num_computed_tokens
+            end = min(start + out.num_scheduled_tokens[req.request_id], req.num_prompt_tokens)
+            self._prompt_computed += max(0, end - start)
+        sampled = self.runner.execute(out)
+        outputs = self.scheduler.update_from_output(out, sampled)
+        self._generated += sum(len(o.new_token_ids) for o in outputs)
+        return outputs
+
+    def take_kv_events(self) -> list:
+        return self.kv_manager.take_events()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv_manager.usage,
+            num_kv_blocks=self.runner.num_blocks,
+            prefix_cache_queries=self._prefix_queries,
+            prefix_cache_hits=self._prefix_hits,
+            prompt_tokens_computed=self._prompt_computed,
+            generation_tokens=self._generated,
+        )
+
+    def generate(
+        self,
+        prompts: Iterable[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+    ) -> list[list[int]]:
+        """Run prompts to completion in one continuous batch; returns generated token ids."""
+        prompts = list(prompts)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(request_id, prompt, p)
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished_requests():
+            for o in self.step():
+                tokens[o.request_id].extend(o.new_token_ids)
+        return [tokens[i] for i in ids]

@@ -1,0 +1,132 @@
+"""Multi-head Latent Attention over the paged latent KV cache.
+
+The cache holds one vector per token: the normalised compressed KV (kv_lora_rank) followed by
+the rotated shared key (qk_rope_head_dim). Two equivalent ways to attend over it:
+- absorbed (serving path): W_UK is folded into the query and W_UV applied after attention, so
+  attention runs in the latent space and K/V are never expanded;
+- naive (test oracle): K and V are expanded per head from the latents with kv_b_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.common.model_config import ModelConfig
+from moeserve.worker.model.attention_metadata import AttentionMetadata
+from moeserve.worker.model.layers import RMSNorm, linear
+from moeserve.worker.model.rotary import RotaryEmbedding
+
+__all__ = ["MLAttention", "write_latents", "gather_context", "pad_queries", "causal_mask"]
+
+
+def write_latents(layer_cache: torch.Tensor, latents: torch.Tensor, meta: AttentionMetadata):
+    """layer_cache: [num_blocks, block_size, kv_dim] (a strided view); latents: [T, kv_dim]."""
+    blocks = meta.slot_mapping // meta.block_size
+    offsets = meta.slot_mapping % meta.block_size
+    layer_cache[blocks, offsets] = latents.to(layer_cache.dtype)
+
+
+def gather_context(layer_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[S, K, kv_dim] latents of every sequence, K = max_seq_len rounded up to whole blocks."""
+    num_blocks = -(-meta.max_seq_len // meta.block_size)
+    ctx = layer_cache[meta.block_tables[:, :num_blocks]]
+    return ctx.flatten(1, 2)
+
+
+def pad_queries(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[T, ...] flat new tokens -> [S, max_query_len, ...] zero-padded per sequence."""
+    out = x.new_zeros(meta.num_seqs, meta.max_query_len, *x.shape[1:])
+    out[meta.token_seq_idx, meta.token_query_idx] = x
+    return out
+
+
+def causal_mask(meta: AttentionMetadata, num_keys: int) -> torch.Tensor:
+    """[S, 1, max_query_len, K] bool: query i of sequence s sees keys at positions <= its own."""
+    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+    device = meta.seq_lens.device
+    first_pos = (meta.seq_lens - query_lens)[:, None]
+    pos = first_pos + torch.arange(meta.max_query_len, device=device)[None, :]
+    keys = torch.arange(num_keys, device=device)
+    return (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, impl: str = "absorbed"):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim = c.qk_nope_head_dim
+        self.qk_rope_head_dim = c.qk_rope_head_dim
+        self.v_head_dim = c.v_head_dim
+        self.softmax_scale = c.softmax_scale
+        self.impl = impl
+        h, nh = c.hidden_size, c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = linear(h, nh * c.qk_head_dim)
+        else:
+            self.q_a_proj = linear(h, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = linear(c.q_lora_rank, nh * c.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear(h, c.kv_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = linear(nh * c.v_head_dim, h, bias=c.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        layer_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x: [T, hidden]; layer_cache: [num_blocks, block_size, kv_dim]. Returns [T, hidden]."""
+        num_tokens = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(num_tokens, self.num_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = rotary(q_pe, positions)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latents = torch.cat([self.kv_a_layernorm(c_kv), rotary(k_pe, positions)], dim=-1)
+        write_latents(layer_cache, latents, meta)
+        ctx = gather_context(layer_cache, meta).to(x.dtype)
+        mask = causal_mask(meta, ctx.shape[1])
+        if self.impl == "naive":
+            out = self._naive(q_nope, q_pe, ctx, mask, meta)
+        else:
+            out = self._absorbed(q_nope, q_pe, ctx, mask, meta)
+        return self.o_proj(out.flatten(1))
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorbed(self, q_nope, q_pe, ctx, mask, meta) -> torch.Tensor:
+        w_uk, w_uv = self._kv_b_weights()
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        query = pad_queries(torch.cat([q_latent, q_pe], dim=-1), meta).transpose(1, 2)
+        key = ctx.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
+        value = key[..., : self.kv_lora_rank]
+        o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                           scale=self.softmax_scale)
+        o_latent = o.transpose(1, 2)[meta.token_seq_idx, meta.token_query_idx]
+        return torch.einsum("thr,hvr->thv", o_latent, w_uv)
+
+    def _naive(self, q_nope, q_pe, ctx, mask, meta) -> torch.Tensor:
+        s, k = ctx.shape[:2]
+        c_kv, k_pe = ctx.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(s, k, self.num_heads, -1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], -1)
+        query = pad_queries(torch.cat([q_nope, q_pe], dim=-1), meta).transpose(1, 2)
+        o = F.scaled_dot_product_attention(query, key.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=self.softmax_scale)
+        return o.transpose(1, 2)[meta.token_seq_idx, meta.token_query_idx]

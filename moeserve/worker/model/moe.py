@@ -1,0 +1,147 @@
+"""DeepSeek Mixture-of-Experts: gate (routing), routed experts, shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.common.model_config import ModelConfig
+from moeserve.worker.model.layers import MLP
+
+__all__ = ["Gate", "Experts", "MoE", "route"]
+
+
+def route(
+    logits: torch.Tensor,
+    config: ModelConfig,
+    correction_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick experts for each token. logits: [T, E] float32.
+
+    Returns (weights [T, k] float32, expert ids [T, k] int64). softmax scoring with greedy or
+    group_limited_greedy (V2) or sigmoid scoring with noaux_tc and a score-correction bias
+    that steers selection only (V3).
+    """
+    c = config
+    n_experts, k = logits.shape[-1], c.num_experts_per_tok
+    if c.scoring_func == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif c.scoring_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"unsupported scoring_func {c.scoring_func!r}")
+    choice = scores if correction_bias is None else scores + correction_bias
+    if c.topk_method in ("group_limited_greedy", "noaux_tc") and c.n_group > 1:
+        grouped = choice.view(-1, c.n_group, n_experts // c.n_group)
+        if c.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        top_groups = group_scores.topk(c.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1).bool()
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, n_experts)
+        # V2 zeroes masked scores; V3 excludes them with -inf (its biased scores can be < 0).
+        fill = float("-inf") if c.topk_method == "noaux_tc" else 0.0
+        choice = choice.masked_fill(~expert_mask, fill)
+    ids = choice.topk(k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if c.norm_topk_prob and k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if c.scoring_func == "sigmoid":
+            weights = weights * c.routed_scaling_factor
+    else:
+        weights = weights * c.routed_scaling_factor
+    return weights, ids
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        n = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(n, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(n), requires_grad=False)
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        bias = self.e_score_correction_bias
+        return route(logits, self.config, None if bias is None else bias.float())
+
+
+class Experts(nn.Module):
+    """The routed experts this rank holds, stacked so kernels can run them as one grouped GEMM.
+
+    w13: [E_local, 2 * I, H] (gate rows then up rows); w2: [E_local, H, I]. Checkpoint tensors
+    `experts.{e}.{gate,up,down}_proj.weight` load into slices (see `load_expert_weight`).
+    `expert_ids[e]` is the logical expert held in local slot e.
+    """
+
+    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None):
+        super().__init__()
+        ids = list(range(config.n_routed_experts)) if expert_ids is None else expert_ids
+        inter, hidden = config.moe_intermediate_size, config.hidden_size
+        self.intermediate_size = inter
+        self.w13 = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(len(ids), hidden, inter))
+        self.expert_ids = list(ids)
+        self.local_slot = {g: i for i, g in enumerate(ids)}
+
+    def load_expert_weight(self, expert: int, proj: str, tensor: torch.Tensor) -> bool:
+        """Copy one checkpoint tensor into its slice; False when this rank does not hold it."""
+        slot = self.local_slot.get(expert)
+        if slot is None:
+            return False
+        inter = self.intermediate_size
+        if proj == "gate_proj":
+            self.w13.data[slot, :inter].copy_(tensor)
+        elif proj == "up_proj":
+            self.w13.data[slot, inter:].copy_(tensor)
+        elif proj == "down_proj":
+            self.w2.data[slot].copy_(tensor)
+        else:
+            raise KeyError(proj)
+        return True
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here)."""
+        out = torch.zeros_like(x, dtype=torch.float32)
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=self.w13.shape[0]).tolist()
+        start = int((flat_ids < 0).sum())
+        token_of = order // ids.shape[1]
+        # One pass over the experts that received tokens; tokens are sorted by expert.
+        for slot, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            tokens = token_of[start : start + count]
+            h = F.linear(x[tokens], self.w13[slot])
+            h = F.silu(h[:, : self.intermediate_size]) * h[:, self.intermediate_size :]
+            y = F.linear(h, self.w2[slot]).float() * weights.flatten()[rows, None]
+            out.index_add_(0, tokens, y)
+            start += count
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,63 @@
+"""Rotary position embedding with DeepSeek's YaRN scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moeserve.common.model_config import RopeConfig
+
+__all__ = ["RotaryEmbedding"]
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    def correction_dim(num_rotations: float) -> float:
+        orig = rope.original_max_position_embeddings
+        return dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # the ramp below would divide by zero
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (rope.factor * pos_freqs)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep_extrapolated = 1 - ramp
+    return interpolation * (1 - keep_extrapolated) + extrapolation * keep_extrapolated
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotates the last `dim` features of q/k by position.
+
+    interleave=True rotates adjacent pairs (x0, x1), (x2, x3)... as DeepSeek's checkpoints
+    expect; False rotates halves (x_i, x_{i+dim/2}) as NeoX-style checkpoints do.
+    """
+
+    def __init__(self, dim: int, rope: RopeConfig, max_positions: int, interleave: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.interleave = interleave
+        if rope.type == "yarn":
+            inv_freq = _yarn_inv_freq(rope, dim)
+        else:
+            inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        scale = rope.attention_factor
+        self.register_buffer("cos_cache", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin_cache", freqs.sin() * scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, ..., dim] (any heads in between); positions: [T] int64."""
+        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (self.dim // 2,)
+        cos = self.cos_cache[positions].view(shape)
+        sin = self.sin_cache[positions].view(shape)
+        xf = x.float()
+        if self.interleave:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

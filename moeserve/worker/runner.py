@@ -1,0 +1,122 @@
+"""ModelRunner: the only code that touches the device. Builds a step's tensors, runs the
+model, samples. Owns the model, the KV cache tensor and per-request sampling generators."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moeserve.common.model_config import ModelConfig
+from moeserve.worker.config import EngineConfig
+from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+from moeserve.worker.sampler import Sampler, make_generator
+from moeserve.worker.scheduler import Scheduler, SchedulerOutput
+from moeserve.worker.weights import load_checkpoint
+
+__all__ = ["ModelRunner", "resolve_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPUs have no fast bf16 matmul everywhere; float32 keeps CPU runs exact and quick.
+        name = model_config.torch_dtype if device.type == "cuda" else "float32"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config, self.device)
+        with torch.device(self.device):
+            self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len)
+        self.model.to(self.dtype)
+        self.model.rotary.float()  # cos/sin stay float32 for precise positions
+        load_checkpoint(self.model, config.model, self.dtype)
+        self.model.eval()
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        # [num_blocks, num_layers, block_size, kv_dim]: one block of every layer is one
+        # contiguous byte range, so a KV transfer moves a block with one descriptor.
+        self.kv_cache = torch.zeros(
+            self.num_blocks, model_config.num_hidden_layers, self.block_size,
+            model_config.kv_dim, dtype=self.dtype, device=self.device,
+        )
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.model_config
+        return c.num_hidden_layers * self.block_size * c.kv_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.config.gpu_memory_utilization) * total
+        else:
+            budget = self.config.kv_cache_memory_gb * (1 << 30)
+        blocks = int(budget // self.bytes_per_block)
+        if blocks < 2:
+            raise MemoryError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB)")
+        return blocks
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run one scheduled step; returns the sampled token of each request that needs one."""
+        for request_id in out.finished_req_ids:
+            self._generators.pop(request_id, None)
+        reqs = out.scheduled
+        token_ids: list[int] = []
+        context_lens, query_lens, tables = [], [], []
+        sample_rows, sample_reqs = [], []
+        for req in reqs:
+            n = out.num_scheduled_tokens[req.request_id]
+            start = req.num_computed_tokens
+            token_ids.extend(req.all_token_ids[start : start + n])
+            context_lens.append(start)
+            query_lens.append(n)
+            tables.append(req.block_ids)
+            if Scheduler.needs_sampling(req, n):
+                sample_rows.append(len(token_ids) - 1)
+                sample_reqs.append(req)
+        meta, positions = AttentionMetadata.build(
+            tables, context_lens, query_lens, self.block_size, self.device
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if not sample_reqs:
+            return {}
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        tokens = self.sampler(
+            logits,
+            [r.sampling_params for r in sample_reqs],
+            [self._generator(r) for r in sample_reqs],
+            [r.tokens_to_suppress() for r in sample_reqs],
+        )
+        return dict(zip((r.request_id for r in sample_reqs), tokens.tolist(), strict=True))
+
+    def _generator(self, req) -> torch.Generator | None:
+        seed = req.sampling_params.seed
+        if seed is None or req.sampling_params.greedy:
+            return None
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = self._generators[req.request_id] = make_generator(seed, self.device)
+        return gen

@@ -1,0 +1,80 @@
+"""tokenizer.json + tokenizer_config.json for random checkpoints.
+
+A byte-level BPE trained (with the `tokenizers` library) on a small built-in text, with
+DeepSeek's special tokens at the checkpoint's bos/eos ids and a DeepSeek-style chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+__all__ = ["BOS", "EOS", "CHAT_TEMPLATE", "write_tokenizer"]
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+_CORPUS = """
+Mixture-of-Experts models route every token to a few experts out of many, so a model with
+hundreds of billions of parameters reads only a small fraction of them per token. Serving them
+well means spreading experts across many accelerators, sending tokens to the experts that own
+them, and keeping the attention cache compact. Multi-head latent attention stores one small
+latent vector per token instead of full keys and values. Prefill computes the cache for a
+prompt; decode extends it one token at a time. Splitting the two onto separate workers lets
+each run the batch shape it likes best, and the cache moves between them over the network.
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I am fine,
+thank you. What is the capital of France? Paris is the capital of France. 0123456789
+""" * 4
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """Train a small BPE, place the specials at bos_id/eos_id, write both tokenizer files."""
+    target = min(vocab_size - 2, 384)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=target,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    spec = json.loads(tok.to_str())
+    # Regular tokens take the lowest ids not reserved for the special tokens.
+    free = (i for i in range(vocab_size) if i not in (bos_id, eos_id))
+    old_vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    spec["model"]["vocab"] = {token: next(free) for token, _ in old_vocab}
+    vocab = spec["model"]["vocab"]
+    taken = set(vocab.values()) | {bos_id, eos_id}
+    spare = (i for i in range(vocab_size) if i not in taken)
+    specials = [(bos_id, BOS, True), (eos_id, EOS, True)]
+    specials += [(next(spare), text, False) for text in (USER, ASSISTANT)]
+    # Added tokens keep their ids only when the model vocab has them too (as DeepSeek's files do).
+    vocab.update({text: i for i, text, _ in specials})
+    spec["added_tokens"] = [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": special}
+        for i, text, special in specials
+    ]
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "add_bos_token": True,
+        "model_max_length": 16384,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
