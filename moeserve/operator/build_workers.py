@@ -180,7 +180,7 @@ def preset_init_containers(dep: MoEDeployment, image: str) -> list[dict[str, Any
         "image": image,
         "imagePullPolicy": dep.spec.image_pull_policy,
         "command": ["moeserve", "make-checkpoint", "--preset", preset,
-                    "--output", dep.spec.model.container_path()],
+                    "--out", dep.spec.model.container_path()],
         "securityContext": security_context(),
         "volumeMounts": [{"name": "models", "mountPath": s.MODELS_DIR},
                          {"name": "tmp", "mountPath": "/tmp"}],

@@ -1,0 +1,104 @@
+"""kopf wiring: thin handlers that hand every trigger to :class:`Reconciler`.
+
+Handlers are registered on an explicit registry built from :class:`OperatorConfig` (no
+import-time state), and every kopf setting is made in the one startup handler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from moeserve.common.spec import API_GROUP, API_VERSION, LABEL_DEPLOYMENT
+from moeserve.operator.kube import Kube
+from moeserve.operator.reconcile import Outcome, Reconciler
+from moeserve.operator.render import MANAGED_BY
+
+__all__ = ["OperatorConfig", "build_registry"]
+
+DEPLOYMENTS = (API_GROUP, API_VERSION, "moedeployments")
+POOLS = (API_GROUP, API_VERSION, "moeworkerpools")
+# Children whose deletion or status change the operator reacts to at once; the resync timer
+# restores edits of any child.
+WATCHED_CHILDREN = (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"),
+                    ("", "v1", "services"))
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    resync_seconds: float = 60.0
+    namespaces: tuple[str, ...] = field(default_factory=tuple)  # empty: the whole cluster
+    max_workers: int = 8
+    # Tests shorten the watch so that a restarted emulator is noticed quickly.
+    watch_server_timeout: int | None = None
+
+
+def _finish(outcome: Outcome | None, raise_on_retry: bool) -> None:
+    if outcome is None:
+        return
+    if outcome.event is not None:
+        kind, reason, message = outcome.event
+        kopf.event(dict(outcome.body), type=kind, reason=reason, message=message)
+    if outcome.retry and raise_on_retry:
+        raise kopf.TemporaryError(outcome.error or "reconcile failed", delay=15)
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Handler progress in annotations: status is ours and its schema prunes unknown keys.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="moeserve.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="moeserve.io", key="last-handled-configuration")
+        settings.posting.level = logging.INFO
+        settings.execution.max_workers = config.max_workers
+        # One replica (the chart runs one): no peering objects to install.
+        settings.peering.standalone = True
+        if config.watch_server_timeout is not None:
+            settings.watching.server_timeout = config.watch_server_timeout
+        memo.reconciler = Reconciler(Kube.from_environment())
+
+    @kopf.on.resume(*DEPLOYMENTS, registry=registry)
+    @kopf.on.create(*DEPLOYMENTS, registry=registry)
+    @kopf.on.update(*DEPLOYMENTS, registry=registry)
+    def reconcile_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        _finish(memo.reconciler.reconcile(body), raise_on_retry=True)
+
+    @kopf.timer(*DEPLOYMENTS, interval=config.resync_seconds, registry=registry)
+    def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        _finish(memo.reconciler.reconcile(body), raise_on_retry=False)
+
+    @kopf.on.delete(*DEPLOYMENTS, optional=True, registry=registry)
+    def deleted(logger: kopf.Logger, **_: Any) -> None:
+        logger.info("children go with their owner references (garbage collector)")
+
+    def child_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_DEPLOYMENT)
+        namespace = body.get("metadata", {}).get("namespace")
+        if not owner or not namespace:
+            return
+        # A deleted child is recreated; any other change can only move the status.
+        outcome = memo.reconciler.reconcile_by_name(namespace, owner, apply=type == "DELETED")
+        _finish(outcome, raise_on_retry=False)
+
+    for group, version, plural in WATCHED_CHILDREN:
+        kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
+                      id=f"child-{plural}")(child_changed)
+
+    @kopf.on.event(*POOLS, labels=MANAGED, registry=registry)
+    def pool_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        spec: Mapping[str, Any] = body.get("spec") or {}
+        status: Mapping[str, Any] = body.get("status") or {}
+        # The HPA scaled the pool (spec.replicas moved away from the groups that exist).
+        if type == "DELETED" or spec.get("replicas") != status.get("replicas"):
+            child_changed(type="DELETED", body=body, memo=memo)
+
+    return registry

@@ -1,0 +1,124 @@
+"""A small typed wrapper over the Kubernetes API for the kinds the operator manages.
+
+Writes are server-side apply with the one field manager ``moeserve-operator`` (force, so the
+operator wins conflicts over fields it renders: that is how drift is corrected). Status goes
+through the status subresource with a merge patch. Sync on purpose: kopf runs sync handlers in
+its thread pool, and the official client is sync.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from moeserve.common.spec import API_GROUP, API_VERSION, KIND_DEPLOYMENT, KIND_WORKER_POOL
+from moeserve.operator.render import FIELD_MANAGER
+
+__all__ = ["Kube", "KubeError", "PLURALS"]
+
+# kind -> plural for everything render() produces, plus our own kinds.
+PLURALS: dict[str, str] = {
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
+    "NetworkPolicy": "networkpolicies",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    KIND_WORKER_POOL: "moeworkerpools",
+    KIND_DEPLOYMENT: "moedeployments",
+}
+
+
+class KubeError(RuntimeError):
+    """An API call that failed; ``status`` is the HTTP status (0 when unknown)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
+    return f"{path}/{name}" if name else path
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+class Kube:
+    def __init__(self, api: kubernetes.client.ApiClient):
+        self.api = api
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster credentials inside a pod, else KUBECONFIG / ~/.kube/config."""
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kubernetes.config.load_incluster_config()
+        else:
+            kubernetes.config.load_kube_config()
+        return cls(kubernetes.client.ApiClient())
+
+    def _call(self, method: str, path: str, *, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Any:
+        try:
+            return self.api.call_api(
+                path, method, query_params=query or [], body=body,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                response_type="object", auth_settings=["BearerToken"],
+                _return_http_data_only=True, _request_timeout=30,
+            )
+        except ApiException as exc:
+            raise KubeError(f"{method} {path}: {exc.status} {exc.reason}: {exc.body}",
+                            exc.status or 0) from None
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        path = _path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        return self._call("PATCH", path, body=dict(manifest),
+                          query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                          content_type="application/apply-patch+yaml")
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", _path(api_version, kind, namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, kind: str, namespace: str,
+             labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        result = self._call("GET", _path(api_version, kind, namespace),
+                            query=[("labelSelector", _selector(labels))])
+        items = (result or {}).get("items") or []
+        # Filter again client-side: cheap, and correct even where the server ignores selectors.
+        return [i for i in items
+                if all((i.get("metadata", {}).get("labels") or {}).get(k) == v
+                       for k, v in labels.items())]
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._call("DELETE", _path(api_version, kind, namespace, name),
+                       body={"propagationPolicy": "Background"})
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
+    def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
+                     status: Mapping[str, Any]) -> None:
+        path = _path(api_version, kind, namespace, name) + "/status"
+        self._call("PATCH", path, body={"status": dict(status)},
+                   content_type="application/merge-patch+json")
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(f"{API_GROUP}/{API_VERSION}", KIND_DEPLOYMENT, namespace, name)

@@ -1,0 +1,169 @@
+"""One level-based reconcile for a MoEDeployment: parse, render, apply, prune, report status.
+
+Every trigger (create, update, resume, the resync timer, a child deleted or changed) ends here
+and recomputes the desired state from the whole object, never from the edge that fired. Nothing
+is applied until the whole spec parsed and rendered, so an invalid spec leaves no partial
+children: it only sets the Degraded condition (and an Event, posted by the caller).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moeserve.common.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND_WORKER_POOL,
+    LABEL_COMPONENT,
+    LABEL_DEPLOYMENT,
+    LABEL_ROLE,
+    ROLES,
+    MoEDeployment,
+    SpecError,
+    parse_manifest,
+)
+from moeserve.operator.build_router import router_endpoint, router_name
+from moeserve.operator.build_workers import pool_name
+from moeserve.operator.kube import Kube, KubeError
+from moeserve.operator.render import MANAGED_BY, PRUNABLE_KINDS, desired_groups, render
+from moeserve.operator.status import degraded_status, deployment_status, worker_pool_status
+
+__all__ = ["Outcome", "Reconciler", "utc_now"]
+
+POOL_API = f"{API_GROUP}/{API_VERSION}"
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a reconcile did. ``event`` is (type, reason, message) when the caller should post
+    one (only on a change of the Degraded condition, so resyncs do not spam); ``retry`` says
+    the failure is transient."""
+
+    body: Mapping[str, Any]
+    status: Mapping[str, Any]
+    event: tuple[str, str, str] | None = None
+    retry: bool = False
+    error: str | None = None
+
+
+def _degraded(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "Degraded" and cond.get("status") == "True":
+            return cond.get("reason", ""), cond.get("message", "")
+    return None
+
+
+class Reconciler:
+    def __init__(self, kube: Kube):
+        self.kube = kube
+        self._guard = threading.Lock()
+        # Timer, change handlers and child watches may fire together for one deployment.
+        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[(namespace, name)]
+
+    def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+        meta = body.get("metadata") or {}
+        with self._lock(meta.get("namespace", ""), meta.get("name", "")):
+            return self._reconcile(body, apply=True)
+
+    def reconcile_by_name(self, namespace: str, name: str, apply: bool = True) -> Outcome | None:
+        """Re-fetch and reconcile; None when the deployment is gone or being deleted."""
+        with self._lock(namespace, name):
+            body = self.kube.get_deployment(namespace, name)
+            if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+                return None
+            return self._reconcile(body, apply=apply)
+
+    def _reconcile(self, body: Mapping[str, Any], apply: bool) -> Outcome:
+        try:
+            dep = parse_manifest(body)
+        except SpecError as exc:
+            return self._degrade(body, "InvalidSpec", str(exc), retry=False)
+        try:
+            groups = self._groups(dep)
+            if apply:
+                children = render(dep, groups)
+                for child in children:
+                    self.kube.apply(child)
+                self._prune(dep, children)
+            return self._report(dep, body, groups)
+        except KubeError as exc:
+            return self._degrade(body, "ApplyFailed", str(exc), retry=True)
+
+    def _groups(self, dep: MoEDeployment) -> dict[str, int]:
+        """Desired groups per role; autoscaled pools follow their MoEWorkerPool's replicas."""
+        pools = self.kube.list(POOL_API, KIND_WORKER_POOL, dep.namespace,
+                               {LABEL_DEPLOYMENT: dep.name})
+        observed = {}
+        for pool in pools:
+            role = (pool.get("metadata", {}).get("labels") or {}).get(LABEL_ROLE)
+            replicas = (pool.get("spec") or {}).get("replicas")
+            if role in ROLES and isinstance(replicas, int):
+                observed[role] = replicas
+        return {role: desired_groups(dep, role, observed) for role in ROLES}
+
+    def _prune(self, dep: MoEDeployment, children: list[dict[str, Any]]) -> None:
+        keep = {(c["kind"], c["metadata"]["name"]) for c in children}
+        labels = {LABEL_DEPLOYMENT: dep.name, "app.kubernetes.io/managed-by": MANAGED_BY}
+        for api_version, kind in PRUNABLE_KINDS:
+            for obj in self.kube.list(api_version, kind, dep.namespace, labels):
+                name = obj["metadata"]["name"]
+                if (kind, name) not in keep:
+                    self.kube.delete(api_version, kind, dep.namespace, name)
+
+    def _report(self, dep: MoEDeployment, body: Mapping[str, Any],
+                groups: Mapping[str, int]) -> Outcome:
+        previous = body.get("status") or {}
+        workers = self.kube.list("apps/v1", "StatefulSet", dep.namespace,
+                                 {LABEL_DEPLOYMENT: dep.name, LABEL_COMPONENT: "worker"})
+        router = self.kube.get("apps/v1", "Deployment", dep.namespace, router_name(dep))
+        status = deployment_status(
+            dep, groups, workers, router, router_endpoint(dep),
+            previous.get("conditions"), utc_now(),
+        ).model_dump(by_alias=True, exclude_none=True)
+        for role in ROLES:
+            pool_status = worker_pool_status(dep, role, groups[role], workers)
+            current = self.kube.get(POOL_API, KIND_WORKER_POOL, dep.namespace,
+                                    pool_name(dep, role))
+            wanted = pool_status.model_dump(by_alias=True)
+            if current is not None and (current.get("status") or {}) != wanted:
+                self.kube.patch_status(POOL_API, KIND_WORKER_POOL, dep.namespace,
+                                       pool_name(dep, role), wanted)
+        if _changed(previous, status):
+            self.kube.patch_status(POOL_API, "MoEDeployment", dep.namespace, dep.name, status)
+        event = None
+        if _degraded(previous):
+            event = ("Normal", "Reconciled", "the spec is valid again and was applied")
+        return Outcome(body=body, status=status, event=event)
+
+    def _degrade(self, body: Mapping[str, Any], reason: str, message: str,
+                 retry: bool) -> Outcome:
+        meta = body.get("metadata") or {}
+        previous = body.get("status") or {}
+        status = {**previous, **degraded_status(previous, meta.get("generation"), reason,
+                                                message, utc_now())}
+        if _changed(previous, status):
+            try:
+                self.kube.patch_status(POOL_API, "MoEDeployment", meta.get("namespace", ""),
+                                       meta.get("name", ""), status)
+            except KubeError:
+                retry = True  # the status itself could not be written; try again later
+        event = None if _degraded(previous) == (reason, message) else \
+            ("Warning", reason, message)
+        return Outcome(body=body, status=status, event=event, retry=retry, error=message)
+
+
+def _changed(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    return any(previous.get(k) != v for k, v in status.items())
