@@ -1,0 +1,1 @@
+"""Router: OpenAI HTTP and gRPC front end, tokenizer, prefix index, routing, P/D orchestration."""

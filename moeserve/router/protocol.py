@@ -1,0 +1,355 @@
+"""OpenAI-compatible request models (validation) and response builders for the router.
+
+Requests are pydantic models: a malformed body or bad parameter becomes an OpenAI error object
+``{"error": {"message", "type", "param", "code"}}`` naming the field, returned with status 400.
+Sampling bounds are checked once, by ``moeserve.common.sampling.SamplingParams``. Responses are
+built as plain dicts: they are written once per token, and the router's overhead budget is tight.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moeserve.common.errors import InvalidRequestError, MoeServeError
+from moeserve.common.sampling import SamplingParams
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "StreamOptions",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "error_body",
+    "error_from_exception",
+    "error_from_validation",
+    "new_request_id",
+    "usage_dict",
+]
+
+StrictInt = Annotated[int, Field(strict=True)]
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    # Unknown fields are ignored, as OpenAI-compatible servers do for client extras.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    min_tokens: StrictInt = 0
+    n: StrictInt = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"only n=1 is supported, got {v}")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("penalties are not supported; use 0")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """Validated sampling parameters; raises InvalidRequestError naming the field."""
+        return SamplingParams(
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions. ``prompt`` is a string or a list of token ids (one prompt only)."""
+
+    prompt: str | list[int]
+    echo: bool = False
+    logprobs: StrictInt | None = None
+    suffix: str | None = None
+    best_of: StrictInt | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        # Checked by hand: a union's first-member error ("should be a valid string") would
+        # hide the real problem with a token list.
+        if isinstance(v, list) and v and isinstance(v[0], str | list):
+            # The client's batch form; accepted with exactly one element.
+            if len(v) != 1:
+                raise ValueError(f"batched prompts are not supported ({len(v)} given; send 1)")
+            v = v[0]
+        if not isinstance(v, str | list):
+            raise ValueError("must be a string or a list of token ids")
+        if len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list):
+            for i, t in enumerate(v):
+                if type(t) is not int or t < 0:
+                    raise ValueError(f"token ids must be non-negative integers, got {t!r} at {i}")
+        return v
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, v: Any) -> Any:
+        if v not in (None, False):
+            raise ValueError("not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _single_best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"only best_of=1 is supported, got {v}")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: Any) -> str | None:
+        if not isinstance(v, list):
+            return v
+        parts = []
+        for part in v:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    add_generation_prompt: bool = True
+    logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list | None) -> list | None:
+        if v:
+            raise ValueError("tool calling is not supported")
+        return v
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            return self.model_copy(
+                update={"max_tokens": self.max_completion_tokens}
+            ).sampling_params(default_max_tokens)
+        return super().sampling_params(default_max_tokens)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def error_from_validation(exc: ValidationError) -> dict[str, Any]:
+    """400 body naming the first invalid field (``messages.0.content``-style path)."""
+    err = exc.errors(include_url=False)[0]
+    # Union members add their type name to the location; it means nothing to a client.
+    loc = [str(p) for p in err["loc"] if str(p) not in _UNION_TAGS and "[" not in str(p)]
+    param = ".".join(loc) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    message = f"{param}: {msg}" if param else msg
+    return error_body(message, param=param, code=err["type"])
+
+
+def error_from_exception(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) for any error reaching the HTTP layer; unknown ones are 500s."""
+    if isinstance(exc, ValidationError):
+        return 400, error_from_validation(exc)
+    if isinstance(exc, MoeServeError):
+        param = exc.param if isinstance(exc, InvalidRequestError) else None
+        return exc.http_status, error_body(str(exc), exc.error_type, param, exc.http_status)
+    return 500, error_body(f"internal error: {type(exc).__name__}", "internal_error", None, 500)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _choice_extras(choice: dict, token_ids: list[int] | None) -> dict:
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def completion_response(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict,
+    token_ids: list[int] | None = None,
+) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice_extras(choice, token_ids)],
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    request_id: str,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    token_ids: list[int] | None = None,
+    usage: dict | None = None,
+) -> dict:
+    """One SSE chunk; ``text`` None gives the usage-only final chunk (empty choices)."""
+    choices = []
+    if text is not None:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choices.append(_choice_extras(choice, token_ids))
+    chunk = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def chat_response(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict,
+    token_ids: list[int] | None = None,
+) -> dict:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice_extras(choice, token_ids)],
+        "usage": usage,
+    }
+
+
+def chat_chunk(
+    request_id: str,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    token_ids: list[int] | None = None,
+    usage: dict | None = None,
+) -> dict:
+    """One SSE chunk; ``delta`` None gives the usage-only final chunk (empty choices)."""
+    choices = []
+    if delta is not None:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choices.append(_choice_extras(choice, token_ids))
+    chunk = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk

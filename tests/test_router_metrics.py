@@ -1,0 +1,37 @@
+"""Router and worker metrics carry the vLLM/Dynamo-style names users look for."""
+
+from __future__ import annotations
+
+from moeserve.router.metrics import RouterMetrics, WorkerMetrics, render
+
+
+def test_router_metric_names() -> None:
+    m = RouterMetrics()
+    m.worker_load("d0", "decode", running=2, waiting=1, kv_usage=0.25)
+    m.prefix_cache_hits.labels("d0", "decode").inc(128)
+    m.kv_transfer_bytes.inc(4096)
+    m.time_to_first_token.observe(0.05)
+    m.inter_token_latency.observe(0.01)
+    body, content_type = render(m.registry)
+    text = body.decode()
+    assert content_type.startswith("text/plain")
+    for line in [
+        'moeserve:num_requests_running{role="decode",worker="d0"} 2.0',
+        'moeserve:num_requests_waiting{role="decode",worker="d0"} 1.0',
+        'moeserve:kv_cache_usage_perc{role="decode",worker="d0"} 0.25',
+        'moeserve:prefix_cache_hits_total{role="decode",worker="d0"} 128.0',
+        "moeserve:kv_transfer_bytes_total 4096.0",
+        "moeserve:time_to_first_token_seconds_count 1.0",
+        "moeserve:inter_token_latency_seconds_count 1.0",
+        "moeserve:kv_transfer_seconds_count 0.0",
+    ]:
+        assert line in text, line
+    m.forget_worker("d0", "decode")
+    assert 'worker="d0"} 2.0' not in render(m.registry)[0].decode()
+
+
+def test_worker_metrics_independent_registries() -> None:
+    a, b = WorkerMetrics(), WorkerMetrics()  # no duplicate-registration error
+    a.num_requests_waiting.set(3)
+    assert b"moeserve:num_requests_waiting 3.0" in render(a.registry)[0]
+    assert b"moeserve:num_requests_waiting 0.0" in render(b.registry)[0]

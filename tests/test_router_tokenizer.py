@@ -1,0 +1,77 @@
+"""Router tokenizer: chat template, BOS, incremental detokenizing, stop strings, no tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeserve.common.errors import InvalidRequestError
+from moeserve.router.tokenizer import load_tokenizer
+from moeserve.worker.tokenizer_files import write_tokenizer
+
+TEXT = "Experts route tokens: héllo wörld, 世界 🚀 done."
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    write_tokenizer(path, vocab_size=512, bos_id=0, eos_id=1)
+    return path
+
+
+def test_encode_adds_bos_and_round_trips(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    assert tok.available and tok.bos_token_id == 0 and tok.eos_token_id == 1
+    ids = tok.encode(TEXT)
+    assert ids[0] == 0 and 0 not in ids[1:]
+    assert tok.decode(ids) == TEXT
+
+
+def test_chat_template_renders_once_with_bos(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert ids.count(0) == 1 and ids[0] == 0
+    assert tok.decode(ids, skip_special_tokens=False).endswith("Hello<｜Assistant｜>")
+
+
+def test_incremental_detokenizer_never_splits_characters(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert len(ids) > len(TEXT.encode()) // 4  # non-ASCII falls back to byte tokens
+    detok = tok.detokenizer()
+    pieces = [detok.push([i]) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TEXT
+    # Several tokens at once give the same text.
+    detok = tok.detokenizer()
+    assert detok.push(ids[:7]) + detok.push(ids[7:]) + detok.flush() == TEXT
+
+
+def test_stop_strings_are_never_streamed(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    detok = tok.detokenizer(stop=["wörld"])
+    out = ""
+    for i in ids:
+        out += detok.push([i])
+        if detok.stopped:
+            break
+    assert detok.stopped and out == "Experts route tokens: héllo "
+    detok = tok.detokenizer(stop=["not there"])
+    assert "".join(detok.push([i]) for i in ids) + detok.flush() == TEXT
+
+
+def test_checkpoint_without_tokenizer(tmp_path: Path) -> None:
+    tok = load_tokenizer(tmp_path)
+    assert not tok.available
+    assert tok.decode([1, 2, 3]) == ""
+    with pytest.raises(InvalidRequestError, match="no tokenizer") as info:
+        tok.encode("hello")
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    assert info.value.param == "messages"
+    with pytest.raises(InvalidRequestError) as info:
+        tok.detokenizer(stop=["x"])
+    assert info.value.param == "stop"
