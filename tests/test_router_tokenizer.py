@@ -20,12 +20,18 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_encode_adds_bos_and_round_trips(tok_dir: Path) -> None:
+def test_encode_matches_transformers_and_round_trips(tok_dir: Path) -> None:
     tok = load_tokenizer(tok_dir)
     assert tok.available and tok.bos_token_id == 0 and tok.eos_token_id == 1
     ids = tok.encode(TEXT)
-    assert ids[0] == 0 and 0 not in ids[1:]
     assert tok.decode(ids) == TEXT
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    assert ids == hf(TEXT).input_ids
+    chat = [{"role": "user", "content": "Hello"}]
+    assert tok.apply_chat_template(chat) == list(
+        hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
 
 
 def test_chat_template_renders_once_with_bos(tok_dir: Path) -> None:

@@ -39,7 +39,6 @@ class ModelTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token_id = self._special_id(self.bos_token)
         self.eos_token_id = self._special_id(self.eos_token)
-        self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_token_id is not None
         self._template = None
 
     @property
@@ -63,11 +62,12 @@ class ModelTokenizer:
     def encode(
         self, text: str, add_special_tokens: bool = True, param: str = "prompt"
     ) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` a BOS is prepended when configured."""
-        ids = self._require(param).encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id, *ids]
-        return ids
+        """Token ids of ``text``.
+
+        Special tokens (BOS) come from tokenizer.json's post-processor, as HuggingFace's fast
+        tokenizers add them; ``add_bos_token`` in tokenizer_config.json is not applied again.
+        """
+        return self._require(param).encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
