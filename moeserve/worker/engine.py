@@ -19,7 +19,7 @@ from moeserve.worker.request import Request
 from moeserve.worker.runner import ModelRunner
 from moeserve.worker.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
 
-__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput"]
+__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVReservation"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,19 @@ class EngineStats:
     prefix_cache_hits: int
     prompt_tokens_computed: int
     generation_tokens: int
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class RemoteKVReservation:
+    """Blocks a decode worker set aside for a prompt's KV computed elsewhere.
+
+    The first `num_cached_blocks` of `block_ids` already hold that prefix here (prefix cache),
+    so only `block_ids[num_cached_blocks:]` must be read from the prefill worker.
+    """
+
+    block_ids: list[int]
+    num_cached_blocks: int
 
 
 class LLMEngine:
@@ -70,6 +83,8 @@ class LLMEngine:
         self._prefix_hits = 0
         self._prompt_computed = 0
         self._generated = 0
+        self._preemptions = 0
+        self._remote: dict[str, Request] = {}  # reserved for KV arriving from a prefill worker
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             config.model_id, self.runner.device, self.runner.dtype, self.runner.num_blocks,
@@ -82,17 +97,85 @@ class LLMEngine:
         return self.runner.kv_cache
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
     ) -> None:
-        """Queue a request; raises InvalidRequestError naming the problem (engine unaffected)."""
+        """Queue a request; raises InvalidRequestError naming the problem (engine unaffected).
+
+        prefill_only: the request finishes after its first token and keeps its KV blocks
+        pinned (`pinned_blocks`) until `release_pinned`, so a decode worker can read them.
+        """
+        req = self._new_request(request_id, prompt_token_ids, params)
+        req.pin_on_finish = prefill_only
+        self.scheduler.add_request(req)
+        self._prefix_queries += len(prompt_token_ids)
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Request:
         self._validate(prompt_token_ids, params)
-        req = Request(
+        if request_id in self._remote or request_id in self.scheduler.pinned:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="id")
+        return Request(
             request_id, prompt_token_ids, params, self.model_config.eos_token_id,
             block_size=self.config.block_size if self.config.enable_prefix_caching else None,
             model_id=self.config.model_id,
         )
-        self.scheduler.add_request(req)
-        self._prefix_queries += len(prompt_token_ids)
+
+    def pinned_blocks(self, request_id: str) -> list[int]:
+        """KV block ids of a finished prefill-only request (empty when none are pinned)."""
+        req = self.scheduler.pinned.get(request_id)
+        return list(req.block_ids) if req is not None else []
+
+    def release_pinned(self, request_id: str) -> bool:
+        return self.scheduler.release_pinned(request_id)
+
+    def reserve_remote_kv(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> RemoteKVReservation | None:
+        """Set aside blocks for a prompt whose KV another worker computed; None when the pool
+        is full (then add the request normally: it is recomputed here)."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="id")
+        computed, num_cached = self.kv_manager.get_computed_blocks(req)
+        blocks = self.kv_manager.allocate(req, req.num_tokens - num_cached, computed)
+        if blocks is None:
+            return None
+        req.block_ids.extend(blocks)
+        req.num_cached_tokens = num_cached
+        self._remote[request_id] = req
+        self._prefix_queries += req.num_tokens
+        self._prefix_hits += num_cached
+        return RemoteKVReservation(list(req.block_ids), len(computed))
+
+    def commit_remote_kv(
+        self, request_id: str, first_token_id: int | None
+    ) -> list[EngineCoreOutput]:
+        """Finish a reservation: with the prefill worker's first token the request joins the
+        batch as a decode; with None (transfer failed) it is recomputed here."""
+        req = self._remote.pop(request_id, None)
+        if req is None:
+            raise InvalidRequestError(f"no KV reservation for request {request_id!r}",
+                                      param="request_id")
+        if first_token_id is None or not 0 <= first_token_id < self.model_config.vocab_size:
+            self.kv_manager.free(req)
+            req.block_ids.clear()
+            req.num_cached_tokens = 0
+            self.scheduler.add_request(req)
+            if first_token_id is not None:
+                raise InvalidRequestError(
+                    f"first token id {first_token_id} is outside the vocabulary; recomputing",
+                    param="first_token_id",
+                )
+            return []
+        out = self.scheduler.add_prefilled(req, first_token_id)
+        self._generated += 1
+        return [out]
 
     def _validate(self, prompt: Sequence[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
@@ -120,6 +203,12 @@ class LLMEngine:
             )
 
     def abort_request(self, request_id: str) -> list[EngineCoreOutput]:
+        """Stop a request wherever it is (queued, running, reserved or pinned); frees blocks."""
+        req = self._remote.pop(request_id, None)
+        if req is not None:
+            self.kv_manager.free(req)
+            req.block_ids.clear()
+        self.scheduler.release_pinned(request_id)
         return self.scheduler.abort_requests([request_id])
 
     def has_unfinished_requests(self) -> bool:
@@ -128,7 +217,9 @@ class LLMEngine:
     def step(self) -> list[EngineCoreOutput]:
         """One batch: schedule, run the model, apply the sampled tokens."""
         out = self.scheduler.schedule()
+        self._preemptions += len(out.preempted_req_ids)
         if out.is_empty:
+            self.runner.forget(out.finished_req_ids)
             return []
         for request_id in out.new_req_ids:
             req = self.scheduler.requests[request_id]
@@ -156,6 +247,7 @@ class LLMEngine:
             prefix_cache_hits=self._prefix_hits,
             prompt_tokens_computed=self._prompt_computed,
             generation_tokens=self._generated,
+            num_preemptions=self._preemptions,
         )
 
     def generate(

@@ -70,6 +70,9 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[int] = []
         self.status = RequestStatus.WAITING
+        # Prefill-only requests (disaggregated serving) keep their blocks after finishing,
+        # until the decode worker has read them (Scheduler.release_pinned).
+        self.pin_on_finish = False
         self._extend_block_hashes()
 
     @property

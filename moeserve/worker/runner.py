@@ -10,7 +10,7 @@ import torch
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
-from moeserve.worker.sampler import Sampler, make_generator
+from moeserve.worker.sampler import Sampler, advance_generator, make_generator
 from moeserve.worker.scheduler import Scheduler, SchedulerOutput
 from moeserve.worker.weights import load_checkpoint
 
@@ -79,8 +79,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one scheduled step; returns the sampled token of each request that needs one."""
-        for request_id in out.finished_req_ids:
-            self._generators.pop(request_id, None)
+        self.forget(out.finished_req_ids)
         reqs = out.scheduled
         token_ids: list[int] = []
         context_lens, query_lens, tables = [], [], []
@@ -112,6 +111,11 @@ class ModelRunner:
         )
         return dict(zip((r.request_id for r in sample_reqs), tokens.tolist(), strict=True))
 
+    def forget(self, request_ids) -> None:
+        """Drop per-request sampling state of finished requests."""
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
     def _generator(self, req) -> torch.Generator | None:
         seed = req.sampling_params.seed
         if seed is None or req.sampling_params.greedy:
@@ -119,4 +123,7 @@ class ModelRunner:
         gen = self._generators.get(req.request_id)
         if gen is None:
             gen = self._generators[req.request_id] = make_generator(seed, self.device)
+            # Tokens sampled before this worker saw the request (on a prefill worker) used
+            # the start of the stream; continue where they left off.
+            advance_generator(gen, self.model_config.vocab_size, req.num_output_tokens)
         return gen

@@ -14,7 +14,7 @@ import torch
 
 from moeserve.common.sampling import SamplingParams
 
-__all__ = ["Sampler", "make_generator"]
+__all__ = ["Sampler", "advance_generator", "make_generator"]
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -22,6 +22,14 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def advance_generator(generator: torch.Generator, vocab_size: int, steps: int) -> None:
+    """Consume the draws `steps` sampled tokens took, so a request whose first tokens were
+    sampled elsewhere (a prefill worker) continues the same random stream here."""
+    scratch = torch.empty(vocab_size, device=generator.device)
+    for _ in range(steps):
+        scratch.exponential_(generator=generator)
 
 
 class Sampler:

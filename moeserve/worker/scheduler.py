@@ -109,6 +109,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the tail is preempted first
         self._finished_req_ids: set[str] = set()
+        self.pinned: dict[str, Request] = {}  # finished prefill-only requests holding blocks
 
     @property
     def num_running(self) -> int:
@@ -140,6 +141,32 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def add_prefilled(self, req: Request, first_token_id: int) -> EngineCoreOutput:
+        """Admit a request whose prompt KV already sits in ``req.block_ids`` (read from a
+        prefill worker) together with the first token that worker sampled."""
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {req.request_id!r}", param="id")
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_full_blocks(req, req.num_computed_tokens)
+        req.append_output_token(first_token_id)
+        self.requests[req.request_id] = req
+        status = self._check_stop(req, first_token_id)
+        if status is not None:
+            self._finish(req, status)
+        else:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return self._output(req, [first_token_id])
+
+    def release_pinned(self, request_id: str) -> bool:
+        """Free a finished prefill-only request's blocks; False when none are pinned for it."""
+        req = self.pinned.pop(request_id, None)
+        if req is None:
+            return False
+        self.kv.free(req)
+        req.block_ids.clear()
+        return True
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Finish the named requests as "abort"; unknown or finished ids are ignored."""
@@ -263,13 +290,18 @@ class Scheduler:
             or token_id in params.stop_token_ids
         ):
             return RequestStatus.FINISHED_STOPPED
+        if req.pin_on_finish:  # prefill-only: the decode worker takes it from here
+            return RequestStatus.FINISHED_LENGTH
         if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        self.kv.free(req)
-        req.block_ids.clear()
+        if req.pin_on_finish and status != RequestStatus.FINISHED_ABORTED:
+            self.pinned[req.request_id] = req
+        else:
+            self.kv.free(req)
+            req.block_ids.clear()
         req.status = status
         del self.requests[req.request_id]
         self._finished_req_ids.add(req.request_id)
