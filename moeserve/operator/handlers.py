@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 
 from moeserve.common.spec import API_GROUP, API_VERSION, LABEL_DEPLOYMENT
-from moeserve.operator.kube import Kube
+from moeserve.operator.kube import Kube, load_config
 from moeserve.operator.reconcile import Outcome, Reconciler
 from moeserve.operator.render import MANAGED_BY
 
@@ -50,6 +50,18 @@ def _finish(outcome: Outcome | None, raise_on_retry: bool) -> None:
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # kopf's own client login reads $KUBECONFIG as it was at import; ours reads it now.
+        config = load_config()
+        header = config.get_api_key_with_prefix("BearerToken") or \
+            config.get_api_key_with_prefix("authorization") or ""
+        scheme, _, token = header.rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=config.host, ca_path=config.ssl_ca_cert, insecure=not config.verify_ssl,
+            scheme=scheme or None, token=token or None, certificate_path=config.cert_file,
+            private_key_path=config.key_file)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

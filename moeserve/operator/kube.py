@@ -8,6 +8,7 @@ its thread pool, and the official client is sync.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from moeserve.common.spec import API_GROUP, API_VERSION, KIND_DEPLOYMENT, KIND_WORKER_POOL
 from moeserve.operator.render import FIELD_MANAGER
 
-__all__ = ["Kube", "KubeError", "PLURALS"]
+__all__ = ["Kube", "KubeError", "PLURALS", "load_config"]
 
 # kind -> plural for everything render() produces, plus our own kinds.
 PLURALS: dict[str, str] = {
@@ -44,6 +45,18 @@ class KubeError(RuntimeError):
         self.status = status
 
 
+def load_config() -> kubernetes.client.Configuration:
+    """In-cluster credentials inside a pod, else $KUBECONFIG or ~/.kube/config."""
+    config = kubernetes.client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    else:
+        # Read $KUBECONFIG now: the client library reads it once, when it is imported.
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                           client_configuration=config)
+    return config
+
+
 def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     path = f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
@@ -60,26 +73,25 @@ class Kube:
 
     @classmethod
     def from_environment(cls) -> Kube:
-        """In-cluster credentials inside a pod, else KUBECONFIG / ~/.kube/config."""
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config()
-        else:
-            kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+        return cls(kubernetes.client.ApiClient(load_config()))
 
     def _call(self, method: str, path: str, *, body: Any = None,
               query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:
+        request = self.api.param_serialize(
+            method, path, query_params=query or [], body=body,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
         try:
-            return self.api.call_api(
-                path, method, query_params=query or [], body=body,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                response_type="object", auth_settings=["BearerToken"],
-                _return_http_data_only=True, _request_timeout=30,
-            )
+            response = self.api.call_api(*request, _request_timeout=30)
+            data = response.read()
+            status = response.status
         except ApiException as exc:
-            raise KubeError(f"{method} {path}: {exc.status} {exc.reason}: {exc.body}",
-                            exc.status or 0) from None
+            data, status = exc.body, exc.status or 0
+        if status >= 400 or status == 0:
+            raise KubeError(f"{method} {path}: {status}: {data!r}", status)
+        return json.loads(data) if data else None
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         meta = manifest["metadata"]
