@@ -16,8 +16,10 @@ from moeserve.worker.kv_transfer import (
     LeaseTable,
     _pack_metadata,
     block_descs,
+    compat_fingerprint,
     decode_release_notif,
     encode_release_notif,
+    fingerprint_mismatch,
 )
 
 SHAPE = (8, 3, 4, 16)  # [num_blocks, num_layers, block_size, kv_dim]
@@ -91,6 +93,16 @@ def test_lease_table_release_and_expiry() -> None:
 def test_release_notif_round_trip() -> None:
     assert decode_release_notif(encode_release_notif("req-é")) == "req-é"
     assert decode_release_notif(b"something else") is None
+
+
+def test_fingerprint_mismatch_names_the_field() -> None:
+    ours = compat_fingerprint({"model": "tiny", "dtype": "float32", "block_size": 64})
+    assert fingerprint_mismatch(ours, ours) is None
+    theirs = compat_fingerprint({"model": "tiny", "dtype": "bfloat16", "block_size": 64})
+    assert fingerprint_mismatch(ours, theirs) == "dtype: ours=float32 theirs=bfloat16"
+    assert "block_size" in fingerprint_mismatch(ours, "model=tiny;dtype=float32")
+    with pytest.raises(ValueError):
+        compat_fingerprint({"a": "x;y"})
 
 
 def test_incompatible_metadata_is_refused(local: KVTransferAgent) -> None:

@@ -87,6 +87,11 @@ class WorkerMetrics(_KVTransferMetrics):
             ["finished_reason"],
             registry=r,
         )
+        self.prompt_tokens_computed = Gauge(
+            "moeserve:prompt_tokens_computed",
+            "Prompt tokens this worker ran through the model (not cached, not transferred).",
+            registry=r,
+        )
         self.pinned_kv_leases = Gauge(
             "moeserve:kv_pinned_leases",
             "Prefilled requests whose blocks await a decode READ.",

@@ -36,8 +36,10 @@ __all__ = [
     "TransferResult",
     "TransferState",
     "block_descs",
+    "compat_fingerprint",
     "decode_release_notif",
     "encode_release_notif",
+    "fingerprint_mismatch",
 ]
 
 # Bumped whenever the metadata blob or the meaning of a descriptor changes.
@@ -93,6 +95,34 @@ def decode_release_notif(msg: bytes) -> str | None:
     if not msg.startswith(_NOTIF_PREFIX):
         return None
     return msg[len(_NOTIF_PREFIX) :].decode("utf-8", errors="replace")
+
+
+def compat_fingerprint(fields: dict[str, object]) -> str:
+    """``key=value;...`` over what must match for KV to be reusable across two workers.
+
+    Readable on purpose: a mismatch is reported by the name of the field that differs.
+    """
+    bad = [k for k in fields if any(c in str(k) + str(fields[k]) for c in ";=")]
+    if bad:
+        raise ValueError(f"fingerprint fields {bad} contain ';' or '='")
+    return ";".join(f"{k}={fields[k]}" for k in sorted(fields))
+
+
+def fingerprint_mismatch(ours: str, theirs: str) -> str | None:
+    """None when the fingerprints agree, else which fields differ (ours vs theirs)."""
+    if ours == theirs:
+        return None
+
+    def parse(fp: str) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in fp.split(";") if "=" in part)
+
+    a, b = parse(ours), parse(theirs)
+    diffs = [
+        f"{k}: ours={a.get(k, '<missing>')} theirs={b.get(k, '<missing>')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+    return "; ".join(diffs) or "fingerprints differ"
 
 
 @dataclass

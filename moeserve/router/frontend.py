@@ -1,0 +1,135 @@
+"""Text <-> tokens around Router.generate, shared by the HTTP and gRPC front ends.
+
+Tokenizes prompts, checks them against the model (vocabulary, context length) so errors name
+the client's field, detokenizes incrementally, applies stop strings, and records TTFT/ITL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moeserve.common.errors import InvalidRequestError
+from moeserve.common.sampling import SamplingParams
+from moeserve.router.metrics import RouterMetrics
+from moeserve.router.serving import Router
+from moeserve.router.tokenizer import ModelTokenizer
+
+__all__ = ["Delta", "Frontend", "Usage"]
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Frontend:
+    def __init__(
+        self,
+        router: Router,
+        tokenizer: ModelTokenizer,
+        model_id: str,
+        max_model_len: int,
+        vocab_size: int,
+        metrics: RouterMetrics,
+    ):
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.metrics = metrics
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt has no tokens", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                param="prompt",
+            )
+        return ids
+
+    def chat_ids(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
+    ) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def check_length(self, prompt: list[int], params: SamplingParams, param: str) -> None:
+        total = len(prompt) + params.max_tokens
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.max_model_len} tokens",
+                param=param,
+            )
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"request needs {total} ({len(prompt)} prompt + {params.max_tokens} max_tokens)",
+                param="max_tokens",
+            )
+
+    def default_max_tokens(self, prompt: list[int]) -> int:
+        return max(self.max_model_len - len(prompt), 1)
+
+    async def run(
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        stop: Sequence[str],
+        usage: Usage,
+    ) -> AsyncIterator[Delta]:
+        """Deltas of text and token ids; ``usage`` is filled in as tokens arrive."""
+        detok = self.tokenizer.detokenizer(stop) if self.tokenizer.available else None
+        usage.prompt_tokens = len(prompt)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        start = last = time.perf_counter()
+        gen = self.router.generate(rid, prompt, params)
+        try:
+            async for chunk in gen:
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if usage.completion_tokens == 0:
+                        self.metrics.time_to_first_token.observe(now - start)
+                        usage.cached_tokens = chunk.num_cached_tokens
+                    else:
+                        self.metrics.inter_token_latency.observe(now - last)
+                    last = now
+                usage.completion_tokens += len(chunk.token_ids)
+                self.metrics.generation_tokens.inc(len(chunk.token_ids))
+                text = detok.push(chunk.token_ids) if detok is not None else ""
+                if detok is not None and detok.stopped:
+                    self._done(start, "stop")
+                    yield Delta(text, chunk.token_ids, True, "stop")
+                    return  # closing the generator aborts the request on the workers
+                if chunk.finished:
+                    text += detok.flush() if detok is not None else ""
+                    reason = chunk.finish_reason or "stop"
+                    if detok is not None and detok.stopped:
+                        reason = "stop"
+                    self._done(start, reason)
+                    yield Delta(text, chunk.token_ids, True, reason)
+                    return
+                yield Delta(text, chunk.token_ids)
+        finally:
+            await gen.aclose()
+
+    def _done(self, start: float, reason: str) -> None:
+        self.metrics.e2e_request_latency.observe(time.perf_counter() - start)
+        self.metrics.request_success.labels(reason).inc()

@@ -1,0 +1,184 @@
+"""OpenAI-compatible HTTP routes. Routes only convert HTTP <-> typed requests and map errors.
+
+/v1/completions, /v1/chat/completions (SSE with ``stream``), /v1/models, /health, /metrics.
+A client that disconnects mid-request cancels it, which aborts it on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from moeserve.router import protocol as P
+from moeserve.router.frontend import Delta, Frontend, Usage
+from moeserve.router.metrics import render
+
+__all__ = ["create_app"]
+
+
+def _error(exc: Exception) -> JSONResponse:
+    status, body = P.error_from_exception(exc)
+    return JSONResponse(body, status_code=status)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise P.InvalidRequestError(f"request body is not valid JSON: {e}") from None
+
+
+async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
+    """Non-streaming requests: cancel the work when the client goes away."""
+    while not work.done():
+        if await request.is_disconnected():
+            work.cancel()
+            return
+        await asyncio.sleep(0.1)
+
+
+def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title="moeserve router", docs_url=None, redoc_url=None)
+    model_id = frontend.model_id
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        return _error(exc)
+
+    def check_model(name: str | None) -> JSONResponse | None:
+        if name is not None and name != model_id:
+            msg = f"The model `{name}` does not exist; this router serves `{model_id}`."
+            return JSONResponse(P.error_body(msg, "NotFoundError", "model", 404), 404)
+        return None
+
+    async def serve(
+        request: Request, req: P._GenerationRequest, prompt: list[int], kind: str
+    ) -> Response:
+        params = req.sampling_params(
+            16 if kind == "completion" else frontend.default_max_tokens(prompt)
+        )
+        frontend.check_length(prompt, params, "prompt" if kind == "completion" else "messages")
+        if req.stop_strings and not frontend.tokenizer.available:
+            frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
+        rid = P.new_request_id("cmpl" if kind == "completion" else "chatcmpl")
+        usage = Usage()
+        deltas = frontend.run(rid, prompt, params, req.stop_strings, usage)
+        ids = req.return_token_ids
+        if req.stream:
+            first = await _first_or_error(deltas)  # errors before the first token stay HTTP
+            gen = _stream(rid, model_id, kind, first, deltas, usage, ids, req.include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        work = asyncio.ensure_future(_collect(deltas))
+        watcher = asyncio.ensure_future(_until_disconnect(request, work))
+        try:
+            text, token_ids, reason = await work
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        finally:
+            watcher.cancel()
+        u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        build = P.completion_response if kind == "completion" else P.chat_response
+        return JSONResponse(build(rid, model_id, text, reason, u, token_ids if ids else None))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        try:
+            req = P.CompletionRequest.model_validate(await _body(request))
+            if (bad := check_model(req.model)) is not None:
+                return bad
+            return await serve(request, req, frontend.prompt_ids(req.prompt), "completion")
+        except (ValidationError, P.MoeServeError) as e:
+            return _error(e)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            req = P.ChatCompletionRequest.model_validate(await _body(request))
+            if (bad := check_model(req.model)) is not None:
+                return bad
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            prompt = frontend.chat_ids(messages, req.add_generation_prompt)
+            return await serve(request, req, prompt, "chat")
+        except (ValidationError, P.MoeServeError) as e:
+            return _error(e)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": model_id, "object": "model", "created": int(time.time()),
+            "owned_by": "moeserve", "root": model_id, "max_model_len": frontend.max_model_len,
+            "vocab_size": frontend.vocab_size,
+        }  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = is_healthy()
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render(frontend.metrics.registry)
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+async def _first_or_error(deltas: AsyncIterator[Delta]) -> Delta:
+    try:
+        return await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+
+async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str | None]:
+    text, ids, reason = [], [], None
+    async for d in deltas:
+        text.append(d.text)
+        ids.extend(d.token_ids)
+        reason = d.finish_reason or reason
+    return "".join(text), ids, reason
+
+
+async def _stream(
+    rid: str, model: str, kind: str, first: Delta, deltas: AsyncIterator[Delta], usage: Usage,
+    with_ids: bool, include_usage: bool,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    """SSE body; if the client disconnects Starlette cancels this, which closes ``deltas``."""
+
+    def chunk(d: Delta, role: bool = False) -> dict:
+        ids = d.token_ids if with_ids else None
+        if kind == "completion":
+            return P.completion_chunk(rid, model, d.text, d.finish_reason, ids)
+        delta = {"role": "assistant", "content": d.text} if role else {"content": d.text}
+        return P.chat_chunk(rid, model, delta, d.finish_reason, ids)
+
+    try:
+        yield _sse(chunk(first, role=True))
+        if not first.finished:
+            async for d in deltas:
+                yield _sse(chunk(d))
+        if include_usage:
+            u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            build = P.completion_chunk if kind == "completion" else P.chat_chunk
+            yield _sse(build(rid, model, None, usage=u))
+    except P.MoeServeError as e:  # after the 200 went out: report in-band, as OpenAI does
+        yield _sse(P.error_from_exception(e)[1])
+    finally:
+        with contextlib.suppress(Exception):
+            await deltas.aclose()
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,160 @@
+"""`moeserve router`: the OpenAI HTTP front end and moeserve.v1.Router gRPC over the workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import uuid
+from pathlib import Path
+
+import grpc
+import uvicorn
+
+from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
+from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
+from moeserve.router.frontend import Frontend, Usage
+from moeserve.router.http_app import create_app
+from moeserve.router.metrics import RouterMetrics
+from moeserve.router.policy import Policy
+from moeserve.router.prefix_index import PrefixIndex
+from moeserve.router.serving import Router, RouterSettings
+from moeserve.router.tokenizer import load_tokenizer
+from moeserve.router.workers import WorkerPool
+from moeserve.worker.server import abort_with, sampling_from_proto
+
+__all__ = ["RouterServicer", "add_router_parser", "serve_router"]
+
+logger = logging.getLogger(__name__)
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, frontend: Frontend, pool: WorkerPool):
+        self.frontend = frontend
+        self.pool = pool
+
+    async def Generate(self, request, context):
+        f = self.frontend
+        try:
+            kind = request.WhichOneof("prompt")
+            if kind is None:
+                raise InvalidRequestError("set prompt.text or prompt.token_ids", param="prompt")
+            prompt = f.prompt_ids(request.text if kind == "text" else list(request.token_ids.ids))
+            params = sampling_from_proto(request.sampling)
+            f.check_length(prompt, params, "prompt")
+            rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            usage = Usage()
+            async for d in f.run(rid, prompt, params, list(request.stop), usage):
+                msg = router_pb2.GenerateResponse(
+                    request_id=rid, token_ids=d.token_ids, finished=d.finished,
+                    finish_reason=d.finish_reason or "",
+                    text=d.text if request.detokenize else "",
+                )  # fmt: skip
+                if d.finished:
+                    msg.usage.prompt_tokens = usage.prompt_tokens
+                    msg.usage.completion_tokens = usage.completion_tokens
+                    msg.usage.cached_tokens = usage.cached_tokens
+                yield msg
+        except MoeServeError as e:
+            await abort_with(context, e)
+
+    async def Health(self, request, context):
+        ok = bool(self.pool.healthy("decode"))
+        info = self.pool.model_info()
+        return common_pb2.HealthResponse(
+            status=common_pb2.HealthResponse.SERVING
+            if ok
+            else common_pb2.HealthResponse.NOT_SERVING,
+            role="router",
+            model_id=self.frontend.model_id,
+            block_size=info.block_size if info else 0,
+            max_model_len=self.frontend.max_model_len,
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_router(args: argparse.Namespace) -> None:
+    prefill = [a for a in (args.prefill or "").split(",") if a]
+    decode = [a for a in (args.decode or "").split(",") if a]
+    if not decode:
+        raise MoeServeError("--decode needs at least one worker address")
+    metrics = RouterMetrics()
+    index = PrefixIndex()
+    pool = WorkerPool(prefill, decode, index, metrics)
+    pool.start()
+    try:
+        if not await pool.wait_ready(args.startup_timeout_s) and pool.model_info() is None:
+            raise UnavailableError(f"no worker answered within {args.startup_timeout_s} s")
+        info = pool.model_info()
+        config_path = Path(args.model) / "config.json"
+        vocab_size = json.loads(config_path.read_text())["vocab_size"]
+        settings = RouterSettings(
+            policy=Policy(args.policy), disagg_threshold=args.disagg_threshold,
+            max_inflight=args.max_inflight, request_timeout_s=args.request_timeout_s,
+            prefill_timeout_s=args.prefill_timeout_s,
+        )  # fmt: skip
+        router = Router(pool, metrics, settings, info.model_id, info.block_size)
+        frontend = Frontend(
+            router, load_tokenizer(args.model), info.model_id, info.max_model_len, vocab_size,
+            metrics,
+        )  # fmt: skip
+        grpc_server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(frontend, pool), grpc_server)
+        grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+        await grpc_server.start()
+        app = create_app(frontend, lambda: bool(pool.healthy("decode")))
+        sock = _bind(args.host, args.port)
+        http_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                timeout_graceful_shutdown=2)  # fmt: skip
+        server = uvicorn.Server(config)
+        # Parsed by `moeserve up` and tests: the real ports when 0 was asked for.
+        print(f"moeserve router listening on http://{args.host}:{http_port} "
+              f"grpc {args.host}:{grpc_port}", flush=True)  # fmt: skip
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            await grpc_server.stop(grace=1)
+    finally:
+        await pool.close()
+
+
+def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d = RouterSettings()
+    p = subparsers.add_parser("router", help="OpenAI HTTP + gRPC router over worker pools")
+    p.add_argument("--model", required=True, help="checkpoint directory (tokenizer, config)")
+    p.add_argument("--prefill", default="", help="prefill workers, host:port,...")
+    p.add_argument("--decode", required=True, help="decode workers, host:port,...")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--policy", choices=[x.value for x in Policy], default=d.policy.value)
+    p.add_argument(
+        "--disagg-threshold",
+        type=int,
+        default=d.disagg_threshold,
+        help="prefill on a prefill worker only when at least this many prompt "
+        "tokens are uncached on the decode worker",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=d.max_inflight,
+        help="requests in flight before new ones get 429",
+    )
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--prefill-timeout-s", type=float, default=d.prefill_timeout_s)
+    p.add_argument("--startup-timeout-s", type=float, default=60.0)
+    p.set_defaults(func=lambda args: asyncio.run(serve_router(args)) or 0)
+    return p  # fmt: skip

@@ -1,0 +1,160 @@
+"""Drives an LLMEngine in its own thread beside an asyncio server.
+
+The engine is not thread-safe, so exactly one thread touches it: this loop. The event loop hands
+work in as callables (``call``) and receives each request's outputs on an ``asyncio.Queue``, in
+engine order. Stepping never blocks the event loop, and a slow step never blocks an RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from moeserve.worker.engine import EngineCoreOutput, LLMEngine
+
+__all__ = ["EngineLoop", "EngineDied"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDied(RuntimeError):
+    """The engine raised inside step(); every open stream receives this and ends."""
+
+
+class EngineLoop:
+    """``engine`` stepped in a daemon thread.
+
+    ``on_tick(engine)`` runs in the engine thread every ``tick_s`` (KV events, load, NIXL
+    notifications, lease sweeps): everything that must touch the engine but is not a request.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: asyncio.AbstractEventLoop,
+        on_tick: Callable[[LLMEngine], None] | None = None,
+        tick_s: float = 0.02,
+        idle_wait_s: float = 0.01,
+    ):
+        self.engine = engine
+        self._loop = loop
+        self._on_tick = on_tick
+        self._tick_s = tick_s
+        self._idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], asyncio.Future | None]]
+        self._inbox = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._inbox.put((lambda e: None, None))  # wake the thread
+        self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # -------------------------------------------------------------- event-loop side
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        """Queue that will receive the request's EngineCoreOutputs (or an EngineDied)."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` in the engine thread and return its result (or raise its error)."""
+        if not self.alive:
+            raise EngineDied(f"engine loop is not running: {self.error!r}")
+        fut = self._loop.create_future()
+        self._inbox.put((fn, fut))
+        return await fut
+
+    def emit(self, outputs: list[EngineCoreOutput]) -> None:
+        """From the engine thread: send outputs a command produced (commit, abort) to their
+        streams, ordered before any later step's outputs."""
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, list(outputs))
+
+    def _deliver(self, outputs: list[EngineCoreOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(EngineDied(str(exc)))
+
+    # -------------------------------------------------------------- engine thread
+
+    def _resolve(self, fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+        def done() -> None:
+            if fut.cancelled():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        self._loop.call_soon_threadsafe(done)
+
+    def _run_command(self, item: tuple) -> None:
+        fn, fut = item
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # the caller gets it; the engine stays usable
+            if fut is not None:
+                self._resolve(fut, None, e)
+            return
+        if fut is not None:
+            self._resolve(fut, result, None)
+
+    def _run(self) -> None:
+        engine = self.engine
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                busy = engine.has_unfinished_requests()
+                try:
+                    # Idle: sleep until work arrives; busy: only take what is already queued.
+                    if busy:
+                        item = self._inbox.get_nowait()
+                    else:
+                        item = self._inbox.get(timeout=self._idle_wait_s)
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    self._run_command(item)
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        item = None
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    if outputs:
+                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+                now = time.monotonic()
+                if self._on_tick is not None and now >= next_tick:
+                    next_tick = now + self._tick_s
+                    self._on_tick(engine)
+            except Exception as e:
+                logger.exception("engine loop failed; failing every open request")
+                self.error = e
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+                return

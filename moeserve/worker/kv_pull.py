@@ -1,0 +1,153 @@
+"""Decode side of disaggregation: take a KV handle, READ the blocks with NIXL, join the batch.
+
+Every failure (fingerprint mismatch, unreachable peer, full pool, failed or slow READ) ends in
+the same place: the request is recomputed here and the prefill worker is told to release its
+blocks. The client never sees a transfer error, only a slower first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from moeserve.api import worker_pb2, worker_pb2_grpc
+from moeserve.common.sampling import SamplingParams
+from moeserve.router.metrics import WorkerMetrics
+from moeserve.worker.engine import LLMEngine
+from moeserve.worker.engine_loop import EngineLoop
+from moeserve.worker.kv_transfer import (
+    KVTransferAgent,
+    KVTransferError,
+    TransferState,
+    encode_release_notif,
+    fingerprint_mismatch,
+)
+
+__all__ = ["KVPuller"]
+
+logger = logging.getLogger(__name__)
+
+
+class KVPuller:
+    def __init__(self, agent: KVTransferAgent, metrics: WorkerMetrics, timeout_s: float = 10.0):
+        self.agent = agent
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def _ensure_peer(self, handle: worker_pb2.KVHandle) -> str:
+        """The prefill agent's metadata, fetched once per peer and cached by the agent."""
+        if self.agent.has_peer(handle.agent_name):
+            return handle.agent_name
+        resp = await self._stub(handle.worker_address).GetNixlMetadata(
+            worker_pb2.GetNixlMetadataRequest(), timeout=5.0
+        )
+        name = self.agent.add_peer(resp.metadata)
+        if name != handle.agent_name:
+            raise KVTransferError(f"{handle.worker_address} now runs agent {name!r}")
+        return name
+
+    async def _release_remote(self, handle: worker_pb2.KVHandle) -> None:
+        """Tell the prefill worker to drop the blocks (used when no READ notified it)."""
+        try:
+            await self._stub(handle.worker_address).ReleaseKV(
+                worker_pb2.ReleaseKVRequest(request_id=handle.request_id), timeout=2.0
+            )
+        except grpc.RpcError as e:  # its lease will expire instead
+            logger.info("ReleaseKV to %s failed: %s", handle.worker_address, e.code())
+
+    async def _wait(self, xfer) -> bool:
+        deadline = time.monotonic() + self.timeout_s
+        sleep = 1e-4
+        while self.agent.poll(xfer) is TransferState.PENDING:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(sleep)
+            sleep = min(sleep * 2, 2e-3)
+        return True
+
+    async def pull(
+        self,
+        loop: EngineLoop,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        handle: worker_pb2.KVHandle,
+        first_token: int | None,
+        fingerprint: str,
+    ) -> tuple[int, int]:
+        """Admit ``rid`` using the handle's KV; returns (tokens transferred, bytes)."""
+
+        async def recompute(reason: str, release: bool = True) -> tuple[int, int]:
+            logger.warning("request %s: %s; recomputing the prompt here", rid, reason)
+            self.metrics.kv_transfer_failures.inc()
+            if release:
+                await self._release_remote(handle)
+            await loop.call(lambda e: e.add_request(rid, prompt, params))
+            return 0, 0
+
+        mismatch = fingerprint_mismatch(fingerprint, handle.compat_fingerprint)
+        if mismatch:
+            return await recompute(f"KV refused, incompatible prefill worker ({mismatch})")
+        if first_token is None or handle.num_tokens != len(prompt):
+            return await recompute("KV handle does not match the prompt")
+        try:
+            peer = await self._ensure_peer(handle)
+        except (grpc.RpcError, KVTransferError) as e:
+            return await recompute(f"prefill peer {handle.worker_address} unusable: {e}")
+        reservation = await loop.call(lambda e: e.reserve_remote_kv(rid, prompt, params))
+        if reservation is None:
+            return await recompute("no free KV blocks for the transfer")
+        skip = reservation.num_cached_blocks
+        local = reservation.block_ids[skip:]
+        remote = list(handle.block_ids[skip : len(reservation.block_ids)])
+
+        def commit(token: int | None):
+            def run(e: LLMEngine) -> None:
+                loop.emit(e.commit_remote_kv(rid, token))
+
+            return loop.call(run)
+
+        if len(remote) != len(local):
+            logger.warning("request %s: handle has %d blocks, need %d; recomputing",
+                           rid, len(handle.block_ids), len(reservation.block_ids))  # fmt: skip
+            self.metrics.kv_transfer_failures.inc()
+            await self._release_remote(handle)
+            await commit(None)
+            return 0, 0
+        if not local:  # everything was already in this worker's prefix cache
+            await self._release_remote(handle)
+            await commit(first_token)
+            return 0, 0
+        xfer = self.agent.read_blocks(peer, remote, local, encode_release_notif(handle.request_id))
+        try:
+            in_time = await self._wait(xfer)
+        except asyncio.CancelledError:  # client gone: stop the READ before blocks are freed
+            self.agent.finish(xfer, timed_out=True)
+            raise
+        result = self.agent.finish(xfer, timed_out=not in_time)
+        if not result.ok:
+            logger.warning("request %s: KV READ from %s failed (%s); recomputing",
+                           rid, peer, result.error)  # fmt: skip
+            self.metrics.kv_transfer_failures.inc()
+            self.agent.remove_peer(peer)  # refetch its metadata next time
+            await self._release_remote(handle)
+            await commit(None)
+            return 0, 0
+        self.metrics.kv_transfer_bytes.inc(result.num_bytes)
+        self.metrics.kv_transfer_seconds.observe(result.seconds)
+        await commit(first_token)
+        return len(prompt) - skip * loop.engine.config.block_size, result.num_bytes
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

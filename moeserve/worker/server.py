@@ -1,0 +1,336 @@
+"""Worker gRPC server (`moeserve worker`): moeserve.v1.Worker over one engine.
+
+Roles: ``prefill`` (Prefill keeps blocks pinned and hands out a KV handle), ``decode``
+(Generate READs the handle's blocks from the prefill worker with NIXL, or recomputes), ``both``.
+The engine runs in its own thread (engine_loop.EngineLoop); handlers only convert messages,
+hand work to that thread and map errors to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.common.errors import InvalidRequestError, MoeServeError
+from moeserve.common.sampling import SamplingParams
+from moeserve.router.metrics import WorkerMetrics
+from moeserve.worker.engine import LLMEngine
+from moeserve.worker.engine_loop import EngineDied, EngineLoop
+from moeserve.worker.kv_pull import KVPuller
+from moeserve.worker.kv_transfer import KVTransferAgent, LeaseTable
+from moeserve.worker.worker_events import EventHub, engine_fingerprint
+
+__all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]
+
+logger = logging.getLogger(__name__)
+ROLES = ("prefill", "decode", "both")
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """SamplingParams from the wire; unset optionals take the OpenAI defaults."""
+    return SamplingParams(
+        max_tokens=p.max_tokens or 16,
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else -1,
+        seed=p.seed if p.HasField("seed") else None,
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the RPC with the status code the error names (INVALID_ARGUMENT, ...)."""
+    if isinstance(exc, MoeServeError):
+        code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+    elif isinstance(exc, EngineDied):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        code = grpc.StatusCode.INTERNAL
+    param = getattr(exc, "param", None)
+    # The router turns the param back into the OpenAI error's "param" field.
+    await context.abort(code, str(exc), trailing_metadata=(("moeserve-param", param or ""),))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        role: str,
+        address: str,
+        agent: KVTransferAgent | None,
+        metrics: WorkerMetrics,
+        lease_s: float = 30.0,
+        kv_timeout_s: float = 10.0,
+    ):
+        self.engine = engine
+        self.role = role
+        self.address = address
+        self.agent = agent
+        self.metrics = metrics
+        self.leases = LeaseTable(default_lease_s=lease_s)
+        self.fingerprint = engine_fingerprint(engine)
+        self.hub = EventHub()
+        self.loop: EngineLoop | None = None
+        self.puller = KVPuller(agent, metrics, kv_timeout_s) if agent is not None else None
+
+    def start(self) -> None:
+        self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), on_tick=self._tick)
+        self.loop.start()
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+        if self.agent is not None:
+            self.agent.close()
+
+    # ------------------------------------------------------------ engine thread
+
+    def _tick(self, engine: LLMEngine) -> None:
+        """Housekeeping in the engine thread: released/expired leases, events, load, metrics."""
+        if self.agent is not None:
+            for rid in self.agent.take_released_requests():
+                if self.leases.release(rid) is not None:
+                    engine.release_pinned(rid)
+            for rid in self.leases.expired(time.monotonic()):
+                logger.warning("KV lease of %s expired uncollected; releasing its blocks", rid)
+                engine.release_pinned(rid)
+                self.metrics.expired_kv_leases.inc()
+        self.metrics.pinned_kv_leases.set(len(self.leases))
+        events, stats = engine.take_kv_events(), engine.stats()
+        m = self.metrics
+        m.num_requests_running.set(stats.num_running)
+        m.num_requests_waiting.set(stats.num_waiting)
+        m.kv_cache_usage_perc.set(stats.kv_usage)
+        m.prompt_tokens_computed.set(stats.prompt_tokens_computed)
+        self.hub.publish_threadsafe(self.loop._loop, events, stats)
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Prefill(self, request, context):
+        rid = request.request_id or uuid.uuid4().hex
+        stream = self.loop.open_stream(rid)
+        done = False
+        try:
+            params = sampling_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            await self.loop.call(lambda e: e.add_request(rid, prompt, params, prefill_only=True))
+            self.metrics.prompt_tokens.inc(len(prompt))
+            out = await stream.get()
+            if isinstance(out, Exception):
+                raise out
+            done = True
+            first = out.new_token_ids[0]
+            finished = out.finish_reason == "stop" or params.max_tokens <= 1
+            lease_s = self.leases.default_lease_s
+
+            def pin(e: LLMEngine) -> list[int]:
+                if finished or self.agent is None:
+                    e.release_pinned(rid)
+                    return []
+                blocks = e.pinned_blocks(rid)
+                self.leases.add(rid, blocks, time.monotonic(), lease_s)
+                return blocks
+
+            blocks = await self.loop.call(pin)
+            self.metrics.prefix_cache_queries.inc(len(prompt))
+            self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
+            handle = worker_pb2.KVHandle(
+                agent_name=self.agent.name if self.agent else "",
+                request_id=rid,
+                block_ids=blocks,
+                num_tokens=len(prompt),
+                lease_ms=int(lease_s * 1000),
+                compat_fingerprint=self.fingerprint,
+                worker_address=self.address,
+            )
+            return worker_pb2.PrefillResponse(
+                request_id=rid,
+                first_token_id=first,
+                kv_handle=handle,
+                num_cached_tokens=out.num_cached_tokens,
+                finished=finished,
+                finish_reason=out.finish_reason if finished else "",
+            )
+        except (MoeServeError, EngineDied) as e:
+            await abort_with(context, e)
+        finally:
+            self.loop.close_stream(rid)
+            if not done:  # cancelled or failed before the handle left: free everything
+                await asyncio.shield(self.loop.call(lambda e: e.abort_request(rid)))
+
+    def _release(self, engine: LLMEngine, rid: str) -> bool:
+        self.leases.release(rid)
+        return engine.release_pinned(rid)
+
+    async def Generate(self, request, context) -> AsyncIterator:
+        rid = request.request_id or uuid.uuid4().hex
+        stream = self.loop.open_stream(rid)
+        finished = False
+        try:
+            params = sampling_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            self.metrics.prompt_tokens.inc(len(prompt))
+            transferred = nbytes = 0
+            if request.HasField("kv_handle") and self.puller is not None:
+                first = request.first_token_id if request.HasField("first_token_id") else None
+                transferred, nbytes = await self.puller.pull(
+                    self.loop, rid, prompt, params, request.kv_handle, first, self.fingerprint
+                )
+            else:
+                await self.loop.call(lambda e: e.add_request(rid, prompt, params))
+            first_msg = True
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, Exception):
+                    raise out
+                finished = out.finished
+                self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                if first_msg:
+                    self.metrics.prefix_cache_queries.inc(len(prompt))
+                    self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
+                if finished:
+                    self.metrics.request_success.labels(out.finish_reason or "abort").inc()
+                yield worker_pb2.WorkerGenerateResponse(
+                    request_id=rid,
+                    token_ids=out.new_token_ids,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason or "",
+                    num_cached_tokens=out.num_cached_tokens,
+                    num_transferred_tokens=transferred if first_msg else 0,
+                    kv_transfer_bytes=nbytes if first_msg else 0,
+                )
+                first_msg = False
+        except (MoeServeError, EngineDied) as e:
+            await abort_with(context, e)
+        finally:
+            self.loop.close_stream(rid)
+            if not finished:  # client went away or an error: the blocks go back to the pool
+                await asyncio.shield(self.loop.call(lambda e: e.abort_request(rid)))
+
+    async def Abort(self, request, context):
+        ids = list(request.request_ids)
+
+        def abort(e: LLMEngine) -> list[str]:
+            done = []
+            for rid in ids:
+                outs = e.abort_request(rid)
+                self.loop.emit(outs)  # an open Generate stream ends with "abort"
+                if self._release(e, rid) or outs:
+                    done.append(rid)
+            return done
+
+        aborted = await self.loop.call(abort)
+        return worker_pb2.AbortResponse(aborted=aborted)
+
+    async def Health(self, request, context):
+        status = common_pb2.HealthResponse.SERVING
+        if self.loop is None or not self.loop.alive:
+            status = common_pb2.HealthResponse.NOT_SERVING
+        mc = self.engine.model_config
+        return common_pb2.HealthResponse(
+            status=status,
+            role=self.role,
+            model_id=self.engine.config.model_id,
+            block_size=self.engine.config.block_size,
+            compat_fingerprint=self.fingerprint,
+            nixl_agent_name=self.agent.name if self.agent else "",
+            max_model_len=self.engine.max_model_len,
+            eos_token_id=mc.eos_token_id if mc.eos_token_id is not None else 0,
+        )
+
+    async def StreamEvents(self, request, context):
+        async for message in self.hub.subscribe():
+            yield message
+
+    async def GetNixlMetadata(self, request, context):
+        if self.agent is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "NIXL is disabled here")
+        return worker_pb2.GetNixlMetadataResponse(
+            agent_name=self.agent.name,
+            metadata=self.agent.metadata(),
+            compat_fingerprint=self.fingerprint,
+        )
+
+    async def ReleaseKV(self, request, context):
+        rid = request.request_id
+        released = await self.loop.call(lambda e: self._release(e, rid))
+        return worker_pb2.ReleaseKVResponse(released=released)
+
+
+async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = None) -> None:
+    """Build the engine, start NIXL and gRPC, serve until cancelled."""
+    from moeserve.cli import engine_config_from_args
+
+    engine = LLMEngine(engine_config_from_args(args))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise InvalidRequestError(f"cannot bind {args.host}:{args.port}", param="port")
+    address = f"{args.advertise_host or args.host}:{port}"
+    agent = None
+    if args.nixl:
+        name = f"moeserve-{args.role}-{port}-{uuid.uuid4().hex[:8]}"
+        agent = KVTransferAgent(name, engine.kv_cache)
+    metrics = WorkerMetrics()
+    servicer = WorkerServicer(
+        engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s
+    )
+    servicer.start()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        httpd, _ = start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+        metrics_note = f" metrics http://{args.host}:{httpd.server_port}/metrics"
+    else:
+        metrics_note = ""
+    await server.start()
+    logger.info("worker %s (%s) serving on %s", args.role, engine.config.model_id, address)
+    print(f"moeserve worker listening on {address}{metrics_note}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1)
+        servicer.stop()
+
+
+def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from moeserve.cli import add_engine_args
+
+    p = subparsers.add_parser("worker", help="serve one engine over gRPC (prefill/decode/both)")
+    add_engine_args(p, model_required=True)
+    p.add_argument("--role", choices=ROLES, default="both")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    p.add_argument(
+        "--nixl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="register the KV cache with NIXL for disaggregated transfer",
+    )
+    p.add_argument(
+        "--kv-lease-s",
+        type=float,
+        default=30.0,
+        help="release pinned prefill KV not collected within this time",
+    )
+    p.add_argument(
+        "--kv-timeout-s",
+        type=float,
+        default=10.0,
+        help="give up a KV READ after this long and recompute",
+    )
+    p.set_defaults(func=lambda args: asyncio.run(serve_worker(args)) or 0)
+    return p  # fmt: skip

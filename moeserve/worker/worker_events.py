@@ -1,0 +1,139 @@
+"""KV events and load reports a worker streams to routers, and its compatibility fingerprint.
+
+Routers may subscribe late or reconnect, so each subscription starts with a snapshot (AllCleared
+plus one BlockStored holding every cached block hash) and then follows the live events. The
+worker mirrors the set of cached hashes from the engine's events to build that snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import moeserve
+from moeserve.api import worker_pb2
+from moeserve.worker.block_pool import AllBlocksCleared, BlockRemoved, BlockStored
+from moeserve.worker.engine import EngineStats, LLMEngine
+from moeserve.worker.kv_transfer import METADATA_VERSION, compat_fingerprint
+
+__all__ = ["EventHub", "engine_fingerprint", "to_proto_event"]
+
+_HEARTBEAT_S = 0.5
+_MAX_BACKLOG = 10_000  # a subscriber this far behind is dropped and must resubscribe
+
+
+def to_proto_event(event: object) -> worker_pb2.KVEvent:
+    if isinstance(event, BlockStored):
+        stored = worker_pb2.BlockStored(
+            block_hashes=event.block_hashes,
+            token_ids=event.token_ids,
+            block_size=event.block_size,
+        )
+        if event.parent_block_hash is not None:
+            stored.parent_hash = event.parent_block_hash
+        return worker_pb2.KVEvent(stored=stored)
+    if isinstance(event, BlockRemoved):
+        return worker_pb2.KVEvent(removed=worker_pb2.BlockRemoved(block_hashes=event.block_hashes))
+    if isinstance(event, AllBlocksCleared):
+        return worker_pb2.KVEvent(cleared=worker_pb2.AllCleared())
+    raise TypeError(f"unknown KV event {event!r}")
+
+
+def _load(stats: EngineStats) -> worker_pb2.LoadReport:
+    return worker_pb2.LoadReport(
+        num_running=stats.num_running, num_waiting=stats.num_waiting, kv_usage=stats.kv_usage
+    )
+
+
+class EventHub:
+    """Fan-out of KV events and load to StreamEvents subscribers (lives on the event loop)."""
+
+    def __init__(self) -> None:
+        self._cached: set[int] = set()
+        self._subs: set[asyncio.Queue] = set()
+        self._load = worker_pb2.LoadReport()
+        self._last_sent = 0.0
+
+    def publish_threadsafe(
+        self, loop: asyncio.AbstractEventLoop, events: list, stats: EngineStats
+    ) -> None:
+        """From the engine thread; quiet ticks only send a load heartbeat now and then."""
+        load = _load(stats)
+        now = time.monotonic()
+        if not events and load == self._load and now - self._last_sent < _HEARTBEAT_S:
+            return
+        self._last_sent = now
+        self._load = load
+        loop.call_soon_threadsafe(self._publish, events, load)
+
+    def _publish(self, events: list, load: worker_pb2.LoadReport) -> None:
+        for event in events:
+            if isinstance(event, BlockStored):
+                self._cached.update(event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                self._cached.difference_update(event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                self._cached.clear()
+        protos = [to_proto_event(e) for e in events]
+        for q in list(self._subs):
+            if q.qsize() > _MAX_BACKLOG:
+                self._subs.discard(q)
+                q.put_nowait(None)  # ends that stream
+            else:
+                q.put_nowait((protos, load))
+
+    async def subscribe(self) -> AsyncIterator[worker_pb2.WorkerEvent]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._subs.add(q)
+        try:
+            snapshot = [
+                worker_pb2.KVEvent(cleared=worker_pb2.AllCleared()),
+                worker_pb2.KVEvent(
+                    stored=worker_pb2.BlockStored(block_hashes=sorted(self._cached))
+                ),
+            ]
+            yield worker_pb2.WorkerEvent(sequence=0, kv_events=snapshot, load=self._load)
+            seq = 1
+            while True:
+                item = await q.get()
+                if item is None:
+                    return
+                events, load = item
+                yield worker_pb2.WorkerEvent(sequence=seq, kv_events=events, load=load)
+                seq += 1
+        finally:
+            self._subs.discard(q)
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big") + p)
+    return h.hexdigest()[:16]
+
+
+def engine_fingerprint(engine: LLMEngine) -> str:
+    """What must match between a prefill and a decode worker for KV to be reused as is."""
+    model_dir = Path(engine.config.model)
+    config = model_dir / "config.json"
+    # Names and sizes, not contents: hashing hundreds of GB at start-up is not an option.
+    shards = sorted(model_dir.glob("*.safetensors"))
+    weights = [f"{p.name}:{p.stat().st_size}".encode() for p in shards]
+    kv = engine.kv_cache
+    return compat_fingerprint(
+        {
+            "model": engine.config.model_id,
+            "config": _digest([config.read_bytes()]) if config.is_file() else "none",
+            "weights": _digest(weights),
+            "kv_layout": "x".join(str(d) for d in kv.shape[1:]),
+            "kv_dtype": str(kv.dtype).removeprefix("torch."),
+            "block_size": engine.config.block_size,
+            "parallel": "tp1",
+            "mla": engine.config.mla_impl,
+            "moeserve": getattr(moeserve, "__version__", "0"),
+            "kv_metadata": METADATA_VERSION,
+        }
+    )
