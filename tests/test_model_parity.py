@@ -34,7 +34,7 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
 def _our_logits(path, impl: str, ids: list[int], block_size: int = 8) -> torch.Tensor:
     cfg = load_model_config(path)
     model = DeepseekForCausalLM(cfg, mla_impl=impl, max_positions=512)
-    load_checkpoint(model, path, torch.float32)
+    load_checkpoint(model, path)
     num_blocks = -(-len(ids) // block_size)
     # Non-contiguous, shuffled block ids: the block table must really be followed.
     table = list(range(2 * num_blocks, 0, -2))

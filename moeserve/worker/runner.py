@@ -41,11 +41,17 @@ class ModelRunner:
         self.model_config = model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config, self.device)
-        with torch.device(self.device):
-            self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len)
-        self.model.to(self.dtype)
-        self.model.rotary.float()  # cos/sin stay float32 for precise positions
-        load_checkpoint(self.model, config.model, self.dtype)
+        # Built directly in the serving dtype on the device: a float32 copy first would need
+        # twice the weights' memory. Tensors created with an explicit dtype (RoPE tables, the
+        # routing bias) stay float32.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_checkpoint(self.model, config.model)
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()

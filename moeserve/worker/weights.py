@@ -48,10 +48,12 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torc
     return weight.float() * scale
 
 
-def iterate_tensors(
-    model_dir: str | Path, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor in `dtype`) for every weight; fp8 blocks are dequantized here."""
+def iterate_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every weight as stored; fp8 blocks come dequantized (float32).
+
+    Conversion to each parameter's dtype happens in the copy into it, so float32 parameters
+    (the routing bias) keep a float32 checkpoint's precision.
+    """
     shards, weight_map = checkpoint_shards(model_dir)
     root = Path(model_dir)
     for shard in shards:
@@ -70,7 +72,7 @@ def iterate_tensors(
                         else:
                             raise CheckpointError(f"fp8 tensor {name!r} has no {scale_name!r}")
                         tensor = dequantize_fp8_blocks(tensor, scale)
-                    yield name, tensor.to(dtype)
+                    yield name, tensor
         except SafetensorError as e:
             raise CheckpointError(f"cannot read checkpoint shard {shard.name}: {e}") from e
         except (OSError, RuntimeError) as e:
@@ -82,9 +84,9 @@ def _read_one(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def load_checkpoint(model: torch.nn.Module, model_dir: str | Path, dtype: torch.dtype) -> None:
+def load_checkpoint(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Fill every parameter of `model` from the checkpoint; names what is missing."""
-    filled = model.load_weights(iterate_tensors(model_dir, dtype))
+    filled = model.load_weights(iterate_tensors(model_dir))
     missing = sorted(model.expected_tensor_names() - filled)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -62,7 +62,10 @@ class Gate(nn.Module):
         n = config.n_routed_experts
         self.weight = nn.Parameter(torch.empty(n, config.hidden_size))
         if config.topk_method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(n), requires_grad=False)
+            # float32 like the released checkpoints: it only shifts selection, by small amounts
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(n, dtype=torch.float32), requires_grad=False
+            )
         else:
             self.e_score_correction_bias = None
 
@@ -88,6 +91,7 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(len(ids), hidden, inter))
         self.expert_ids = list(ids)
+        self.num_logical_experts = config.n_routed_experts
         self.local_slot = {g: i for i, g in enumerate(ids)}
 
     def load_expert_weight(self, expert: int, proj: str, tensor: torch.Tensor) -> bool:
@@ -107,25 +111,44 @@ class Experts(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here)."""
-        out = torch.zeros_like(x, dtype=torch.float32)
+        """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here).
+
+        Token copies are sorted by expert, run through both projections as grouped GEMMs
+        (one launch each, whatever the number of experts) and summed back with their weights.
+        """
+        top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids[flat_ids >= 0], minlength=self.w13.shape[0]).tolist()
-        start = int((flat_ids < 0).sum())
-        token_of = order // ids.shape[1]
-        # One pass over the experts that received tokens; tokens are sorted by expert.
-        for slot, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = order[start : start + count]
-            tokens = token_of[start : start + count]
-            h = F.linear(x[tokens], self.w13[slot])
-            h = F.silu(h[:, : self.intermediate_size]) * h[:, self.intermediate_size :]
-            y = F.linear(h, self.w2[slot]).float() * weights.flatten()[rows, None]
-            out.index_add_(0, tokens, y)
-            start += count
+        if len(self.expert_ids) < self.num_logical_experts:  # expert-parallel: skip the -1s
+            order = order[int((flat_ids < 0).sum()) :]
+        counts = torch.bincount(flat_ids[order], minlength=self.w13.shape[0])
+        tokens = order // top_k
+        h = _grouped_linear(x[tokens], self.w13, counts)
+        h = F.silu(h[:, : self.intermediate_size]) * h[:, self.intermediate_size :]
+        y = _grouped_linear(h, self.w2, counts).float() * weights.flatten()[order, None]
+        out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, tokens, y)
         return out.to(x.dtype)
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group (counts[g] rows for group g) times w[g]^T: [N, K] -> [N, O]."""
+    if _GROUPED_MM is not None and x.dtype == w.dtype:
+        offsets = counts.cumsum(0).to(torch.int32)
+        try:
+            return _GROUPED_MM(x, w.transpose(1, 2), offs=offsets)
+        except RuntimeError:  # shape or dtype this build's kernel does not take
+            pass
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = F.linear(x[start : start + n], w[g])
+            start += n
+    return out
+
+
+# torch's grouped GEMM (CUTLASS on Hopper, a reference loop on the CPU) where this build has it.
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 class MoE(nn.Module):
