@@ -1,0 +1,1 @@
+"""Non-Kubernetes targets of one spec: local processes (`moeserve up`) and Ray."""

@@ -1,0 +1,226 @@
+"""`moeserve up`: router + prefill + decode workers as local child processes.
+
+Every child binds port 0 (or the router's ``--port``) and prints the address it got, so two
+clusters on one machine never collide. Children die with us: SIGINT/SIGTERM stop them in order,
+and PR_SET_PDEATHSIG kills them if this process is killed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["LocalCluster", "add_up_parser", "ClusterSpec"]
+
+_LISTEN = re.compile(
+    r"moeserve (worker|router) listening on (\S+)(?: grpc (\S+))?(?: metrics (\S+))?"
+)
+
+
+def _die_with_parent() -> None:
+    # Linux only: the kernel sends SIGTERM to the child when its parent thread exits.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@dataclass
+class ClusterSpec:
+    model: str | None = None
+    prefill: int = 1
+    decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "prefix"
+    disagg_threshold: int = 0
+    num_kv_blocks: int = 0
+    worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 120.0
+    metrics: bool = True
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    address: str | None = None
+    grpc: str | None = None
+    metrics: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalCluster:
+    """Start with ``start()`` (or as a context manager); ``url`` is the router's HTTP base."""
+
+    def __init__(self, spec: ClusterSpec, log=sys.stderr):
+        self.spec = spec
+        self.log = log
+        self.children: list[_Child] = []
+        self.url = ""
+        self.grpc_address = ""
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str]) -> _Child:
+        cmd = [sys.executable, "-m", "moeserve.cli", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        child = _Child(name, proc)
+        threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+        self.children.append(child)
+        return child
+
+    def _pump(self, child: _Child) -> None:
+        for line in child.proc.stdout:
+            m = _LISTEN.search(line)
+            if m and not child.ready.is_set():
+                child.address, child.grpc, child.metrics = m.group(2), m.group(3), m.group(4)
+                child.ready.set()
+            if self.log is not None and "NIXL INFO" not in line:
+                self.log.write(f"[{child.name}] {line}")
+        child.ready.set()  # exited: wake waiters
+
+    def _wait(self, children: list[_Child], deadline: float) -> None:
+        for c in children:
+            c.ready.wait(max(deadline - time.monotonic(), 0))
+            if c.address is None:
+                code = c.proc.poll()
+                raise RuntimeError(f"{c.name} did not start (exit code {code})")
+
+    def start(self) -> None:
+        spec = self.spec
+        deadline = time.monotonic() + spec.startup_timeout_s
+        model = spec.model or str(_ensure_tiny_checkpoint())
+        self.model = model
+        common = ["worker", "--model", model, "--host", spec.host, "--port", "0"]
+        if spec.num_kv_blocks:
+            common += ["--num-kv-blocks", str(spec.num_kv_blocks)]
+        if spec.metrics:
+            common += ["--metrics-port", "0"]
+        try:
+            workers = [
+                self._spawn(f"{role}-{i}", [*common, "--role", role, *spec.worker_args])
+                for role, n in (("prefill", spec.prefill), ("decode", spec.decode))
+                for i in range(n)
+            ]
+            self._wait(workers, deadline)
+            addrs = {r: ",".join(c.address for c in workers if c.name.startswith(r))
+                     for r in ("prefill", "decode")}  # fmt: skip
+            router = self._spawn("router", [
+                "router", "--model", model, "--prefill", addrs["prefill"],
+                "--decode", addrs["decode"], "--host", spec.host, "--port", str(spec.port),
+                "--policy", spec.policy, "--disagg-threshold", str(spec.disagg_threshold),
+                *spec.router_args,
+            ])  # fmt: skip
+            self._wait([router], deadline)
+            self.url, self.grpc_address = router.address, router.grpc
+            self._wait_healthy(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            if any(c.proc.poll() is not None for c in self.children):
+                raise RuntimeError("a child process exited during start-up")
+            time.sleep(0.2)
+        raise RuntimeError("router did not become healthy in time")
+
+    def worker(self, name: str) -> _Child:
+        return next(c for c in self.children if c.name == name)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Router first (no new work), then workers; SIGKILL whatever outlives the timeout."""
+        for c in sorted(self.children, key=lambda c: c.name != "router"):
+            if c.proc.poll() is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for c in self.children:
+            try:
+                c.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+    def failed_child(self) -> _Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+
+def _ensure_tiny_checkpoint() -> Path:
+    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    spec = ClusterSpec(
+        model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
+        port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
+        num_kv_blocks=args.num_kv_blocks,
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start()
+        print(f"\nmoeserve is up: {cluster.url}  (gRPC {cluster.grpc_address})")
+        print(f"model {cluster.model}")
+        print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"prompt\": \"Hello, MoE world\", \"max_tokens\": 16}}'")  # fmt: skip
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.wait(0.5):
+            dead = cluster.failed_child()
+            if dead is not None:
+                print(f"{dead.name} exited with {dead.proc.returncode}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        cluster.stop()
+
+
+def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d = ClusterSpec()
+    p = subparsers.add_parser("up", help="run router + prefill + decode workers locally")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
+    p.add_argument("--prefill", type=int, default=d.prefill, help="prefill workers")
+    p.add_argument("--decode", type=int, default=d.decode, help="decode workers")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="router HTTP port (0: any)")
+    p.add_argument("--policy", default=d.policy, choices=["prefix", "round_robin", "random"])
+    p.add_argument("--disagg-threshold", type=int, default=d.disagg_threshold)
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=d.num_kv_blocks,
+        help="KV blocks per worker (0: engine default)",
+    )
+    p.set_defaults(func=_run_up)
+    return p  # fmt: skip
