@@ -1,0 +1,199 @@
+"""MLA decode attention over the paged latent cache (absorbed form, split-KV).
+
+One query token per sequence. Every head attends over the same latents (MQA in latent space):
+keys are the whole latent [c_kv, k_pe] (kv_dim = kv_lora_rank + rope), values are c_kv.
+Flash-decoding: each sequence's keys are cut into `num_splits` ranges; stage 1 computes a
+partial softmax-weighted sum and log-sum-exp per (sequence, head, split), stage 2 merges them.
+Splitting keeps the GPU busy at small batch, where one program per sequence would leave most
+SMs idle while it walks a long context.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mla_decode_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    num_heads, block_size, scale_log2,
+    stride_qs, stride_qh, stride_cb, stride_ct, stride_bts, stride_os, stride_oh, stride_osp,
+    stride_ls, stride_lh,
+    KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head_block = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    # Split lengths are whole BLOCK_N tiles so only the last tile of the sequence is ragged.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_pe = tl.arange(0, BLOCK_PE)
+    r_ok = offs_r < KV_LORA
+    pe_ok = offs_pe < ROPE
+    q_rows = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
+    q_nope = tl.load(q_rows + offs_r[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
+    q_pe = tl.load(q_rows + KV_LORA + offs_pe[None, :], mask=head_ok[:, None] & pe_ok[None, :],
+                   other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        # A tile may straddle pages: look up every key's page (cheap, the table row is in L1).
+        page = tl.load(block_tables_ptr + seq * stride_bts + offs_n // block_size, mask=n_ok,
+                       other=0)
+        rows = cache_ptr + page.to(tl.int64) * stride_cb + (offs_n % block_size) * stride_ct
+        kv = tl.load(rows[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        k_pe = tl.load(rows[:, None] + KV_LORA + offs_pe[None, :],
+                       mask=n_ok[:, None] & pe_ok[None, :], other=0.0)
+        s = tl.dot(q_nope, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        m_i = m_new
+
+    # Empty splits (short sequences) leave l_i = 0: they store lse = -inf and weigh nothing.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    o_ptrs = (o_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_osp
+              + offs_r[None, :])
+    tl.store(o_ptrs, out, mask=head_ok[:, None] & r_ok[None, :])
+    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def mla_decode_reduce_kernel(
+    o_part_ptr, lse_ptr, out_ptr,
+    stride_ps, stride_ph, stride_psp, stride_ls, stride_lh, stride_os, stride_oh,
+    KV_LORA: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_sp = tl.arange(0, BLOCK_SPLITS)
+    offs_r = tl.arange(0, BLOCK_R)
+    sp_ok = offs_sp < NUM_SPLITS
+    lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + offs_sp, mask=sp_ok,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    w = w / tl.sum(w, 0)
+    parts = tl.load(o_part_ptr + seq * stride_ps + head * stride_ph
+                    + offs_sp[:, None] * stride_psp + offs_r[None, :],
+                    mask=sp_ok[:, None] & (offs_r < KV_LORA)[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_r,
+             out.to(out_ptr.dtype.element_ty), mask=offs_r < KV_LORA)
+
+
+def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
+                       num_sms: int = 132) -> int:
+    """Splits per sequence so that stage 1 has about two waves of programs (H100: 132 SMs).
+
+    Depends only on the batch shape, never on sequence lengths, so a CUDA graph captured for a
+    batch size stays valid whatever the context lengths are at replay.
+    """
+    programs = num_seqs * triton.cdiv(num_heads, block_h)
+    return max(1, min(16, triton.cdiv(2 * num_sms, programs)))
+
+
+def mla_decode(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode attention, one query token per sequence.
+
+    q: [S, H, kv_dim] (latent query then rotated q_pe), bf16/fp16/fp32, last dim contiguous.
+    layer_cache: [num_blocks, block_size, kv_dim], same dtype, any strides with a contiguous
+        last dim (e.g. `kv_cache[:, layer]`).
+    block_tables: [S, max_blocks] int32/int64, page ids; entries past seq_lens are not read.
+    seq_lens: [S] int32/int64, tokens in cache per sequence (>= 1), the query's own included.
+    scale: softmax scale. kv_lora_rank: R, the value width (first R dims of a latent).
+    num_splits: KV splits per sequence; default from the batch shape (`default_num_splits`).
+    Returns [S, H, R] in q's dtype.
+    """
+    num_seqs, num_heads, kv_dim = q.shape
+    num_blocks, block_size, cache_dim = layer_cache.shape
+    rope = kv_dim - kv_lora_rank
+    if cache_dim != kv_dim or rope <= 0:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
+                         f"with kv_lora_rank={kv_lora_rank}")
+    if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} do not match {num_seqs} sequences")
+    if q.stride(-1) != 1 or layer_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q, layer_cache and block_tables need a contiguous last dim")
+    if q.dtype != layer_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
+    block_h = 16  # tl.dot needs M >= 16; V2-Lite's 16 heads fill one block
+    splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
+    block_r = triton.next_power_of_2(kv_lora_rank)
+    o_part = q.new_empty(num_seqs, num_heads, splits, kv_lora_rank, dtype=torch.float32)
+    lse = q.new_empty(num_seqs, num_heads, splits, dtype=torch.float32)
+    out = q.new_empty(num_seqs, num_heads, kv_lora_rank)
+    grid = (num_seqs, triton.cdiv(num_heads, block_h), splits)
+    # BLOCK_N=32 with 2 stages: a [32, 512] bf16 key tile is 32 KiB, so two fit in Hopper's
+    # shared memory next to the [16, 512] float32 accumulator held in registers.
+    mla_decode_kernel[grid](
+        q, layer_cache, block_tables, seq_lens, o_part, lse,
+        num_heads, block_size, scale * _LOG2E,
+        q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
+        block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=block_r,
+        BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_H=block_h, BLOCK_N=32,
+        NUM_SPLITS=splits, num_warps=4, num_stages=2,
+    )
+    mla_decode_reduce_kernel[(num_seqs, num_heads)](
+        o_part, lse, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        KV_LORA=kv_lora_rank, BLOCK_R=block_r, NUM_SPLITS=splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4,
+    )
+    return out
+
+
+def mla_decode_ref(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+) -> torch.Tensor:
+    """Plain-torch `mla_decode` (same arguments, float32 math): one sequence at a time."""
+    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+    block_size = layer_cache.shape[1]
+    for s in range(q.shape[0]):
+        n = int(seq_lens[s])
+        pages = block_tables[s, : -(-n // block_size)].long()
+        keys = layer_cache[pages].flatten(0, 1)[:n].float()  # [n, kv_dim]
+        probs = (q[s].float() @ keys.T * scale).softmax(dim=-1)  # [H, n]
+        out[s] = (probs @ keys[:, :kv_lora_rank]).to(q.dtype)
+    return out
