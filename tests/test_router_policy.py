@@ -37,6 +37,11 @@ def test_ties_rotate_like_round_robin() -> None:
     assert picks == ["a", "b", "c", "a", "b", "c"]
 
 
+def test_ties_prefer_the_emptier_cache() -> None:
+    cands = [Candidate("a", cached_blocks=10), Candidate("b", cached_blocks=0)]
+    assert {pick_prefix(cands, counter=i).name for i in range(4)} == {"b"}
+
+
 def test_round_robin_and_random() -> None:
     cands = [Candidate("a", overlap_blocks=100), Candidate("b")]
     rng = random.Random(0)

@@ -2,8 +2,8 @@
 
 ``prefix`` (default) scores each worker by blocks it already caches minus its load, all in
 block units: one queued request costs ``queue_weight`` blocks, a full KV cache ``kv_weight``
-blocks. Ties (for example no worker caches anything) rotate through the tied workers, so cold
-traffic spreads like round robin instead of piling onto the first name.
+blocks. Ties (for example no worker caches the prompt) go to the worker caching least overall,
+then rotate, so cold traffic spreads instead of piling onto the first name.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class Candidate:
     name: str
     overlap_blocks: int = 0
     load: WorkerLoad = WorkerLoad()
+    # Everything the worker caches: among equal scores the emptier cache wins, so cold
+    # prefixes spread over the workers instead of crowding one cache.
+    cached_blocks: int = 0
 
 
 def prefix_score(
@@ -67,12 +70,14 @@ def pick_prefix(
     queue_weight: float = 1.0,
     kv_weight: float = 4.0,
 ) -> Candidate:
-    """Highest ``prefix_score``; ``counter`` rotates among equal scores."""
+    """Highest ``prefix_score``; ties go to the emptier cache, then rotate with ``counter``."""
     if not candidates:
         raise ValueError("no candidate workers")
     scores = [prefix_score(c.overlap_blocks, c.load, queue_weight, kv_weight) for c in candidates]
     best = max(scores)
     tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-9]
+    emptiest = min(c.cached_blocks for c in tied)
+    tied = [c for c in tied if c.cached_blocks == emptiest]
     return tied[counter % len(tied)]
 
 

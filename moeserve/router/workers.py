@@ -89,7 +89,12 @@ class WorkerPool:
 
     def candidates(self, clients: list[WorkerClient], hashes: list[int]) -> list[Candidate]:
         return [
-            Candidate(c.address, self.index.overlap(c.address, hashes), c.worker_load())
+            Candidate(
+                c.address,
+                self.index.overlap(c.address, hashes),
+                c.worker_load(),
+                self.index.num_blocks(c.address),
+            )
             for c in clients
         ]
 
