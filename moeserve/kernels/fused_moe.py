@@ -1,0 +1,228 @@
+"""Fused MoE: token copies sorted into per-expert blocks, two grouped GEMMs, weighted combine.
+
+Three launches and no host synchronisation (so a decode step can be captured in a CUDA graph):
+1. `moe_align_block_size` (torch ops) lays the T*k token copies out expert by expert, each
+   expert's run padded to a multiple of BLOCK_M, and names the expert of every BLOCK_M block;
+   buffers are sized for the worst case instead of reading the counts back.
+2. `fused_moe_kernel` with SILU_MUL: h = silu(x W_gate^T) * (x W_up^T) for each copy, gate and
+   up tiles of w13 multiplied in the same program so h is written once, never [T*k, 2I].
+3. `fused_moe_kernel` again: y = h W_down^T; then `moe_combine_kernel` sums each token's k
+   copies with their routing weights in float32, skipping experts held elsewhere (id -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+__all__ = [
+    "fused_moe", "fused_moe_ref", "fused_moe_kernel", "moe_combine_kernel",
+    "moe_align_block_size", "MoeConfig", "moe_config",
+]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile sizes of one grouped GEMM launch (BLOCK_N is per projection: gate and up each)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def moe_config(num_copies: int, num_experts: int) -> MoeConfig:
+    """Tiles for H100 by the mean rows per expert: small M is weight-bandwidth bound, so use
+    narrow N tiles and deep pipelines to spread weight reads over many SMs; large M is compute
+    bound, so use 128-wide tiles for tensor-core reuse."""
+    rows = num_copies / max(num_experts, 1)
+    if rows <= 16:
+        return MoeConfig(16, 64, 128, 4, 4)
+    if rows <= 64:
+        return MoeConfig(32, 64, 128, 4, 4)
+    if rows <= 256:
+        return MoeConfig(64, 128, 64, 4, 3)
+    return MoeConfig(128, 128, 64, 8, 3)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort token copies by expert into BLOCK_M-padded runs.
+
+    topk_ids: [T, k] int, local expert slot per copy, -1 where the expert is not on this rank.
+    Returns (sorted_ids [P] int32: copy index t*k+j per row, T*k for padding rows;
+    block_expert [P // block_m] int32: expert of each block, -1 for unused blocks), with
+    P = T*k + E*(block_m - 1) rounded up to block_m, the most any routing can need.
+    """
+    num_copies = topk_ids.numel()
+    device = topk_ids.device
+    flat = topk_ids.flatten().long()
+    key = torch.where(flat >= 0, flat, num_experts)  # copies held elsewhere sort last
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0
+    padded_end = padded.cumsum(0)
+    total = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
+    # Copies of key E go to rows >= total, then get cut off.
+    padded_start = torch.cat([padded_end.new_zeros(1), padded_end[:-1]])
+    padded_start[num_experts] = total
+    start = counts.cumsum(0) - counts
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    dest = padded_start[sorted_key] + torch.arange(num_copies, device=device) - start[sorted_key]
+    sorted_ids = torch.full((total + num_copies,), num_copies, dtype=torch.int32, device=device)
+    sorted_ids[dest] = order.to(torch.int32)
+    block_starts = torch.arange(0, total, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end[:num_experts], block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids[:total], block_expert
+
+
+@triton.jit
+def fused_moe_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_copies, n_out, k_in,
+    stride_am, stride_we, stride_wn, stride_wk, stride_om,
+    A_ROWS_PER_COPY_DIV: tl.constexpr, SILU_MUL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[copy, n] = a[copy // DIV] . w[e, n] (SILU_MUL: silu(.w[e, n]) * (.w[e, n_out + n]))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    copy = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = copy < num_copies
+    a_rows = a_ptr + (copy // A_ROWS_PER_COPY_DIV).to(tl.int64) * stride_am
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    w_cols = w_base + offs_n[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_in
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_k = (k0 + offs_k)[:, None] * stride_wk
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        acc += tl.dot(a, tl.load(w_cols + w_k, mask=w_mask, other=0.0))
+        if SILU_MUL:
+            up = tl.load(w_cols + n_out * stride_wn + w_k, mask=w_mask, other=0.0)
+            acc_up += tl.dot(a, up)
+    if SILU_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out = out_ptr + copy.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_combine_kernel(
+    y_ptr, weights_ptr, ids_ptr, out_ptr, hidden, top_k,
+    stride_ym, stride_wt, stride_it, stride_ot,
+    BLOCK_TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_j weights[t, j] * y[t*k + j] over the copies whose expert is here."""
+    token = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_j = tl.arange(0, BLOCK_TOPK)
+    j_ok = offs_j < top_k
+    ids = tl.load(ids_ptr + token * stride_it + offs_j, mask=j_ok, other=-1)
+    w = tl.load(weights_ptr + token * stride_wt + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    here = ids >= 0
+    rows = (token * top_k + offs_j).to(tl.int64) * stride_ym
+    y = tl.load(y_ptr + rows[:, None] + offs_h[None, :],
+                mask=here[:, None] & (offs_h < hidden)[None, :], other=0.0)
+    out = tl.sum(y.to(tl.float32) * tl.where(here, w, 0.0)[:, None], 0)
+    tl.store(out_ptr + token * stride_ot + offs_h, out.to(out_ptr.dtype.element_ty),
+             mask=offs_h < hidden)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """Routed experts of a DeepSeek MoE layer (no shared experts).
+
+    x: [T, H] bf16/fp16/fp32. w13: [E, 2I, H] (gate rows, then up rows), x's dtype.
+    w2: [E, H, I], x's dtype. topk_weights: [T, k] float32 (or any float).
+    topk_ids: [T, k] int32/int64 local expert slots, -1 = expert not on this rank (skipped).
+    config: tiles; default `moe_config` by rows per expert. Returns [T, H] in x's dtype.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, w13_hidden = w13.shape
+    inter = two_inter // 2
+    if w13_hidden != hidden or two_inter % 2 or w2.shape != (num_experts, hidden, inter):
+        raise ValueError(f"x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} "
+                         "do not fit [T, H], [E, 2I, H], [E, H, I]")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [{num_tokens}, k]")
+    if not (x.dtype == w13.dtype == w2.dtype):
+        raise ValueError(f"dtypes differ: x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
+    if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("x, w13 and w2 need a contiguous last dim")
+    top_k = topk_ids.shape[1]
+    num_copies = num_tokens * top_k
+    cfg = config or moe_config(num_copies, num_experts)
+    sorted_ids, block_expert = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
+    num_m_blocks = block_expert.shape[0]
+    launch = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+    # The gated launch holds two accumulators (gate and up): half-width N keeps registers even.
+    gate_n = max(32, cfg.block_n // 2)
+    h = x.new_empty(num_copies, inter)
+    fused_moe_kernel[(num_m_blocks, triton.cdiv(inter, gate_n))](
+        x, w13, h, sorted_ids, block_expert, num_copies, inter, hidden,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
+        A_ROWS_PER_COPY_DIV=top_k, SILU_MUL=True, BLOCK_N=gate_n, **launch,
+    )
+    y = x.new_empty(num_copies, hidden)
+    fused_moe_kernel[(num_m_blocks, triton.cdiv(hidden, cfg.block_n))](
+        h, w2, y, sorted_ids, block_expert, num_copies, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+        A_ROWS_PER_COPY_DIV=1, SILU_MUL=False, BLOCK_N=cfg.block_n, **launch,
+    )
+    out = torch.empty_like(x)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    moe_combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, topk_weights, topk_ids, out, hidden, top_k,
+        y.stride(0), topk_weights.stride(0), topk_ids.stride(0), out.stride(0),
+        BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_H=block_h, num_warps=4,
+    )
+    return out
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Plain-torch `fused_moe` (same arguments), expert by expert in float32."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        token, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token].float() @ w13[e].float().T
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = h @ w2[e].float().T
+        out.index_add_(0, token, y * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)

@@ -1,0 +1,94 @@
+"""fused_moe (Triton grouped GEMMs) against fused_moe_ref, and the expert alignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.kernels.fused_moe import (
+    MoeConfig,
+    fused_moe,
+    fused_moe_ref,
+    moe_align_block_size,
+)
+from tests.kernels.helpers import rel_err, tolerance
+
+
+def _routing(tokens: int, experts: int, top_k: int, used: int, gen: torch.Generator):
+    """Distinct experts per token drawn from the first `used` experts only (the rest get no
+    tokens), with softmax-like positive weights."""
+    scores = torch.rand(tokens, experts, generator=gen)
+    scores[:, used:] = -1.0
+    weights, ids = scores.topk(top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+# (tokens, hidden, inter, experts, used experts, top_k, dtype, config, seed)
+CASES = [
+    (1, 32, 16, 4, 4, 2, torch.float32, None, 0),
+    (13, 48, 24, 8, 5, 3, torch.bfloat16, None, 1),
+    (40, 64, 40, 6, 6, 2, torch.float16, MoeConfig(32, 64, 32, 4, 2), 2),
+    (29, 40, 32, 12, 7, 6, torch.bfloat16, MoeConfig(16, 32, 16, 4, 2), 3),
+    (70, 32, 16, 3, 3, 1, torch.float32, MoeConfig(64, 32, 32, 4, 2), 4),
+]
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,experts,used,top_k,dtype,config,seed", CASES)
+def test_fused_moe_matches_ref(tokens, hidden, inter, experts, used, top_k, dtype, config, seed,
+                               device):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    weights, ids = _routing(tokens, experts, top_k, used, gen)
+    w13, w2, weights, ids = w13.to(device), w2.to(device), weights.to(device), ids.to(device)
+    out = fused_moe(x, w13, w2, weights, ids, config)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, ref) < tolerance(dtype)
+
+
+def test_fused_moe_skips_experts_on_other_ranks(device):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 32, generator=gen).to(device)
+    w13 = torch.randn(4, 32, 32, generator=gen).to(device) / 6
+    w2 = torch.randn(4, 32, 16, generator=gen).to(device) / 4
+    weights, ids = _routing(11, 8, 3, 8, gen)
+    ids = torch.where(ids < 4, ids, -1).to(device)  # experts 4..7 live on another rank
+    weights = weights.to(device)
+    ids[0] = -1  # a token with no local expert at all
+    out = fused_moe(x, w13, w2, weights, ids)
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    assert rel_err(out, ref) < 2e-3
+    assert out[0].abs().max() == 0
+
+
+def test_moe_align_block_size_layout(device):
+    gen = torch.Generator().manual_seed(6)
+    _, ids = _routing(23, 9, 3, 6, gen)
+    ids[4, 1] = -1
+    block_m = 4
+    sorted_ids, block_expert = moe_align_block_size(ids.to(device), block_m, 9)
+    sorted_ids, block_expert = sorted_ids.cpu(), block_expert.cpu()
+    flat = ids.flatten()
+    assert block_expert.numel() * block_m == sorted_ids.numel()
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        rows = [r for r in sorted_ids[b * block_m : (b + 1) * block_m].tolist() if r < flat.numel()]
+        if e < 0:
+            assert rows == []
+        assert all(int(flat[r]) == e for r in rows)
+        seen += rows
+    assert sorted(seen) == [i for i in range(flat.numel()) if flat[i] >= 0]
+    assert set(block_expert.tolist()) - {-1} == set(flat[flat >= 0].tolist())
+
+
+def test_fused_moe_shape_errors(device):
+    x = torch.randn(3, 8, device=device)
+    w13 = torch.randn(2, 8, 8, device=device)
+    w2 = torch.randn(2, 8, 3, device=device)
+    ids = torch.zeros(3, 1, dtype=torch.long, device=device)
+    with pytest.raises(ValueError):
+        fused_moe(x, w13, w2, torch.ones(3, 1, device=device), ids)
+    with pytest.raises(ValueError):
+        fused_moe(x, w13, w2[..., :4].contiguous(), torch.ones(3, 2, device=device), ids)
