@@ -1,0 +1,179 @@
+"""MLA prefill / extend attention over the paged latent cache (absorbed form, causal).
+
+The queries are each sequence's new tokens (a cached prefix may precede them); the keys are all
+of the sequence's latents in the cache, the new tokens' included (they are written first).
+Query i of a sequence with L cached tokens after the write and Q new ones sits at position
+L - Q + i and sees keys 0..L - Q + i. The math is `MLAttention._absorbed` in
+moeserve/worker/model/mla.py: keys are whole latents, values their first kv_lora_rank dims.
+
+All heads share one key stream, so a program takes BLOCK_M (token, head) rows of one sequence,
+heads fastest: each key tile read from the cache serves every head of several tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["mla_prefill", "mla_prefill_ref", "mla_prefill_kernel", "PrefillConfig"]
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiles of `mla_prefill_kernel`. The default keeps the [64, 512] float32 accumulator at
+    128 registers a thread over 8 warps and one [32, 576] bf16 key tile (36 KiB) in shared
+    memory; the lead's H100 sweep may move it."""
+
+    block_m: int = 64
+    block_n: int = 32
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+@triton.jit
+def mla_prefill_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, o_ptr,
+    num_heads, block_size, scale_log2,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_bts, stride_ot, stride_oh,
+    KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_start
+    num_rows = q_len * num_heads
+    if tl.program_id(1) * BLOCK_M >= num_rows:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    token = rows // num_heads
+    head = rows % num_heads
+    # Padding rows pretend to sit at position 0 so they see key 0 and their softmax stays
+    # finite; they are never stored.
+    pos = tl.where(row_ok, seq_len - q_len + token, 0)
+    kv_end = tl.minimum(tl.max(pos, 0) + 1, seq_len)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_pe = tl.arange(0, BLOCK_PE)
+    r_ok = offs_r < KV_LORA
+    pe_ok = offs_pe < ROPE
+    q_rows = q_ptr + (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
+    q_nope = tl.load(q_rows[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+    q_pe = tl.load(q_rows[:, None] + KV_LORA + offs_pe[None, :],
+                   mask=row_ok[:, None] & pe_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        page = tl.load(block_tables_ptr + seq * stride_bts + offs_n // block_size, mask=n_ok,
+                       other=0)
+        key_rows = cache_ptr + page.to(tl.int64) * stride_cb + (offs_n % block_size) * stride_ct
+        kv = tl.load(key_rows[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                     other=0.0)
+        k_pe = tl.load(key_rows[:, None] + KV_LORA + offs_pe[None, :],
+                       mask=n_ok[:, None] & pe_ok[None, :], other=0.0)
+        s = tl.dot(q_nope, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))
+        visible = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        # Every row saw key 0 in the first tile, so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = (o_ptr + (q_start + token).to(tl.int64)[:, None] * stride_ot
+              + head[:, None] * stride_oh + offs_r[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+def mla_prefill(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    kv_lora_rank: int,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Absorbed causal MLA attention of a ragged batch of new tokens over the paged cache.
+
+    q: [T, H, kv_dim] new tokens' queries (latent then rotated q_pe), sequence after sequence;
+        bf16/fp16/fp32, last dim contiguous.
+    layer_cache: [num_blocks, block_size, kv_dim], q's dtype, strided (e.g. `kv_cache[:, l]`),
+        already holding the new tokens' latents.
+    block_tables: [S, max_blocks] int32/int64. seq_lens: [S] int32/int64, cached tokens after
+        the write. query_start_loc: [S + 1] int32/int64, offsets of each sequence's new tokens.
+    max_query_len: the largest new-token count (sizes the grid without reading the device).
+    Returns [T, H, kv_lora_rank] in q's dtype.
+    """
+    num_tokens, num_heads, kv_dim = q.shape
+    rope = kv_dim - kv_lora_rank
+    num_seqs = seq_lens.shape[0]
+    if layer_cache.shape[-1] != kv_dim or rope <= 0 or layer_cache.dim() != 3:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
+                         f"with kv_lora_rank={kv_lora_rank}")
+    if block_tables.shape[0] != num_seqs or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)}, query_start_loc "
+                         f"{tuple(query_start_loc.shape)} do not match {num_seqs} sequences")
+    if q.stride(-1) != 1 or layer_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q, layer_cache and block_tables need a contiguous last dim")
+    if q.dtype != layer_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
+    cfg = config or PrefillConfig()
+    out = q.new_empty(num_tokens, num_heads, kv_lora_rank)
+    if num_tokens == 0:
+        return out
+    grid = (num_seqs, triton.cdiv(max_query_len * num_heads, cfg.block_m))
+    mla_prefill_kernel[grid](
+        q, layer_cache, block_tables, seq_lens, query_start_loc, out,
+        num_heads, layer_cache.shape[1], scale * _LOG2E,
+        q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=triton.next_power_of_2(kv_lora_rank),
+        BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def mla_prefill_ref(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    kv_lora_rank: int,
+) -> torch.Tensor:
+    """Plain-torch `mla_prefill` (same arguments), one sequence at a time in float32."""
+    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
+    block_size = layer_cache.shape[1]
+    for s in range(seq_lens.shape[0]):
+        n = int(seq_lens[s])
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        if end == start:
+            continue
+        pages = block_tables[s, : -(-n // block_size)].long()
+        keys = layer_cache[pages].flatten(0, 1)[:n].float()  # [n, kv_dim]
+        pos = torch.arange(n - (end - start), n, device=q.device)
+        visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [Q, n]
+        scores = torch.einsum("qhd,kd->hqk", q[start:end].float(), keys) * scale
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[start:end] = torch.einsum("hqk,kr->qhr", probs, keys[:, :kv_lora_rank]).to(q.dtype)
+    return out
