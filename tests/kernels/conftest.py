@@ -51,8 +51,38 @@ def _patch_interpreter_bf16_dot() -> None:
     builder_cls._moeserve_bf16_dot = True
 
 
+def _patch_interpreter_fp8_rounding() -> None:
+    """The interpreter rounds float -> e4m3 wrongly when rounding carries into the exponent.
+
+    Its _convert_float ORs the rounded-up mantissa into the exponent bits, so 124..128 becomes
+    64; the GPU's cvt.rn gives 128. torch's own float8_e4m3fn cast rounds like the GPU.
+    """
+    import numpy as np
+    from triton.language import core as tl_core
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp, "_moeserve_fp8_rounding", False):
+        return
+    original = interp._convert_float
+    wide = {tl_core.float32: torch.float32, tl_core.float16: torch.float16,
+            tl_core.bfloat16: torch.bfloat16}
+    signed = {tl_core.float32: np.int32, tl_core.float16: np.int16, tl_core.bfloat16: np.int16}
+
+    def convert_float(data, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl_core.float8e4nv and input_dtype in wide:
+            bits = np.ascontiguousarray(data).view(signed[input_dtype])
+            floats = torch.from_numpy(bits).view(wide[input_dtype])
+            fp8 = floats.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return fp8.reshape(data.shape)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    interp._convert_float = convert_float
+    interp._moeserve_fp8_rounding = True
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_bf16_dot()
+    _patch_interpreter_fp8_rounding()
 
 
 @pytest.fixture

@@ -1,0 +1,187 @@
+"""Block-quantized fp8 GEMM as DeepSeek's fp8 checkpoints need it.
+
+Weights are float8_e4m3fn [N, K] with one float32 `weight_scale_inv` per 128x128 block
+(dequantized w = w_fp8 * scale). Activations are quantized on the fly per token and group of
+128 channels (`per_token_group_quant`), so every BLOCK_K = 128 step of the GEMM multiplies two
+fp8 tiles on the tensor cores and rescales the float32 partial sum by a_scale[m] * w_scale[n].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "fp8_gemm", "fp8_gemm_ref", "w8a8_block_fp8_matmul", "w8a8_block_fp8_matmul_kernel",
+    "per_token_group_quant", "per_token_group_quant_kernel", "per_token_group_quant_ref",
+]
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def per_token_group_quant_kernel(
+    x_ptr, q_ptr, s_ptr, k_in, groups_per_row, eps,
+    stride_xm, stride_qm, stride_sm,
+    GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr,
+):
+    row = tl.program_id(0) // groups_per_row
+    group = tl.program_id(0) % groups_per_row
+    offs = group * GROUP + tl.arange(0, GROUP)
+    ok = offs < k_in
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
+    # eps keeps all-zero groups from dividing by zero.
+    scale = tl.maximum(tl.max(tl.abs(x), 0), eps) / FP8_MAX_C
+    q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
+    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row * stride_sm + group, scale)
+
+
+def per_token_group_quant(
+    x: torch.Tensor, group_size: int = 128, eps: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] bf16/fp16/fp32 (last dim contiguous) -> (x_q [M, K] float8_e4m3fn,
+    scales [M, ceil(K / group_size)] float32) with x ~= x_q * scales per group."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}")
+    if group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two, got {group_size}")
+    m, k = x.shape
+    groups = triton.cdiv(k, group_size)
+    x_q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if m:
+        per_token_group_quant_kernel[(m * groups,)](
+            x, x_q, scales, k, groups, eps, x.stride(0), x_q.stride(0), scales.stride(0),
+            GROUP=group_size, FP8_MAX_C=FP8_MAX, num_warps=1 if group_size <= 128 else 4,
+        )
+    return x_q, scales
+
+
+def per_token_group_quant_ref(
+    x: torch.Tensor, group_size: int = 128, eps: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `per_token_group_quant`."""
+    m, k = x.shape
+    groups = -(-k // group_size)
+    pad = torch.zeros(m, groups * group_size, dtype=torch.float32, device=x.device)
+    pad[:, :k] = x.float()
+    tiles = pad.view(m, groups, group_size)
+    scales = tiles.abs().amax(-1).clamp_min(eps) / FP8_MAX
+    q = (tiles / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, -1)[:, :k]
+    return q.to(torch.float8_e4m3fn), scales
+
+
+@triton.jit
+def w8a8_block_fp8_matmul_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, m_rows, n_out, k_in,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
+    W_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """c[m, n] = sum_k a[m, k] a_s[m, k // BK] w[n, k] w_s[n // W_BLOCK_N, k // BK]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < m_rows
+    n_ok = offs_n < n_out
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    a_s_rows = a_s_ptr + offs_m * stride_asm
+    w_s_rows = w_s_ptr + (offs_n // W_BLOCK_N) * stride_wsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_in
+        a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        a_s = tl.load(a_s_rows + k0 // BLOCK_K, mask=m_ok, other=0.0)
+        w_s = tl.load(w_s_rows + k0 // BLOCK_K, mask=n_ok, other=0.0)
+        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+    c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _tiles(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for H100: decode-sized M is weight-bandwidth
+    bound, so narrow N tiles spread the weight over more SMs; large M takes 128-wide tiles."""
+    if m <= 16:
+        return 16, 64, 4, 4
+    if m <= 64:
+        return 64, 64, 4, 4
+    return 64, 128, 4, 3
+
+
+def w8a8_block_fp8_matmul(
+    a_q: torch.Tensor,
+    a_scales: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """a_q: [M, K] float8_e4m3fn; a_scales: [M, ceil(K / bk)] float32; weight: [N, K]
+    float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32, with
+    (bn, bk) = block_size (the checkpoint's `weight_block_size`; bk a power of two).
+    Returns a @ weight^T, dequantized, [M, N] in out_dtype."""
+    m, k = a_q.shape
+    n, w_k = weight.shape
+    block_n, block_k = block_size
+    sn, sk = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    if w_k != k or a_scales.shape != (m, sk) or weight_scale_inv.shape != (sn, sk):
+        raise ValueError(f"a_q {tuple(a_q.shape)}, a_scales {tuple(a_scales.shape)}, weight "
+                         f"{tuple(weight.shape)}, scales {tuple(weight_scale_inv.shape)} do not "
+                         f"fit blocks {block_size}")
+    if block_k & (block_k - 1):
+        raise ValueError(f"the K block must be a power of two, got {block_k}")
+    if a_q.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
+        raise ValueError("a_q, weight and weight_scale_inv need a contiguous last dim")
+    out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
+    bm, bn, warps, stages = _tiles(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    w8a8_block_fp8_matmul_kernel[grid](
+        a_q, a_scales, weight, weight_scale_inv, out, m, n, k,
+        a_q.stride(0), a_scales.stride(0), weight.stride(0), weight_scale_inv.stride(0),
+        out.stride(0), W_BLOCK_N=block_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def fp8_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """x [M, K] bf16/fp16/fp32 @ dequantized weight^T -> [M, N] in out_dtype.
+
+    weight: [N, K] float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32 with
+    (bn, bk) = block_size; activations are quantized per token and group of bk channels.
+    """
+    a_q, a_scales = per_token_group_quant(x, block_size[1])
+    return w8a8_block_fp8_matmul(a_q, a_scales, weight, weight_scale_inv, out_dtype,
+                                 block_size)
+
+
+def fp8_gemm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """Plain-torch `fp8_gemm`: quantize-dequantize x per group, dequantize the weight, matmul
+    in float32. Same arguments and result."""
+    n, k = weight.shape
+    block_n, block_k = block_size
+    x_q, x_s = per_token_group_quant_ref(x, block_k)
+    x_deq = x_q.float() * x_s.repeat_interleave(block_k, 1)[:, :k]
+    w_s = weight_scale_inv.float().repeat_interleave(block_n, 0)[:n]
+    w_deq = weight.float() * w_s.repeat_interleave(block_k, 1)[:, :k]
+    return (x_deq @ w_deq.T).to(out_dtype)
