@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for size in args.sizes_mib:
             n = size * MiB // block_bytes
+            if n == 0:
+                print(f"skipping {size} MiB: smaller than one {args.block_kib} KiB block")
+                continue
             ids = list(range(n))
 
             def nixl_read(ids: list[int] = ids) -> None:
