@@ -1,0 +1,125 @@
+"""CUDA graphs of decode-only steps for a ladder of batch sizes.
+
+A decode step launches hundreds of small kernels; replaying a captured graph removes the CPU
+cost of launching them. Each ladder size has a graph over static input buffers; a step with n
+requests replays the smallest graph of >= n rows, padding the rest. Padded rows read and write
+only block 0, which the block pool never hands out. Prefill and mixed steps stay eager.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+
+__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch (always including max_batch)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: DeepseekForCausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        max_batch: int,
+        max_context: int,
+    ):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_context // block_size)
+        self.max_context = self.max_blocks * block_size
+        dev = kv_cache.device
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int64, device=dev)
+        self.token_seq_idx = torch.arange(n, dtype=torch.int64, device=dev)
+        self.token_query_idx = torch.zeros(n, dtype=torch.int64, device=dev)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            token_seq_idx=self.token_seq_idx[:bs],
+            token_query_idx=self.token_query_idx[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_context,
+            block_size=self.block_size,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache,
+                            self._meta(bs))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every ladder size, largest first so smaller graphs reuse its memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.sizes):
+                self._forward(bs)  # warm-up: lazy initialisation must not happen in capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self._forward(bs)
+                self._graphs[bs] = (graph, logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s (context <= %d)",
+                    self.sizes, self.max_context)
+
+    def can_run(self, num_seqs: int, max_seq_len: int) -> bool:
+        return bool(self._graphs) and num_seqs <= self.max_batch and (
+            max_seq_len <= self.max_context)
+
+    @torch.inference_mode()
+    def run(
+        self, token_ids: list[int], context_lens: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        """One decode token per sequence: token_ids[i] at position context_lens[i].
+
+        Returns float32 logits [n, vocab] (a view of the graph's output: use before the next
+        replay).
+        """
+        n = len(token_ids)
+        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        bsz = self.block_size
+        table = torch.zeros(bs, self.max_blocks, dtype=torch.int64)
+        for i, blocks in enumerate(tables):
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        pos = torch.zeros(bs, dtype=torch.int64)
+        pos[:n] = torch.tensor(context_lens, dtype=torch.int64)
+        ids = torch.zeros(bs, dtype=torch.int64)
+        ids[:n] = torch.tensor(token_ids, dtype=torch.int64)
+        slots = table[torch.arange(bs), pos // bsz] * bsz + pos % bsz
+        self.input_ids[:bs].copy_(ids, non_blocking=True)
+        self.positions[:bs].copy_(pos, non_blocking=True)
+        self.slot_mapping[:bs].copy_(slots, non_blocking=True)
+        self.block_tables[:bs].copy_(table, non_blocking=True)
+        self.seq_lens[:bs].copy_(pos + 1, non_blocking=True)
+        graph, logits = self._graphs[bs]
+        graph.replay()
+        return logits[:n]
