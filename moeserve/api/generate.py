@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,14 +32,18 @@ def _protos(proto_root: Path) -> list[Path]:
 
 def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Write the generated modules for every proto under ``out_root/moeserve/v1``."""
-    from grpc_tools import protoc  # build-time dependency only
+    # protoc runs in a child process: grpc_tools bundles its own libprotobuf, and loading it
+    # into a process that later loads NIXL's bindings aborts that process.
+    import grpc_tools  # build-time dependency only
 
     protos = _protos(proto_root)
     if not protos:
         raise FileNotFoundError(f"no .proto files under {proto_root / _PACKAGE_DIR}")
     with tempfile.TemporaryDirectory() as tmp:
-        include = Path(protoc.__file__).parent / "_proto"
+        include = Path(grpc_tools.__file__).parent / "_proto"
         args = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"-I{proto_root}",
             f"-I{include}",
@@ -47,8 +52,9 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
             f"--grpc_python_out={tmp}",
             *(str(p.relative_to(proto_root)) for p in protos),
         ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"protoc failed: {result.stderr.strip() or ' '.join(args)}")
         out_dir = out_root / _PACKAGE_DIR
         if out_dir.exists():
             shutil.rmtree(out_dir)

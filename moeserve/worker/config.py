@@ -43,10 +43,35 @@ class EngineConfig:
     """reuse KV of identical prompt prefixes"""
     mla_impl: str = "absorbed"
     """absorbed (latent attention, serving path) or naive (expanded K/V, the test oracle)"""
+    dp: int = 1
+    """attention data-parallel ranks, each with its own requests and KV cache (= ep)"""
+    ep: int = 1
+    """expert-parallel ranks the routed experts are spread over (one process per rank)"""
+    a2a_backend: str = "torch"
+    """expert dispatch/combine: torch (gloo/NCCL all-to-all), deepep or nixl_ep"""
+    enable_eplb: bool = False
+    """rebalance experts across EP ranks from observed load, at run time"""
+    eplb_window: int = 1000
+    """steps of expert load the rebalancer looks back over"""
+    eplb_interval: int = 3000
+    """steps between two rebalancings"""
+    eplb_redundant_experts: int = 0
+    """extra physical expert slots (replicas of hot experts); (experts + this) % ep == 0"""
+    enable_dbo: bool = False
+    """dual-batch overlap: two micro-batches, one's all-to-all hidden behind the other's compute"""
+    dbo_token_threshold: int = 128
+    """DBO stays off for steps whose largest rank batch has fewer tokens than this"""
+    dist_timeout_s: float = 60.0
+    """a collective that waits this long on a silent peer fails the EP group"""
 
     def __post_init__(self) -> None:
         if not self.model_id:
             self.model_id = default_model_id(self.model)
+        if self.ep < 1 or self.dp < 1:
+            raise ValueError(f"dp and ep must be >= 1, got dp={self.dp} ep={self.ep}")
+        if self.dp != self.ep:
+            # Attention ranks and expert ranks are the same processes (no tensor parallelism).
+            raise ValueError(f"dp must equal ep, got dp={self.dp} ep={self.ep}")
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

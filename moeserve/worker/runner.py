@@ -10,6 +10,7 @@ import torch
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.sampler import Sampler, advance_generator, make_generator
 from moeserve.worker.scheduler import Scheduler, SchedulerOutput
 from moeserve.worker.weights import load_checkpoint
@@ -36,7 +37,8 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                 parallel: ParallelContext | None = None):
         self.config = config
         self.model_config = model_config
         self.device = resolve_device(config.device)
@@ -51,6 +53,12 @@ class ModelRunner:
                 self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
+        self.expert_parallel = None
+        if parallel is not None:  # before loading: this rank then reads only its experts
+            from moeserve.worker.parallel.expert_parallel import ExpertParallel
+
+            self.expert_parallel = ExpertParallel.attach(self.model, parallel, config,
+                                                         self.device)
         load_checkpoint(self.model, config.model)
         self.model.eval()
         self.block_size = config.block_size
@@ -100,12 +108,19 @@ class ModelRunner:
             if Scheduler.needs_sampling(req, n):
                 sample_rows.append(len(token_ids) - 1)
                 sample_reqs.append(req)
-        meta, positions = AttentionMetadata.build(
-            tables, context_lens, query_lens, self.block_size, self.device
-        )
-        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        if not sample_reqs:
+        if self.expert_parallel is not None:
+            from moeserve.worker.parallel.dbo import StepBatch, forward_step
+
+            batch = StepBatch(token_ids, tables, context_lens, query_lens)
+            hidden = forward_step(self.expert_parallel, self.model, self.kv_cache, batch,
+                                  self.block_size, self.device)
+        else:
+            meta, positions = AttentionMetadata.build(
+                tables, context_lens, query_lens, self.block_size, self.device
+            )
+            input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if not sample_reqs:  # also an idle EP rank, which only relayed other ranks' tokens
             return {}
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])

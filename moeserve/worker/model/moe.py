@@ -94,21 +94,36 @@ class Experts(nn.Module):
         self.num_logical_experts = config.n_routed_experts
         self.local_slot = {g: i for i, g in enumerate(ids)}
 
+    def set_placement(self, expert_ids: list[int], w13: torch.Tensor | None = None,
+                      w2: torch.Tensor | None = None) -> None:
+        """Hold `expert_ids` (EPLB may list an expert twice) with the given stacked weights, or
+        uninitialised ones to be loaded from the checkpoint."""
+        n = len(expert_ids)
+        self.w13.data = w13 if w13 is not None else self.w13.data.new_empty(
+            n, *self.w13.shape[1:])
+        self.w2.data = w2 if w2 is not None else self.w2.data.new_empty(n, *self.w2.shape[1:])
+        self.expert_ids = list(expert_ids)
+        self.local_slot = {}
+        for i, g in enumerate(expert_ids):
+            self.local_slot.setdefault(g, i)
+
     def load_expert_weight(self, expert: int, proj: str, tensor: torch.Tensor) -> bool:
-        """Copy one checkpoint tensor into its slice; False when this rank does not hold it."""
-        slot = self.local_slot.get(expert)
-        if slot is None:
+        """Copy one checkpoint tensor into its slice(s); False when this rank does not hold it."""
+        slots = [i for i, g in enumerate(self.expert_ids) if g == expert]
+        if not slots:
             return False
         inter = self.intermediate_size
-        if proj == "gate_proj":
-            self.w13.data[slot, :inter].copy_(tensor)
-        elif proj == "up_proj":
-            self.w13.data[slot, inter:].copy_(tensor)
-        elif proj == "down_proj":
-            self.w2.data[slot].copy_(tensor)
-        else:
-            raise KeyError(proj)
+        for slot in slots:
+            if proj == "gate_proj":
+                self.w13.data[slot, :inter].copy_(tensor)
+            elif proj == "up_proj":
+                self.w13.data[slot, inter:].copy_(tensor)
+            elif proj == "down_proj":
+                self.w2.data[slot].copy_(tensor)
+            else:
+                raise KeyError(proj)
         return True
+
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here).
@@ -161,8 +176,19 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        # Set by use_expert_parallel (moeserve.worker.parallel) when experts span ranks.
+        self.expert_parallel = None
+        self.layer_index = -1
+
+    def use_expert_parallel(self, expert_parallel, layer_index: int) -> None:
+        """Route tokens through `expert_parallel` (an ExpertParallel) as MoE layer
+        `layer_index`; it decides which experts this rank keeps."""
+        self.expert_parallel = expert_parallel
+        self.layer_index = layer_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel is not None:
+            return self.expert_parallel.forward(self, x)
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
