@@ -94,7 +94,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompts = args.prompt_token_ids
     engine = LLMEngine(engine_config_from_args(args))
     start = time.perf_counter()
-    outputs = engine.generate(prompts, params)
+    if engine.parallel is not None:
+        from moeserve.worker.parallel.launch import generate_sharded
+
+        outputs = generate_sharded(engine, prompts, params)
+        if outputs is None:  # not rank 0: rank 0 prints every rank's results
+            return 0
+    else:
+        outputs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(prompts, outputs, strict=True):
         record: dict[str, Any] = {"prompt_token_ids": prompt, "token_ids": out}
@@ -176,12 +183,19 @@ def _pop_log_level(argv: list[str]) -> tuple[list[str], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, level = _pop_log_level(sys.argv[1:] if argv is None else argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    argv, level = _pop_log_level(raw_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "ep", 1) > 1:  # --ep N: one process per local rank
+            from moeserve.worker.parallel.launch import maybe_spawn_ranks
+
+            code = maybe_spawn_ranks(args, raw_argv)
+            if code is not None:
+                return code
         return args.func(args) or 0
     except (MoeServeError, ValueError, FileNotFoundError) as e:
         print(f"moeserve {args.command}: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from moeserve.common.model_config import ModelConfig, load_model_config
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.kv_cache_manager import KVCacheManager
+from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.request import Request
 from moeserve.worker.runner import ModelRunner
 from moeserve.worker.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
@@ -52,8 +53,15 @@ class RemoteKVReservation:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+        """parallel: this rank's EP group; with ep > 1 and none given, the group is joined from
+        the environment (moeserve.worker.parallel.launch sets it for each local rank)."""
         self.config = config
+        if parallel is None and config.ep > 1:
+            from moeserve.worker.parallel.launch import join_group_from_env
+
+            parallel = join_group_from_env(config)
+        self.parallel = parallel
         self.model_config: ModelConfig = load_model_config(config.model)
         c = self.model_config
         self.max_model_len = config.max_model_len or min(
@@ -65,7 +73,7 @@ class LLMEngine:
                 f"max_position_embeddings={c.max_position_embeddings}",
                 param="max_model_len",
             )
-        self.runner = ModelRunner(config, c, self.max_model_len)
+        self.runner = ModelRunner(config, c, self.max_model_len, parallel)
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.model_id,
             enable_prefix_caching=config.enable_prefix_caching,
@@ -212,13 +220,19 @@ class LLMEngine:
         return self.scheduler.abort_requests([request_id])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """With expert parallelism this is a collective over the group (every rank calls it
+        in the same order): true while any rank has work, so idle ranks keep stepping in
+        lockstep and relay the others' tokens through their experts."""
+        local = self.scheduler.has_unfinished_requests()
+        if self.parallel is None:
+            return local
+        return bool(self.parallel.all_reduce_max([int(local)])[0])
 
     def step(self) -> list[EngineCoreOutput]:
         """One batch: schedule, run the model, apply the sampled tokens."""
         out = self.scheduler.schedule()
         self._preemptions += len(out.preempted_req_ids)
-        if out.is_empty:
+        if out.is_empty and self.parallel is None:
             self.runner.forget(out.finished_req_ids)
             return []
         for request_id in out.new_req_ids:
