@@ -52,10 +52,11 @@ def _patch_interpreter_bf16_dot() -> None:
 
 
 def _patch_interpreter_fp8_rounding() -> None:
-    """The interpreter rounds float -> e4m3 wrongly when rounding carries into the exponent.
+    """The interpreter's narrowing float casts do not round like the GPU.
 
-    Its _convert_float ORs the rounded-up mantissa into the exponent bits, so 124..128 becomes
-    64; the GPU's cvt.rn gives 128. torch's own float8_e4m3fn cast rounds like the GPU.
+    Its _convert_float truncates float32 -> bf16 (the GPU rounds to nearest even) and, for
+    e4m3, ORs a rounded-up mantissa into the exponent bits, so 124..128 becomes 64 where the
+    GPU's cvt.rn gives 128. torch's own casts round like the GPU.
     """
     import numpy as np
     from triton.language import core as tl_core
@@ -68,12 +69,16 @@ def _patch_interpreter_fp8_rounding() -> None:
             tl_core.bfloat16: torch.bfloat16}
     signed = {tl_core.float32: np.int32, tl_core.float16: np.int16, tl_core.bfloat16: np.int16}
 
+    narrow = {tl_core.float8e4nv: (torch.float8_e4m3fn, torch.uint8),
+              tl_core.bfloat16: (torch.bfloat16, torch.int16)}
+
     def convert_float(data, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl_core.float8e4nv and input_dtype in wide:
+        if output_dtype in narrow and input_dtype in wide and input_dtype != output_dtype:
             bits = np.ascontiguousarray(data).view(signed[input_dtype])
             floats = torch.from_numpy(bits).view(wide[input_dtype])
-            fp8 = floats.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            return fp8.reshape(data.shape)
+            out_dtype, out_bits = narrow[output_dtype]
+            out = floats.to(out_dtype).view(out_bits).numpy()
+            return out.view(np.uint8 if out_bits == torch.uint8 else np.uint16).reshape(data.shape)
         return original(data, input_dtype, output_dtype, rounding_mode)
 
     interp._convert_float = convert_float
