@@ -1,0 +1,29 @@
+"""Router admission: past max_inflight a request is refused (429 / RESOURCE_EXHAUSTED)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from moeserve.common.errors import ResourceExhaustedError
+from moeserve.common.sampling import SamplingParams
+from moeserve.router.metrics import RouterMetrics, render
+from moeserve.router.protocol import error_from_exception
+from moeserve.router.serving import Router, RouterSettings
+
+
+def test_backpressure_refuses_beyond_max_inflight() -> None:
+    metrics = RouterMetrics()
+    router = Router(None, metrics, RouterSettings(max_inflight=0), "m", 4)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        async for _ in router.generate("r", [1, 2, 3], SamplingParams()):
+            pass
+
+    with pytest.raises(ResourceExhaustedError) as info:
+        asyncio.run(go())
+    assert error_from_exception(info.value)[0] == 429
+    assert router.inflight == 0
+    text = render(metrics.registry)[0].decode()
+    assert 'moeserve:router_requests_rejected_total{reason="max_inflight"} 1.0' in text
