@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "Placement", "balanced_packing", "replicate_experts", "rebalance_experts",
-    "default_placement", "rank_loads", "imbalance", "ExpertLoadWindow",
+    "default_placement", "placement_from_phy2log", "rank_loads", "imbalance", "ExpertLoadWindow",
 ]
 
 
@@ -56,7 +56,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     if per_pack == 1:
         pack = torch.arange(n, dtype=torch.int64).expand(rows, n).clone()
         return pack, torch.zeros_like(pack)
-    order = weight.float().sort(-1, descending=True, stable=True).indices
+    order = weight.float().sort(dim=-1, descending=True, stable=True).indices
     pack_index = torch.full((rows, n), -1, dtype=torch.int64)
     rank_in_pack = torch.full((rows, n), -1, dtype=torch.int64)
     for i in range(rows):
@@ -160,17 +160,27 @@ def rebalance_experts(
     return Placement(phy2log, log2phy, logcnt, num_ranks)
 
 
+def placement_from_phy2log(phy2log: torch.Tensor, num_experts: int,
+                           num_ranks: int) -> Placement:
+    """The Placement whose slots hold phy2log [L, P]; replicas numbered in slot order."""
+    layers, num_physical = phy2log.shape
+    logcnt = torch.zeros(layers, num_experts, dtype=torch.int64)
+    logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    log2phy = torch.full((layers, num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+    for layer in range(layers):
+        seen = [0] * num_experts
+        for slot, e in enumerate(phy2log[layer].tolist()):
+            log2phy[layer, e, seen[e]] = slot
+            seen[e] += 1
+    return Placement(phy2log.clone(), log2phy, logcnt, num_ranks)
+
+
 def default_placement(num_layers: int, num_experts: int, num_redundant: int,
                       num_ranks: int) -> Placement:
-    """Start-up placement before any load is seen: experts in order, rank after rank, and the
-    redundant slots spread as if every expert were equally hot."""
-    if num_redundant == 0:
-        phy2log = torch.arange(num_experts, dtype=torch.int64).repeat(num_layers, 1)
-        log2phy = phy2log.unsqueeze(-1).clone()
-        logcnt = torch.ones(num_layers, num_experts, dtype=torch.int64)
-        return Placement(phy2log, log2phy, logcnt, num_ranks)
-    return rebalance_experts(torch.ones(num_layers, num_experts), num_experts + num_redundant,
-                             num_ranks)
+    """Start-up placement before any load is seen: experts in order, rank after rank, then
+    one extra copy each of experts 0, 1, ... in the redundant slots (the last ranks')."""
+    order = torch.cat([torch.arange(num_experts), torch.arange(num_redundant) % num_experts])
+    return placement_from_phy2log(order.repeat(num_layers, 1), num_experts, num_ranks)
 
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:
