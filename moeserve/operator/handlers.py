@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from moeserve.common.spec import API_GROUP, API_VERSION, LABEL_DEPLOYMENT
+from moeserve.common.spec import API_GROUP, API_VERSION
 from moeserve.operator.kube import Kube, load_config
 from moeserve.operator.reconcile import Outcome, Reconciler
 from moeserve.operator.render import MANAGED_BY
@@ -92,13 +92,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     def deleted(logger: kopf.Logger, **_: Any) -> None:
         logger.info("children go with their owner references (garbage collector)")
 
-    def child_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_DEPLOYMENT)
-        namespace = body.get("metadata", {}).get("namespace")
-        if not owner or not namespace:
-            return
-        # A deleted child is recreated; any other change can only move the status.
-        outcome = memo.reconciler.reconcile_by_name(namespace, owner, apply=type == "DELETED")
+    def child_changed(type: str | None, body: kopf.Body, memo: kopf.Memo,
+                      resource: kopf.Resource, **_: Any) -> None:
+        outcome = memo.reconciler.child_changed(resource.plural, body, deleted=type == "DELETED")
         _finish(outcome, raise_on_retry=False)
 
     for group, version, plural in WATCHED_CHILDREN:
@@ -109,8 +105,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     def pool_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         spec: Mapping[str, Any] = body.get("spec") or {}
         status: Mapping[str, Any] = body.get("status") or {}
-        # The HPA scaled the pool (spec.replicas moved away from the groups that exist).
-        if type == "DELETED" or spec.get("replicas") != status.get("replicas"):
-            child_changed(type="DELETED", body=body, memo=memo)
+        # The HPA scaled the pool: spec.replicas moved away from the groups that exist.
+        scaled = spec.get("replicas") != status.get("replicas")
+        outcome = memo.reconciler.child_changed(
+            "moeworkerpools", body, deleted=type == "DELETED" or scaled)
+        _finish(outcome, raise_on_retry=False)
 
     return registry

@@ -18,6 +18,7 @@ from typing import Any
 from moeserve.common.spec import (
     API_GROUP,
     API_VERSION,
+    KIND_DEPLOYMENT,
     KIND_WORKER_POOL,
     LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
@@ -35,7 +36,7 @@ from moeserve.operator.status import degraded_status, deployment_status, worker_
 
 __all__ = ["Outcome", "Reconciler", "utc_now"]
 
-POOL_API = f"{API_GROUP}/{API_VERSION}"
+OWN_API = f"{API_GROUP}/{API_VERSION}"
 
 
 def utc_now() -> str:
@@ -68,15 +69,39 @@ class Reconciler:
         self._guard = threading.Lock()
         # Timer, change handlers and child watches may fire together for one deployment.
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        # Last status seen per child, so that events which change nothing cost nothing.
+        self._seen: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
             return self._locks[(namespace, name)]
 
-    def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+    def reconcile(self, body: Mapping[str, Any]) -> Outcome | None:
+        """Reconcile the object ``body`` names. It is read again first: a timer's or a queued
+        handler's body may be older than a change already applied, and applying it would undo
+        that change for a moment."""
         meta = body.get("metadata") or {}
-        with self._lock(meta.get("namespace", ""), meta.get("name", "")):
-            return self._reconcile(body, apply=True)
+        return self.reconcile_by_name(meta.get("namespace", ""), meta.get("name", ""))
+
+    def child_changed(self, kind: str, body: Mapping[str, Any], deleted: bool) -> Outcome | None:
+        """React to a watch event of a child: re-create it if deleted, else refresh the owner's
+        status, but only when the child's status (what status is computed from) moved."""
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(LABEL_DEPLOYMENT)
+        namespace = meta.get("namespace")
+        if not owner or not namespace:
+            return None
+        key = (kind, namespace, meta.get("name", ""))
+        seen = (body.get("status"), (body.get("spec") or {}).get("replicas"))
+        with self._guard:
+            unchanged = not deleted and self._seen.get(key) == seen
+            if deleted:
+                self._seen.pop(key, None)
+            else:
+                self._seen[key] = seen
+        if unchanged:
+            return None
+        return self.reconcile_by_name(namespace, owner, apply=deleted)
 
     def reconcile_by_name(self, namespace: str, name: str, apply: bool = True) -> Outcome | None:
         """Re-fetch and reconcile; None when the deployment is gone or being deleted."""
@@ -104,7 +129,7 @@ class Reconciler:
 
     def _groups(self, dep: MoEDeployment) -> dict[str, int]:
         """Desired groups per role; autoscaled pools follow their MoEWorkerPool's replicas."""
-        pools = self.kube.list(POOL_API, KIND_WORKER_POOL, dep.namespace,
+        pools = self.kube.list(OWN_API, KIND_WORKER_POOL, dep.namespace,
                                {LABEL_DEPLOYMENT: dep.name})
         observed = {}
         for pool in pools:
@@ -135,14 +160,14 @@ class Reconciler:
         ).model_dump(by_alias=True, exclude_none=True)
         for role in ROLES:
             pool_status = worker_pool_status(dep, role, groups[role], workers)
-            current = self.kube.get(POOL_API, KIND_WORKER_POOL, dep.namespace,
+            current = self.kube.get(OWN_API, KIND_WORKER_POOL, dep.namespace,
                                     pool_name(dep, role))
             wanted = pool_status.model_dump(by_alias=True)
             if current is not None and (current.get("status") or {}) != wanted:
-                self.kube.patch_status(POOL_API, KIND_WORKER_POOL, dep.namespace,
+                self.kube.patch_status(OWN_API, KIND_WORKER_POOL, dep.namespace,
                                        pool_name(dep, role), wanted)
         if _changed(previous, status):
-            self.kube.patch_status(POOL_API, "MoEDeployment", dep.namespace, dep.name, status)
+            self.kube.patch_status(OWN_API, KIND_DEPLOYMENT, dep.namespace, dep.name, status)
         event = None
         if _degraded(previous):
             event = ("Normal", "Reconciled", "the spec is valid again and was applied")
@@ -156,7 +181,7 @@ class Reconciler:
                                                 message, utc_now())}
         if _changed(previous, status):
             try:
-                self.kube.patch_status(POOL_API, "MoEDeployment", meta.get("namespace", ""),
+                self.kube.patch_status(OWN_API, KIND_DEPLOYMENT, meta.get("namespace", ""),
                                        meta.get("name", ""), status)
             except KubeError:
                 retry = True  # the status itself could not be written; try again later

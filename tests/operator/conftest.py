@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
@@ -159,16 +160,33 @@ class Cluster:
         }))
         os.environ["KUBECONFIG"] = str(kubeconfig)
         self.session = aiohttp.ClientSession()
-        self.stop_flag = asyncio.Event()
-        self.task = asyncio.create_task(kopf.operator(
-            registry=build_registry(self.config), clusterwide=True, standalone=True,
-            stop_flag=self.stop_flag))
+        # Short exit timeouts: the defaults suit a pod that drains for seconds, not a test.
+        settings = kopf.OperatorSettings()
+        settings.queueing.idle_timeout = settings.queueing.exit_timeout = 0.5
+        settings.background.instant_exit_timeout = 0.5
+        registry = build_registry(self.config)
+        # The operator gets its own thread and event loop, as in a pod: on exit kopf waits for
+        # every task of its loop, and the emulator's endless watch streams must not be among them.
+        self.stop_flag = threading.Event()
+        self.crash: BaseException | None = None
+
+        def run() -> None:
+            try:
+                asyncio.run(kopf.operator(registry=registry, settings=settings,
+                                          clusterwide=True, standalone=True,
+                                          stop_flag=self.stop_flag))
+            except BaseException as exc:  # surfaced by wait_for()
+                self.crash = exc
+
+        self.thread = threading.Thread(target=run, name="kopf", daemon=True)
+        self.thread.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop_flag.set()
         try:
-            await asyncio.wait_for(self.task, timeout=15)
+            await asyncio.to_thread(self.thread.join, 20)
+            assert not self.thread.is_alive(), "the operator did not stop within 20s"
         finally:
             await self.session.close()
             await self.server.__aexit__(None, None, None)
@@ -210,9 +228,8 @@ class Cluster:
             value = check()
             if value:
                 return value
-            if self.task.done():
-                self.task.result()  # surface the operator's crash
-                raise AssertionError(f"operator exited while waiting for {what}")
+            if not self.thread.is_alive():
+                raise AssertionError(f"operator exited ({self.crash!r}) waiting for {what}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             await asyncio.sleep(0.05)
