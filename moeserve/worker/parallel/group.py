@@ -197,6 +197,8 @@ class ParallelContext:
         self._closed = True
         self.health.stop()
         try:
+            # Rank 0 hosts the store: nobody leaves before every rank stopped using it.
+            self.wait(dist.barrier(group=self.group, async_op=True))
             dist.destroy_process_group(self.group)
         except Exception:  # a failed group may refuse a clean shutdown; the process exits anyway
             logger.debug("destroy_process_group failed", exc_info=True)
