@@ -9,6 +9,8 @@ __all__ = [
     "CheckpointError",
     "ResourceExhaustedError",
     "UnavailableError",
+    "IncompatibleKVError",
+    "PayloadTooLargeError",
 ]
 
 
@@ -54,3 +56,20 @@ class UnavailableError(MoeServeError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     error_type = "service_unavailable"
+
+
+class IncompatibleKVError(MoeServeError):
+    """A decode worker refused KV from a prefill worker whose compatibility fingerprint differs;
+    the message names the differing fields. The router stops pairing the two."""
+
+    http_status = 503
+    grpc_code = "FAILED_PRECONDITION"
+    error_type = "incompatible_kv"
+
+
+class PayloadTooLargeError(MoeServeError):
+    """A request body over the configured size limit."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+    error_type = "payload_too_large"

@@ -1,8 +1,10 @@
 """`moeserve up`: router + prefill + decode workers as local child processes.
 
 Every child binds port 0 (or the router's ``--port``) and prints the address it got, so two
-clusters on one machine never collide. Children die with us: SIGINT/SIGTERM stop them in order,
-and PR_SET_PDEATHSIG kills them if this process is killed outright.
+clusters on one machine never collide. Each child's command line names it (``moeserve worker
+--role decode ...``). A child that dies is restarted with backoff on the same ports
+(supervisor.py). Children die with us: SIGINT/SIGTERM stop them in order (workers drain), and
+PR_SET_PDEATHSIG kills them if this process is killed outright.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
 
 __all__ = ["LocalCluster", "add_up_parser", "ClusterSpec"]
 
@@ -49,12 +53,20 @@ class ClusterSpec:
     router_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
     metrics: bool = True
+    # Per child name ("prefill-1", "decode-0", "router"): extra flags and environment, e.g.
+    # a fault-injection switch or a different block size for one worker.
+    child_args: dict[str, list[str]] = field(default_factory=dict)
+    child_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    restart: bool = True
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 @dataclass
 class _Child:
     name: str
     proc: subprocess.Popen
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     address: str | None = None
     grpc: str | None = None
     metrics: str | None = None
@@ -70,6 +82,8 @@ class LocalCluster:
         self.children: list[_Child] = []
         self.url = ""
         self.grpc_address = ""
+        self.stopping = False
+        self.supervisor: Supervisor | None = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -78,23 +92,43 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
-        cmd = [sys.executable, "-m", "moeserve.cli", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            preexec_fn=_die_with_parent,
+    def _popen(self, args: list[str], extra_env: dict[str, str]) -> subprocess.Popen:
+        # The console script, when installed, so `ps` shows `moeserve worker --role decode`.
+        script = Path(sys.executable).parent / "moeserve"
+        entry = [str(script)] if script.is_file() else ["-m", "moeserve.cli"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
+        return subprocess.Popen(
+            [sys.executable, *entry, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env, preexec_fn=_die_with_parent,
         )  # fmt: skip
-        child = _Child(name, proc)
-        threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+
+    def _spawn(self, name: str, args: list[str]) -> _Child:
+        args = [*args, *self.spec.child_args.get(name, [])]
+        env = dict(self.spec.child_env.get(name, {}))
+        child = _Child(name, self._popen(args, env), args, env)
+        threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
         self.children.append(child)
         return child
 
-    def _pump(self, child: _Child) -> None:
-        for line in child.proc.stdout:
+    def _respawn(self, child: _Child) -> None:
+        """Supervisor: the same command on the ports the child had."""
+        if self.stopping:
+            return
+        port = (child.address or "").rsplit(":", 1)[-1]
+        ports = {"--port": port, "--metrics-port": (child.metrics or "").rsplit(":", 1)[-1],
+                 "--grpc-port": (child.grpc or "").rsplit(":", 1)[-1]}  # fmt: skip
+        if child.name == "router":  # its --port is the HTTP one: keep what it printed
+            ports["--port"] = (child.address or "").rsplit(":", 1)[-1].rstrip("/")
+        child.ready = threading.Event()
+        child.proc = self._popen(fixed_port_args(child.args, ports), child.env)
+        threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
+
+    def _pump(self, child: _Child, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
             m = _LISTEN.search(line)
             if m and not child.ready.is_set():
-                child.address, child.grpc, child.metrics = m.group(2), m.group(3), m.group(4)
+                child.address = child.address or m.group(2)
+                child.grpc, child.metrics = child.grpc or m.group(3), child.metrics or m.group(4)
                 child.ready.set()
             if self.log is not None and "NIXL INFO" not in line:
                 self.log.write(f"[{child.name}] {line}")
@@ -112,14 +146,15 @@ class LocalCluster:
         deadline = time.monotonic() + spec.startup_timeout_s
         model = spec.model or str(_ensure_tiny_checkpoint())
         self.model = model
-        common = ["worker", "--model", model, "--host", spec.host, "--port", "0"]
+        common = ["--model", model, "--host", spec.host, "--port", "0"]
         if spec.num_kv_blocks:
             common += ["--num-kv-blocks", str(spec.num_kv_blocks)]
         if spec.metrics:
             common += ["--metrics-port", "0"]
         try:
             workers = [
-                self._spawn(f"{role}-{i}", [*common, "--role", role, *spec.worker_args])
+                self._spawn(f"{role}-{i}", ["worker", "--role", role, *common,
+                                            *spec.worker_args])  # fmt: skip
                 for role, n in (("prefill", spec.prefill), ("decode", spec.decode))
                 for i in range(n)
             ]
@@ -135,6 +170,12 @@ class LocalCluster:
             self._wait([router], deadline)
             self.url, self.grpc_address = router.address, router.grpc
             self._wait_healthy(deadline)
+            if spec.restart:
+                self.supervisor = Supervisor(
+                    lambda: list(self.children), lambda c: c.proc.poll() is not None,
+                    self._respawn, spec.restart_policy,
+                )  # fmt: skip
+                self.supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -154,6 +195,9 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Router first (no new work), then workers; SIGKILL whatever outlives the timeout."""
+        self.stopping = True
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for c in sorted(self.children, key=lambda c: c.name != "router"):
             if c.proc.poll() is None:
                 c.proc.terminate()
@@ -166,6 +210,9 @@ class LocalCluster:
                 c.proc.wait()
 
     def failed_child(self) -> _Child | None:
+        """A child that exited and will not be restarted (supervision off)."""
+        if self.supervisor is not None:
+            return None
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
 

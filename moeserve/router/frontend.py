@@ -70,6 +70,20 @@ class Frontend:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
     def check_length(self, prompt: list[int], params: SamplingParams, param: str) -> None:
+        """Context length and the router's admission bounds on prompt and max_tokens."""
+        s = self.router.settings
+        if s.max_prompt_tokens and len(prompt) > s.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; this router accepts at most "
+                f"{s.max_prompt_tokens} (--max-prompt-tokens)",
+                param=param,
+            )
+        if s.max_tokens_limit and params.max_tokens > s.max_tokens_limit:
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} is above this router's limit of "
+                f"{s.max_tokens_limit} (--max-tokens-limit)",
+                param="max_tokens",
+            )
         total = len(prompt) + params.max_tokens
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(
@@ -94,13 +108,17 @@ class Frontend:
         params: SamplingParams,
         stop: Sequence[str],
         usage: Usage,
+        timeout_s: float | None = None,
     ) -> AsyncIterator[Delta]:
-        """Deltas of text and token ids; ``usage`` is filled in as tokens arrive."""
+        """Deltas of text and token ids; ``usage`` is filled in as tokens arrive.
+
+        ``timeout_s`` (the client's, capped by the router's) bounds the whole request.
+        """
         detok = self.tokenizer.detokenizer(stop) if self.tokenizer.available else None
         usage.prompt_tokens = len(prompt)
         self.metrics.prompt_tokens.inc(len(prompt))
         start = last = time.perf_counter()
-        gen = self.router.generate(rid, prompt, params)
+        gen = self.router.generate(rid, prompt, params, timeout_s)
         try:
             async for chunk in gen:
                 now = time.perf_counter()

@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP routes. Routes only convert HTTP <-> typed requests and map errors.
 
-/v1/completions, /v1/chat/completions (SSE with ``stream``), /v1/models, /health, /metrics.
-A client that disconnects mid-request cancels it, which aborts it on every worker.
+/v1/completions, /v1/chat/completions (SSE with ``stream``), /v1/models, /health, /metrics,
+/v1/status (the router's view of every worker) and POST /v1/route (where a prompt would go).
+A client that disconnects mid-request cancels it, which aborts it on every worker. Bodies over
+``max_body_bytes`` get 413; 429 and 503 carry Retry-After.
 """
 
 from __future__ import annotations
@@ -17,24 +19,39 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from moeserve.common.errors import PayloadTooLargeError
 from moeserve.router import protocol as P
 from moeserve.router.frontend import Delta, Frontend, Usage
 from moeserve.router.metrics import render
+from moeserve.router.status import snapshot
 
 __all__ = ["create_app"]
 
 
+_RETRY_AFTER = {"value": "1"}
+
+
 def _error(exc: Exception) -> JSONResponse:
     status, body = P.error_from_exception(exc)
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": _RETRY_AFTER["value"]} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _body(request: Request) -> Any:
-    raw = await request.body()
+async def _body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body of {declared} bytes is over {limit} bytes")
+    parts, size = [], 0
+    async for part in request.stream():  # chunked bodies carry no length: count as they come
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over {limit} bytes")
+        parts.append(part)
+    raw = b"".join(parts)
     try:
         return json.loads(raw)
     except ValueError as e:
@@ -53,6 +70,9 @@ async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
 def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="moeserve router", docs_url=None, redoc_url=None)
     model_id = frontend.model_id
+    router = frontend.router
+    limit = router.settings.max_body_bytes
+    _RETRY_AFTER["value"] = str(router.settings.retry_after_s)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -75,7 +95,7 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
             frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
         rid = P.new_request_id("cmpl" if kind == "completion" else "chatcmpl")
         usage = Usage()
-        deltas = frontend.run(rid, prompt, params, req.stop_strings, usage)
+        deltas = frontend.run(rid, prompt, params, req.stop_strings, usage, req.timeout)
         ids = req.return_token_ids
         if req.stream:
             first = await _first_or_error(deltas)  # errors before the first token stay HTTP
@@ -96,7 +116,7 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
-            req = P.CompletionRequest.model_validate(await _body(request))
+            req = P.CompletionRequest.model_validate(await _body(request, limit))
             if (bad := check_model(req.model)) is not None:
                 return bad
             return await serve(request, req, frontend.prompt_ids(req.prompt), "completion")
@@ -106,7 +126,7 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         try:
-            req = P.ChatCompletionRequest.model_validate(await _body(request))
+            req = P.ChatCompletionRequest.model_validate(await _body(request, limit))
             if (bad := check_model(req.model)) is not None:
                 return bad
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -128,6 +148,22 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     async def health() -> Response:
         ok = is_healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    @app.get("/v1/status")
+    async def status() -> dict:
+        return snapshot(router)
+
+    @app.post("/v1/route")
+    async def route(request: Request) -> Response:
+        """Dry run: which workers the policy picks for ``{"prompt": [token ids]}`` now."""
+        try:
+            body = await _body(request, limit)
+            prompt = body.get("prompt") if isinstance(body, dict) else None
+            if not isinstance(prompt, str | list):
+                raise P.InvalidRequestError("prompt must be text or token ids", param="prompt")
+            return JSONResponse(router.explain(frontend.prompt_ids(prompt)))
+        except P.MoeServeError as e:
+            return _error(e)
 
     @app.get("/metrics")
     async def metrics() -> Response:

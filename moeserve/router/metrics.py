@@ -182,6 +182,54 @@ class RouterMetrics(_KVTransferMetrics):
             registry=r,
         )
 
+        # Reliability: what the failure paths did, so a dashboard shows faults being absorbed.
+        self.migrations = Counter(
+            "moeserve:router_migrations",
+            "Requests moved to another decode worker, by when (before_first_token, mid_stream).",
+            ["when"],
+            registry=r,
+        )
+        self.migration_limit_hit = Counter(
+            "moeserve:router_migration_limit_hit",
+            "Requests failed with a retryable error after the per-request migration limit.",
+            registry=r,
+        )
+        self.handoff_retries = Counter(
+            "moeserve:router_handoff_retries",
+            "P->D handoff phases retried on another worker, by phase.",
+            ["phase"],
+            registry=r,
+        )
+        self.handoff_fallbacks = Counter(
+            "moeserve:router_handoff_fallbacks",
+            "Handoffs that fell back to prefill on the decode worker, by the phase that failed.",
+            ["phase"],
+            registry=r,
+        )
+        self.phase_timeouts = Counter(
+            "moeserve:router_phase_timeouts",
+            "Phase deadlines that expired (prefill, first_token, stream_stall).",
+            ["phase"],
+            registry=r,
+        )
+        self.worker_available = Gauge(
+            "moeserve:router_worker_available",
+            "1 when the router routes to the worker (healthy, not ejected, not draining).",
+            worker,
+            registry=r,
+        )
+        self.worker_ejections = Counter(
+            "moeserve:router_worker_ejections",
+            "Passive-health ejections (errors, timeouts), per worker.",
+            worker,
+            registry=r,
+        )
+        self.incompatible_pairs = Gauge(
+            "moeserve:router_incompatible_pairs",
+            "Prefill/decode pairs the router refuses to pair (fingerprint mismatch).",
+            registry=r,
+        )
+
     def worker_load(
         self, worker: str, role: str, running: int, waiting: int, kv_usage: float
     ) -> None:

@@ -62,6 +62,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
+    # Seconds the whole request may take (capped by the router's --request-timeout-s).
+    timeout: float | None = Field(default=None, gt=0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None

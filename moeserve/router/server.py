@@ -46,7 +46,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             f.check_length(prompt, params, "prompt")
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             usage = Usage()
-            async for d in f.run(rid, prompt, params, list(request.stop), usage):
+            timeout = context.time_remaining()  # the client's gRPC deadline, end to end
+            async for d in f.run(rid, prompt, params, list(request.stop), usage, timeout):
                 msg = router_pb2.GenerateResponse(
                     request_id=rid, token_ids=d.token_ids, finished=d.finished,
                     finish_reason=d.finish_reason or "",
@@ -61,7 +62,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await abort_with(context, e)
 
     async def Health(self, request, context):
-        ok = bool(self.pool.healthy("decode"))
+        ok = bool(self.pool.healthy("decode")) and not self.frontend.router.draining
         info = self.pool.model_info()
         return common_pb2.HealthResponse(
             status=common_pb2.HealthResponse.SERVING
@@ -72,6 +73,36 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             block_size=info.block_size if info else 0,
             max_model_len=self.frontend.max_model_len,
         )
+
+
+class _DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT drain the router first: /health turns 503 (the load balancer stops sending),
+    new requests get 503, requests in flight finish within the grace period; then uvicorn
+    stops. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, router: Router, grace_s: float):
+        super().__init__(config)
+        self.router = router
+        self.grace_s = grace_s
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self.router.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.router.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        n = self.router.inflight
+        logger.warning("router draining: %d requests in flight, grace %.1f s", n, self.grace_s)
+        clean = await self.router.wait_idle(self.grace_s)
+        logger.warning("router drained (%s); exiting", "clean" if clean else "grace period over")
+        self.should_exit = True
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -94,7 +125,8 @@ async def serve_router(args: argparse.Namespace) -> None:
         raise MoeServeError("--decode needs at least one worker address")
     metrics = RouterMetrics()
     index = PrefixIndex()
-    pool = WorkerPool(prefill, decode, index, metrics)
+    pool = WorkerPool(prefill, decode, index, metrics, probe_interval_s=args.probe_interval_s,
+                      eject_base_s=args.eject_base_s, eject_max_s=args.eject_max_s)  # fmt: skip
     pool.start()
     try:
         if not await pool.wait_ready(args.startup_timeout_s) and pool.model_info() is None:
@@ -106,22 +138,29 @@ async def serve_router(args: argparse.Namespace) -> None:
             policy=Policy(args.policy), disagg_threshold=args.disagg_threshold,
             max_inflight=args.max_inflight, request_timeout_s=args.request_timeout_s,
             prefill_timeout_s=args.prefill_timeout_s,
+            first_token_timeout_s=args.first_token_timeout_s,
+            stall_timeout_s=args.stall_timeout_s, max_migrations=args.max_migrations,
+            max_inflight_tokens=args.max_inflight_tokens, max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+            drain_grace_s=args.drain_grace_s,
         )  # fmt: skip
         router = Router(pool, metrics, settings, info.model_id, info.block_size)
         frontend = Frontend(
             router, load_tokenizer(args.model), info.model_id, info.max_model_len, vocab_size,
             metrics,
         )  # fmt: skip
-        grpc_server = grpc.aio.server()
+        grpc_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", settings.max_body_bytes)]
+        )
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(frontend, pool), grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
         await grpc_server.start()
-        app = create_app(frontend, lambda: bool(pool.healthy("decode")))
+        app = create_app(frontend, lambda: bool(pool.healthy("decode")) and not router.draining)
         sock = _bind(args.host, args.port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=2)  # fmt: skip
-        server = uvicorn.Server(config)
+        server = _DrainingServer(config, router, settings.drain_grace_s)
         # Parsed by `moeserve up` and tests: the real ports when 0 was asked for.
         print(f"moeserve router listening on http://{args.host}:{http_port} "
               f"grpc {args.host}:{grpc_port}", flush=True)  # fmt: skip
@@ -158,6 +197,26 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     p.add_argument("--prefill-timeout-s", type=float, default=d.prefill_timeout_s)
+    p.add_argument("--first-token-timeout-s", type=float, default=d.first_token_timeout_s,
+                   help="decode worker's first message (KV transfer included), then migrate")
+    p.add_argument("--stall-timeout-s", type=float, default=d.stall_timeout_s,
+                   help="longest gap between streamed messages before migrating")
+    p.add_argument("--max-migrations", type=int, default=d.max_migrations,
+                   help="decode worker failures a request survives before a retryable error")
+    p.add_argument("--max-inflight-tokens", type=int, default=d.max_inflight_tokens,
+                   help="prompt + max_tokens over requests in flight before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="longest prompt accepted (0: the model's context)")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                   help="largest max_tokens accepted (0: what fits the context)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="HTTP bodies (and gRPC messages) above this get 413")
+    p.add_argument("--drain-grace-s", type=float, default=d.drain_grace_s,
+                   help="on SIGTERM, let requests in flight finish within this time")
+    p.add_argument("--probe-interval-s", type=float, default=1.0, help="active health checks")
+    p.add_argument("--eject-base-s", type=float, default=1.0,
+                   help="first ejection after a failed call; doubles per repeat")
+    p.add_argument("--eject-max-s", type=float, default=30.0)
     p.add_argument("--startup-timeout-s", type=float, default=60.0)
     p.set_defaults(func=lambda args: asyncio.run(serve_router(args)) or 0)
     return p  # fmt: skip

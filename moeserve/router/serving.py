@@ -1,33 +1,43 @@
-"""P/D orchestration: pick workers, prefill remotely or in place, stream tokens, clean up.
+"""P/D orchestration: pick workers, prefill remotely or in place, stream tokens, survive faults.
 
 ``Router.generate`` is the one code path behind both front ends (HTTP and gRPC). It yields
 ``Chunk``s of token ids; a cancelled consumer (client gone) triggers Abort on every worker that
-holds the request. Failures degrade rather than fail: a dead prefill worker means the decode
-worker prefills; a decode worker dying before its first token means another one is tried.
+holds the request. Every phase has a deadline: prefill (``handoff.run_prefill``: retry on
+another prefill worker, then prefill on the decode worker), first decode token (covers the KV
+transfer, which the decode worker itself bounds and recomputes after), and the gap between two
+streamed messages. A decode worker that dies, breaks its stream or stalls is ejected and the
+request migrates: it resumes on another decode worker with prompt + the tokens already sent, so
+the client's stream goes on with no token missing or repeated (greedy output equals the
+uninterrupted run). Past ``max_migrations`` the request ends with a retryable error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import random
 import time
+from array import array
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
-from moeserve.api import common_pb2, worker_pb2
+from moeserve.api import worker_pb2
 from moeserve.common.block_hash import hash_blocks
-from moeserve.common.errors import (
-    InvalidRequestError,
-    MoeServeError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from moeserve.common.errors import ResourceExhaustedError, UnavailableError
 from moeserve.common.sampling import SamplingParams
+from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
+from moeserve.router.rpc import (
+    DeadlineExceededError,
+    MigrationLimitError,
+    rpc_error,
+    to_proto_sampling,
+)
 from moeserve.router.workers import WorkerClient, WorkerPool
 
 __all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings", "to_proto_sampling"]
@@ -35,19 +45,31 @@ __all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings", "to_pro
 logger = logging.getLogger(__name__)
 
 
-class DeadlineExceededError(MoeServeError):
-    http_status = 504
-    grpc_code = "DEADLINE_EXCEEDED"
-    error_type = "timeout"
-
-
 @dataclass
 class RouterSettings:
     policy: Policy = Policy.PREFIX
     disagg_threshold: int = 0
     max_inflight: int = 256
+    """requests in flight before new ones get 429"""
+    max_inflight_tokens: int = 1 << 20
+    """prompt + max_tokens summed over requests in flight before new ones get 429"""
+    max_prompt_tokens: int = 0
+    """longest prompt accepted (0: the model's context length)"""
+    max_tokens_limit: int = 0
+    """largest max_tokens accepted (0: whatever fits the context)"""
+    max_body_bytes: int = 4 << 20
+    """HTTP request bodies above this get 413"""
     request_timeout_s: float = 600.0
     prefill_timeout_s: float = 60.0
+    first_token_timeout_s: float = 60.0
+    """decode worker's first message, KV transfer or recompute included"""
+    stall_timeout_s: float = 20.0
+    """longest gap between two streamed messages before the decode worker counts as stalled"""
+    max_migrations: int = 3
+    no_worker_wait_s: float = 5.0
+    """how long a request waits for a decode worker to come back before failing"""
+    retry_after_s: int = 1
+    drain_grace_s: float = 25.0
     queue_weight: float = 1.0
     kv_weight: float = 4.0
     seed: int = 0
@@ -62,33 +84,20 @@ class Chunk:
     kv_transfer_bytes: int = 0
 
 
-@dataclass
-class _Placement:
-    decode: WorkerClient
-    prefill: WorkerClient | None = None
-    involved: list[WorkerClient] = field(default_factory=list)
+class _AttemptFailed(Exception):
+    """One decode attempt failed in a way another decode worker can recover from."""
+
+    def __init__(self, worker: WorkerClient, reason: str, eject: bool):
+        super().__init__(reason)
+        self.worker = worker
+        self.reason = reason
+        self.eject = eject
 
 
-def to_proto_sampling(p: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-    )  # fmt: skip
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
-
-
-def _rpc_error(e: grpc.RpcError, what: str) -> MoeServeError:
-    code, details = e.code(), e.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        param = dict(e.trailing_metadata() or ()).get("moeserve-param") or None
-        return InvalidRequestError(details, param=param)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhaustedError(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(f"{what} exceeded its deadline")
-    return UnavailableError(f"{what} failed: {code.name} {details}")
+def _stable_key(prompt: list[int]) -> int:
+    """Tie-break key from the prompt itself, so router replicas with the same view agree."""
+    digest = hashlib.blake2b(array("I", prompt).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 class Router:
@@ -102,18 +111,39 @@ class Router:
         self.model_id = model_id
         self.block_size = block_size
         self.inflight = 0
+        self.inflight_tokens = 0
+        self.draining = False
+        self._idle = asyncio.Event()
         self._counter = 0
         self._rng = random.Random(settings.seed)
         self._background: set[asyncio.Task] = set()
 
-    def _pick(self, clients: list[WorkerClient], hashes: list[int]) -> tuple[WorkerClient, int]:
+    def pick(
+        self, clients: list[WorkerClient], hashes: list[int], key: int
+    ) -> tuple[WorkerClient, int]:
         cands = self.pool.candidates(clients, hashes)
         s = self.settings
         self._counter += 1
-        best = choose(s.policy, cands, self._counter, self._rng, s.queue_weight, s.kv_weight)
+        turn = key if s.policy is Policy.PREFIX else self._counter
+        best = choose(s.policy, cands, turn, self._rng, s.queue_weight, s.kv_weight)
         return self.pool.clients[best.name], best.overlap_blocks
 
-    def _abort_everywhere(self, rid: str, workers: list[WorkerClient]) -> None:
+    def explain(self, prompt: list[int]) -> dict:
+        """Where ``prompt`` would go now (decode worker, prefill worker or None, overlap)."""
+        hashes, key = hash_blocks(prompt, self.block_size, self.model_id), _stable_key(prompt)
+        decoders = self.pool.healthy("decode")
+        if not decoders:
+            raise UnavailableError("no healthy decode worker")
+        d, overlap = self.pick(decoders, hashes, key)
+        prefill = [p for p in self.pool.healthy("prefill")
+                   if p.address != d.address and self.pool.compatible(p, d)]  # fmt: skip
+        p = None
+        if should_disaggregate(len(prompt), overlap * self.block_size,
+                               self.settings.disagg_threshold, bool(prefill)):  # fmt: skip
+            p = self.pick(prefill, hashes, key)[0].address
+        return {"decode": d.address, "prefill": p, "overlap_blocks": overlap}
+
+    def _abort(self, rid: str, workers: list[WorkerClient]) -> None:
         """Fire-and-forget: runs outside the cancelled request's scope."""
 
         async def abort() -> None:
@@ -126,19 +156,37 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def generate(
-        self, rid: str, prompt: list[int], params: SamplingParams
-    ) -> AsyncIterator[Chunk]:
-        """Stream the request's tokens. Raises MoeServeError subclasses (HTTP/gRPC mapped)."""
-        if self.inflight >= self.settings.max_inflight:
+    def _admit(self, prompt: list[int], params: SamplingParams) -> int:
+        s = self.settings
+        if self.draining:
+            self.metrics.requests_rejected.labels("draining").inc()
+            raise UnavailableError("router is draining; send the request to another replica")
+        if self.inflight >= s.max_inflight:
             self.metrics.requests_rejected.labels("max_inflight").inc()
             raise ResourceExhaustedError(
-                f"router at capacity ({self.settings.max_inflight} requests in flight); retry"
+                f"router at capacity ({s.max_inflight} requests in flight); retry"
             )
+        cost = len(prompt) + params.max_tokens
+        if self.inflight_tokens + cost > s.max_inflight_tokens and self.inflight:
+            self.metrics.requests_rejected.labels("max_inflight_tokens").inc()
+            raise ResourceExhaustedError(
+                f"router at capacity ({self.inflight_tokens} of {s.max_inflight_tokens} tokens "
+                "in flight); retry"
+            )
+        return cost
+
+    async def generate(
+        self, rid: str, prompt: list[int], params: SamplingParams, timeout_s: float | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Stream the request's tokens. Raises MoeServeError subclasses (HTTP/gRPC mapped)."""
+        cost = self._admit(prompt, params)
         self.inflight += 1
+        self.inflight_tokens += cost
+        self._idle.clear()
         self.metrics.requests_in_flight.set(self.inflight)
-        deadline = time.monotonic() + self.settings.request_timeout_s
-        involved: list[WorkerClient] = []
+        limit = self.settings.request_timeout_s
+        deadline = time.monotonic() + (min(limit, timeout_s) if timeout_s else limit)
+        involved: list[tuple[WorkerClient, str]] = []
         finished = False
         try:
             async for chunk in self._generate(rid, prompt, params, deadline, involved):
@@ -146,96 +194,181 @@ class Router:
                 yield chunk
         finally:
             self.inflight -= 1
+            self.inflight_tokens -= cost
+            if self.inflight == 0:
+                self._idle.set()
             self.metrics.requests_in_flight.set(self.inflight)
-            for w in involved:
+            for w, _ in involved:
                 w.inflight -= 1
-            if not finished and involved:
-                self._abort_everywhere(rid, involved)
+            if not finished:
+                for attempt_rid in dict.fromkeys(r for _, r in involved):
+                    self._abort(attempt_rid, [w for w, r in involved if r == attempt_rid])
 
-    async def _prefill(
-        self, p: WorkerClient, rid: str, prompt: list[int], params: SamplingParams, deadline: float
-    ) -> worker_pb2.PrefillResponse | None:
-        timeout = min(self.settings.prefill_timeout_s, deadline - time.monotonic())
-        req = worker_pb2.PrefillRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params)
-        )
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Router drain: True once no request is in flight (or False after ``timeout_s``)."""
+        if self.inflight == 0:
+            return True
         try:
-            return await p.stub.Prefill(req, timeout=timeout)
-        except grpc.RpcError as e:
-            err = _rpc_error(e, f"prefill on {p.address}")
-            if isinstance(err, InvalidRequestError):
-                raise err from None
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.pool.mark_down(p, "Prefill UNAVAILABLE")
-            logger.warning("request %s: %s; the decode worker prefills instead", rid, err)
-            return None
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
 
     async def _generate(
         self, rid: str, prompt: list[int], params: SamplingParams, deadline: float,
-        involved: list[WorkerClient],
+        involved: list[tuple[WorkerClient, str]],
+    ) -> AsyncIterator[Chunk]:  # fmt: skip
+        generated: list[int] = []
+        migrations = 0
+        avoid: set[str] = set()
+        while True:
+            attempt_rid = rid if migrations == 0 else f"{rid}.m{migrations}"
+            rest = dataclasses.replace(
+                params, max_tokens=params.max_tokens - len(generated),
+                min_tokens=max(params.min_tokens - len(generated), 0),
+            )  # fmt: skip
+            try:
+                attempt = self._attempt(attempt_rid, prompt + generated, rest, deadline,
+                                        involved, avoid)  # fmt: skip
+                async for chunk in attempt:
+                    generated.extend(chunk.token_ids)
+                    yield chunk
+                    if chunk.finished:
+                        return
+            except _AttemptFailed as f:
+                avoid.add(f.worker.address)
+                self._abort(attempt_rid, [f.worker])
+                if f.eject:
+                    self.pool.report_failure(f.worker, f.reason)
+                migrations += 1
+                if migrations > self.settings.max_migrations:
+                    self.metrics.migration_limit_hit.inc()
+                    raise MigrationLimitError(
+                        f"request {rid} lost its decode worker {migrations} times (last: "
+                        f"{f.reason}); migration limit {self.settings.max_migrations} reached, "
+                        "retry the request"
+                    ) from None
+                when = "mid_stream" if generated else "before_first_token"
+                self.metrics.migrations.labels(when).inc()
+                logger.warning("request %s: %s; migrating (%s, %d tokens sent, attempt %d)",
+                               rid, f.reason, when, len(generated), migrations + 1)  # fmt: skip
+
+    async def _decoders(self, avoid: set[str], deadline: float) -> list[WorkerClient]:
+        """Available decode workers, preferring ones not in ``avoid``; waits a little for one."""
+        until = min(deadline, time.monotonic() + self.settings.no_worker_wait_s)
+        while True:
+            healthy = self.pool.healthy("decode")
+            preferred = [d for d in healthy if d.address not in avoid]
+            if preferred or healthy:
+                return preferred or healthy
+            if time.monotonic() >= until:
+                raise UnavailableError("no healthy decode worker; retry")
+            await asyncio.sleep(0.05)
+
+    def _use(self, w: WorkerClient, rid: str, involved: list[tuple[WorkerClient, str]]) -> None:
+        w.inflight += 1
+        involved.append((w, rid))
+
+    async def _attempt(
+        self, rid: str, prompt: list[int], params: SamplingParams, deadline: float,
+        involved: list[tuple[WorkerClient, str]], avoid: set[str],
     ) -> AsyncIterator[Chunk]:  # fmt: skip
         hashes = hash_blocks(prompt, self.block_size, self.model_id)
-        tried: set[str] = set()
-        first = None
-        handle = None
-        prefill_cached = 0
-        for _attempt in range(2):  # a decode worker dead before its first token: try another
-            decoders = [d for d in self.pool.healthy("decode") if d.address not in tried]
-            if not decoders:
-                raise UnavailableError("no healthy decode worker")
-            d, overlap = self._pick(decoders, hashes)
-            tried.add(d.address)
-            d.inflight += 1
-            involved.append(d)
-            self.metrics.routed.labels(d.address, d.role_label).inc()
-            self.metrics.prefix_cache_queries.labels(d.address, d.role_label).inc(len(prompt))
-            self.metrics.prefix_cache_hits.labels(d.address, d.role_label).inc(
-                min(overlap * self.block_size, len(prompt))
-            )
-            prefillers = [p for p in self.pool.healthy("prefill") if p.address != d.address]
-            cached = overlap * self.block_size
-            # A retry reuses the first attempt's prefilled KV (still leased on the prefiller).
-            if handle is None and should_disaggregate(
-                len(prompt), cached, self.settings.disagg_threshold, bool(prefillers)
-            ):
-                p, _ = self._pick(prefillers, hashes)
-                p.inflight += 1
-                involved.append(p)
-                resp = await self._prefill(p, rid, prompt, params, deadline)
-                if resp is not None and resp.finished:
-                    self.metrics.disaggregated.labels("remote").inc()
-                    yield Chunk([resp.first_token_id], True, resp.finish_reason,
-                                resp.num_cached_tokens)  # fmt: skip
+        key = _stable_key(prompt)
+        d, overlap = self.pick(await self._decoders(avoid, deadline), hashes, key)
+        self._use(d, rid, involved)
+        self.metrics.routed.labels(d.address, d.role_label).inc()
+        self.metrics.prefix_cache_queries.labels(d.address, d.role_label).inc(len(prompt))
+        self.metrics.prefix_cache_hits.labels(d.address, d.role_label).inc(
+            min(overlap * self.block_size, len(prompt))
+        )
+        has_prefill = any(p.address != d.address for p in self.pool.healthy("prefill"))
+        handoff = None
+        if should_disaggregate(len(prompt), overlap * self.block_size,
+                               self.settings.disagg_threshold, has_prefill):  # fmt: skip
+            handoff = await run_prefill(
+                self.pool, self.metrics, lambda c: self.pick(c, hashes, key)[0], d, rid, prompt,
+                params, self.settings.prefill_timeout_s, deadline,
+                lambda p: self._use(p, rid, involved),
+            )  # fmt: skip
+            resp = handoff.response
+            if resp is not None and resp.finished:
+                self.metrics.disaggregated.labels("remote").inc()
+                yield Chunk([resp.first_token_id], True, resp.finish_reason, resp.num_cached_tokens)
+                return
+        remote = handoff is not None and handoff.response is not None
+        self.metrics.disaggregated.labels("remote" if remote else "local").inc()
+        try:
+            async for chunk in self._decode(d, rid, prompt, params, handoff, deadline):
+                yield chunk
+        except _Refused:
+            # The decode worker refused the prefill worker's KV by name: it prefills instead.
+            self.pool.mark_incompatible(handoff.worker, d, "refused by the decode worker")
+            self.metrics.handoff_fallbacks.labels("compatibility").inc()
+            async for chunk in self._decode(d, f"{rid}.local", prompt, params, None, deadline):
+                yield chunk
+
+    async def _decode(
+        self, d: WorkerClient, rid: str, prompt: list[int], params: SamplingParams, handoff,
+        deadline: float,
+    ) -> AsyncIterator[Chunk]:  # fmt: skip
+        resp = handoff.response if handoff is not None else None
+        req = worker_pb2.WorkerGenerateRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params)
+        )
+        if resp is not None:
+            req.kv_handle.CopyFrom(resp.kv_handle)
+            req.first_token_id = resp.first_token_id
+        prefill_cached = resp.num_cached_tokens if resp is not None else 0
+        s = self.settings
+        call = d.stub.Generate(req, timeout=max(deadline - time.monotonic(), 0.001))
+        stream = call.__aiter__()
+        got = False
+        try:
+            while True:
+                phase = "stream_stall" if got else "first_token"
+                wait = s.stall_timeout_s if got else s.first_token_timeout_s
+                wait = min(wait, deadline - time.monotonic())
+                try:
+                    msg = await asyncio.wait_for(anext(stream), max(wait, 0.001))
+                except StopAsyncIteration:
+                    raise _AttemptFailed(d, f"{d.address} ended the stream early", True) from None
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise DeadlineExceededError("request exceeded its timeout") from None
+                    self.metrics.phase_timeouts.labels(phase).inc()
+                    raise _AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s "
+                                            f"({phase})", True) from None  # fmt: skip
+                got = True
+                if msg.kv_transfer_bytes:
+                    self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
+                yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
+                            max(msg.num_cached_tokens, prefill_cached),
+                            msg.kv_transfer_bytes)  # fmt: skip
+                if msg.finished:
+                    self.pool.report_success(d)
                     return
-                if resp is not None:
-                    first, handle = resp.first_token_id, resp.kv_handle
-                    prefill_cached = resp.num_cached_tokens
-            self.metrics.disaggregated.labels("remote" if handle else "local").inc()
-            req = worker_pb2.WorkerGenerateRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params)
-            )
-            if handle is not None:
-                req.kv_handle.CopyFrom(handle)
-                req.first_token_id = first
-            got_tokens = False
-            call = d.stub.Generate(req, timeout=max(deadline - time.monotonic(), 0.001))
-            try:
-                async for msg in call:
-                    got_tokens = True
-                    if msg.kv_transfer_bytes:
-                        self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
-                    yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
-                                max(msg.num_cached_tokens, prefill_cached),
-                                msg.kv_transfer_bytes)  # fmt: skip
-                    if msg.finished:
-                        return
-                raise UnavailableError(f"decode worker {d.address} ended the stream early")
-            except grpc.RpcError as e:
-                err = _rpc_error(e, f"generate on {d.address}")
-                if e.code() != grpc.StatusCode.UNAVAILABLE or got_tokens:
-                    raise err from None
-                self.pool.mark_down(d, "Generate UNAVAILABLE")
-                logger.warning("request %s: %s; trying another decode worker", rid, err)
-            finally:
-                call.cancel()
-        raise UnavailableError("decode workers failed before producing a token")
+        except grpc.RpcError as e:
+            raise self._classify(e, d, got, resp is not None) from None
+        finally:
+            call.cancel()
+
+    def _classify(self, e: grpc.RpcError, d: WorkerClient, got: bool, had_kv: bool) -> Exception:
+        code = e.code()
+        err = rpc_error(e, f"generate on {d.address}")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and had_kv and not got:
+            logger.error("decode worker %s refused KV: %s", d.address, e.details())
+            return _Refused(str(err))
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError("request exceeded its timeout")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if len(self.pool.healthy("decode")) <= 1:
+                return err  # 429 with Retry-After: nowhere else to go
+            return _AttemptFailed(d, f"{d.address} is full", False)
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            return err
+        return _AttemptFailed(d, f"{d.address}: {code.name} {e.details() or ''}".strip(), True)
+
+
+class _Refused(Exception):
+    """The decode worker refused the handoff's KV (compatibility fingerprint mismatch)."""

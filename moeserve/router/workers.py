@@ -1,9 +1,12 @@
 """The router's view of its workers: connections, health, load, and the prefix index feed.
 
-Each worker gets one gRPC channel and one watcher task: Health, then StreamEvents until the
-stream breaks; then the worker is marked down, its blocks leave the prefix index, and the
-watcher retries with backoff. Everything the router knows comes from these streams, so router
-replicas agree and may die freely.
+Each worker gets one gRPC channel and two tasks. The watcher: Health, then StreamEvents until
+the stream breaks; then the worker is marked down, its blocks leave the prefix index, and the
+watcher retries with backoff. The prober (active health): Health every ``probe_interval_s``, so
+a worker that hangs without closing its stream is noticed too. Passive health: a failed or timed
+out call ejects the worker for a backoff that doubles per consecutive ejection; it is re-admitted
+once the backoff is over and it answers Health. A draining worker (SIGTERM) is dropped at once.
+Everything the router knows comes from the workers, so router replicas agree and may die freely.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 
@@ -18,6 +22,7 @@ from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
 from moeserve.router.prefix_index import PrefixIndex
+from moeserve.worker.kv_transfer import fingerprint_mismatch
 
 __all__ = ["WorkerClient", "WorkerPool"]
 
@@ -39,6 +44,21 @@ class WorkerClient:
         self.load = worker_pb2.LoadReport()
         self.inflight = 0
         self.task: asyncio.Task | None = None
+        self.probe_task: asyncio.Task | None = None
+        self.draining = False
+        self.ejected_until = 0.0
+        self.consecutive_ejections = 0
+        self.ejections = 0
+        self.last_error = ""
+
+    def available(self, now: float | None = None) -> bool:
+        """Routable: connected and serving, not draining, not ejected."""
+        now = time.monotonic() if now is None else now
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.compat_fingerprint if self.info is not None else ""
 
     @property
     def role_label(self) -> str:
@@ -61,10 +81,18 @@ class WorkerPool:
         index: PrefixIndex,
         metrics: RouterMetrics,
         health_timeout_s: float = 2.0,
+        probe_interval_s: float = 1.0,
+        eject_base_s: float = 1.0,
+        eject_max_s: float = 30.0,
     ):
         self.index = index
         self.metrics = metrics
         self.health_timeout_s = health_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.eject_base_s = eject_base_s
+        self.eject_max_s = eject_max_s
+        # (prefill address, decode address) -> the fields that differ
+        self.incompatible: dict[tuple[str, str], str] = {}
         self.clients: dict[str, WorkerClient] = {}
         for role, addresses in (("prefill", prefill), ("decode", decode)):
             for address in addresses:
@@ -75,17 +103,57 @@ class WorkerPool:
     def start(self) -> None:
         for client in self.clients.values():
             client.task = asyncio.create_task(self._watch(client), name=f"watch {client.address}")
+            client.probe_task = asyncio.create_task(
+                self._probe(client), name=f"probe {client.address}"
+            )
 
     async def close(self) -> None:
         for client in self.clients.values():
-            if client.task is not None:
-                client.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await client.task
+            for task in (client.task, client.probe_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             await client.channel.close()
 
     def healthy(self, role: str) -> list[WorkerClient]:
-        return [c for c in self.clients.values() if c.healthy and role in c.roles]
+        """Workers of ``role`` the router may send new work to."""
+        now = time.monotonic()
+        return [c for c in self.clients.values() if role in c.roles and c.available(now)]
+
+    def compatible(self, p: WorkerClient, d: WorkerClient) -> bool:
+        """May ``d`` take KV from ``p``? A mismatch is recorded (status, metrics, log) once."""
+        if (p.address, d.address) in self.incompatible:
+            return False
+        if not p.fingerprint or not d.fingerprint:
+            return True  # not known yet: the decode worker checks and refuses by name
+        diff = fingerprint_mismatch(d.fingerprint, p.fingerprint)
+        if diff is not None:
+            self.mark_incompatible(p, d, diff)
+            return False
+        return True
+
+    def mark_incompatible(self, p: WorkerClient, d: WorkerClient, reason: str) -> None:
+        key = (p.address, d.address)
+        if key not in self.incompatible:
+            logger.error("not pairing prefill %s with decode %s: incompatible KV (%s)",
+                         p.address, d.address, reason)  # fmt: skip
+        self.incompatible[key] = reason
+        self.metrics.incompatible_pairs.set(len(self.incompatible))
+
+    def report_failure(self, client: WorkerClient, reason: str) -> None:
+        """Passive health: a call failed or timed out; eject for a doubling backoff."""
+        backoff = min(self.eject_base_s * 2**client.consecutive_ejections, self.eject_max_s)
+        client.consecutive_ejections += 1
+        client.ejections += 1
+        client.ejected_until = time.monotonic() + backoff
+        client.last_error = reason
+        self.metrics.worker_ejections.labels(client.address, client.role_label).inc()
+        self.metrics.worker_available.labels(client.address, client.role_label).set(0)
+        logger.warning("ejecting worker %s for %.1f s: %s", client.address, backoff, reason)
+
+    def report_success(self, client: WorkerClient) -> None:
+        client.consecutive_ejections = 0
 
     def candidates(self, clients: list[WorkerClient], hashes: list[int]) -> list[Candidate]:
         return [
@@ -103,8 +171,11 @@ class WorkerPool:
         if client.healthy:
             logger.warning("worker %s is down: %s", client.address, reason)
         client.healthy = False
+        client.last_error = reason
+        client.load = worker_pb2.LoadReport()  # a dead worker's last report means nothing now
         self.index.remove_worker(client.address)
         self.metrics.forget_worker(client.address, client.role_label)
+        self.metrics.worker_available.labels(client.address, client.role_label).set(0)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """True once every worker answered Health and streams events."""
@@ -134,6 +205,12 @@ class WorkerPool:
                 )
                 if client.info.status != common_pb2.HealthResponse.SERVING:
                     raise RuntimeError("worker reports NOT_SERVING")
+                # A restarted worker (same address) starts fresh: no drain, no stale pairing.
+                client.draining = False
+                self.incompatible = {
+                    k: v for k, v in self.incompatible.items() if client.address not in k
+                }
+                self.metrics.incompatible_pairs.set(len(self.incompatible))
                 stream = client.stub.StreamEvents(worker_pb2.StreamEventsRequest())
                 expected = 0
                 async for event in stream:
@@ -156,6 +233,34 @@ class WorkerPool:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    async def _probe(self, client: WorkerClient) -> None:
+        """Active health: a worker that stops answering is marked down within one interval."""
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            if not client.healthy:
+                continue  # the watcher is reconnecting
+            try:
+                info = await client.stub.Health(
+                    common_pb2.HealthRequest(), timeout=self.health_timeout_s
+                )
+            except grpc.RpcError as e:
+                self.mark_down(client, f"health probe: {e.code().name}")
+                self._changed.set()
+                continue
+            if info.draining:
+                self._set_draining(client)
+            elif info.status != common_pb2.HealthResponse.SERVING:
+                self.mark_down(client, "health probe: NOT_SERVING")
+            self.metrics.worker_available.labels(client.address, client.role_label).set(
+                int(client.available())
+            )
+
+    def _set_draining(self, client: WorkerClient) -> None:
+        if not client.draining:
+            logger.warning("worker %s is draining; no new requests go to it", client.address)
+        client.draining = True
+        self.metrics.worker_available.labels(client.address, client.role_label).set(0)
+
     def _apply(self, client: WorkerClient, event: worker_pb2.WorkerEvent) -> None:
         name = client.address
         for kv in event.kv_events:
@@ -167,6 +272,8 @@ class WorkerPool:
             elif kind == "cleared":
                 self.index.cleared(name)
         client.load = event.load
+        if event.load.draining:
+            self._set_draining(client)
         self.metrics.worker_load(
             name, client.role_label, event.load.num_running, event.load.num_waiting,
             event.load.kv_usage,

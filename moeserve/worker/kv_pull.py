@@ -1,23 +1,28 @@
 """Decode side of disaggregation: take a KV handle, READ the blocks with NIXL, join the batch.
 
-Every failure (fingerprint mismatch, unreachable peer, full pool, failed or slow READ) ends in
-the same place: the request is recomputed here and the prefill worker is told to release its
-blocks. The client never sees a transfer error, only a slower first token.
+A fingerprint mismatch is refused with ``IncompatibleKVError`` naming the differing fields (the
+router then stops pairing the two workers and retries without the handle). Every other failure
+(unreachable peer, full pool, failed or slow READ) ends in the same place: the request is
+recomputed here and the prefill worker is told to release its blocks. The client never sees a
+transfer error, only a slower first token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 import grpc
 
 from moeserve.api import worker_pb2, worker_pb2_grpc
+from moeserve.common.errors import IncompatibleKVError
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineLoop
+from moeserve.worker.faults import FaultPlan
 from moeserve.worker.kv_transfer import (
     KVTransferAgent,
     KVTransferError,
@@ -32,10 +37,14 @@ logger = logging.getLogger(__name__)
 
 
 class KVPuller:
-    def __init__(self, agent: KVTransferAgent, metrics: WorkerMetrics, timeout_s: float = 10.0):
+    def __init__(
+        self, agent: KVTransferAgent, metrics: WorkerMetrics, timeout_s: float = 10.0,
+        faults: FaultPlan | None = None,
+    ):  # fmt: skip
         self.agent = agent
         self.metrics = metrics
         self.timeout_s = timeout_s
+        self.faults = faults or FaultPlan()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -67,6 +76,10 @@ class KVPuller:
 
     async def _wait(self, xfer) -> bool:
         deadline = time.monotonic() + self.timeout_s
+        if self.faults.stall_transfer_s:  # injected: the READ sits unanswered
+            await asyncio.sleep(min(self.faults.stall_transfer_s, self.timeout_s))
+            if self.faults.stall_transfer_s >= self.timeout_s:
+                return False
         sleep = 1e-4
         while self.agent.poll(xfer) is TransferState.PENDING:
             if time.monotonic() >= deadline:
@@ -97,7 +110,12 @@ class KVPuller:
 
         mismatch = fingerprint_mismatch(fingerprint, handle.compat_fingerprint)
         if mismatch:
-            return await recompute(f"KV refused, incompatible prefill worker ({mismatch})")
+            self.metrics.kv_transfer_failures.inc()
+            await self._release_remote(handle)
+            raise IncompatibleKVError(
+                f"KV from prefill worker {handle.worker_address} refused: incompatible "
+                f"({mismatch})"
+            )
         if first_token is None or handle.num_tokens != len(prompt):
             return await recompute("KV handle does not match the prompt")
         try:
@@ -135,6 +153,8 @@ class KVPuller:
             self.agent.finish(xfer, timed_out=True)
             raise
         result = self.agent.finish(xfer, timed_out=not in_time)
+        if self.faults.fail_transfer and result.ok:
+            result = dataclasses.replace(result, ok=False, error="injected fault")
         if not result.ok:
             logger.warning("request %s: KV READ from %s failed (%s); recomputing",
                            rid, peer, result.error)  # fmt: skip

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,11 +20,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
-from moeserve.common.errors import InvalidRequestError, MoeServeError
+from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
+from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
+from moeserve.worker.gate import WorkerGate
 from moeserve.worker.kv_pull import KVPuller
 from moeserve.worker.kv_transfer import KVTransferAgent, LeaseTable
 from moeserve.worker.worker_events import EventHub, engine_fingerprint
@@ -69,6 +73,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         metrics: WorkerMetrics,
         lease_s: float = 30.0,
         kv_timeout_s: float = 10.0,
+        max_queued: int = 1024,
+        faults: FaultPlan | None = None,
     ):
         self.engine = engine
         self.role = role
@@ -79,7 +85,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.fingerprint = engine_fingerprint(engine)
         self.hub = EventHub()
         self.loop: EngineLoop | None = None
-        self.puller = KVPuller(agent, metrics, kv_timeout_s) if agent is not None else None
+        self.faults = faults or FaultPlan()
+        self.gate = WorkerGate(max_queued)
+        self.puller = None
+        if agent is not None:
+            self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults)
+        if self.faults.active:
+            logger.warning("fault injection is ON: %s", self.faults)
+
+    def start_drain(self) -> None:
+        """SIGTERM: refuse new work and tell the routers (NOT_SERVING, draining in the load)."""
+        self.gate.start_drain()
+        self.hub.draining = True
 
     def start(self) -> None:
         self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), on_tick=self._tick)
@@ -115,7 +132,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Prefill(self, request, context):
+        try:
+            with self.gate.admit("prefill"):
+                return await self._prefill(request)
+        except (MoeServeError, EngineDied) as e:
+            await abort_with(context, e)
+
+    async def _prefill(self, request) -> worker_pb2.PrefillResponse:
         rid = request.request_id or uuid.uuid4().hex
+        if self.faults.stall_prefill_s:
+            await asyncio.sleep(self.faults.stall_prefill_s)
+        if self.faults.fail_prefill:
+            raise UnavailableError("injected fault: prefill failed")
         stream = self.loop.open_stream(rid)
         done = False
         try:
@@ -159,8 +187,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 finished=finished,
                 finish_reason=out.finish_reason if finished else "",
             )
-        except (MoeServeError, EngineDied) as e:
-            await abort_with(context, e)
         finally:
             self.loop.close_stream(rid)
             if not done:  # cancelled or failed before the handle left: free everything
@@ -171,6 +197,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return engine.release_pinned(rid)
 
     async def Generate(self, request, context) -> AsyncIterator:
+        try:
+            with self.gate.admit("generate"):
+                async for msg in self._generate(request):
+                    yield msg
+        except (MoeServeError, EngineDied) as e:
+            await abort_with(context, e)
+
+    async def _generate(self, request) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
         stream = self.loop.open_stream(rid)
         finished = False
@@ -187,7 +221,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             else:
                 await self.loop.call(lambda e: e.add_request(rid, prompt, params))
             first_msg = True
+            sent = 0
             while not finished:
+                sent += 1
+                await self._inject_stream_fault(sent)
                 out = await stream.get()
                 if isinstance(out, Exception):
                     raise out
@@ -208,12 +245,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     kv_transfer_bytes=nbytes if first_msg else 0,
                 )
                 first_msg = False
-        except (MoeServeError, EngineDied) as e:
-            await abort_with(context, e)
         finally:
             self.loop.close_stream(rid)
             if not finished:  # client went away or an error: the blocks go back to the pool
                 await asyncio.shield(self.loop.call(lambda e: e.abort_request(rid)))
+
+    async def _inject_stream_fault(self, n: int) -> None:
+        """Before the stream's ``n``-th message: the injected drop or stall, if any."""
+        f = self.faults
+        if f.drop_stream_after and n > f.drop_stream_after:
+            raise UnavailableError("injected fault: stream dropped")
+        if f.stall_stream_after and n > f.stall_stream_after:
+            await asyncio.sleep(3600)  # ended by the caller's deadline or cancellation
 
     async def Abort(self, request, context):
         ids = list(request.request_ids)
@@ -232,7 +275,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         status = common_pb2.HealthResponse.SERVING
-        if self.loop is None or not self.loop.alive:
+        if self.loop is None or not self.loop.alive or self.gate.draining:
             status = common_pb2.HealthResponse.NOT_SERVING
         mc = self.engine.model_config
         return common_pb2.HealthResponse(
@@ -244,6 +287,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             nixl_agent_name=self.agent.name if self.agent else "",
             max_model_len=self.engine.max_model_len,
             eos_token_id=mc.eos_token_id if mc.eos_token_id is not None else 0,
+            draining=self.gate.draining,
         )
 
     async def StreamEvents(self, request, context):
@@ -281,9 +325,14 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         agent = KVTransferAgent(name, engine.kv_cache)
     metrics = WorkerMetrics()
     servicer = WorkerServicer(
-        engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s
-    )
+        engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s,
+        args.max_queued, parse_faults(args.faults),
+    )  # fmt: skip
     servicer.start()
+    sigterm = asyncio.Event()
+    # Not possible off the main thread (an embedding host such as Ray handles signals itself).
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, sigterm.set)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -297,8 +346,14 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     print(f"moeserve worker listening on {address}{metrics_note}", flush=True)
     if ready is not None:
         ready.set()
+    stopped = asyncio.ensure_future(server.wait_for_termination())
     try:
-        await server.wait_for_termination()
+        await asyncio.wait([stopped, asyncio.ensure_future(sigterm.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if sigterm.is_set():
+            servicer.start_drain()
+            ok = await servicer.gate.drain(args.drain_grace_s, lambda: len(servicer.leases))
+            logger.warning("drained (%s); exiting", "clean" if ok else "grace period over")
     finally:
         await server.stop(grace=1)
         servicer.stop()
@@ -332,5 +387,11 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=10.0,
         help="give up a KV READ after this long and recompute",
     )
+    p.add_argument("--max-queued", type=int, default=1024,
+                   help="requests held at once (running or waiting); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--drain-grace-s", type=float, default=25.0,
+                   help="on SIGTERM, finish held requests within this time, then exit")
+    p.add_argument("--faults", default=None,
+                   help=f"test fault injection, e.g. stall_prefill_s=30 (default ${ENV_VAR})")
     p.set_defaults(func=lambda args: asyncio.run(serve_worker(args)) or 0)
     return p  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,12 +57,15 @@ class EventHub:
         self._subs: set[asyncio.Queue] = set()
         self._load = worker_pb2.LoadReport()
         self._last_sent = 0.0
+        # Set by the drain on SIGTERM; the next tick tells every router at once.
+        self.draining = False
 
     def publish_threadsafe(
         self, loop: asyncio.AbstractEventLoop, events: list, stats: EngineStats
     ) -> None:
         """From the engine thread; quiet ticks only send a load heartbeat now and then."""
         load = _load(stats)
+        load.draining = self.draining
         now = time.monotonic()
         if not events and load == self._load and now - self._last_sent < _HEARTBEAT_S:
             return
@@ -115,8 +119,22 @@ def _digest(parts: list[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
+def _nixl_version() -> str:
+    for dist in ("nixl", "nixl-cu12", "nixl-cu13"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
 def engine_fingerprint(engine: LLMEngine) -> str:
-    """What must match between a prefill and a decode worker for KV to be reused as is."""
+    """What must match between a prefill and a decode worker for KV to be reused as is.
+
+    The issue's full list: model id and weights hash, dtype, KV layout and block size, parallel
+    layout, moeserve and NIXL versions. Each is its own field so a refusal names the one that
+    differs.
+    """
     model_dir = Path(engine.config.model)
     config = model_dir / "config.json"
     # Names and sizes, not contents: hashing hundreds of GB at start-up is not an option.
@@ -131,7 +149,8 @@ def engine_fingerprint(engine: LLMEngine) -> str:
             "kv_layout": "x".join(str(d) for d in kv.shape[1:]),
             "kv_dtype": str(kv.dtype).removeprefix("torch."),
             "block_size": engine.config.block_size,
-            "parallel": "tp1",
+            "parallel": f"dp{engine.config.dp}-ep{engine.config.ep}-tp1",
+            "nixl": _nixl_version(),
             "mla": engine.config.mla_impl,
             "moeserve": getattr(moeserve, "__version__", "0"),
             "kv_metadata": METADATA_VERSION,

@@ -40,7 +40,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "role", "model_id", "block_size", "compat_fingerprint", "nixl_agent_name", "max_model_len", "eos_token_id")
+    __slots__ = ("status", "role", "model_id", "block_size", "compat_fingerprint", "nixl_agent_name", "max_model_len", "eos_token_id", "draining")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[HealthResponse.Status]
@@ -57,6 +57,7 @@ class HealthResponse(_message.Message):
     NIXL_AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     status: HealthResponse.Status
     role: str
     model_id: str
@@ -65,4 +66,5 @@ class HealthResponse(_message.Message):
     nixl_agent_name: str
     max_model_len: int
     eos_token_id: int
-    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., nixl_agent_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., nixl_agent_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
