@@ -167,7 +167,8 @@ class ModelSource(_Model):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        chosen = [n for n in ("pvc", "hostPath", "preset") if getattr(self, to_snake(n))]
+        chosen = [name for name, value in (("pvc", self.pvc), ("hostPath", self.host_path),
+                                           ("preset", self.preset)) if value]
         if len(chosen) != 1:
             raise FieldRuleError("", f"exactly one of pvc, hostPath, preset must be set, got "
                                      f"{chosen or 'none'}")
@@ -339,10 +340,6 @@ class MoEDeployment(BaseModel):
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-
-
-def to_snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _field_path(loc: tuple[int | str, ...], error: Mapping[str, Any]) -> str:

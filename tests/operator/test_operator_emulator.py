@@ -16,7 +16,7 @@ from moeserve.operator.render import render
 
 REPO = Path(__file__).resolve().parents[2]
 API = "moeserve.io/v1alpha1"
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 def tiny() -> dict[str, Any]:

@@ -202,6 +202,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
                      "decode": pool()}}
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs())
 def test_generated_specs_render_valid_manifests(doc: dict[str, Any]) -> None:
