@@ -157,9 +157,10 @@ def scenario_eplb(ctx, model: str, assignment: dict[int, list[int]]) -> dict:
             "placement": ep.placement.phy2log.tolist()}
 
 
-def scenario_stall(ctx, model: str, stall_rank: int, stall_after: int) -> dict:
-    """stall_rank freezes itself (SIGSTOP, like a hung GPU) after some steps; the others
-    report how long it took them to see the group fail, and their health."""
+def scenario_stall(ctx, model: str, stall_rank: int, stall_after: int,
+                   how: str = "SIGSTOP") -> dict:
+    """stall_rank freezes (SIGSTOP, like a hung GPU) or dies (SIGKILL) after some steps; the
+    others report how long it took them to see the group fail, and their health."""
     from moeserve.worker.engine import LLMEngine
     from moeserve.worker.parallel.group import GroupFailure
 
@@ -171,7 +172,7 @@ def scenario_stall(ctx, model: str, stall_rank: int, stall_after: int) -> dict:
     try:
         while engine.has_unfinished_requests():
             if ctx.rank == stall_rank and steps == stall_after:
-                os.kill(os.getpid(), signal.SIGSTOP)
+                os.kill(os.getpid(), getattr(signal, how))
             engine.step()
             steps += 1
             last_ok = time.monotonic()

@@ -82,14 +82,15 @@ def test_eplb_rebalances_skewed_load_without_changing_tokens(tiny_v3):
     assert results[0]["placement"] == results[1]["placement"]
 
 
-def test_frozen_rank_fails_the_group_within_bounded_time(tiny_v3):
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_dead_or_frozen_rank_fails_the_group_within_bounded_time(tiny_v3, how):
     timeout = 3.0
     t = time.perf_counter()
-    with pytest.raises(TimeoutError):  # rank 1 is frozen and never answers: killed at the end
-        h.run_ranks(h.scenario_stall, 2, (str(tiny_v3), 1, 3), timeout_s=25,
+    with pytest.raises(TimeoutError):  # rank 1 never answers (frozen ones are killed after)
+        h.run_ranks(h.scenario_stall, 2, (str(tiny_v3), 1, 3, how), timeout_s=25,
                     collective_timeout_s=timeout, expect=[0], results_out=(out := {}))
     r = out[0]
-    print(f"frozen rank detected after {r['detect_s']:.2f}s (collective timeout {timeout}s); "
+    print(f"{how} rank detected after {r['detect_s']:.2f}s (collective timeout {timeout}s); "
           f"health: {r['healthy']} ({r['reason']})")
     assert r["error"] and "EP group" in r["error"]
     assert r["detect_s"] < timeout + 3
