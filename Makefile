@@ -9,7 +9,7 @@ install:
 	$(PY) -m pip install -q -e .
 
 install-test: install
-	$(PY) -m pip install -q -e '.[test,nixl]'
+	$(PY) -m pip install -q -e '.[test,nixl,ray]'
 
 test: install-test
 	$(PY) -m ruff check moeserve tests benchmarks

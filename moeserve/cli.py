@@ -21,6 +21,7 @@ _EXTERNAL_PARSERS = [
     ("moeserve.worker.server", "add_worker_parser"),
     ("moeserve.router.server", "add_router_parser"),
     ("moeserve.deploy.local", "add_up_parser"),
+    ("moeserve.deploy.ray_cli", "add_ray_parser"),
     ("moeserve.bench", "add_bench_parser"),
 ]
 

@@ -1,0 +1,244 @@
+"""`moeserve up --ray` and `moeserve ray status`: the Serve application on a Ray cluster.
+
+Without ``--address`` a local Ray instance is started (loopback, a few logical CPUs) and stopped
+again on Ctrl-C / SIGTERM, after the application is deleted, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from moeserve.common.spec import MoEDeployment
+
+__all__ = [
+    "RayCluster", "RayClusterSpec", "run_up_ray", "add_ray_parser", "pool_status", "connect",
+]
+
+
+@dataclass
+class RayClusterSpec:
+    deployment: MoEDeployment
+    address: str | None = None  # None: start a local Ray instance
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_cpus: float | None = None  # local instance only; default from the spec's groups
+    num_kv_blocks: int = 0
+    route_prefix: str = "/"  # another prefix lets two deployments share one Serve proxy
+    startup_timeout_s: float = 300.0
+    ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class RayCluster:
+    """Deploy with ``start()`` (or as a context manager); ``url`` is the OpenAI base URL."""
+
+    def __init__(self, spec: RayClusterSpec):
+        self.spec = spec
+        self.dep = spec.deployment
+        self.app_name = f"moeserve-{self.dep.name}"
+        self.url = ""
+        self.gcs_address = ""
+        self._started_ray = False
+
+    def __enter__(self) -> RayCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        import ray
+        from ray import serve
+
+        from moeserve.deploy.ray_app import required_cpus
+
+        spec = self.spec
+        port = spec.port or _free_port(spec.host)
+        try:
+            if spec.address is None:
+                cpus = spec.num_cpus or required_cpus(self.dep)
+                # Ray on Linux advertises the node's interface address, never loopback: the
+                # workers bind that; only the HTTP proxy binds ``host``.
+                ctx = ray.init(num_cpus=max(int(cpus + 0.999), 1), include_dashboard=False,
+                               namespace="moeserve-up", **spec.ray_init_kwargs)  # fmt: skip
+                self._started_ray = True
+            else:
+                ctx = connect(spec.address, "moeserve-up", **spec.ray_init_kwargs)
+            self.gcs_address = ctx.address_info["gcs_address"]
+            serve.start(http_options={"host": spec.host, "port": port})
+            port = _serve_http_port(port)
+            self.deploy()
+            self.url = f"http://{spec.host}:{port}{spec.route_prefix.rstrip('/')}"
+            self._wait_healthy(time.monotonic() + spec.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def deploy(self, deployment: MoEDeployment | None = None) -> None:
+        """(Re)deploy; a spec differing only in pool sizes just adds or removes groups."""
+        from ray import serve
+
+        from moeserve.deploy.ray_app import build_app
+
+        self.dep = deployment or self.dep
+        app = build_app(self.dep, self.spec.num_kv_blocks, self.spec.startup_timeout_s)
+        serve.run(app, name=self.app_name, route_prefix=self.spec.route_prefix, blocking=False)
+
+    def _wait_healthy(self, deadline: float) -> None:
+        from ray import serve
+
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get(self.app_name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"Serve could not deploy {self.app_name}: {app.message}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.app_name} did not become healthy in time")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):
+            serve.delete(self.app_name)
+        if self._started_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+        ray.shutdown()  # stops the local instance's processes when this driver started it
+
+
+def connect(address: str, namespace: str, **kwargs: Any) -> Any:
+    """ray.init(address=...) for a second driver. A local instance that `ray.init()` started
+    requires its token (~/.ray/auth_token) but a connecting driver sends it only in token
+    mode; Ray's own `ray start` turns that mode on when the token exists, and so do we."""
+    import ray
+
+    with contextlib.suppress(ImportError):
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return ray.init(address=address, namespace=namespace, **kwargs)
+
+
+def _serve_http_port(asked: int) -> int:
+    """The proxy's real port: a Serve instance that was already running keeps its own."""
+    with contextlib.suppress(Exception):
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    return asked
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def pool_status(app_name: str | None = None) -> list[dict[str, Any]]:
+    """Per pool: Serve's replica states and the groups whose every rank actor answers."""
+    import ray
+    from ray import serve
+
+    from moeserve.deploy.ray_workers import NAMESPACE, list_rank_actors
+
+    rows = []
+    for name, app in serve.status().applications.items():
+        if app_name is not None and name != app_name:
+            continue
+        dep_name = name.removeprefix("moeserve-")
+        ranks: dict[tuple[str, str], list[bool]] = {}
+        for actor in list_rank_actors(dep_name):
+            _, role, group, _rank = actor.split("/")
+            try:
+                ray.get(ray.get_actor(actor, namespace=NAMESPACE).info.remote(), timeout=2)
+                ok = True
+            except Exception:
+                ok = False
+            ranks.setdefault((role, group), []).append(ok)
+        for dname, d in app.deployments.items():
+            groups = [all(v) for (role, _), v in ranks.items() if role == dname]
+            rows.append({
+                "app": name, "pool": dname, "status": str(d.status),
+                "replicas": dict(d.replica_states), "groups": len(groups),
+                "ready_groups": sum(groups),
+            })  # fmt: skip
+    return rows
+
+
+def run_up_ray(args: argparse.Namespace) -> int:
+    from moeserve.deploy.ray_app import load_deployment
+
+    dep = load_deployment(args.file, args.model, args.prefill, args.decode)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not args.route_prefix.startswith("/"):
+        raise ValueError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
+    cluster = RayCluster(RayClusterSpec(dep, args.address, args.host, args.port,
+                                        num_kv_blocks=args.num_kv_blocks,
+                                        route_prefix=args.route_prefix))  # fmt: skip
+    try:
+        cluster.start()
+        print(f"\nmoeserve is up on Ray: {cluster.url}/v1  (app {cluster.app_name}, "
+              f"Ray {cluster.gcs_address})")
+        print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"prompt\": \"Hello, MoE world\", \"max_tokens\": 16}}'")
+        print("Ctrl-C stops everything.", flush=True)
+        stop.wait()
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import ray
+
+    connect(args.address or "auto", "moeserve-status", log_to_driver=False)
+    try:
+        rows = pool_status(args.app)
+    finally:
+        ray.shutdown()
+    if not rows:
+        print("no moeserve application on this Ray cluster")
+        return 1
+    print(f"{'APP':<24} {'POOL':<8} {'STATUS':<10} {'GROUPS':>6} {'READY':>6}  REPLICAS")
+    for r in rows:
+        status = r["status"].rsplit(".", 1)[-1]
+        print(f"{r['app']:<24} {r['pool']:<8} {status:<10} {r['groups']:>6} "
+              f"{r['ready_groups']:>6}  {r['replicas']}")
+    return 0
+
+
+def add_ray_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("ray", help="moeserve applications on a Ray cluster")
+    sub = p.add_subparsers(dest="ray_command", required=True)
+    st = sub.add_parser("status", help="pools, replicas and ready EP groups")
+    st.add_argument("--address", default=None, help="Ray cluster address (default: auto)")
+    st.add_argument("--app", default=None, help="only this Serve application")
+    st.set_defaults(func=_run_status)
+    return p
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for debugging
+    sys.exit(0)

@@ -1,0 +1,152 @@
+"""The router as a Serve deployment: `moeserve router`'s code with workers found through Ray.
+
+``RayWorkerPool`` is the router's ``WorkerPool`` with one more source of truth for *which*
+workers exist: the named rank actors of the deployment (ray_workers.list_rank_actors), polled
+every ``discovery_interval_s``. Everything else is unchanged: each worker gets one gRPC watcher
+(health + KV events feed the prefix index), and a broken stream marks it down at once. A rank
+actor that Ray restarted comes back on a new port; the old address leaves the pool and the new
+one joins it on the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moeserve.common.errors import UnavailableError
+from moeserve.router.metrics import RouterMetrics
+from moeserve.router.prefix_index import PrefixIndex
+from moeserve.router.workers import WorkerClient, WorkerPool
+
+__all__ = ["RayWorkerPool", "RouterDeployment"]
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorkerPool(WorkerPool):
+    def __init__(self, deployment: str, index: PrefixIndex, metrics: RouterMetrics,
+                 discovery_interval_s: float = 0.5):  # fmt: skip
+        super().__init__([], [], index, metrics)
+        self.deployment = deployment
+        self.discovery_interval_s = discovery_interval_s
+        self._known: dict[str, tuple[str, str]] = {}  # actor name -> (address, role)
+        self._handles: dict[str, Any] = {}
+        self._discovery: asyncio.Task | None = None
+
+    def start(self) -> None:
+        super().start()
+        self._discovery = asyncio.create_task(self._discover_forever(), name="ray discovery")
+
+    async def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._discovery
+        await super().close()
+
+    async def _discover_forever(self) -> None:
+        while True:
+            try:
+                await self.discover()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the GCS may be briefly unreachable; the next poll retries
+                logger.exception("worker discovery through Ray failed")
+            await asyncio.sleep(self.discovery_interval_s)
+
+    async def discover(self) -> None:
+        """One poll: add new or moved rank actors, drop the ones that are gone."""
+        import ray
+
+        from moeserve.deploy.ray_workers import NAMESPACE, list_rank_actors
+
+        names = await asyncio.to_thread(list_rank_actors, self.deployment)
+        for name in names:
+            if name not in self._handles:
+                with contextlib.suppress(ValueError):  # died between list and lookup
+                    self._handles[name] = await asyncio.to_thread(
+                        ray.get_actor, name, namespace=NAMESPACE)
+
+        async def ask(name: str) -> tuple[str, Any]:
+            try:
+                return name, await asyncio.wait_for(self._handles[name].info.remote(), 2.0)
+            except Exception:  # restarting or dead: keep what we knew until it answers again
+                return name, None
+
+        answers = await asyncio.gather(*(ask(n) for n in names if n in self._handles))
+        for name, info in answers:
+            if info is not None:
+                self._known[name] = (info.address, info.role)
+        for name in list(self._known):
+            if name not in names:
+                del self._known[name]
+                self._handles.pop(name, None)
+        self._sync({address: role for address, role in self._known.values()})
+
+    def _sync(self, wanted: dict[str, str]) -> None:
+        for address in [a for a in self.clients if a not in wanted]:
+            client = self.clients.pop(address)
+            self.mark_down(client, "its Ray actor is gone or moved")
+            if client.task is not None:
+                client.task.cancel()
+            asyncio.get_running_loop().create_task(client.channel.close())
+            logger.info("worker %s left the pool", address)
+        for address, role in wanted.items():
+            if address not in self.clients:
+                client = WorkerClient(address, {role})
+                self.clients[address] = client
+                client.task = asyncio.create_task(self._watch(client), name=f"watch {address}")
+                logger.info("worker %s (%s) joined the pool", address, role)
+        self._changed.set()
+
+    async def wait_for_decode(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.healthy("decode") or self.model_info() is None:
+            if loop.time() > deadline:
+                raise UnavailableError(f"no decode worker became healthy in {timeout_s} s")
+            await asyncio.sleep(0.2)
+
+
+class RouterDeployment:
+    """Serve ingress replica: builds the pool, Router and Frontend on the replica's loop, then
+    serves the same FastAPI app as `moeserve router` (see ray_app for the Serve options)."""
+
+    async def __init__(self, deployment: str, model_dir: str, settings: dict[str, Any],
+                 startup_timeout_s: float = 300.0, **pools: Any):  # fmt: skip
+        from moeserve.router.frontend import Frontend
+        from moeserve.router.policy import Policy
+        from moeserve.router.serving import Router, RouterSettings
+        from moeserve.router.tokenizer import load_tokenizer
+
+        # ``pools`` are the worker deployments' handles: bound here only so that Serve deploys
+        # them with the router as one application; traffic goes to the workers over gRPC.
+        self.pools = pools
+        self.metrics = RouterMetrics()
+        self.pool = RayWorkerPool(deployment, PrefixIndex(), self.metrics)
+        self.pool.start()
+        await self.pool.wait_for_decode(startup_timeout_s)
+        info = self.pool.model_info()
+        vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+        rs = RouterSettings(**{**settings, "policy": Policy(settings.get("policy", "prefix"))})
+        router = Router(self.pool, self.metrics, rs, info.model_id, info.block_size)
+        self.frontend = Frontend(router, load_tokenizer(model_dir), info.model_id,
+                                 info.max_model_len, vocab_size, self.metrics)  # fmt: skip
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from moeserve.router.http_app import create_app
+
+        return create_app(self.frontend, lambda: bool(self.pool.healthy("decode")))
+
+    async def workers(self) -> dict[str, list[str]]:
+        """Healthy worker addresses per role, as this router replica sees them."""
+        return {role: sorted(c.address for c in self.pool.healthy(role))
+                for role in ("prefill", "decode")}  # fmt: skip
+
+    async def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.pool.close()
