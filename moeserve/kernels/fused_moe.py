@@ -67,12 +67,14 @@ def moe_align_block_size(
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
+    # Slice fills, not `t[i] = v`: an indexed store copies a CPU scalar, which CUDA-graph
+    # capture rejects.
+    padded[num_experts:].zero_()
     padded_end = padded.cumsum(0)
     total = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
     # Copies of key E go to rows >= total, then get cut off.
     padded_start = torch.cat([padded_end.new_zeros(1), padded_end[:-1]])
-    padded_start[num_experts] = total
+    padded_start[num_experts:].fill_(total)
     start = counts.cumsum(0) - counts
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]

@@ -41,6 +41,14 @@ class EngineConfig:
     """token budget of one step (chunked prefill splits longer prompts)"""
     enable_prefix_caching: bool = True
     """reuse KV of identical prompt prefixes"""
+    enforce_eager: bool = False
+    """run every step eagerly: no CUDA graphs for decode steps"""
+    cuda_graph_max_batch: int = 256
+    """largest decode batch run as a CUDA graph (capped at max_num_seqs)"""
+    cuda_graph_max_context: int = 4096
+    """longest sequence a torch-path decode CUDA graph serves (kernel path: max_model_len)"""
+    kernel_backend: str = "auto"
+    """auto: Triton / FlashInfer / DeepGEMM kernels on CUDA; torch: the plain-torch path"""
     mla_impl: str = "absorbed"
     """absorbed (latent attention, serving path) or naive (expanded K/V, the test oracle)"""
     dp: int = 1

@@ -9,6 +9,7 @@ import torch
 
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
+from moeserve.worker.cuda_graphs import DecodeGraphs
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.sampler import Sampler, advance_generator, make_generator
@@ -60,6 +61,10 @@ class ModelRunner:
             self.expert_parallel = ExpertParallel.attach(self.model, parallel, config,
                                                          self.device)
         load_checkpoint(self.model, config.model)
+        if config.kernel_backend not in ("auto", "torch"):
+            raise ValueError(f"kernel_backend must be auto or torch, got {config.kernel_backend!r}")
+        use_kernels = config.kernel_backend == "auto" and self.device.type == "cuda"
+        self.model.use_kernels(use_kernels)
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -71,6 +76,23 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+        # Not with expert parallelism: dispatch reads row counts back to the host every layer.
+        if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.block_size,
+                max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+                # the kernels read the block table directly; the torch path gathers a padded
+                # context of this length every step, so it keeps a bound
+                max_context=max_model_len if use_kernels else min(
+                    config.cuda_graph_max_context, max_model_len),
+            )
+            try:
+                self.graphs.capture()
+            except RuntimeError as e:  # an op of this model/dtype cannot be captured
+                logger.warning("decode CUDA graphs disabled, running eagerly: %s", e,
+                               exc_info=logger.isEnabledFor(logging.DEBUG))
+                self.graphs = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -114,16 +136,22 @@ class ModelRunner:
             batch = StepBatch(token_ids, tables, context_lens, query_lens)
             hidden = forward_step(self.expert_parallel, self.model, self.kv_cache, batch,
                                   self.block_size, self.device)
+            if not sample_reqs:  # also an idle rank, which only relayed other ranks' tokens
+                return {}
+            rows = torch.tensor(sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+        elif len(sample_reqs) == len(reqs) and self._decode_graph_fits(query_lens, context_lens):
+            logits = self.graphs.run(token_ids, context_lens, tables)
         else:
             meta, positions = AttentionMetadata.build(
                 tables, context_lens, query_lens, self.block_size, self.device
             )
             input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        if not sample_reqs:  # also an idle EP rank, which only relayed other ranks' tokens
-            return {}
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
+            if not sample_reqs:
+                return {}
+            rows = torch.tensor(sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
         tokens = self.sampler(
             logits,
             [r.sampling_params for r in sample_reqs],
@@ -131,6 +159,14 @@ class ModelRunner:
             [r.tokens_to_suppress() for r in sample_reqs],
         )
         return dict(zip((r.request_id for r in sample_reqs), tokens.tolist(), strict=True))
+
+    def _decode_graph_fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
+        """A pure decode step (one new token per request) within the captured sizes."""
+        return (
+            self.graphs is not None
+            and len(query_lens) == sum(query_lens)
+            and self.graphs.can_run(len(query_lens), max(context_lens) + 1)
+        )
 
     def forget(self, request_ids) -> None:
         """Drop per-request sampling state of finished requests."""

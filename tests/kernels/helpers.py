@@ -11,9 +11,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+# float32 runs as tf32 in tl.dot on a GPU (10-bit mantissa operands): measured up to 2.3e-3
+# norm-relative error on the H100, so not 1e-6. A wrong index or mask errs by O(1).
+TF32_TOL = 5e-3
+
+
 def tolerance(dtype: torch.dtype) -> float:
-    # float32 runs as tf32 in tl.dot on a GPU, hence not 1e-6.
-    return 2e-3 if dtype == torch.float32 else 1e-2
+    return TF32_TOL if dtype == torch.float32 else 1e-2
 
 
 def paged_cache(

@@ -59,7 +59,7 @@ def test_w8a8_matmul_exact_inputs(device):
                                 torch.float32, (32, 32))
     a_deq = a.float() * a_s.repeat_interleave(32, 1)
     w_deq = w.float() * w_s.repeat_interleave(32, 0)[:48].repeat_interleave(32, 1)
-    assert rel_err(out, a_deq @ w_deq.T) < 1e-5
+    assert rel_err(out.cpu(), a_deq @ w_deq.T) < 1e-5
 
 
 def test_per_token_group_quant_matches_ref(device):

@@ -85,6 +85,12 @@ class DeepseekForCausalLM(nn.Module):
             x = layer(x, positions, self.rotary, kv_cache[:, i], meta)
         return self.model.norm(x)
 
+    def use_kernels(self, enabled: bool) -> None:
+        """Route attention and routed experts through moeserve.kernels on CUDA tensors."""
+        for module in self.modules():
+            if hasattr(module, "use_kernels") and module is not self:
+                module.use_kernels = enabled
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden).float()

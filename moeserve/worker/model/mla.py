@@ -64,6 +64,8 @@ class MLAttention(nn.Module):
         self.v_head_dim = c.v_head_dim
         self.softmax_scale = c.softmax_scale
         self.impl = impl
+        # Set by the runner (EngineConfig.kernel_backend); the torch path is the reference.
+        self.use_kernels = False
         h, nh = c.hidden_size, c.num_attention_heads
         if c.q_lora_rank is None:
             self.q_proj = linear(h, nh * c.qk_head_dim)
@@ -95,6 +97,9 @@ class MLAttention(nn.Module):
         q_pe = rotary(q_pe, positions)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if self.use_kernels and x.is_cuda:
+            return self.o_proj(self._kernel_path(q_nope, q_pe, c_kv, k_pe, positions, rotary,
+                                                 layer_cache, meta).flatten(1))
         latents = torch.cat([self.kv_a_layernorm(c_kv), rotary(k_pe, positions)], dim=-1)
         write_latents(layer_cache, latents, meta)
         ctx = gather_context(layer_cache, meta).to(x.dtype)
@@ -104,6 +109,27 @@ class MLAttention(nn.Module):
         else:
             out = self._absorbed(q_nope, q_pe, ctx, mask, meta)
         return self.o_proj(out.flatten(1))
+
+    def _kernel_path(self, q_nope, q_pe, c_kv, k_pe, positions, rotary, layer_cache, meta):
+        """Triton/FlashInfer: fused norm + rope + cache write, then paged latent attention
+        straight from the block table (no gathered or padded copy of the context)."""
+        from moeserve import kernels  # imports triton: only on the CUDA path
+
+        kernels.rope_cache_write(
+            c_kv, k_pe, positions, rotary.cos_cache, rotary.sin_cache, meta.slot_mapping,
+            layer_cache, norm_weight=self.kv_a_layernorm.weight, eps=self.kv_a_layernorm.eps,
+            interleave=rotary.interleave,
+        )
+        w_uk, w_uv = self._kv_b_weights()
+        q = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
+        if meta.max_query_len == 1:
+            o = kernels.mla_decode(q, layer_cache, meta.block_tables, meta.seq_lens,
+                                   self.softmax_scale, self.kv_lora_rank)
+        else:
+            o = kernels.mla_prefill(q, layer_cache, meta.block_tables, meta.seq_lens,
+                                    meta.query_start_loc, meta.max_query_len,
+                                    self.softmax_scale, self.kv_lora_rank)
+        return torch.einsum("thr,hvr->thv", o, w_uv)
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)

@@ -92,6 +92,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(len(ids), hidden, inter))
         self.expert_ids = list(ids)
         self.num_logical_experts = config.n_routed_experts
+        self.use_kernels = False  # set by the runner (EngineConfig.kernel_backend)
         self.local_slot = {g: i for i, g in enumerate(ids)}
 
     def set_placement(self, expert_ids: list[int], w13: torch.Tensor | None = None,
@@ -124,19 +125,26 @@ class Experts(nn.Module):
                 raise KeyError(proj)
         return True
 
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here).
 
         Token copies are sorted by expert, run through both projections as grouped GEMMs
         (one launch each, whatever the number of experts) and summed back with their weights.
         """
+        if self.use_kernels and x.is_cuda:
+            from moeserve import kernels  # imports triton: only on the CUDA path
+
+            return kernels.fused_moe(x, self.w13, self.w2, weights, ids)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         if len(self.expert_ids) < self.num_logical_experts:  # expert-parallel: skip the -1s
             order = order[int((flat_ids < 0).sum()) :]
-        counts = torch.bincount(flat_ids[order], minlength=self.w13.shape[0])
+        # index_add rather than bincount: bincount reads the max id back to the host, which
+        # would stall every step and cannot be captured in a CUDA graph.
+        sorted_ids = flat_ids[order]
+        counts = torch.zeros(self.w13.shape[0], dtype=torch.int64, device=x.device)
+        counts.index_add_(0, sorted_ids, torch.ones_like(sorted_ids))
         tokens = order // top_k
         h = _grouped_linear(x[tokens], self.w13, counts)
         h = F.silu(h[:, : self.intermediate_size]) * h[:, self.intermediate_size :]
