@@ -69,6 +69,7 @@ class Reconciler:
         self._guard = threading.Lock()
         # Timer, change handlers and child watches may fire together for one deployment.
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._queued: dict[tuple[str, str], set[str]] = defaultdict(set)
         # Last status seen per child, so that events which change nothing cost nothing.
         self._seen: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -104,8 +105,18 @@ class Reconciler:
         return self.reconcile_by_name(namespace, owner, apply=deleted)
 
     def reconcile_by_name(self, namespace: str, name: str, apply: bool = True) -> Outcome | None:
-        """Re-fetch and reconcile; None when the deployment is gone or being deleted."""
+        """Re-fetch and reconcile; None when the deployment is gone or being deleted, or when
+        an equal or fuller run is already queued (it will read the newest state anyway, so a
+        burst of child events costs one run, not one per event)."""
+        mode = "apply" if apply else "status"
+        with self._guard:
+            queued = self._queued[(namespace, name)]
+            if mode in queued or "apply" in queued:
+                return None
+            queued.add(mode)
         with self._lock(namespace, name):
+            with self._guard:
+                queued.discard(mode)
             body = self.kube.get_deployment(namespace, name)
             if body is None or body.get("metadata", {}).get("deletionTimestamp"):
                 return None

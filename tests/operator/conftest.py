@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import jsonpatch
 import kmock
 import kopf
@@ -71,20 +72,23 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is not None and isinstance(request.data, dict):
-            await self._prepare(request)
+            unchanged = await self._prepare(request)
+            if unchanged is not None:
+                # Like the API server: a write that changes nothing bumps no resourceVersion
+                # and sends no watch event (else every resync would echo through the watches).
+                return aiohttp.web.json_response(unchanged)
         return await super()._handle(request)
 
-    async def _prepare(self, request: kmock.Request) -> None:
+    async def _prepare(self, request: kmock.Request) -> dict[str, Any] | None:
         data = request.data
         meta = data.setdefault("metadata", {})
-        meta["resourceVersion"] = str(next(self._versions))
         if request.action == kmock_enums.action.CREATE:
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             self._stamp_new(meta)
-            return
+            return None
         if request.action != kmock_enums.action.UPDATE or request.name is None:
-            return
+            return None
         key = (request.resource, request.namespace, request.name)
         existing = self._objects[key] if key in self._objects else None
         if existing is None or existing.deleted:
@@ -98,12 +102,16 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                         self._objects[key] = data
                     raw = self._objects[key].last.raw
                     await self._buses[request.resource].put({"type": "ADDED", "object": raw})
-            return
-        old = existing.raw
+            return None
+        old = dict(existing.raw)
+        if kmock_dicts.merge_patch_dict(old, data) == old:
+            return old
+        meta["resourceVersion"] = str(next(self._versions))
         if request.subresource is None and "spec" in data:
             merged = kmock_dicts.merge_patch_dict(old.get("spec") or {}, data["spec"])
             if merged != (old.get("spec") or {}):
                 meta["generation"] = int(old.get("metadata", {}).get("generation", 1)) + 1
+        return None
 
     async def _render_error(self, exc: Exception) -> Any:
         # The API server answers a failed JSON-patch "test" (a stale resourceVersion) with 422,
@@ -112,8 +120,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             exc = kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
         return await super()._render_error(exc)
 
-    @staticmethod
-    def _stamp_new(meta: dict[str, Any]) -> None:
+    @classmethod
+    def _stamp_new(cls, meta: dict[str, Any]) -> None:
+        meta["resourceVersion"] = str(next(cls._versions))
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("generation", 1)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -128,6 +137,8 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None) 
 
 class Cluster:
     """The emulator with the operator running against it; the test acts as a kubectl user."""
+
+    kinds = tuple(RESOURCES)  # (apiVersion, kind) of everything the emulator serves
 
     def __init__(self, workdir: Path, resync_seconds: float = 1.0):
         self.workdir = workdir

@@ -32,14 +32,7 @@ def expected_children(body: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def all_children(cluster: Any) -> set[tuple[str, str]]:
-    from conftest import RESOURCES  # noqa: PLC0415  (tests/operator is on sys.path)
-
-    found = set()
-    for api_version, kind in RESOURCES:
-        if kind in ("MoEDeployment", "Event"):
-            continue
-        found |= {(kind, n) for n in names(cluster, api_version, kind)}
-    return found
+    return {key for key in _by_key(cluster) if key[0] not in ("MoEDeployment", "Event")}
 
 
 def condition(body: dict[str, Any] | None, kind: str) -> dict[str, Any]:
@@ -119,10 +112,8 @@ def test_create_scale_drift_ready(cluster_factory: Any) -> None:
 
 
 def _by_key(cluster: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    from conftest import RESOURCES  # noqa: PLC0415
-
     out = {}
-    for api_version, kind in RESOURCES:
+    for api_version, kind in cluster.kinds:
         for obj in cluster.objects(api_version, kind):
             out[(kind, obj["metadata"]["name"])] = obj
     return out
