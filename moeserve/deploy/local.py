@@ -114,11 +114,8 @@ class LocalCluster:
         """Supervisor: the same command on the ports the child had."""
         if self.stopping:
             return
-        port = (child.address or "").rsplit(":", 1)[-1]
-        ports = {"--port": port, "--metrics-port": (child.metrics or "").rsplit(":", 1)[-1],
-                 "--grpc-port": (child.grpc or "").rsplit(":", 1)[-1]}  # fmt: skip
-        if child.name == "router":  # its --port is the HTTP one: keep what it printed
-            ports["--port"] = (child.address or "").rsplit(":", 1)[-1].rstrip("/")
+        ports = {"--port": _port(child.address), "--metrics-port": _port(child.metrics),
+                 "--grpc-port": _port(child.grpc)}  # fmt: skip
         child.ready = threading.Event()
         child.proc = self._popen(fixed_port_args(child.args, ports), child.env)
         threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
@@ -216,6 +213,12 @@ class LocalCluster:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
 
+def _port(address: str | None) -> str:
+    """"http://h:8000/metrics" or "h:8000" -> "8000" ("" when unknown)."""
+    m = re.search(r":(\d+)(?:/|$)", address or "")
+    return m.group(1) if m else ""
+
+
 def _ensure_tiny_checkpoint() -> Path:
     from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 
@@ -223,12 +226,6 @@ def _ensure_tiny_checkpoint() -> Path:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    if args.ray:  # the same topology as a Ray Serve application (moeserve.deploy.ray_cli)
-        from moeserve.deploy.ray_cli import run_up_ray
-
-        return run_up_ray(args)
-    if args.file or args.address:
-        raise ValueError("-f/--file and --address need --ray")
     spec = ClusterSpec(
         model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
         port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
@@ -275,9 +272,5 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         default=d.num_kv_blocks,
         help="KV blocks per worker (0: engine default)",
     )
-    p.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
-    p.add_argument("-f", "--file", default=None, help="MoEDeployment manifest (with --ray)")
-    p.add_argument("--address", default=None, help="Ray cluster (with --ray; default: start one)")
-    p.add_argument("--route-prefix", default="/", help="HTTP route of the app (with --ray)")
     p.set_defaults(func=_run_up)
     return p  # fmt: skip
