@@ -99,6 +99,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         from moeserve.worker.parallel.launch import generate_sharded
 
         outputs = generate_sharded(engine, prompts, params)
+        engine.parallel.close()  # before exit, so no rank leaves while peers still talk
         if outputs is None:  # not rank 0: rank 0 prints every rank's results
             return 0
     else:

@@ -7,6 +7,7 @@ data-parallel ranks (own requests, own KV cache) and the expert-parallel ranks o
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -226,6 +227,8 @@ def init_parallel(
     group = dist.group.WORLD
     monitor = HealthMonitor(store, info, heartbeat_s, max(3 * heartbeat_s, min(timeout_s, 10.0)))
     monitor.start()
+    # A heartbeat caught inside the store client at interpreter exit aborts the process.
+    atexit.register(monitor.stop)
     logger.info("rank %d/%d joined EP group at %s (%s)", info.rank, info.world_size,
                 info.rendezvous, backend)
     return ParallelContext(info, group, store, timeout_s, monitor)
