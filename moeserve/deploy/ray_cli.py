@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,8 +43,10 @@ class RayClusterSpec:
 class RayCluster:
     """Deploy with ``start()`` (or as a context manager); ``url`` is the OpenAI base URL."""
 
-    def __init__(self, spec: RayClusterSpec):
+    def __init__(self, spec: RayClusterSpec, stop: threading.Event | None = None):
+        """``stop``: set on SIGINT/SIGTERM once Ray is up (see ``_catch_signals``)."""
         self.spec = spec
+        self.stop_requested = stop
         self.dep = spec.deployment
         self.app_name = f"moeserve-{self.dep.name}"
         self.url = ""
@@ -74,6 +78,7 @@ class RayCluster:
                 self._started_ray = True
             else:
                 ctx = connect(spec.address, "moeserve-up", **spec.ray_init_kwargs)
+            self._catch_signals()
             self.gcs_address = ctx.address_info["gcs_address"]
             serve.start(http_options={"host": spec.host, "port": port})
             port = _serve_http_port(port)
@@ -83,6 +88,15 @@ class RayCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _catch_signals(self) -> None:
+        # ray.init installs a handler that logs SIGTERM and then aborts the process, which would
+        # skip our clean-up: ours must come after it.
+        event = self.stop_requested
+        if event is None or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: event.set())
 
     def deploy(self, deployment: MoEDeployment | None = None) -> None:
         """(Re)deploy; a spec differing only in pool sizes just adds or removes groups."""
@@ -98,6 +112,8 @@ class RayCluster:
         from ray import serve
 
         while time.monotonic() < deadline:
+            if self.stop_requested is not None and self.stop_requested.is_set():
+                raise KeyboardInterrupt
             app = serve.status().applications.get(self.app_name)
             if app is not None and app.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"Serve could not deploy {self.app_name}: {app.message}")
@@ -115,10 +131,15 @@ class RayCluster:
             return
         with contextlib.suppress(Exception):
             serve.delete(self.app_name)
+        ours = {}
         if self._started_ray:
             with contextlib.suppress(Exception):
                 serve.shutdown()
+            ours = {p: c for p, c in descendants(os.getpid()).items() if "ray" in c}
         ray.shutdown()  # stops the local instance's processes when this driver started it
+        # Ray 2.x leaves the raylet's agents (DashboardAgent, RuntimeEnvAgent) running after
+        # the raylet is gone; what we started, we stop.
+        reap(list(ours))
 
 
 def connect(address: str, namespace: str, **kwargs: Any) -> Any:
@@ -143,6 +164,48 @@ def _serve_http_port(asked: int) -> int:
 
         return int(_get_global_client().http_config.port)
     return asked
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below ``pid``, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    out: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+                out[child] = cmd.decode(errors="replace")
+                todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def reap(pids: list[int], grace_s: float = 5.0) -> None:
+    """Wait for ``pids`` to exit; SIGTERM, then SIGKILL, whatever outlives the grace period."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        for p in pids if sig is not None else []:
+            if alive(p):
+                with contextlib.suppress(OSError):
+                    os.kill(p, sig)
+        deadline = time.monotonic() + grace_s
+        while any(alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return
 
 
 def _free_port(host: str) -> int:
@@ -187,17 +250,11 @@ def run_up_ray(args: argparse.Namespace) -> int:
 
     dep = load_deployment(args.file, args.model, args.prefill, args.decode)
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     if not args.route_prefix.startswith("/"):
         raise ValueError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
     cluster = RayCluster(RayClusterSpec(dep, args.address, args.host, args.port,
                                         num_kv_blocks=args.num_kv_blocks,
-                                        route_prefix=args.route_prefix))  # fmt: skip
+                                        route_prefix=args.route_prefix), stop)  # fmt: skip
     try:
         cluster.start()
         print(f"\nmoeserve is up on Ray: {cluster.url}/v1  (app {cluster.app_name}, "
@@ -205,7 +262,8 @@ def run_up_ray(args: argparse.Namespace) -> int:
         print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"prompt\": \"Hello, MoE world\", \"max_tokens\": 16}}'")
         print("Ctrl-C stops everything.", flush=True)
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
         return 0
     finally:
         cluster.stop()

@@ -8,7 +8,6 @@ pool, kill an actor, and finally checks that SIGTERM leaves no process behind.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import re
 import signal
 import subprocess
@@ -25,7 +24,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
 from moeserve.common.sampling import SamplingParams  # noqa: E402
-from moeserve.deploy.ray_cli import connect  # noqa: E402
+from moeserve.deploy.ray_cli import alive, connect, descendants  # noqa: E402
 from moeserve.deploy.ray_workers import NAMESPACE, list_rank_actors, scrape_metric  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -102,14 +101,13 @@ def up(model_dir: Path):
         pass
     handle = _start_up(["--model", str(model_dir), "--port", str(port),
                         "--num-kv-blocks", str(KV_BLOCKS)])  # fmt: skip
-    connect(handle.address, "moeserve-tests", log_to_driver=False)
     try:
+        connect(handle.address, "moeserve-tests", log_to_driver=False)
         yield handle
     finally:
         ray.shutdown()
         if handle.proc.poll() is None:
-            handle.proc.kill()
-            handle.proc.wait(30)
+            _stop_up(handle)  # SIGTERM: `up` takes its Ray instance down with it
 
 
 def _port_socket():
@@ -152,11 +150,15 @@ def _stream(client: openai.OpenAI, prompt: list[int], n: int, model="tiny-deepse
 
 
 def _rank_infos(deployment: str, role: str) -> list:
+    """The rank actors of one pool that answer now (a restarting one is left out)."""
     infos = []
     for name in list_rank_actors(deployment):
         if f"/{role}/" in name:
-            infos.append(ray.get(ray.get_actor(name, namespace=NAMESPACE).info.remote(),
-                                 timeout=30))  # fmt: skip
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+                infos.append(ray.get(actor.info.remote(), timeout=30))
+            except (ValueError, ray.exceptions.RayError):
+                continue
     return infos
 
 
@@ -327,36 +329,12 @@ def test_killed_decode_actor_recovers(up: Up) -> None:
         served = scrape_metric(back.metrics_url, "moeserve:generation_tokens_total")
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """pid -> command line of every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = {}, [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            with contextlib.suppress(OSError):
-                out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-                todo.append(child)
-    return {p: c.decode(errors="replace") for p, c in out.items()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigterm_leaves_no_process(up: Up) -> None:
-    tree = _descendants(up.proc.pid)
+    tree = descendants(up.proc.pid)
     assert any("raylet" in cmd for cmd in tree.values()), tree
     ray.shutdown()  # this test's driver connection, so only `up` holds the instance
     assert _stop_up(up) == 0
     deadline = time.monotonic() + 30
-    while (alive := [tree[p][:120] for p in tree if _alive(p)]) and time.monotonic() < deadline:
+    while (alive := [tree[p][:120] for p in tree if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not alive, alive
