@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import io
 import itertools
 import os
@@ -31,6 +32,7 @@ import aiohttp.web
 import jsonpatch
 import kmock
 import kopf
+import kubernetes_validate.utils as kv_utils
 import pytest
 import yaml
 from kmock._internal import dicts as kmock_dicts
@@ -281,6 +283,16 @@ def _find_helm() -> Path:
     partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     partial.replace(target)  # atomic: a concurrent test run never sees half a binary
     return target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cached_k8s_schemas() -> Iterator[None]:
+    """kubernetes-validate re-reads its multi-megabyte definitions file on every call; the
+    files never change, so read each once (validation itself is untouched)."""
+    original = kv_utils.schema_contents
+    kv_utils.schema_contents = functools.lru_cache(maxsize=None)(original)
+    yield
+    kv_utils.schema_contents = original
 
 
 @pytest.fixture(scope="session")
