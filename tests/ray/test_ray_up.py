@@ -335,6 +335,6 @@ def test_sigterm_leaves_no_process(up: Up) -> None:
     ray.shutdown()  # this test's driver connection, so only `up` holds the instance
     assert _stop_up(up) == 0
     deadline = time.monotonic() + 30
-    while (alive := [tree[p][:120] for p in tree if alive(p)]) and time.monotonic() < deadline:
+    while (left := [tree[p][:120] for p in tree if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not alive, alive
+    assert not left, left
