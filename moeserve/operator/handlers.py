@@ -54,14 +54,14 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         # kopf's own client login reads $KUBECONFIG as it was at import; ours reads it now.
-        config = load_config()
-        header = config.get_api_key_with_prefix("BearerToken") or \
-            config.get_api_key_with_prefix("authorization") or ""
+        client = load_config()
+        header = client.get_api_key_with_prefix("BearerToken") or \
+            client.get_api_key_with_prefix("authorization") or ""
         scheme, _, token = header.rpartition(" ")
         return kopf.ConnectionInfo(
-            server=config.host, ca_path=config.ssl_ca_cert, insecure=not config.verify_ssl,
-            scheme=scheme or None, token=token or None, certificate_path=config.cert_file,
-            private_key_path=config.key_file)
+            server=client.host, ca_path=client.ssl_ca_cert, insecure=not client.verify_ssl,
+            scheme=scheme or None, token=token or None, certificate_path=client.cert_file,
+            private_key_path=client.key_file)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -70,7 +70,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             prefix="moeserve.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="moeserve.io", key="last-handled-configuration")
-        settings.posting.level = logging.INFO
+        # Only kopf's warnings become Events; our own Events (InvalidSpec, ...) are explicit.
+        settings.posting.level = logging.WARNING
         settings.execution.max_workers = config.max_workers
         # One replica (the chart runs one): no peering objects to install.
         settings.peering.standalone = True
