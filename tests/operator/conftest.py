@@ -173,6 +173,10 @@ class Cluster:
         }))
         os.environ["KUBECONFIG"] = str(kubeconfig)
         self.session = aiohttp.ClientSession()
+        self._start_operator()
+        return self
+
+    def _start_operator(self) -> None:
         # Short exit timeouts: the defaults suit a pod that drains for seconds, not a test.
         settings = kopf.OperatorSettings()
         settings.queueing.idle_timeout = settings.queueing.exit_timeout = 0.5
@@ -193,13 +197,19 @@ class Cluster:
 
         self.thread = threading.Thread(target=run, name="kopf", daemon=True)
         self.thread.start()
-        return self
+
+    async def stop_operator(self) -> None:
+        self.stop_flag.set()
+        await asyncio.to_thread(self.thread.join, 20)
+        assert not self.thread.is_alive(), "the operator did not stop within 20s"
+
+    async def start_operator(self) -> None:
+        assert not self.thread.is_alive()
+        self._start_operator()
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stop_flag.set()
         try:
-            await asyncio.to_thread(self.thread.join, 20)
-            assert not self.thread.is_alive(), "the operator did not stop within 20s"
+            await self.stop_operator()
         finally:
             await self.session.close()
             await self.server.__aexit__(None, None, None)

@@ -187,3 +187,23 @@ def test_hpa_scales_pool_through_scale_subresource(cluster_factory: Any) -> None
                 cluster, "apps/v1", "StatefulSet") == {"tiny-prefill-0", "tiny-decode-0"})
 
     asyncio.run(scenario())
+
+
+def test_restart_resumes_and_repairs(cluster_factory: Any) -> None:
+    """What changed while the operator was down is repaired when it comes back (resume)."""
+    async def scenario() -> None:
+        async with cluster_factory(resync_seconds=60) as cluster:
+            await cluster.create(tiny())
+            await cluster.wait_for("children", lambda: "tiny-decode-0" in names(
+                cluster, "apps/v1", "StatefulSet"))
+            await cluster.stop_operator()
+            await cluster.delete("apps/v1", "StatefulSet", "default", "tiny-decode-0")
+            await cluster.patch(API, "MoEDeployment", "default", "tiny",
+                                {"spec": {"prefill": {"replicas": 2}}})
+            assert "tiny-decode-0" not in names(cluster, "apps/v1", "StatefulSet")
+            await cluster.start_operator()
+            await cluster.wait_for("repaired after restart", lambda: {
+                "tiny-decode-0", "tiny-prefill-0", "tiny-prefill-1"} <= names(
+                cluster, "apps/v1", "StatefulSet"))
+
+    asyncio.run(scenario())

@@ -3,6 +3,7 @@ templated object valid for several Kubernetes versions."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,16 @@ def test_adapter_rules_serve_the_hpa_metric_names(helm: Path) -> None:
         s.METRIC_KV_CACHE_USAGE_PERC,
         s.METRIC_TIME_TO_FIRST_TOKEN + "_bucket",
     }
+
+
+def test_notes_render(helm: Path, tmp_path: Path) -> None:
+    # A client-side dry run renders NOTES.txt without a cluster.
+    proc = subprocess.run(
+        [str(helm), "install", "moeserve", str(CHART), "--dry-run=client", "-n", "ops",
+         "--set", "watchNamespaces={llm}", "--set", "prometheusAdapterRules.enabled=true"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KUBECONFIG": str(tmp_path / "none")})
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "watching: llm" in notes and "kubectl get moedeployments" in notes
+    assert "moeserve-adapter-rules" in notes
