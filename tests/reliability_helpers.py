@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-__all__ = ["Outcome", "classify", "metric", "prompt_ids", "reference_tokens", "stream_tokens"]
+__all__ = [
+    "Outcome", "classify", "metric", "prompt_ids", "reference_tokens", "rss_mib", "stream_tokens",
+]
 
 
 @dataclass
@@ -102,3 +104,12 @@ def metric(url: str, name: str, labels: str = "") -> float:
         if labels in (m.group(1) or ""):
             total += float(m.group(2))
     return total
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

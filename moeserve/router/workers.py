@@ -45,6 +45,7 @@ class WorkerClient:
         self.inflight = 0
         self.task: asyncio.Task | None = None
         self.probe_task: asyncio.Task | None = None
+        self.epoch = 0
         self.draining = False
         self.ejected_until = 0.0
         self.consecutive_ejections = 0
@@ -171,6 +172,7 @@ class WorkerPool:
         if client.healthy:
             logger.warning("worker %s is down: %s", client.address, reason)
         client.healthy = False
+        client.epoch += 1  # the watcher resubscribes: the index needs a fresh snapshot
         client.last_error = reason
         client.load = worker_pb2.LoadReport()  # a dead worker's last report means nothing now
         self.index.remove_worker(client.address)
@@ -213,7 +215,11 @@ class WorkerPool:
                 self.metrics.incompatible_pairs.set(len(self.incompatible))
                 stream = client.stub.StreamEvents(worker_pb2.StreamEventsRequest())
                 expected = 0
+                epoch = client.epoch
                 async for event in stream:
+                    if client.epoch != epoch:
+                        stream.cancel()
+                        raise RuntimeError("marked down while subscribed; resubscribing")
                     if event.sequence != expected:
                         raise RuntimeError(f"event gap: got {event.sequence}, want {expected}")
                     expected += 1
@@ -234,18 +240,26 @@ class WorkerPool:
             backoff = min(backoff * 2, 2.0)
 
     async def _probe(self, client: WorkerClient) -> None:
-        """Active health: a worker that stops answering is marked down within one interval."""
+        """Active health: a worker that stops answering is marked down within two intervals.
+
+        One missed probe is tolerated: on a saturated host a Health call may just be slow.
+        """
+        missed = 0
         while True:
             await asyncio.sleep(self.probe_interval_s)
             if not client.healthy:
+                missed = 0
                 continue  # the watcher is reconnecting
             try:
                 info = await client.stub.Health(
                     common_pb2.HealthRequest(), timeout=self.health_timeout_s
                 )
+                missed = 0
             except grpc.RpcError as e:
-                self.mark_down(client, f"health probe: {e.code().name}")
-                self._changed.set()
+                missed += 1
+                if missed >= 2:
+                    self.mark_down(client, f"health probe: {e.code().name}")
+                    self._changed.set()
                 continue
             if info.draining:
                 self._set_draining(client)
