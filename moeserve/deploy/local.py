@@ -226,6 +226,12 @@ def _ensure_tiny_checkpoint() -> Path:
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    if args.ray:  # the same topology as a Ray Serve application (moeserve.deploy.ray_cli)
+        from moeserve.deploy.ray_cli import run_up_ray
+
+        return run_up_ray(args)
+    if args.file or args.address:
+        raise ValueError("-f/--file and --address need --ray")
     spec = ClusterSpec(
         model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
         port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
@@ -272,5 +278,9 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         default=d.num_kv_blocks,
         help="KV blocks per worker (0: engine default)",
     )
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
+    p.add_argument("-f", "--file", default=None, help="MoEDeployment manifest (with --ray)")
+    p.add_argument("--address", default=None, help="Ray cluster (with --ray; default: start one)")
+    p.add_argument("--route-prefix", default="/", help="HTTP route of the app (with --ray)")
     p.set_defaults(func=_run_up)
     return p  # fmt: skip
