@@ -207,3 +207,16 @@ def test_restart_keeps_the_ports_the_child_got() -> None:
     got = fixed_port_args(args, {"--port": "4100", "--metrics-port": "4101"})
     assert got == ["worker", "--role", "decode", "--port", "4100", "--metrics-port", "4101",
                    "--x", "0"]  # fmt: skip
+
+
+def test_operator_grace_periods_match_the_drain_defaults() -> None:
+    import argparse
+
+    from moeserve.operator.build_router import ROUTER_DRAIN_GRACE_S
+    from moeserve.operator.build_workers import PRESTOP_SLEEP_S, WORKER_DRAIN_GRACE_S
+    from moeserve.worker.server import add_worker_parser
+
+    worker = add_worker_parser(argparse.ArgumentParser().add_subparsers())
+    assert worker.get_default("drain_grace_s") == WORKER_DRAIN_GRACE_S
+    assert RouterSettings().drain_grace_s == ROUTER_DRAIN_GRACE_S
+    assert PRESTOP_SLEEP_S < WORKER_DRAIN_GRACE_S

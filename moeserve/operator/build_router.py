@@ -22,7 +22,12 @@ import yaml
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment
-from moeserve.operator.build_workers import model_volume, preset_init_containers
+from moeserve.operator.build_workers import (
+    PRESTOP_SLEEP_S,
+    model_volume,
+    preset_init_containers,
+    prestop_hook,
+)
 from moeserve.operator.render import (
     child_labels,
     object_meta,
@@ -33,6 +38,9 @@ from moeserve.operator.render import (
 __all__ = ["build_router", "router_name", "router_config", "router_endpoint"]
 
 CONFIG_PATH = "/etc/moeserve/router.yaml"
+
+# Equal to RouterSettings.drain_grace_s (the router's --drain-grace-s default); a test pins it.
+ROUTER_DRAIN_GRACE_S = 25
 
 
 def router_name(dep: MoEDeployment) -> str:
@@ -140,6 +148,7 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
                            "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
                           "periodSeconds": 15, "failureThreshold": 4},
+        "lifecycle": prestop_hook(),
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/moeserve", "readOnly": True},
             # The router owns the tokenizer, which it reads from the model directory.
@@ -158,6 +167,8 @@ def build_deployment(dep: MoEDeployment) -> dict[str, Any]:
         "serviceAccountName": router_name(dep),
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
+        # preStop, then the router's drain (RouterSettings.drain_grace_s), then a margin.
+        "terminationGracePeriodSeconds": PRESTOP_SLEEP_S + ROUTER_DRAIN_GRACE_S + 5,
         "initContainers": preset_init_containers(dep, image),
         "containers": [_container(dep, image)],
         "volumes": [

@@ -21,7 +21,8 @@ from moeserve.operator.render import (
 
 __all__ = ["build_pool", "build_worker_pool", "build_group_statefulset", "build_group_service",
            "build_network_policy", "build_hpa", "build_worker_service_account", "pool_name",
-           "group_name", "worker_command"]
+           "group_name", "worker_command", "prestop_hook", "PRESTOP_SLEEP_S",
+           "WORKER_DRAIN_GRACE_S"]
 
 
 def pool_name(dep: MoEDeployment, role: Role) -> str:
@@ -99,12 +100,25 @@ def _port(name: str, port: int) -> dict[str, Any]:
     return {"name": name, "port": port, "targetPort": port, "protocol": "TCP"}
 
 
+# Graceful drain (SIGTERM): preStop waits for the endpoint removal to reach the routers, the
+# worker then finishes what it holds within its drain grace, and the kubelet's
+# terminationGracePeriodSeconds covers both plus a margin before SIGKILL.
+PRESTOP_SLEEP_S = 5
+# Equal to the worker's --drain-grace-s default (moeserve.worker.server); a test pins it.
+WORKER_DRAIN_GRACE_S = 25
+WORKER_TERMINATION_GRACE_S = PRESTOP_SLEEP_S + WORKER_DRAIN_GRACE_S + 5
+
+
 def worker_command(dep: MoEDeployment, role: Role) -> list[str]:
     pool = dep.spec.pool(role)
     par = pool.parallelism
     return ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
             "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
             *pool.extra_args]
+
+
+def prestop_hook() -> dict[str, Any]:
+    return {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}}
 
 
 def _env(dep: MoEDeployment, role: Role, group: int) -> list[dict[str, Any]]:
@@ -206,6 +220,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
                            "failureThreshold": 3},
         "livenessProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 15,
                           "failureThreshold": 4},
+        "lifecycle": prestop_hook(),
         "volumeMounts": [
             {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -218,7 +233,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": WORKER_TERMINATION_GRACE_S,
         "initContainers": preset_init_containers(dep, image),
         "containers": [container],
         "volumes": [
