@@ -91,15 +91,19 @@ class RayWorkerPool(WorkerPool):
         for address in [a for a in self.clients if a not in wanted]:
             client = self.clients.pop(address)
             self.mark_down(client, "its Ray actor is gone or moved")
-            if client.task is not None:
-                client.task.cancel()
+            for task in (client.task, client.probe_task):
+                if task is not None:
+                    task.cancel()
             asyncio.get_running_loop().create_task(client.channel.close())
             logger.info("worker %s left the pool", address)
         for address, role in wanted.items():
             if address not in self.clients:
                 client = WorkerClient(address, {role})
                 self.clients[address] = client
+                # The same two tasks WorkerPool.start gives each static worker.
                 client.task = asyncio.create_task(self._watch(client), name=f"watch {address}")
+                client.probe_task = asyncio.create_task(self._probe(client),
+                                                        name=f"probe {address}")
                 logger.info("worker %s (%s) joined the pool", address, role)
         self._changed.set()
 
@@ -133,14 +137,16 @@ class RouterDeployment:
         info = self.pool.model_info()
         vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         rs = RouterSettings(**{**settings, "policy": Policy(settings.get("policy", "prefix"))})
-        router = Router(self.pool, self.metrics, rs, info.model_id, info.block_size)
+        router = self.router = Router(self.pool, self.metrics, rs, info.model_id,
+                                      info.block_size)  # fmt: skip
         self.frontend = Frontend(router, load_tokenizer(model_dir), info.model_id,
                                  info.max_model_len, vocab_size, self.metrics)  # fmt: skip
 
     def __serve_build_asgi_app__(self) -> Any:
         from moeserve.router.http_app import create_app
 
-        return create_app(self.frontend, lambda: bool(self.pool.healthy("decode")))
+        return create_app(self.frontend,
+                          lambda: bool(self.pool.healthy("decode")) and not self.router.draining)
 
     async def workers(self) -> dict[str, list[str]]:
         """Healthy worker addresses per role, as this router replica sees them."""
