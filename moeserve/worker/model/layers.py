@@ -19,8 +19,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.use_kernels = False  # set by the runner: one Triton kernel instead of ~7 ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.is_cuda:
+            from moeserve import kernels  # imports triton: only on the CUDA path
+
+            return kernels.rmsnorm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -60,7 +60,9 @@ class Gate(nn.Module):
         super().__init__()
         self.config = config
         n = config.n_routed_experts
-        self.weight = nn.Parameter(torch.empty(n, config.hidden_size))
+        # float32 as in transformers (and DeepSeek's reference): routing decisions are
+        # sensitive to the gate's precision, and a bf16 copy would be cast every step anyway
+        self.weight = nn.Parameter(torch.empty(n, config.hidden_size, dtype=torch.float32))
         if config.topk_method == "noaux_tc":
             # float32 like the released checkpoints: it only shifts selection, by small amounts
             self.e_score_correction_bias = nn.Parameter(
@@ -70,7 +72,7 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         bias = self.e_score_correction_bias
         return route(logits, self.config, None if bias is None else bias.float())
 
