@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from moeserve.common.errors import UnavailableError
 from moeserve.common.spec import MoEDeployment
 
 __all__ = [
@@ -272,7 +273,11 @@ def run_up_ray(args: argparse.Namespace) -> int:
 def _run_status(args: argparse.Namespace) -> int:
     import ray
 
-    connect(args.address or "auto", "moeserve-status", log_to_driver=False)
+    address = args.address or "auto"
+    try:
+        connect(address, "moeserve-status", log_to_driver=False)
+    except ConnectionError as e:
+        raise UnavailableError(f"no Ray cluster at {address}: {e}") from None
     try:
         rows = pool_status(args.app)
     finally:
