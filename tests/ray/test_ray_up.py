@@ -239,6 +239,7 @@ def test_tiny_manifest_through_up_f(up: Up) -> None:
         resp = _client(tiny.url).completions.create(
             model="moeserve/tiny-deepseek", prompt=_prompt(3, 40), max_tokens=4, temperature=0)
         assert resp.usage.completion_tokens == 4
+        _multi_rank_group_is_replaced(tiny.url)
         status = subprocess.run(
             [sys.executable, "-m", "moeserve.cli", "ray", "status", "--address", up.address],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
@@ -252,6 +253,31 @@ def test_tiny_manifest_through_up_f(up: Up) -> None:
     while list_rank_actors("tiny") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not list_rank_actors("tiny")
+
+
+def _multi_rank_group_is_replaced(url: str) -> None:
+    """One rank of an ep=2 group dies: the survivors cannot heal it, so Serve's health check
+    fails the replica and a new group (new placement group, new rank actors) replaces it."""
+    (old,) = {i.group for i in _rank_infos("tiny", "decode")}
+    victim = next(n for n in list_rank_actors("tiny") if "/decode/" in n)
+    ray.kill(ray.get_actor(victim, namespace=NAMESPACE))
+    deadline = time.monotonic() + 180
+    while True:
+        infos = _rank_infos("tiny", "decode")
+        if len(infos) == 2 and all(i.group != old for i in infos):
+            break
+        assert time.monotonic() < deadline, "the broken EP group was not replaced"
+        time.sleep(1.0)
+    while True:
+        try:
+            resp = _client(url).completions.create(
+                model="moeserve/tiny-deepseek", prompt=_prompt(5, 40), max_tokens=4,
+                temperature=0)  # fmt: skip
+            assert resp.usage.completion_tokens == 4
+            return
+        except openai.APIError:
+            assert time.monotonic() < deadline, "the new EP group never served"
+            time.sleep(1.0)
 
 
 def _load(url: str, stop: threading.Event, results: list, max_tokens: int = 16) -> None:
