@@ -56,6 +56,10 @@ class ClusterSpec:
     # Per child name ("prefill-1", "decode-0", "router"): extra flags and environment, e.g.
     # a fault-injection switch or a different block size for one worker.
     child_args: dict[str, list[str]] = field(default_factory=dict)
+    # Per role ("prefill", "decode"): flags for every worker of the pool (a manifest's
+    # parallelism, block size) and how many DP ranks, each its own address, one child starts.
+    role_args: dict[str, list[str]] = field(default_factory=dict)
+    role_ranks: dict[str, int] = field(default_factory=dict)
     child_env: dict[str, dict[str, str]] = field(default_factory=dict)
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -68,6 +72,8 @@ class _Child:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     address: str | None = None
+    addresses: list[str] = field(default_factory=list)  # one per DP rank
+    expected: int = 1
     grpc: str | None = None
     metrics: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -102,10 +108,10 @@ class LocalCluster:
             text=True, env=env, preexec_fn=_die_with_parent,
         )  # fmt: skip
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
+    def _spawn(self, name: str, args: list[str], expected: int = 1) -> _Child:
         args = [*args, *self.spec.child_args.get(name, [])]
         env = dict(self.spec.child_env.get(name, {}))
-        child = _Child(name, self._popen(args, env), args, env)
+        child = _Child(name, self._popen(args, env), args, env, expected=expected)
         threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
         self.children.append(child)
         return child
@@ -126,7 +132,10 @@ class LocalCluster:
             if m and not child.ready.is_set():
                 child.address = child.address or m.group(2)
                 child.grpc, child.metrics = child.grpc or m.group(3), child.metrics or m.group(4)
-                child.ready.set()
+                if m.group(2) not in child.addresses:
+                    child.addresses.append(m.group(2))
+                if len(child.addresses) >= child.expected:
+                    child.ready.set()
             if self.log is not None and "NIXL INFO" not in line:
                 self.log.write(f"[{child.name}] {line}")
         child.ready.set()  # exited: wake waiters
@@ -151,12 +160,13 @@ class LocalCluster:
         try:
             workers = [
                 self._spawn(f"{role}-{i}", ["worker", "--role", role, *common,
-                                            *spec.worker_args])  # fmt: skip
+                                            *spec.role_args.get(role, []), *spec.worker_args],
+                            expected=spec.role_ranks.get(role, 1))  # fmt: skip
                 for role, n in (("prefill", spec.prefill), ("decode", spec.decode))
                 for i in range(n)
             ]
             self._wait(workers, deadline)
-            addrs = {r: ",".join(c.address for c in workers if c.name.startswith(r))
+            addrs = {r: ",".join(a for c in workers if c.name.startswith(r) for a in c.addresses)
                      for r in ("prefill", "decode")}  # fmt: skip
             router = self._spawn("router", [
                 "router", "--model", model, "--prefill", addrs["prefill"],
@@ -230,13 +240,21 @@ def _run_up(args: argparse.Namespace) -> int:
         from moeserve.deploy.ray_cli import run_up_ray
 
         return run_up_ray(args)
-    if args.file or args.address:
-        raise ValueError("-f/--file and --address need --ray")
-    spec = ClusterSpec(
-        model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
-        port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
-        num_kv_blocks=args.num_kv_blocks,
-    )  # fmt: skip
+    if args.address:
+        raise ValueError("--address needs --ray")
+    if args.file:  # the manifest's topology as local processes
+        from moeserve.deploy.manifest_local import cluster_spec_from_manifest, load_manifest
+
+        spec = cluster_spec_from_manifest(
+            load_manifest(args.file), args.model, host=args.host, port=args.port,
+            policy=args.policy, num_kv_blocks=args.num_kv_blocks,
+        )
+    else:
+        spec = ClusterSpec(
+            model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
+            port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
+            num_kv_blocks=args.num_kv_blocks,
+        )  # fmt: skip
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -279,7 +297,11 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="KV blocks per worker (0: engine default)",
     )
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
-    p.add_argument("-f", "--file", default=None, help="MoEDeployment manifest (with --ray)")
+    p.add_argument("-f", "--file", default=None,
+                   help="MoEDeployment manifest: its topology as local processes, or on Ray "
+                        "with --ray")
+    p.add_argument("--local", action="store_true",
+                   help="run as local processes (the default without --ray)")
     p.add_argument("--address", default=None, help="Ray cluster (with --ray; default: start one)")
     p.add_argument("--route-prefix", default="/", help="HTTP route of the app (with --ray)")
     p.set_defaults(func=_run_up)
