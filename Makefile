@@ -6,14 +6,14 @@ TORCH_VERSION ?= 2.13.0
 
 install:
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[nixl]'
 
 install-test: install
 	$(PY) -m pip install -q -e '.[test,nixl,ray]'
 
 test: install-test
 	$(PY) -m ruff check moeserve tests benchmarks
-	$(PY) -m pytest -q -x --timeout=600
+	$(PY) -m pytest -q --timeout=600
 
 lint:
 	$(PY) -m ruff check moeserve tests benchmarks
@@ -21,5 +21,6 @@ lint:
 proto:
 	$(PY) -m moeserve.api.generate
 
+# The main job: router + prefill + decode workers on the embedded tiny model (Ctrl-C stops).
 run: install
-	moeserve generate --prompt "Hello, MoE world" --max-tokens 16
+	moeserve up
