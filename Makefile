@@ -23,4 +23,4 @@ proto:
 
 # The main job: router + prefill + decode workers on the embedded tiny model (Ctrl-C stops).
 run: install
-	moeserve up
+	$(PY) -m moeserve.cli up
