@@ -22,6 +22,7 @@ class Outcome:
     status: int = 200
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    max_gap_s: float = 0.0
     latency_s: float = 0.0
 
 
@@ -70,6 +71,7 @@ def stream_tokens(url: str, prompt: list[int], max_tokens: int, timeout_s: float
                         out.ttft_s = now - start
                     else:
                         out.itl_s.append((now - last) / len(ids))
+                        out.max_gap_s = max(out.max_gap_s, now - last)
                     last = now
                 out.tokens.extend(ids)
     except httpx.HTTPError as e:
