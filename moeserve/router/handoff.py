@@ -47,7 +47,9 @@ async def run_prefill(
     """
     tried: set[str] = {decode.address}
     req = worker_pb2.PrefillRequest(
-        request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params)
+        request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params),
+        # The handle is issued to this decode worker only (moeserve.worker.kv_handles).
+        decode_agent=decode.info.nixl_agent_name if decode.info is not None else "",
     )
     for attempt in range(retries + 1):
         cands = [

@@ -15,9 +15,13 @@ import uvicorn
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
+from moeserve.common.grpc_guard import MalformedRequestInterceptor
+from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
+from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import create_app
 from moeserve.router.metrics import RouterMetrics
+from moeserve.router.openapi import install_openapi
 from moeserve.router.policy import Policy
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.serving import Router, RouterSettings
@@ -125,8 +129,11 @@ async def serve_router(args: argparse.Namespace) -> None:
         raise MoeServeError("--decode needs at least one worker address")
     metrics = RouterMetrics()
     index = PrefixIndex()
+    tls = tls_from_args(args)
+    keys = ApiKeys(keys_from_sources(args.api_key))
     pool = WorkerPool(prefill, decode, index, metrics, probe_interval_s=args.probe_interval_s,
-                      eject_base_s=args.eject_base_s, eject_max_s=args.eject_max_s)  # fmt: skip
+                      eject_base_s=args.eject_base_s, eject_max_s=args.eject_max_s,
+                      tls=tls)  # fmt: skip
     pool.start()
     try:
         if not await pool.wait_ready(args.startup_timeout_s) and pool.model_info() is None:
@@ -150,12 +157,16 @@ async def serve_router(args: argparse.Namespace) -> None:
             metrics,
         )  # fmt: skip
         grpc_server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", settings.max_body_bytes)]
+            options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
+            interceptors=[GrpcApiKeyInterceptor(keys), MalformedRequestInterceptor()],
         )
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(frontend, pool), grpc_server)
-        grpc_port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+        # Clients reach the router's gRPC API like its HTTP one (keys, no client certificate).
+        grpc_port = add_port(grpc_server, f"{args.host}:{args.grpc_port}", None)
         await grpc_server.start()
         app = create_app(frontend, lambda: bool(pool.healthy("decode")) and not router.draining)
+        app.add_middleware(ApiKeyMiddleware, keys=keys, protect_metrics=args.api_key_metrics)
+        install_openapi(app, auth=keys.enabled)
         sock = _bind(args.host, args.port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
@@ -218,5 +229,10 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="first ejection after a failed call; doubles per repeat")
     p.add_argument("--eject-max-s", type=float, default=30.0)
     p.add_argument("--startup-timeout-s", type=float, default=60.0)
+    p.add_argument("--api-key", action="append", default=[],
+                   help="accepted bearer key (repeatable; also $MOESERVE_API_KEY(S))")
+    p.add_argument("--api-key-metrics", action="store_true",
+                   help="put /metrics behind the API key too (/health stays open)")
+    add_tls_arguments(p)
     p.set_defaults(func=lambda args: asyncio.run(serve_router(args)) or 0)
     return p  # fmt: skip

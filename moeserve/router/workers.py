@@ -19,6 +19,7 @@ import time
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.common.tls import TlsConfig, open_channel
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
 from moeserve.router.prefix_index import PrefixIndex
@@ -32,11 +33,11 @@ logger = logging.getLogger(__name__)
 class WorkerClient:
     """One worker address, usable for the roles it was listed under."""
 
-    def __init__(self, address: str, roles: set[str]):
+    def __init__(self, address: str, roles: set[str], tls: TlsConfig | None = None):
         self.address = address
         self.roles = roles
-        self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = open_channel(
+            address, tls, options=[("grpc.max_receive_message_length", 64 << 20)]
         )
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.healthy = False
@@ -85,7 +86,9 @@ class WorkerPool:
         probe_interval_s: float = 1.0,
         eject_base_s: float = 1.0,
         eject_max_s: float = 30.0,
+        tls: TlsConfig | None = None,
     ):
+        self.tls = tls
         self.index = index
         self.metrics = metrics
         self.health_timeout_s = health_timeout_s
@@ -97,7 +100,7 @@ class WorkerPool:
         self.clients: dict[str, WorkerClient] = {}
         for role, addresses in (("prefill", prefill), ("decode", decode)):
             for address in addresses:
-                client = self.clients.setdefault(address, WorkerClient(address, set()))
+                client = self.clients.setdefault(address, WorkerClient(address, set(), self.tls))
                 client.roles.add(role)
         self._changed = asyncio.Event()
 

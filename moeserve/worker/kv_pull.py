@@ -5,6 +5,10 @@ router then stops pairing the two workers and retries without the handle). Every
 (unreachable peer, full pool, failed or slow READ) ends in the same place: the request is
 recomputed here and the prefill worker is told to release its blocks. The client never sees a
 transfer error, only a slower first token.
+
+Before any READ the handle is claimed from its issuer (moeserve.worker.kv_handles): the blocks
+read are the ones the issuer recorded for this decode worker, never the ones the handle lists, and
+a refused handle (forged, replayed, expired, foreign) is recomputed without touching the peer.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import grpc
 from moeserve.api import worker_pb2, worker_pb2_grpc
 from moeserve.common.errors import IncompatibleKVError
 from moeserve.common.sampling import SamplingParams
+from moeserve.common.tls import TlsConfig, open_channel
 from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineLoop
@@ -39,8 +44,9 @@ logger = logging.getLogger(__name__)
 class KVPuller:
     def __init__(
         self, agent: KVTransferAgent, metrics: WorkerMetrics, timeout_s: float = 10.0,
-        faults: FaultPlan | None = None,
+        faults: FaultPlan | None = None, tls: TlsConfig | None = None,
     ):  # fmt: skip
+        self.tls = tls
         self.agent = agent
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -50,7 +56,7 @@ class KVPuller:
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self.tls)
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def _ensure_peer(self, handle: worker_pb2.KVHandle) -> str:
@@ -64,6 +70,24 @@ class KVPuller:
         if name != handle.agent_name:
             raise KVTransferError(f"{handle.worker_address} now runs agent {name!r}")
         return name
+
+    async def _claim(self, handle: worker_pb2.KVHandle) -> worker_pb2.KVHandle | None:
+        """The handle as its issuer recorded it for this worker, or None when refused."""
+        if not handle.handle_id or handle.decode_agent != self.agent.name:
+            return None  # not ours: no need to ask
+        try:
+            got = await self._stub(handle.worker_address).ClaimKV(
+                worker_pb2.ClaimKVRequest(handle_id=handle.handle_id,
+                                          decode_agent=self.agent.name), timeout=5.0)  # fmt: skip
+        except grpc.RpcError as e:
+            logger.warning("ClaimKV at %s: %s", handle.worker_address, e.code().name)
+            return None
+        trusted = worker_pb2.KVHandle()
+        trusted.CopyFrom(handle)
+        trusted.request_id, trusted.num_tokens = got.request_id, got.num_tokens
+        trusted.ClearField("block_ids")
+        trusted.block_ids.extend(got.block_ids)
+        return trusted
 
     async def _release_remote(self, handle: worker_pb2.KVHandle) -> None:
         """Tell the prefill worker to drop the blocks (used when no READ notified it)."""
@@ -109,13 +133,18 @@ class KVPuller:
             return 0, 0
 
         mismatch = fingerprint_mismatch(fingerprint, handle.compat_fingerprint)
+        claimed = await self._claim(handle)
         if mismatch:
             self.metrics.kv_transfer_failures.inc()
-            await self._release_remote(handle)
+            if claimed is not None:  # an unverified handle names no blocks worth releasing
+                await self._release_remote(claimed)
             raise IncompatibleKVError(
                 f"KV from prefill worker {handle.worker_address} refused: incompatible "
                 f"({mismatch})"
             )
+        if claimed is None:
+            return await recompute("KV handle refused by its issuer", release=False)
+        handle = claimed
         if first_token is None or handle.num_tokens != len(prompt):
             return await recompute("KV handle does not match the prompt")
         try:

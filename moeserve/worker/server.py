@@ -21,12 +21,15 @@ import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
+from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.sampling import SamplingParams
+from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from_args
 from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
 from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
+from moeserve.worker.kv_handles import HandleTable, KVHandleServicer
 from moeserve.worker.kv_pull import KVPuller
 from moeserve.worker.kv_transfer import KVTransferAgent, LeaseTable
 from moeserve.worker.worker_events import EventHub, engine_fingerprint
@@ -63,7 +66,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     await context.abort(code, str(exc), trailing_metadata=(("moeserve-param", param or ""),))
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
     def __init__(
         self,
         engine: LLMEngine,
@@ -75,6 +78,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         kv_timeout_s: float = 10.0,
         max_queued: int = 1024,
         faults: FaultPlan | None = None,
+        tls: TlsConfig | None = None,
     ):
         self.engine = engine
         self.role = role
@@ -82,6 +86,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.agent = agent
         self.metrics = metrics
         self.leases = LeaseTable(default_lease_s=lease_s)
+        self.handles = HandleTable()
         self.fingerprint = engine_fingerprint(engine)
         self.hub = EventHub()
         self.loop: EngineLoop | None = None
@@ -89,7 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.gate = WorkerGate(max_queued)
         self.puller = None
         if agent is not None:
-            self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults)
+            self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults, tls)
         if self.faults.active:
             logger.warning("fault injection is ON: %s", self.faults)
 
@@ -178,7 +183,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 lease_ms=int(lease_s * 1000),
                 compat_fingerprint=self.fingerprint,
                 worker_address=self.address,
-            )
+                decode_agent=request.decode_agent,
+                handle_id=self.handles.issue(rid, request.decode_agent, blocks, len(prompt),
+                                             time.monotonic(), lease_s) if blocks else "",
+            )  # fmt: skip
             return worker_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=first,
@@ -194,6 +202,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _release(self, engine: LLMEngine, rid: str) -> bool:
         self.leases.release(rid)
+        self.handles.drop_request(rid)
         return engine.release_pinned(rid)
 
     async def Generate(self, request, context) -> AsyncIterator:
@@ -314,8 +323,10 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     from moeserve.cli import engine_config_from_args
 
     engine = LLMEngine(engine_config_from_args(args))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=[MalformedRequestInterceptor()])
+    tls = tls_from_args(args)
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     if port == 0:
         raise InvalidRequestError(f"cannot bind {args.host}:{args.port}", param="port")
     address = f"{args.advertise_host or args.host}:{port}"
@@ -326,7 +337,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     metrics = WorkerMetrics()
     servicer = WorkerServicer(
         engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s,
-        args.max_queued, parse_faults(args.faults),
+        args.max_queued, parse_faults(args.faults), tls,
     )  # fmt: skip
     servicer.start()
     sigterm = asyncio.Event()
@@ -365,6 +376,7 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = subparsers.add_parser("worker", help="serve one engine over gRPC (prefill/decode/both)")
     add_engine_args(p, model_required=True)
     p.add_argument("--role", choices=ROLES, default="both")
+    add_tls_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVHandle(_message.Message):
-    __slots__ = ("agent_name", "request_id", "block_ids", "num_tokens", "lease_ms", "compat_fingerprint", "worker_address")
+    __slots__ = ("agent_name", "request_id", "block_ids", "num_tokens", "lease_ms", "compat_fingerprint", "worker_address", "handle_id", "decode_agent")
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class KVHandle(_message.Message):
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPAT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DECODE_AGENT_FIELD_NUMBER: _ClassVar[int]
     agent_name: str
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -23,17 +25,21 @@ class KVHandle(_message.Message):
     lease_ms: int
     compat_fingerprint: str
     worker_address: str
-    def __init__(self, agent_name: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., worker_address: _Optional[str] = ...) -> None: ...
+    handle_id: str
+    decode_agent: str
+    def __init__(self, agent_name: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., worker_address: _Optional[str] = ..., handle_id: _Optional[str] = ..., decode_agent: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_agent")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DECODE_AGENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    decode_agent: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_agent: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "kv_handle", "num_cached_tokens", "finished", "finish_reason")
@@ -178,3 +184,21 @@ class ReleaseKVResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class ClaimKVRequest(_message.Message):
+    __slots__ = ("handle_id", "decode_agent")
+    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DECODE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    handle_id: str
+    decode_agent: str
+    def __init__(self, handle_id: _Optional[str] = ..., decode_agent: _Optional[str] = ...) -> None: ...
+
+class ClaimKVResponse(_message.Message):
+    __slots__ = ("request_id", "block_ids", "num_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,11 @@ class WorkerStub:
                 request_serializer=moeserve_dot_v1_dot_worker__pb2.ReleaseKVRequest.SerializeToString,
                 response_deserializer=moeserve_dot_v1_dot_worker__pb2.ReleaseKVResponse.FromString,
                 _registered_method=True)
+        self.ClaimKV = channel.unary_unary(
+                '/moeserve.v1.Worker/ClaimKV',
+                request_serializer=moeserve_dot_v1_dot_worker__pb2.ClaimKVRequest.SerializeToString,
+                response_deserializer=moeserve_dot_v1_dot_worker__pb2.ClaimKVResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -117,6 +122,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimKV(self, request, context):
+        """PERMISSION_DENIED, with one message for every reason, unless the handle is known, unclaimed,
+        unexpired and issued to the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +167,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ReleaseKV,
                     request_deserializer=moeserve_dot_v1_dot_worker__pb2.ReleaseKVRequest.FromString,
                     response_serializer=moeserve_dot_v1_dot_worker__pb2.ReleaseKVResponse.SerializeToString,
+            ),
+            'ClaimKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimKV,
+                    request_deserializer=moeserve_dot_v1_dot_worker__pb2.ClaimKVRequest.FromString,
+                    response_serializer=moeserve_dot_v1_dot_worker__pb2.ClaimKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +363,33 @@ class Worker:
             '/moeserve.v1.Worker/ReleaseKV',
             moeserve_dot_v1_dot_worker__pb2.ReleaseKVRequest.SerializeToString,
             moeserve_dot_v1_dot_worker__pb2.ReleaseKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moeserve.v1.Worker/ClaimKV',
+            moeserve_dot_v1_dot_worker__pb2.ClaimKVRequest.SerializeToString,
+            moeserve_dot_v1_dot_worker__pb2.ClaimKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

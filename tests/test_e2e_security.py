@@ -1,0 +1,218 @@
+"""Security on CPU against live processes (`moeserve up`: router + prefill + decode, NIXL).
+
+API keys on HTTP and gRPC, the 413 / context-limit 400 bounds, KV handles refused by a real
+prefill worker (foreign, made up, replayed) and by a real decode worker (forged: recomputed,
+nothing read), schemathesis on /openapi.json, and hypothesis-generated gRPC messages.
+"""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeserve.api import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moeserve.deploy.local import ClusterSpec, LocalCluster
+from moeserve.worker.kv_handles import HANDLE_REFUSED
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+KEY = "sk-test-right"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPT = [(i * 7919) % 500 + 2 for i in range(40)]
+# Anything but these from a fuzzed call is a crash that leaked through.
+PROPER = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+          grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
+
+    model = ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    spec = ClusterSpec(model=str(model), port=0, num_kv_blocks=96, restart=False,
+                       router_args=["--api-key", "sk-other", "--api-key", KEY,
+                                    "--max-body-bytes", str(8 << 20)])  # fmt: skip
+    with LocalCluster(spec, log=None) as c:
+        yield c
+
+
+def _worker(cluster: LocalCluster, role: str) -> str:
+    return next(c.address for c in cluster.children if c.name.startswith(role))
+
+
+def _health(address: str) -> common_pb2.HealthResponse:
+    with grpc.insecure_channel(address) as ch:
+        return worker_pb2_grpc.WorkerStub(ch).Health(common_pb2.HealthRequest(), timeout=10)
+
+
+def test_http_keys_body_bound_and_context_limit(cluster) -> None:
+    url = f"{cluster.url}/v1/completions"
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    no_key = httpx.post(url, json=body, timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    bad_key = {"Authorization": "Bearer sk-test-wrong"}
+    wrong = httpx.post(url, json=body, headers=bad_key, timeout=30)
+    assert wrong.status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": KEY}, timeout=30).status_code == 401
+    ok = httpx.post(url, json=body, headers=AUTH, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    assert httpx.get(f"{cluster.url}/v1/models", timeout=10).status_code == 401
+    for open_path in ("/health", "/metrics", "/openapi.json"):
+        assert httpx.get(f"{cluster.url}{open_path}", timeout=10).status_code == 200
+
+    big = httpx.post(url, content=b'{"prompt": "' + b"a" * (12 << 20) + b'"}', timeout=60,
+                     headers={**AUTH, "content-type": "application/json"})  # fmt: skip
+    assert big.status_code == 413 and big.json()["error"]["type"] == "payload_too_large"
+    limit = httpx.get(f"{cluster.url}/v1/models", headers=AUTH, timeout=10).json()
+    max_len = limit["data"][0]["max_model_len"]
+    long = httpx.post(url, json={"prompt": [5] * (max_len + 1), "max_tokens": 1}, headers=AUTH,
+                      timeout=30)  # fmt: skip
+    err = long.json()["error"]
+    assert long.status_code == 400 and str(max_len) in err["message"], err
+
+
+def test_grpc_keys(cluster) -> None:
+    req = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=PROMPT),
+                                     sampling=common_pb2.SamplingParams(max_tokens=2))  # fmt: skip
+    with grpc.insecure_channel(cluster.grpc_address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        for meta in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(req, metadata=meta, timeout=30))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        out = list(stub.Generate(req, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60))
+        assert out[-1].finished
+        assert stub.Health(common_pb2.HealthRequest(), timeout=10).role == "router"
+
+
+def test_prefill_worker_refuses_foreign_made_up_and_replayed_handles(cluster) -> None:
+    prefill = _worker(cluster, "prefill")
+    req = worker_pb2.PrefillRequest(request_id="sec-claim", prompt_token_ids=PROMPT,
+                                    sampling=common_pb2.SamplingParams(max_tokens=8),
+                                    decode_agent="decode-A")  # fmt: skip
+    with grpc.insecure_channel(prefill) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        handle = stub.Prefill(req, timeout=60).kv_handle
+        assert len(handle.handle_id) >= 40 and handle.decode_agent == "decode-A"
+
+        def claim(handle_id: str, agent: str) -> worker_pb2.ClaimKVResponse:
+            msg = worker_pb2.ClaimKVRequest(handle_id=handle_id, decode_agent=agent)
+            return stub.ClaimKV(msg, timeout=10)
+
+        refusals = []
+        for hid, agent in ((handle.handle_id, "decode-B"), (handle.handle_id, ""),
+                           ("x" * len(handle.handle_id), "decode-A")):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as e:
+                claim(hid, agent)
+            refusals.append((e.value.code(), e.value.details()))
+        got = claim(handle.handle_id, "decode-A")  # the foreign tries did not burn it
+        assert list(got.block_ids) == list(handle.block_ids) and got.num_tokens == len(PROMPT)
+        with pytest.raises(grpc.RpcError) as e:
+            claim(handle.handle_id, "decode-A")
+        refusals.append((e.value.code(), e.value.details()))
+        # Every refusal looks the same: nothing tells a prober which case it hit.
+        assert set(refusals) == {(grpc.StatusCode.PERMISSION_DENIED, HANDLE_REFUSED)}
+        stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="sec-claim"), timeout=10)
+
+
+def test_decode_worker_reads_nothing_for_a_forged_handle(cluster) -> None:
+    prefill, decode = _worker(cluster, "prefill"), _worker(cluster, "decode")
+    p_info, d_info = _health(prefill), _health(decode)
+    params = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    forged = worker_pb2.KVHandle(
+        agent_name=p_info.nixl_agent_name, request_id="victim", block_ids=list(range(3)),
+        num_tokens=len(PROMPT), compat_fingerprint=d_info.compat_fingerprint,
+        worker_address=prefill, handle_id="made-up", decode_agent=d_info.nixl_agent_name,
+    )  # fmt: skip
+    with grpc.insecure_channel(decode) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+
+        def run(**kw) -> tuple[list[int], int]:
+            msg = worker_pb2.WorkerGenerateRequest(prompt_token_ids=PROMPT, sampling=params, **kw)
+            out = list(stub.Generate(msg, timeout=60))
+            return [t for m in out for t in m.token_ids], out[0].num_transferred_tokens
+
+        plain, _ = run(request_id="sec-plain")
+        tokens, moved = run(request_id="sec-forged", kv_handle=forged, first_token_id=plain[0])
+    assert moved == 0 and tokens == plain
+
+
+def test_schemathesis_finds_no_5xx_and_no_hang(cluster) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+
+    schema = schemathesis.openapi.from_url(f"{cluster.url}/openapi.json")
+    failures = []
+    for op in ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+               "POST /v1/route"):  # fmt: skip
+        strategy = schema[op.split()[1]][op.split()[0]].as_strategy()
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(case=strategy)
+        def check(case) -> None:
+            if isinstance(case.body, dict):  # keep generation short on the CPU
+                case.body["max_tokens"] = 2
+            resp = case.call(base_url=cluster.url, headers=AUTH, timeout=30)
+            if resp.status_code >= 500 and resp.status_code not in (503, 504):
+                failures.append((case.operation.label, resp.status_code, resp.text[:200]))
+
+        check()
+    assert not failures, failures
+
+
+_SAMPLING = st.builds(common_pb2.SamplingParams, max_tokens=st.integers(0, 4),
+                      temperature=st.floats(-5, 5, allow_nan=False), top_k=st.integers(-3, 50),
+                      top_p=st.floats(-1, 2, allow_nan=False),
+                      stop_token_ids=st.lists(st.integers(0, 2**32 - 1), max_size=3))  # fmt: skip
+_IDS = st.lists(st.integers(0, 2**32 - 1), max_size=12)
+
+
+def _call_status(fn) -> grpc.StatusCode:
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_fuzzed_grpc_messages_get_proper_statuses(cluster) -> None:
+    meta = (("authorization", f"Bearer {KEY}"),)
+    seen: list[tuple[str, grpc.StatusCode, object]] = []
+    with grpc.insecure_channel(cluster.grpc_address) as rch, \
+            grpc.insecure_channel(_worker(cluster, "decode")) as wch:  # fmt: skip
+        router, worker = router_pb2_grpc.RouterStub(rch), worker_pb2_grpc.WorkerStub(wch)
+
+        @settings(max_examples=40, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(ids=_IDS, text=st.text(max_size=20), use_text=st.booleans(), sampling=_SAMPLING,
+               raw=st.binary(max_size=64))  # fmt: skip
+        def check(ids, text, use_text, sampling, raw) -> None:
+            r = router_pb2.GenerateRequest(sampling=sampling)
+            if use_text:
+                r.text = text
+            elif ids:
+                r.token_ids.ids.extend(ids)
+            w = worker_pb2.WorkerGenerateRequest(prompt_token_ids=ids, sampling=sampling)
+            p = worker_pb2.PrefillRequest(prompt_token_ids=ids, sampling=sampling)
+            calls = {
+                "router.Generate": lambda: list(router.Generate(r, metadata=meta, timeout=30)),
+                "worker.Generate": lambda: list(worker.Generate(w, timeout=30)),
+                "worker.Prefill": lambda: worker.Prefill(p, timeout=30),
+                "worker.ClaimKV": lambda: worker.ClaimKV(
+                    worker_pb2.ClaimKVRequest(handle_id=text, decode_agent=text), timeout=10),
+                # Bytes that are not a valid message at all.
+                "worker.raw": lambda: wch.unary_unary("/moeserve.v1.Worker/Prefill")(
+                    raw, timeout=10),
+            }  # fmt: skip
+            for name, fn in calls.items():
+                seen.append((name, _call_status(fn), ids or text))
+
+        check()
+    bad = [s for s in seen if s[1] not in PROPER | {grpc.StatusCode.PERMISSION_DENIED}]
+    assert not bad, bad[:5]
+    assert {s[1] for s in seen} & {grpc.StatusCode.INVALID_ARGUMENT}
+
