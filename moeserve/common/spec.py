@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.spec_security import SecuritySpec
 
 __all__ = [
     "API_GROUP", "API_VERSION", "KIND_DEPLOYMENT", "KIND_WORKER_POOL", "ROLES", "Role",
@@ -311,6 +312,7 @@ class MoEDeploymentSpec(_Model):
     router: RouterSpec = Field(default_factory=RouterSpec)
     prefill: PoolSpec
     decode: PoolSpec
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
 
     @model_validator(mode="after")
     def _experts(self) -> MoEDeploymentSpec:

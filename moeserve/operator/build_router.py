@@ -22,6 +22,7 @@ import yaml
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment
+from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
 from moeserve.operator.build_workers import (
     PRESTOP_SLEEP_S,
     model_volume,
@@ -139,7 +140,8 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         "name": "router",
         "image": image,
         "imagePullPolicy": dep.spec.image_pull_policy,
-        "command": ["moeserve", "router", "--config", CONFIG_PATH],
+        # The TLS flags make the router's calls to workers present its certificate.
+        "command": ["moeserve", "router", "--config", CONFIG_PATH, *tls_args(dep)],
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
         "env": env,
         "resources": resources,
@@ -155,6 +157,7 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
             {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
+            *tls_mounts(dep),
         ],
     }
 
@@ -176,6 +179,7 @@ def build_deployment(dep: MoEDeployment) -> dict[str, Any]:
             model_volume(dep),
             {"name": "tmp", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
+            *tls_volumes(dep),
         ],
     }
     if not pod["initContainers"]:

@@ -12,6 +12,13 @@ from typing import Any
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, ranks_per_pod
+from moeserve.operator.build_security import (
+    monitoring_selector,
+    tls_args,
+    tls_mounts,
+    tls_probe,
+    tls_volumes,
+)
 from moeserve.operator.render import (
     child_labels,
     object_meta,
@@ -114,7 +121,7 @@ def worker_command(dep: MoEDeployment, role: Role) -> list[str]:
     par = pool.parallelism
     return ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
             "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
-            *pool.extra_args]
+            *tls_args(dep), *pool.extra_args]
 
 
 def prestop_hook() -> dict[str, Any]:
@@ -214,18 +221,19 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
         "resources": _resources(pool),
         "securityContext": security_context(),
         # Loading a DeepSeek checkpoint and capturing CUDA graphs takes minutes.
-        "startupProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 10,
-                         "failureThreshold": 180},
-        "readinessProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 5,
-                           "failureThreshold": 3},
-        "livenessProbe": {"grpc": {"port": s.PORT_WORKER_GRPC}, "periodSeconds": 15,
-                          "failureThreshold": 4},
+        "startupProbe": tls_probe(dep, {"grpc": {"port": s.PORT_WORKER_GRPC},
+                                        "periodSeconds": 10, "failureThreshold": 180}),
+        "readinessProbe": tls_probe(dep, {"grpc": {"port": s.PORT_WORKER_GRPC},
+                                          "periodSeconds": 5, "failureThreshold": 3}),
+        "livenessProbe": tls_probe(dep, {"grpc": {"port": s.PORT_WORKER_GRPC},
+                                         "periodSeconds": 15, "failureThreshold": 4}),
         "lifecycle": prestop_hook(),
         "volumeMounts": [
             {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *tls_mounts(dep),
         ],
     }
     spec: dict[str, Any] = {
@@ -242,6 +250,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
             {"name": "cache", "emptyDir": {}},
             {"name": "dshm",
              "emptyDir": {"medium": "Memory", "sizeLimit": pool.shared_memory_size}},
+            *tls_volumes(dep),
         ],
     }
     if not spec["initContainers"]:
@@ -278,7 +287,12 @@ def build_group_statefulset(dep: MoEDeployment, role: Role, group: int) -> dict[
 
 
 def build_network_policy(dep: MoEDeployment, role: Role) -> dict[str, Any]:
-    """gRPC, NIXL and collective ports only from this deployment's pods; metrics from anywhere."""
+    """Ingress of a pool: the deployment's workers on every port (NCCL / gloo / NIXL pick
+    ephemeral ports), its router on gRPC only, the monitoring namespaces
+    (``spec.security.monitoringNamespaceSelector``) on metrics only. Pod selectors without a
+    namespaceSelector match this namespace only."""
+    workers = {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "worker"}
+    router = {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "router"}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -288,9 +302,11 @@ def build_network_policy(dep: MoEDeployment, role: Role) -> dict[str, Any]:
             "podSelector": {"matchLabels": pool_selector(dep, role)},
             "policyTypes": ["Ingress"],
             "ingress": [
-                # NCCL / gloo pick ephemeral ports, so peers get every port.
-                {"from": [{"podSelector": {"matchLabels": {s.LABEL_DEPLOYMENT: dep.name}}}]},
-                {"ports": [{"port": s.PORT_WORKER_METRICS, "protocol": "TCP"}]},
+                {"from": [{"podSelector": {"matchLabels": workers}}]},
+                {"from": [{"podSelector": {"matchLabels": router}}],
+                 "ports": [{"port": s.PORT_WORKER_GRPC, "protocol": "TCP"}]},
+                {"from": [{"namespaceSelector": {"matchLabels": monitoring_selector(dep)}}],
+                 "ports": [{"port": s.PORT_WORKER_METRICS, "protocol": "TCP"}]},
             ],
         },
     }
