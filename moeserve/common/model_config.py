@@ -144,6 +144,7 @@ class ModelConfig:
                 raise ConfigError(f"config.json is missing required field {name!r}")
         for name in _INT_FIELDS:
             _check_int(cfg, name, minimum=1)
+        _check_optional_types(cfg)
         is_v3 = arch == "DeepseekV3ForCausalLM"
         n_experts = cfg.get("n_routed_experts")
         if n_experts is not None:
@@ -214,6 +215,53 @@ def _check_int(cfg: dict[str, Any], name: str, minimum: int) -> None:
         raise ConfigError(
             f"config.json field {name!r} must be an integer >= {minimum}, got {value!r}"
         )
+
+
+# Optional fields by the JSON type they must have when present (null means "use the default").
+_OPTIONAL_INTS = ("q_lora_rank", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+                  "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq", "n_group",
+                  "topk_group", "bos_token_id", "original_max_position_embeddings")
+_NUMBERS = ("rms_norm_eps", "routed_scaling_factor", "rope_theta")
+_STRINGS = ("topk_method", "scoring_func", "torch_dtype", "dtype", "model_type")
+_OBJECTS = ("rope_scaling", "rope_parameters", "quantization_config")
+_ROPE_NUMBERS = ("rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+                 "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _check_optional_types(cfg: dict[str, Any]) -> None:
+    """Wrong JSON types are named here, before a conversion deep inside fails anonymously."""
+
+    def bad(name: str, want: str) -> ConfigError:
+        return ConfigError(f"config.json field {name!r} must be {want}, got {cfg[name]!r}")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _OPTIONAL_INTS:
+        if cfg.get(name) is not None and not (is_int(cfg[name]) and cfg[name] >= 0):
+            raise bad(name, "an integer >= 0")
+    for name in _NUMBERS:
+        v = cfg.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or v != v or v in (float("inf"), float("-inf"))):  # fmt: skip
+            raise bad(name, "a finite number")
+    for name in _STRINGS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], str):
+            raise bad(name, "a string")
+    for name in _OBJECTS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise bad(name, "an object")
+    eos = cfg.get("eos_token_id")
+    if eos is not None and not (is_int(eos) or (isinstance(eos, list)
+                                                and all(is_int(e) for e in eos))):  # fmt: skip
+        raise bad("eos_token_id", "an integer or a list of integers")
+    for name in ("rope_scaling", "rope_parameters"):
+        for key in _ROPE_NUMBERS:
+            value = (cfg.get(name) or {}).get(key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):  # fmt: skip
+                raise ConfigError(f"config.json field '{name}.{key}' must be a number, "
+                                  f"got {value!r}")  # fmt: skip
 
 
 def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moeserve.common.errors import InvalidRequestError
+from moeserve.common.errors import CheckpointError, InvalidRequestError
 
 __all__ = ["IncrementalDetokenizer", "ModelTokenizer", "load_tokenizer"]
 
@@ -122,13 +122,22 @@ def load_tokenizer(checkpoint_dir: str | Path) -> ModelTokenizer:
     """Tokenizer of a checkpoint; ``available`` is False when it ships none."""
     path = Path(checkpoint_dir)
     config: dict[str, Any] = {}
-    if (path / "tokenizer_config.json").is_file():
-        config = json.loads((path / "tokenizer_config.json").read_text())
+    config_file, tokenizer_file = path / "tokenizer_config.json", path / "tokenizer.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file} must hold a JSON object")
     tokenizer = None
-    if (path / "tokenizer.json").is_file():
+    if tokenizer_file.is_file():
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises a bare Exception for every parse error
+            raise CheckpointError(f"{tokenizer_file} does not parse as a tokenizer: {e}") from None
     return ModelTokenizer(tokenizer, config, str(path))
 
 
