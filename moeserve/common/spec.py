@@ -16,16 +16,18 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.spec_base import FieldRuleError, _cel, _Model
+from moeserve.common.spec_ops import RolloutSpec, SchedulingSpec
 from moeserve.common.spec_security import SecuritySpec
 
 __all__ = [
     "API_GROUP", "API_VERSION", "KIND_DEPLOYMENT", "KIND_WORKER_POOL", "ROLES", "Role",
     "Parallelism", "ModelSource", "ModelSpec", "EplbSpec", "DboSpec", "AutoscalingSpec",
     "EnvVar", "Resources", "PoolSpec", "RouterSpec", "MoEDeploymentSpec", "MoEDeployment",
-    "SpecError", "parse_spec", "parse_manifest", "pods_per_group", "ranks_per_pod",
+    "SchedulingSpec", "RolloutSpec", "SpecError", "parse_spec", "parse_manifest",
+    "pods_per_group", "ranks_per_pod",
 ]
 
 API_GROUP = "moeserve.io"
@@ -96,22 +98,6 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 Quantity = int | str
 
 
-def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    """One CRD x-kubernetes-validations entry; every rule mirrors a pydantic check below."""
-    entry = {"rule": rule, "message": message}
-    if field_path:
-        entry["fieldPath"] = field_path
-    return entry
-
-
-class FieldRuleError(ValueError):
-    """A cross-field rule broken inside one model; ``field`` is relative to that model."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
 class SpecError(ConfigError):
     """An invalid MoEDeployment; ``fields`` lists the full path of every offending field."""
 
@@ -119,12 +105,6 @@ class SpecError(ConfigError):
         self.problems = problems
         self.fields = [field for field, _ in problems]
         super().__init__("\n".join(f"{field}: {message}" for field, message in problems))
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
 
 
 class Parallelism(_Model):
@@ -267,6 +247,8 @@ class PoolSpec(_Model):
     eplb: EplbSpec = Field(default_factory=EplbSpec)
     dbo: DboSpec = Field(default_factory=DboSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
     @model_validator(mode="after")
     def _pods(self) -> PoolSpec:

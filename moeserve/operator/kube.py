@@ -32,6 +32,8 @@ PLURALS: dict[str, str] = {
     "StatefulSet": "statefulsets",
     "NetworkPolicy": "networkpolicies",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "Pod": "pods",
+    "PodGroup": "podgroups",  # scheduler-plugins and Volcano: same kind and plural
     KIND_WORKER_POOL: "moeworkerpools",
     KIND_DEPLOYMENT: "moedeployments",
 }
@@ -118,10 +120,11 @@ class Kube:
                 if all((i.get("metadata", {}).get("labels") or {}).get(k) == v
                        for k, v in labels.items())]
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str,
+               propagation: str = "Background") -> None:
         try:
             self._call("DELETE", _path(api_version, kind, namespace, name),
-                       body={"propagationPolicy": "Background"})
+                       body={"propagationPolicy": propagation})
         except KubeError as exc:
             if exc.status != 404:
                 raise

@@ -29,7 +29,8 @@ from moeserve.common.spec import (
     parse_manifest,
 )
 from moeserve.operator.build_router import router_endpoint, router_name
-from moeserve.operator.build_workers import pool_name
+from moeserve.operator.build_workers import group_name, pool_name
+from moeserve.operator.day2 import Observed, observe
 from moeserve.operator.kube import Kube, KubeError
 from moeserve.operator.render import MANAGED_BY, PRUNABLE_KINDS, desired_groups, render
 from moeserve.operator.status import degraded_status, deployment_status, worker_pool_status
@@ -129,12 +130,18 @@ class Reconciler:
             return self._degrade(body, "InvalidSpec", str(exc), retry=False)
         try:
             groups = self._groups(dep)
+            workers = self.kube.list("apps/v1", "StatefulSet", dep.namespace,
+                                     {LABEL_DEPLOYMENT: dep.name, LABEL_COMPONENT: "worker"})
+            seen = observe(self.kube, dep, groups, workers, body.get("status") or {})
             if apply:
-                children = render(dep, groups)
+                children = render(dep, groups, seen.plans)
                 for child in children:
                     self.kube.apply(child)
-                self._prune(dep, children)
-            return self._report(dep, body, groups)
+                self._replace_groups(dep, seen)
+                kept = {("StatefulSet", group_name(dep, role, i))
+                        for role, plan in seen.plans.items() for i in plan.keep}
+                self._prune(dep, children, kept)
+            return self._report(dep, body, groups, workers, seen)
         except KubeError as exc:
             return self._degrade(body, "ApplyFailed", str(exc), retry=True)
 
@@ -150,24 +157,38 @@ class Reconciler:
                 observed[role] = replicas
         return {role: desired_groups(dep, role, observed) for role in ROLES}
 
-    def _prune(self, dep: MoEDeployment, children: list[dict[str, Any]]) -> None:
-        keep = {(c["kind"], c["metadata"]["name"]) for c in children}
+    def _replace_groups(self, dep: MoEDeployment, seen: Observed) -> None:
+        """Groups a roll removes go in the foreground: the StatefulSet stays (terminating,
+        holding its slot) until its pods are gone, so a new group of that name never meets
+        the old one's pods, and those pods drain on SIGTERM."""
+        for role, plan in seen.plans.items():
+            for index in plan.delete:
+                self.kube.delete("apps/v1", "StatefulSet", dep.namespace,
+                                 group_name(dep, role, index), propagation="Foreground")
+
+    def _prune(self, dep: MoEDeployment, children: list[dict[str, Any]],
+               kept: set[tuple[str, str]]) -> None:
+        keep = {(c["kind"], c["metadata"]["name"]) for c in children} | kept
         labels = {LABEL_DEPLOYMENT: dep.name, "app.kubernetes.io/managed-by": MANAGED_BY}
         for api_version, kind in PRUNABLE_KINDS:
-            for obj in self.kube.list(api_version, kind, dep.namespace, labels):
+            try:
+                found = self.kube.list(api_version, kind, dep.namespace, labels)
+            except KubeError as exc:
+                if exc.status == 404 and kind == "PodGroup":
+                    continue  # that gang scheduler's CRD is not installed: nothing to prune
+                raise
+            for obj in found:
                 name = obj["metadata"]["name"]
                 if (kind, name) not in keep:
                     self.kube.delete(api_version, kind, dep.namespace, name)
 
-    def _report(self, dep: MoEDeployment, body: Mapping[str, Any],
-                groups: Mapping[str, int]) -> Outcome:
+    def _report(self, dep: MoEDeployment, body: Mapping[str, Any], groups: Mapping[str, int],
+                workers: list[dict[str, Any]], seen: Observed) -> Outcome:
         previous = body.get("status") or {}
-        workers = self.kube.list("apps/v1", "StatefulSet", dep.namespace,
-                                 {LABEL_DEPLOYMENT: dep.name, LABEL_COMPONENT: "worker"})
         router = self.kube.get("apps/v1", "Deployment", dep.namespace, router_name(dep))
         status = deployment_status(
             dep, groups, workers, router, router_endpoint(dep),
-            previous.get("conditions"), utc_now(),
+            previous.get("conditions"), utc_now(), seen.day2,
         ).model_dump(by_alias=True, exclude_none=True)
         for role in ROLES:
             pool_status = worker_pool_status(dep, role, groups[role], workers)
@@ -179,8 +200,8 @@ class Reconciler:
                                        pool_name(dep, role), wanted)
         if _changed(previous, status):
             self.kube.patch_status(OWN_API, KIND_DEPLOYMENT, dep.namespace, dep.name, status)
-        event = None
-        if _degraded(previous):
+        event = seen.warning
+        if event is None and _degraded(previous) and seen.day2.degraded is None:
             event = ("Normal", "Reconciled", "the spec is valid again and was applied")
         return Outcome(body=body, status=status, event=event)
 

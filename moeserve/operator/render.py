@@ -34,6 +34,8 @@ PRUNABLE_KINDS: tuple[tuple[str, str], ...] = (
     ("apps/v1", "StatefulSet"),
     ("v1", "Service"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("scheduling.x-k8s.io/v1alpha1", "PodGroup"),
+    ("scheduling.volcano.sh/v1beta1", "PodGroup"),
 )
 
 
@@ -99,13 +101,18 @@ def desired_groups(dep: MoEDeployment, role: Role, observed: Mapping[str, int] |
     return min(max(current, scaling.min_replicas), scaling.max_replicas)
 
 
-def render(dep: MoEDeployment, groups: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
-    """Every child object of ``dep``, in apply order (RBAC and config before workloads)."""
+def render(dep: MoEDeployment, groups: Mapping[str, int] | None = None,
+           plans: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every child object of ``dep``, in apply order (RBAC and config before workloads).
+
+    ``plans`` (role -> :class:`~moeserve.operator.rollout.PoolPlan`) restricts each pool to
+    the slots a rolling update applies now; without it every slot is rendered."""
     # Imported here so each builder module can import the shared helpers above.
-    from moeserve.operator import build_router, build_workers
+    from moeserve.operator import build_groups, build_router, build_workers
 
     children = build_router.build_router(dep)
     children.append(build_workers.build_worker_service_account(dep))
     for role in ROLES:
-        children.extend(build_workers.build_pool(dep, role, desired_groups(dep, role, groups)))
+        children.extend(build_groups.build_pool_objects(
+            dep, role, desired_groups(dep, role, groups), (plans or {}).get(role)))
     return children

@@ -8,6 +8,7 @@ schemas of the CRDs, so the stored shape and the computed shape cannot drift apa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +24,8 @@ from moeserve.common.spec import (
     pods_per_group,
 )
 
-__all__ = ["Condition", "PoolStatus", "RouterStatus", "DeploymentStatus", "WorkerPoolStatus",
+__all__ = ["Day2", "Condition", "PoolStatus",
+           "RouterStatus", "DeploymentStatus", "WorkerPoolStatus",
            "deployment_status", "degraded_status", "worker_pool_status", "ready_groups",
            "pool_selector_string"]
 
@@ -34,8 +36,11 @@ class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
+ConditionType = Literal["Ready", "Progressing", "Degraded", "GroupsScheduled", "FabricReady"]
+
+
 class Condition(_Status):
-    type: Literal["Ready", "Progressing", "Degraded"]
+    type: ConditionType
     status: Literal["True", "False", "Unknown"]
     reason: str
     message: str = ""
@@ -46,6 +51,22 @@ class Condition(_Status):
 class PoolStatus(_Status):
     desired_groups: int = 0
     ready_groups: int = 0
+    revision: str = Field("", description="Pod-template hash the pool rolls to.")
+    updated_groups: int = Field(0, description="Groups at `revision` (surge included).")
+    updated_ready_groups: int = 0
+    current_groups: int = Field(0, description="Groups still at an older revision.")
+    progress_time: str = Field("", description="Last time the roll made progress.")
+
+
+@dataclass(frozen=True)
+class Day2:
+    """What the reconciler learned beyond the StatefulSets' readiness: per-pool roll state,
+    extra conditions (GroupsScheduled, FabricReady) and a Degraded reason (stalled roll)."""
+
+    pools: Mapping[str, PoolStatus]
+    conditions: tuple[tuple[str, bool, str, str], ...] = ()  # (type, ok, reason, message)
+    degraded: tuple[str, str] | None = None
+    rolling: bool = False
 
 
 class RouterStatus(_Status):
@@ -115,11 +136,13 @@ def deployment_status(dep: MoEDeployment, groups: Mapping[str, int],
                       statefulsets: Iterable[Mapping[str, Any]],
                       router: Mapping[str, Any] | None, endpoint: str,
                       previous_conditions: Iterable[Mapping[str, Any]] | None,
-                      now: str) -> DeploymentStatus:
+                      now: str, day2: Day2 | None = None) -> DeploymentStatus:
     statefulsets = list(statefulsets)
     pools = {role: PoolStatus(desired_groups=groups[role],
                               ready_groups=ready_groups(dep, role, statefulsets, groups[role]))
              for role in ROLES}
+    if day2 is not None:
+        pools = {role: day2.pools.get(role, pools[role]) for role in ROLES}
     router_ready = int(((router or {}).get("status") or {}).get("readyReplicas") or 0)
     router_status = RouterStatus(desired_replicas=dep.spec.router.replicas,
                                  ready_replicas=router_ready)
@@ -133,17 +156,31 @@ def deployment_status(dep: MoEDeployment, groups: Mapping[str, int],
         "waiting for " + ", ".join(waiting)
     gen = dep.generation
     prev = _previous(previous_conditions)
+    rolling = day2 is not None and day2.rolling
+    degraded = day2.degraded if day2 is not None else None
+    progressing = not all_ready or rolling
+    progress_reason = ("RollingUpdate" if rolling else "Reconciling") if progressing else \
+        "Complete"
+    if rolling and all_ready:
+        message = "rolling update: " + ", ".join(
+            f"{role} {p.updated_groups - p.updated_ready_groups} new group(s) starting, "
+            f"{p.current_groups} old" for role, p in pools.items() if p.current_groups or
+            p.updated_groups > p.desired_groups)
     conditions = [
         _condition("Ready", all_ready, "AllReady" if all_ready else "NotReady", message, gen,
                    prev, now),
-        _condition("Progressing", not all_ready, "Reconciling" if not all_ready else "Complete",
-                   message, gen, prev, now),
-        _condition("Degraded", False, "AsExpected", "", gen, prev, now),
+        _condition("Progressing", progressing, progress_reason, message, gen, prev, now),
+        _condition("Degraded", degraded is not None, degraded[0] if degraded else "AsExpected",
+                   degraded[1] if degraded else "", gen, prev, now),
     ]
+    for kind, ok, reason, text in (day2.conditions if day2 is not None else ()):
+        conditions.append(_condition(kind, ok, reason, text, gen, prev, now))
     ready = sum(p.ready_groups for p in pools.values())
     desired = sum(p.desired_groups for p in pools.values())
+    phase: Phase = "Degraded" if degraded else "Ready" if all_ready and not rolling else \
+        "Progressing"
     return DeploymentStatus(
-        observed_generation=gen, phase="Ready" if all_ready else "Progressing",
+        observed_generation=gen, phase=phase,
         ready=f"{ready}/{desired}", router_endpoint=endpoint, pools=pools,
         router=router_status, conditions=conditions,
     )

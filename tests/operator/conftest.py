@@ -60,6 +60,9 @@ RESOURCES = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): set(),
     ("networking.k8s.io/v1", "NetworkPolicy"): set(),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): {"status"},
+    ("v1", "Pod"): {"status"},
+    ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): {"status"},
+    ("scheduling.volcano.sh/v1beta1", "PodGroup"): {"status"},
 }
 PLURALS_ALL = {**PLURALS, "Event": "events"}
 

@@ -1,0 +1,32 @@
+"""Building blocks shared by the spec modules: the frozen camelCase base model, CEL entries and
+the cross-field rule error. Split out of ``spec.py`` so that sub-specs (``spec_ops``) can live in
+their own modules without importing ``spec`` (which imports them)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+__all__ = ["FieldRuleError", "_Model", "_cel"]
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CRD x-kubernetes-validations entry; every rule mirrors a pydantic check."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class FieldRuleError(ValueError):
+    """A cross-field rule broken inside one model; ``field`` is relative to that model."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
