@@ -6,12 +6,14 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import fields
 from typing import Any
 
 from moeserve.common.errors import MoeServeError
+from moeserve.common.spec import ENV_LOG_LEVEL
 
 __all__ = ["main", "add_engine_args", "engine_config_from_args"]
 
@@ -172,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pop_log_level(argv: list[str]) -> tuple[list[str], str]:
-    """--log-level is accepted anywhere on the line, before or after the subcommand."""
-    level, rest, it = "INFO", [], iter(argv)
+    """--log-level is accepted anywhere on the line, before or after the subcommand; without
+    it, $MOESERVE_LOG_LEVEL (how the operator sets it in pods), else INFO."""
+    level, rest, it = os.environ.get(ENV_LOG_LEVEL) or "INFO", [], iter(argv)
     for arg in it:
         if arg == "--log-level":
             level = next(it, level)
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     argv, level = _pop_log_level(raw_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        parser.error(f"--log-level / ${ENV_LOG_LEVEL} {level!r}: expected DEBUG, INFO, "
+                     "WARNING or ERROR")  # fmt: skip
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -4,13 +4,16 @@ Service.
 The router reads /etc/moeserve/router.yaml (rendered by :func:`router_config`)::
 
     model: {name, path, blockSize}
-    listen: {http, grpc, metrics}
+    listen: {host, http, grpc, metrics}
     disaggThreshold: int
-    discovery: {namespace, port, selector: {label: value}, roleLabel, groupLabel}
+    discovery: {namespace, port, selector: {label: value}, roleLabel, groupLabel,
+                ranksPerPod: {prefill: int, decode: int}}
 
-and finds workers by watching EndpointSlices and Pods in ``discovery.namespace`` that carry
-``discovery.selector``; a worker's pool comes from its ``roleLabel`` and its EP group from
-``groupLabel``.
+(parsed by ``moeserve/router/config.py``; any router flag may also appear at the top level in
+camelCase) and finds workers by watching the EndpointSlices in ``discovery.namespace`` that carry
+``discovery.selector`` (the per-group worker Services' labels, which Kubernetes copies onto their
+slices); a worker's pool comes from its ``roleLabel``, and a pod with N ranks serves rank i on
+``port + i``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import yaml
 
 from moeserve.common import spec as s
-from moeserve.common.spec import MoEDeployment
+from moeserve.common.spec import MoEDeployment, ranks_per_pod
 from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
 from moeserve.operator.build_workers import (
     PRESTOP_SLEEP_S,
@@ -39,6 +42,8 @@ from moeserve.operator.render import (
 __all__ = ["build_router", "router_name", "router_config", "router_endpoint"]
 
 CONFIG_PATH = "/etc/moeserve/router.yaml"
+
+ROUTER_STARTUP_TIMEOUT_S = 3600
 
 # Equal to RouterSettings.drain_grace_s (the router's --drain-grace-s default); a test pins it.
 ROUTER_DRAIN_GRACE_S = 25
@@ -69,16 +74,13 @@ def build_service_account(dep: MoEDeployment) -> dict[str, Any]:
 
 
 def build_role(dep: MoEDeployment) -> dict[str, Any]:
-    # Discovery only: read pods and endpoint slices of this namespace, nothing else.
-    read = ["get", "list", "watch"]
+    # Exactly what moeserve.router.discovery_k8s does: list, then watch, EndpointSlices.
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": object_meta(dep, router_name(dep), _labels(dep)),
-        "rules": [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
-        ],
+        "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                   "verbs": ["list", "watch"]}],
     }
 
 
@@ -99,15 +101,19 @@ def router_config(dep: MoEDeployment) -> dict[str, Any]:
     return {
         "model": {"name": model.name, "path": model.container_path(),
                   "blockSize": model.block_size},
-        "listen": {"http": s.PORT_ROUTER_HTTP, "grpc": s.PORT_ROUTER_GRPC,
+        # All interfaces: the kubelet's probes and the Service reach the pod IP.
+        "listen": {"host": "0.0.0.0", "http": s.PORT_ROUTER_HTTP, "grpc": s.PORT_ROUTER_GRPC,
                    "metrics": s.PORT_ROUTER_METRICS},
         "disaggThreshold": dep.spec.router.disagg_threshold,
+        # Workers may load for many minutes; the router waits for them instead of crash-looping.
+        "startupTimeoutS": ROUTER_STARTUP_TIMEOUT_S,
         "discovery": {
             "namespace": dep.namespace,
             "port": s.PORT_WORKER_GRPC,
             "selector": {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "worker"},
             "roleLabel": s.LABEL_ROLE,
             "groupLabel": s.LABEL_GROUP,
+            "ranksPerPod": {role: ranks_per_pod(dep.spec.pool(role)) for role in s.ROLES},
         },
     }
 
@@ -148,7 +154,9 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         "securityContext": security_context(),
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
                            "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"},
+        # /health is 503 while no decode worker serves (readiness); the metrics port answers
+        # as long as the process does, workers or not, so only a hung router is restarted.
+        "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
                           "periodSeconds": 15, "failureThreshold": 4},
         "lifecycle": prestop_hook(),
         "volumeMounts": [

@@ -18,6 +18,7 @@ from moeserve.common.errors import InvalidRequestError, MoeServeError, Unavailab
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
+from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import create_app
 from moeserve.router.metrics import RouterMetrics
@@ -123,20 +124,30 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def serve_router(args: argparse.Namespace) -> None:
-    prefill = [a for a in (args.prefill or "").split(",") if a]
-    decode = [a for a in (args.decode or "").split(",") if a]
-    if not decode:
-        raise MoeServeError("--decode needs at least one worker address")
+    cfg = resolve_router_config(args)  # flags > --config file > defaults, into args too
     metrics = RouterMetrics()
     index = PrefixIndex()
     tls = tls_from_args(args)
     keys = ApiKeys(keys_from_sources(args.api_key))
-    pool = WorkerPool(prefill, decode, index, metrics, probe_interval_s=args.probe_interval_s,
-                      eject_base_s=args.eject_base_s, eject_max_s=args.eject_max_s,
-                      tls=tls)  # fmt: skip
+    if cfg.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        # Up before any worker is: on Kubernetes the liveness probe reads this port while the
+        # router still waits for its first decode worker (minutes for a DeepSeek checkpoint).
+        start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+    pool_kw = dict(probe_interval_s=args.probe_interval_s, eject_base_s=args.eject_base_s,
+                   eject_max_s=args.eject_max_s, tls=tls)  # fmt: skip
+    if cfg.discovery is not None:
+        from moeserve.router.discovery_k8s import K8sWorkerPool
+
+        pool: WorkerPool = K8sWorkerPool(cfg.discovery, index, metrics, **pool_kw)
+    else:
+        pool = WorkerPool(list(cfg.prefill), list(cfg.decode), index, metrics, **pool_kw)
     pool.start()
     try:
-        if not await pool.wait_ready(args.startup_timeout_s) and pool.model_info() is None:
+        if cfg.discovery is not None:  # on a fresh cluster no worker exists yet
+            await pool.wait_for_decode(args.startup_timeout_s)  # type: ignore[attr-defined]
+        elif not await pool.wait_ready(args.startup_timeout_s) and pool.model_info() is None:
             raise UnavailableError(f"no worker answered within {args.startup_timeout_s} s")
         info = pool.model_info()
         config_path = Path(args.model) / "config.json"
@@ -186,9 +197,11 @@ async def serve_router(args: argparse.Namespace) -> None:
 def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = RouterSettings()
     p = subparsers.add_parser("router", help="OpenAI HTTP + gRPC router over worker pools")
-    p.add_argument("--model", required=True, help="checkpoint directory (tokenizer, config)")
+    p.add_argument("--config", default=None,
+                   help="router.yaml (moeserve.router.config); flags given here win over it")
+    p.add_argument("--model", default=None, help="checkpoint directory (tokenizer, config)")
     p.add_argument("--prefill", default="", help="prefill workers, host:port,...")
-    p.add_argument("--decode", required=True, help="decode workers, host:port,...")
+    p.add_argument("--decode", default="", help="decode workers, host:port,... (or discovery)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0: any free port)")
@@ -234,5 +247,8 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--api-key-metrics", action="store_true",
                    help="put /metrics behind the API key too (/health stays open)")
     add_tls_arguments(p)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics on this port (it is always on the HTTP port)")
     p.set_defaults(func=lambda args: asyncio.run(serve_router(args)) or 0)
+    track_explicit_flags(p)  # last: the --config file fills the flags not given
     return p  # fmt: skip

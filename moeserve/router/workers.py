@@ -195,6 +195,36 @@ class WorkerPool:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
         return True
 
+    def set_workers(self, wanted: dict[str, str], retire_grace_s: float = 60.0) -> None:
+        """Discovery's seam (Kubernetes, Ray): make the pool exactly ``wanted`` (address ->
+        role). A worker that left gets no new work at once; its channel stays open until its
+        requests in flight end (a draining pod finishes its streams) or the grace is over."""
+        for address, client in list(self.clients.items()):
+            if wanted.get(address) is None or client.roles != {wanted[address]}:
+                del self.clients[address]
+                self.mark_down(client, "left discovery")
+                for task in (client.task, client.probe_task):
+                    if task is not None:
+                        task.cancel()
+                asyncio.get_running_loop().create_task(self._retire(client, retire_grace_s))
+                logger.info("worker %s left the pool", address)
+        for address, role in wanted.items():
+            if address not in self.clients:
+                client = WorkerClient(address, {role}, self.tls)
+                self.clients[address] = client
+                client.task = asyncio.create_task(self._watch(client), name=f"watch {address}")
+                client.probe_task = asyncio.create_task(self._probe(client),
+                                                        name=f"probe {address}")  # fmt: skip
+                logger.info("worker %s (%s) joined the pool", address, role)
+        self._changed.set()
+
+    async def _retire(self, client: WorkerClient, grace_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while client.inflight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        await client.channel.close()
+
     def model_info(self) -> common_pb2.HealthResponse | None:
         for c in self.clients.values():
             if c.info is not None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import uuid
@@ -27,8 +28,10 @@ from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from
 from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
+from moeserve.worker.env_defaults import apply_env_defaults
 from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
+from moeserve.worker.health import add_health_service, serving_state
 from moeserve.worker.kv_handles import HandleTable, KVHandleServicer
 from moeserve.worker.kv_pull import KVPuller
 from moeserve.worker.kv_transfer import KVTransferAgent, LeaseTable
@@ -97,6 +100,10 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults, tls)
         if self.faults.active:
             logger.warning("fault injection is ON: %s", self.faults)
+
+    def serving(self) -> tuple[bool, str]:
+        """(serving, why not): the one answer of this Health RPC and grpc.health.v1.Health."""
+        return serving_state(self.loop, self.gate, self.engine)
 
     def start_drain(self) -> None:
         """SIGTERM: refuse new work and tell the routers (NOT_SERVING, draining in the load)."""
@@ -284,7 +291,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         status = common_pb2.HealthResponse.SERVING
-        if self.loop is None or not self.loop.alive or self.gate.draining:
+        if not self.serving()[0]:
             status = common_pb2.HealthResponse.NOT_SERVING
         mc = self.engine.model_config
         return common_pb2.HealthResponse(
@@ -345,6 +352,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, sigterm.set)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    add_health_service(server, servicer.serving)  # the kubelet's gRPC probes
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -406,4 +414,5 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--faults", default=None,
                    help=f"test fault injection, e.g. stall_prefill_s=30 (default ${ENV_VAR})")
     p.set_defaults(func=lambda args: asyncio.run(serve_worker(args)) or 0)
+    apply_env_defaults(p, os.environ)  # last: the operator's MOESERVE_* env; flags still win
     return p  # fmt: skip

@@ -167,7 +167,8 @@ def test_router_rbac_is_discovery_only_and_hpa_targets_pool() -> None:
     role = _by(objs, "Role")["deepseek-v3-router"]
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
     resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert verbs == {"get", "list", "watch"} and resources == {"pods", "endpointslices"}
+    # Exactly what the router's discovery calls (moeserve/router/discovery_k8s.py).
+    assert verbs == {"list", "watch"} and resources == {"endpointslices"}
     hpa = _by(objs, "HorizontalPodAutoscaler")["deepseek-v3-decode"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": OWN_API, "kind": "MoEWorkerPool",
                                      "name": "deepseek-v3-decode"}
