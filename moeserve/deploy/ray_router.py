@@ -20,7 +20,7 @@ from typing import Any
 from moeserve.common.errors import UnavailableError
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
-from moeserve.router.workers import WorkerClient, WorkerPool
+from moeserve.router.workers import WorkerPool
 
 __all__ = ["RayWorkerPool", "RouterDeployment"]
 
@@ -85,27 +85,8 @@ class RayWorkerPool(WorkerPool):
             if name not in names:
                 del self._known[name]
                 self._handles.pop(name, None)
-        self._sync({address: role for address, role in self._known.values()})
-
-    def _sync(self, wanted: dict[str, str]) -> None:
-        for address in [a for a in self.clients if a not in wanted]:
-            client = self.clients.pop(address)
-            self.mark_down(client, "its Ray actor is gone or moved")
-            for task in (client.task, client.probe_task):
-                if task is not None:
-                    task.cancel()
-            asyncio.get_running_loop().create_task(client.channel.close())
-            logger.info("worker %s left the pool", address)
-        for address, role in wanted.items():
-            if address not in self.clients:
-                client = WorkerClient(address, {role})
-                self.clients[address] = client
-                # The same two tasks WorkerPool.start gives each static worker.
-                client.task = asyncio.create_task(self._watch(client), name=f"watch {address}")
-                client.probe_task = asyncio.create_task(self._probe(client),
-                                                        name=f"probe {address}")
-                logger.info("worker %s (%s) joined the pool", address, role)
-        self._changed.set()
+        # The seam every discovery source feeds (Kubernetes too: router/discovery_k8s.py).
+        self.set_workers({address: role for address, role in self._known.values()})
 
     async def wait_for_decode(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()

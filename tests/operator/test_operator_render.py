@@ -134,10 +134,10 @@ def test_wide_ep_topology_and_worker_contract() -> None:
     assert env[s.ENV_GROUP] == "0" and env[s.ENV_ROLE] == "decode"
     assert env[s.ENV_MODEL] == "deepseek-ai/DeepSeek-V3"
     assert env[s.ENV_RENDEZVOUS] == \
-        "deepseek-v3-decode-0-0.deepseek-v3-decode-0.llm.svc.cluster.local:8103"
+        "deepseek-v3-decode-0-0.deepseek-v3-decode-0.llm.svc.cluster.local:8400"
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
-    assert ports == {"grpc": 8100, "metrics": 8101, "nixl": 8102, "rendezvous": 8103}
+    assert ports == {"grpc": 8100, "metrics": 8200, "nixl": 8300, "rendezvous": 8400}
     svc = _by(objs, "Service")["deepseek-v3-decode-0"]["spec"]
     assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
     labels = sts["deepseek-v3-decode-0"]["spec"]["template"]["metadata"]["labels"]

@@ -94,5 +94,10 @@ def test_env_and_label_contract_is_stable() -> None:
                              "MOESERVE_RENDEZVOUS", "MOESERVE_ROLE", "MOESERVE_MODEL")
     assert (s.LABEL_DEPLOYMENT, s.LABEL_ROLE, s.LABEL_GROUP) == (
         "moeserve.io/deployment", "moeserve.io/role", "moeserve.io/group")
-    assert (s.PORT_WORKER_GRPC, s.PORT_WORKER_METRICS, s.PORT_WORKER_NIXL) == (8100, 8101, 8102)
+    assert (s.PORT_WORKER_GRPC, s.PORT_WORKER_METRICS, s.PORT_WORKER_NIXL) == (8100, 8200, 8300)
+    # Local rank i of a pod binds gRPC and metrics on base + i: the blocks never overlap.
+    per_pod = 16  # the largest gpusPerPod the schema admits
+    blocks = [range(p, p + per_pod) for p in (s.PORT_WORKER_GRPC, s.PORT_WORKER_METRICS)]
+    others = {s.PORT_WORKER_NIXL, s.PORT_WORKER_RENDEZVOUS}
+    assert not set(blocks[0]) & set(blocks[1]) and not others & (set(blocks[0]) | set(blocks[1]))
     assert (s.PORT_ROUTER_HTTP, s.PORT_ROUTER_GRPC, s.PORT_ROUTER_METRICS) == (8000, 8001, 8002)
