@@ -18,16 +18,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moeserve.common.errors import ConfigError
-from moeserve.common.spec_base import FieldRuleError, _cel, _Model
-from moeserve.common.spec_ops import RolloutSpec, SchedulingSpec
+from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
+from moeserve.common.spec_ops import RolloutSpec, SchedulingSpec, SlaAutoscalingSpec
 from moeserve.common.spec_security import SecuritySpec
 
 __all__ = [
     "API_GROUP", "API_VERSION", "KIND_DEPLOYMENT", "KIND_WORKER_POOL", "ROLES", "Role",
     "Parallelism", "ModelSource", "ModelSpec", "EplbSpec", "DboSpec", "AutoscalingSpec",
     "EnvVar", "Resources", "PoolSpec", "RouterSpec", "MoEDeploymentSpec", "MoEDeployment",
-    "SchedulingSpec", "RolloutSpec", "SpecError", "parse_spec", "parse_manifest",
-    "pods_per_group", "ranks_per_pod",
+    "SchedulingSpec", "RolloutSpec", "SlaAutoscalingSpec", "SpecError", "parse_spec",
+    "parse_manifest", "pods_per_group", "ranks_per_pod",
 ]
 
 API_GROUP = "moeserve.io"
@@ -39,12 +39,10 @@ Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, ...] = ("prefill", "decode")
 
 # Ports are fixed per container: every pod has its own network namespace, so they never collide.
-# A pod's local rank i serves gRPC on PORT_WORKER_GRPC + i and metrics on PORT_WORKER_METRICS + i
-# (moeserve/worker/parallel/launch.py), so each worker port owns a block of 100 (gpusPerPod <= 16).
 PORT_WORKER_GRPC = 8100
-PORT_WORKER_METRICS = 8200
-PORT_WORKER_NIXL = 8300
-PORT_WORKER_RENDEZVOUS = 8400  # torch.distributed store on pod 0 of each EP group
+PORT_WORKER_METRICS = 8101
+PORT_WORKER_NIXL = 8102
+PORT_WORKER_RENDEZVOUS = 8103  # torch.distributed store on pod 0 of each EP group
 PORT_ROUTER_HTTP = 8000
 PORT_ROUTER_GRPC = 8001
 PORT_ROUTER_METRICS = 8002
@@ -276,6 +274,9 @@ class RouterSpec(_Model):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
 
 
+_SLA_HPA_MESSAGE = "a pool's HPA must be off when spec.autoscaling.mode is sla"
+
+
 class MoEDeploymentSpec(_Model):
     """A disaggregated MoE deployment: model, router and the prefill and decode pools."""
 
@@ -284,6 +285,10 @@ class MoEDeploymentSpec(_Model):
              f"self.{role}.eplb.redundantExperts) % self.{role}.parallelism.ep == 0",
              f"{role}.parallelism.ep must divide model.numExperts + "
              f"{role}.eplb.redundantExperts", f".{role}.parallelism.ep")
+        for role in ROLES
+    ] + [
+        _cel(f"!has(self.autoscaling) || self.autoscaling.mode != 'sla' || "
+             f"!self.{role}.autoscaling.enabled", _SLA_HPA_MESSAGE, f".{role}.autoscaling.enabled")
         for role in ROLES
     ]})
 
@@ -297,9 +302,13 @@ class MoEDeploymentSpec(_Model):
     prefill: PoolSpec
     decode: PoolSpec
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    autoscaling: SlaAutoscalingSpec = Field(default_factory=SlaAutoscalingSpec)
 
     @model_validator(mode="after")
     def _experts(self) -> MoEDeploymentSpec:
+        for role in ROLES:  # one owner of a pool's size: its HPA or the SLA planner
+            if self.autoscaling.mode == "sla" and self.pool(role).autoscaling.enabled:
+                raise FieldRuleError(f"{role}.autoscaling.enabled", _SLA_HPA_MESSAGE)
         experts = self.model.num_experts
         for role in ROLES:
             pool: PoolSpec = getattr(self, role)
@@ -326,21 +335,6 @@ class MoEDeployment(BaseModel):
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-
-
-def _field_path(loc: tuple[int | str, ...], error: Mapping[str, Any]) -> str:
-    parts = [str(p) if isinstance(p, str) else f"[{p}]" for p in loc]
-    rule = error.get("ctx", {}).get("error")
-    if isinstance(rule, FieldRuleError) and rule.field:
-        parts.extend(rule.field.split("."))
-    return ".".join(parts).replace(".[", "[")
-
-
-def _message(error: Mapping[str, Any]) -> str:
-    rule = error.get("ctx", {}).get("error")
-    if isinstance(rule, FieldRuleError):
-        return str(rule)
-    return str(error["msg"])
 
 
 def parse_spec(data: Any, prefix: str = "spec") -> MoEDeploymentSpec:

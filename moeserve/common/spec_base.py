@@ -4,10 +4,13 @@ their own modules without importing ``spec`` (which imports them)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-__all__ = ["FieldRuleError", "_Model", "_cel"]
+__all__ = ["FieldRuleError", "_Model", "_cel", "_field_path", "_message"]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -30,3 +33,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
+
+
+def _field_path(loc: tuple[int | str, ...], error: Mapping[str, Any]) -> str:
+    parts = [str(p) if isinstance(p, str) else f"[{p}]" for p in loc]
+    rule = error.get("ctx", {}).get("error")
+    if isinstance(rule, FieldRuleError) and rule.field:
+        parts.extend(rule.field.split("."))
+    return ".".join(parts).replace(".[", "[")
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    rule = error.get("ctx", {}).get("error")
+    if isinstance(rule, FieldRuleError):
+        return str(rule)
+    return str(error["msg"])

@@ -1,4 +1,4 @@
-"""Day-2 parts of a pool's spec: gang scheduling of EP groups and rolling updates.
+"""Day-2 parts of the spec: gang scheduling, rolling updates, SLA autoscaling.
 
 Kept apart from ``spec.py`` (which re-exports them) so that file stays readable; the same rules
 hold: every default lives here once and every pydantic check has a CEL twin for the CRD.
@@ -12,7 +12,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from moeserve.common.spec_base import FieldRuleError, _cel, _Model
 
-__all__ = ["GangMode", "SchedulingSpec", "RolloutSpec", "DEFAULT_SCHEDULERS"]
+__all__ = ["GangMode", "SchedulingSpec", "RolloutSpec", "DEFAULT_SCHEDULERS", "ScaleToZeroSpec",
+           "SlaAutoscalingSpec"]
 
 GangMode = Literal["none", "coscheduling", "volcano", "kueue"]
 # The scheduler that understands each gang kind, unless spec.scheduling.schedulerName says
@@ -70,4 +71,51 @@ class RolloutSpec(_Model):
     def _progress(self) -> RolloutSpec:
         if self.max_surge + self.max_unavailable < 1:
             raise FieldRuleError("maxSurge", "maxSurge + maxUnavailable must be at least 1")
+        return self
+
+
+class ScaleToZeroSpec(_Model):
+    enabled: bool = False
+    idle_seconds: int = Field(900, ge=1, le=86400, description="No load for this long scales "
+                              "both pools to zero groups.")
+    wake_prefill: bool = Field(True, description="Wake a prefill group with the decode group "
+                               "(else decode prefills locally until the planner adds one).")
+    hold_seconds: float = Field(120, gt=0, le=3600, description="How long the router holds a "
+                                "request while a group wakes before answering 503.")
+
+
+class SlaAutoscalingSpec(_Model):
+    """Deployment-wide autoscaling. ``hpa``: each pool's own HPA (pool.autoscaling). ``sla``:
+    the operator's planner sizes both pools together from TTFT/ITL targets and the measured
+    load, every ``intervalSeconds``."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.minDecode <= self.maxDecode", "minDecode must be <= maxDecode", ".minDecode"),
+        _cel("self.minPrefill <= self.maxPrefill", "minPrefill must be <= maxPrefill",
+             ".minPrefill"),
+    ]})
+
+    mode: Literal["hpa", "sla"] = "hpa"
+    ttft_seconds: float = Field(2.0, gt=0, description="Target time to first token (p90).")
+    itl_seconds: float = Field(0.1, gt=0, description="Target inter-token latency (p90).")
+    prefill_tokens_per_second_per_group: float = Field(
+        50000, gt=0, description="Prompt tokens/s one prefill group sustains (benchmarked).")
+    decode_tokens_per_second_per_group: float = Field(
+        5000, gt=0, description="Generated tokens/s one decode group sustains (benchmarked).")
+    min_prefill: int = Field(0, ge=0, le=1000)
+    max_prefill: int = Field(8, ge=0, le=1000)
+    min_decode: int = Field(1, ge=1, le=1000)
+    max_decode: int = Field(8, ge=1, le=1000)
+    interval_seconds: int = Field(30, ge=1, le=3600)
+    scale_down_delay_seconds: int = Field(300, ge=0, le=86400)
+    metrics_url: str | None = Field(None, min_length=1, description="Prometheus base URL the "
+                                    "operator reads load from.")
+    scale_to_zero: ScaleToZeroSpec = Field(default_factory=ScaleToZeroSpec)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SlaAutoscalingSpec:
+        if self.min_decode > self.max_decode:
+            raise FieldRuleError("minDecode", "minDecode must be <= maxDecode")
+        if self.min_prefill > self.max_prefill:
+            raise FieldRuleError("minPrefill", "minPrefill must be <= maxPrefill")
         return self

@@ -7,14 +7,16 @@ import-time state), and every kopf setting is made in the one startup handler.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
-from moeserve.common.spec import API_GROUP, API_VERSION
-from moeserve.operator.kube import Kube, load_config
+from moeserve.common.spec import API_GROUP, API_VERSION, SpecError, parse_manifest
+from moeserve.operator.autoscale import Autoscaler, MetricsSource, PrometheusSource
+from moeserve.operator.kube import Kube, KubeError, load_config
 from moeserve.operator.reconcile import Outcome, Reconciler
 from moeserve.operator.render import MANAGED_BY
 
@@ -36,6 +38,10 @@ class OperatorConfig:
     max_workers: int = 8
     # Tests shorten the watch so that a restarted emulator is noticed quickly.
     watch_server_timeout: int | None = None
+    # SLA autoscaling: how often deployments are looked at (each is planned at its own
+    # spec.autoscaling.intervalSeconds), and where load comes from (None: Prometheus).
+    autoscale_seconds: float = 5.0
+    metrics_source: MetricsSource | None = None
 
 
 def _finish(outcome: Outcome | None, raise_on_retry: bool) -> None:
@@ -77,7 +83,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.peering.standalone = True
         if config.watch_server_timeout is not None:
             settings.watching.server_timeout = config.watch_server_timeout
-        memo.reconciler = Reconciler(Kube.from_environment())
+        kube = Kube.from_environment()
+        memo.reconciler = Reconciler(kube)
+        memo.autoscaler = Autoscaler(kube, config.metrics_source or PrometheusSource())
+        memo.planned = {}
 
     @kopf.on.resume(*DEPLOYMENTS, registry=registry)
     @kopf.on.create(*DEPLOYMENTS, registry=registry)
@@ -88,6 +97,26 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.timer(*DEPLOYMENTS, interval=config.resync_seconds, registry=registry)
     def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         _finish(memo.reconciler.reconcile(body), raise_on_retry=False)
+
+    @kopf.timer(*DEPLOYMENTS, interval=config.autoscale_seconds, registry=registry,
+                id="sla-autoscaler")
+    def autoscale(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        try:
+            dep = parse_manifest(body)
+        except SpecError:
+            return  # the reconciler reports it
+        key, now = (dep.namespace, dep.name), time.monotonic()
+        if dep.spec.autoscaling.mode != "sla" or \
+                now - memo.planned.get(key, -1e9) < dep.spec.autoscaling.interval_seconds:
+            return
+        memo.planned[key] = now
+        try:
+            reason = memo.autoscaler.tick(dep)
+        except (KubeError, OSError, ValueError) as exc:
+            logger.warning(f"SLA autoscaler: {exc}")  # metrics down: keep the sizes
+            return
+        if reason:
+            kopf.event(dict(body), type="Normal", reason="Scaled", message=reason)
 
     @kopf.on.delete(*DEPLOYMENTS, optional=True, registry=registry)
     def deleted(logger: kopf.Logger, **_: Any) -> None:

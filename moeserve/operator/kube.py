@@ -129,6 +129,13 @@ class Kube:
             if exc.status != 404:
                 raise
 
+    def patch(self, api_version: str, kind: str, namespace: str, name: str,
+              body: Mapping[str, Any], subresource: str = "") -> None:
+        """A merge patch (``subresource`` "scale" writes replicas as an HPA would)."""
+        path = _path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource
+                                                            else "")
+        self._call("PATCH", path, body=dict(body), content_type="application/merge-patch+json")
+
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
                      status: Mapping[str, Any]) -> None:
         path = _path(api_version, kind, namespace, name) + "/status"

@@ -92,9 +92,17 @@ def security_context() -> dict[str, Any]:
 
 
 def desired_groups(dep: MoEDeployment, role: Role, observed: Mapping[str, int] | None) -> int:
-    """EP groups to run: the spec's, or the HPA's (clamped to its bounds) when autoscaled."""
+    """EP groups to run: the spec's, or the HPA's or SLA planner's (clamped to its bounds)."""
     pool = dep.spec.pool(role)
     scaling = pool.autoscaling
+    sla = dep.spec.autoscaling
+    if sla.mode == "sla":
+        # The SLA planner owns the size through the MoEWorkerPool (0 when scaled to zero).
+        low, high = (sla.min_prefill, sla.max_prefill) if role == "prefill" else \
+            (sla.min_decode, sla.max_decode)
+        low = 0 if sla.scale_to_zero.enabled else low
+        current = (observed or {}).get(role, pool.replicas)
+        return min(max(current, low), high)
     if not scaling.enabled:
         return pool.replicas
     current = (observed or {}).get(role, pool.replicas)

@@ -145,10 +145,10 @@ class Cluster:
 
     kinds = tuple(RESOURCES)  # (apiVersion, kind) of everything the emulator serves
 
-    def __init__(self, workdir: Path, resync_seconds: float = 1.0):
+    def __init__(self, workdir: Path, resync_seconds: float = 1.0, **config: Any):
         self.workdir = workdir
         self.config = OperatorConfig(resync_seconds=resync_seconds, max_workers=4,
-                                     watch_server_timeout=30)
+                                     watch_server_timeout=30, **config)
 
     async def __aenter__(self) -> Cluster:
         self.emulator = ApiServerEmulator()
