@@ -39,10 +39,12 @@ Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, ...] = ("prefill", "decode")
 
 # Ports are fixed per container: every pod has its own network namespace, so they never collide.
+# A pod's local rank i serves gRPC on PORT_WORKER_GRPC + i and metrics on PORT_WORKER_METRICS + i
+# (moeserve/worker/parallel/launch.py), so each worker port owns a block of 100 (gpusPerPod <= 16).
 PORT_WORKER_GRPC = 8100
-PORT_WORKER_METRICS = 8101
-PORT_WORKER_NIXL = 8102
-PORT_WORKER_RENDEZVOUS = 8103  # torch.distributed store on pod 0 of each EP group
+PORT_WORKER_METRICS = 8200
+PORT_WORKER_NIXL = 8300
+PORT_WORKER_RENDEZVOUS = 8400  # torch.distributed store on pod 0 of each EP group
 PORT_ROUTER_HTTP = 8000
 PORT_ROUTER_GRPC = 8001
 PORT_ROUTER_METRICS = 8002
