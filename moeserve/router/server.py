@@ -160,7 +160,7 @@ async def serve_router(args: argparse.Namespace) -> None:
             stall_timeout_s=args.stall_timeout_s, max_migrations=args.max_migrations,
             max_inflight_tokens=args.max_inflight_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-            drain_grace_s=args.drain_grace_s,
+            drain_grace_s=args.drain_grace_s, wake_hold_s=args.wake_hold_s,
         )  # fmt: skip
         router = Router(pool, metrics, settings, info.model_id, info.block_size)
         frontend = Frontend(
@@ -175,7 +175,9 @@ async def serve_router(args: argparse.Namespace) -> None:
         # Clients reach the router's gRPC API like its HTTP one (keys, no client certificate).
         grpc_port = add_port(grpc_server, f"{args.host}:{args.grpc_port}", None)
         await grpc_server.start()
-        app = create_app(frontend, lambda: bool(pool.healthy("decode")) and not router.draining)
+        # Holding for a wake-up needs the router to stay in its Service while at zero.
+        app = create_app(frontend, lambda: (bool(pool.healthy("decode")) or router.wake.enabled)
+                         and not router.draining)
         app.add_middleware(ApiKeyMiddleware, keys=keys, protect_metrics=args.api_key_metrics)
         install_openapi(app, auth=keys.enabled)
         sock = _bind(args.host, args.port)
@@ -235,6 +237,8 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="largest max_tokens accepted (0: what fits the context)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                    help="HTTP bodies (and gRPC messages) above this get 413")
+    p.add_argument("--wake-hold-s", type=float, default=d.wake_hold_s,
+                   help="at zero decode workers, hold a request this long while one wakes")
     p.add_argument("--drain-grace-s", type=float, default=d.drain_grace_s,
                    help="on SIGTERM, let requests in flight finish within this time")
     p.add_argument("--probe-interval-s", type=float, default=1.0, help="active health checks")

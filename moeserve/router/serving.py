@@ -38,6 +38,7 @@ from moeserve.router.rpc import (
     rpc_error,
     to_proto_sampling,
 )
+from moeserve.router.wake import WakeGate
 from moeserve.router.workers import WorkerClient, WorkerPool
 
 __all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings", "to_proto_sampling"]
@@ -68,6 +69,9 @@ class RouterSettings:
     max_migrations: int = 3
     no_worker_wait_s: float = 5.0
     """how long a request waits for a decode worker to come back before failing"""
+    wake_hold_s: float = 0.0
+    """with no decode worker known (scaled to zero), how long a request is held while one
+    wakes (0: off); see moeserve/router/wake.py"""
     retry_after_s: int = 1
     drain_grace_s: float = 25.0
     queue_weight: float = 1.0
@@ -116,6 +120,7 @@ class Router:
         self._idle = asyncio.Event()
         self._counter = 0
         self._rng = random.Random(settings.seed)
+        self.wake = WakeGate(settings.wake_hold_s, metrics.registry)
         self._background: set[asyncio.Task] = set()
 
     def pick(
@@ -255,15 +260,21 @@ class Router:
 
     async def _decoders(self, avoid: set[str], deadline: float) -> list[WorkerClient]:
         """Available decode workers, preferring ones not in ``avoid``; waits a little for one."""
-        until = min(deadline, time.monotonic() + self.settings.no_worker_wait_s)
-        while True:
-            healthy = self.pool.healthy("decode")
-            preferred = [d for d in healthy if d.address not in avoid]
-            if preferred or healthy:
-                return preferred or healthy
-            if time.monotonic() >= until:
-                raise UnavailableError("no healthy decode worker; retry")
-            await asyncio.sleep(0.05)
+        known = any("decode" in c.roles for c in self.pool.clients.values())
+        wait_s = self.wake.wait_s(known, self.settings.no_worker_wait_s)
+        until = min(deadline, time.monotonic() + wait_s)
+        with self.wake.holding(active=self.wake.enabled and not known):
+            while True:
+                healthy = self.pool.healthy("decode")
+                preferred = [d for d in healthy if d.address not in avoid]
+                if preferred or healthy:
+                    return preferred or healthy
+                if time.monotonic() >= until:
+                    if self.wake.enabled and not known:
+                        raise UnavailableError(f"no decode worker woke within {wait_s:g} s "
+                                               "(deployment scaled to zero); retry")
+                    raise UnavailableError("no healthy decode worker; retry")
+                await asyncio.sleep(0.05)
 
     def _use(self, w: WorkerClient, rid: str, involved: list[tuple[WorkerClient, str]]) -> None:
         w.inflight += 1
