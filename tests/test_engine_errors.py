@@ -139,3 +139,13 @@ def test_bad_requests_do_not_disturb_others(engine, tiny_v3):
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
     assert got["b"] == ref[1]
     assert got["a"] == ref[0][1:]
+
+
+def test_cpu_thread_default_is_one_unless_asked(monkeypatch):
+    from moeserve.worker.runner import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(0) == 3
+    assert cpu_threads(2) == 2

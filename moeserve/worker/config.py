@@ -47,6 +47,8 @@ class EngineConfig:
     """largest decode batch run as a CUDA graph (capped at max_num_seqs)"""
     cuda_graph_max_context: int = 4096
     """longest sequence a torch-path decode CUDA graph serves (kernel path: max_model_len)"""
+    cpu_threads: int = 0
+    """intra-op threads on the CPU (0: OMP_NUM_THREADS if set, else 1; see runner.py)"""
     kernel_backend: str = "auto"
     """auto: Triton / FlashInfer / DeepGEMM kernels on CUDA; torch: the plain-torch path"""
     mla_impl: str = "absorbed"
