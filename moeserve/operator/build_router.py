@@ -98,7 +98,7 @@ def build_role_binding(dep: MoEDeployment) -> dict[str, Any]:
 
 def router_config(dep: MoEDeployment) -> dict[str, Any]:
     model = dep.spec.model
-    return {
+    config: dict[str, Any] = {
         "model": {"name": model.name, "path": model.container_path(),
                   "blockSize": model.block_size},
         # All interfaces: the kubelet's probes and the Service reach the pod IP.
@@ -116,6 +116,10 @@ def router_config(dep: MoEDeployment) -> dict[str, Any]:
             "ranksPerPod": {role: ranks_per_pod(dep.spec.pool(role)) for role in s.ROLES},
         },
     }
+    zero = dep.spec.autoscaling.scale_to_zero
+    if dep.spec.autoscaling.mode == "sla" and zero.enabled:
+        config["wakeHoldS"] = zero.hold_seconds  # hold requests while the pools wake
+    return config
 
 
 def build_config_map(dep: MoEDeployment) -> dict[str, Any]:
