@@ -1,7 +1,8 @@
 """Kubernetes worker discovery against a fake API serving real EndpointSlice objects (the
 kubernetes client's models): list, watch from the list's resourceVersion, endpoints appearing,
 turning unready, terminating and disappearing, bookmarks, a dropped connection and an expired
-(410) watch, each followed by a re-list; and the router's pool following along."""
+(410) watch, each followed by a re-list; the router's pool following along; and the real
+kubernetes client over HTTP against kmock's KubernetesEmulator."""
 
 from __future__ import annotations
 
@@ -244,5 +245,68 @@ def test_router_pool_follows_discovery() -> None:
         finally:
             await pool.close()
         assert not pool.watcher._thread.is_alive()
+
+    asyncio.run(go())
+
+
+def test_real_client_against_kmock_emulator() -> None:
+    """The kubernetes client itself (HTTP list + watch, deserialization) against kmock's
+    KubernetesEmulator on loopback: slices created, patched unready, deleted; other labels
+    ignored."""
+    import kmock
+    from kubernetes import client
+
+    def body(name: str, role: str, ip: str, serving: bool, deployment: str = "tiny") -> dict:
+        labels = {s.LABEL_DEPLOYMENT: deployment, s.LABEL_COMPONENT: "worker", s.LABEL_ROLE: role}
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "addressType": "IPv4",
+                "metadata": {"name": name, "namespace": "llm", "labels": labels},
+                "endpoints": [{"addresses": [ip],
+                               "conditions": {"ready": True, "serving": serving}}]}  # fmt: skip
+
+    async def go() -> None:
+        emulator = kmock.KubernetesEmulator()
+        resource = kmock.resource(group="discovery.k8s.io", version="v1", plural="endpointslices")
+        emulator.resources[resource] = kmock.ResourceInfo(
+            kind="EndpointSlice", singular="endpointslice", namespaced=True,
+            verbs={"get", "list", "watch", "create", "patch", "delete"})  # fmt: skip
+        async with emulator, kmock.Server(emulator) as server:
+            conf = client.Configuration(host=str(server.url).rstrip("/"))
+            api = client.DiscoveryV1Api(client.ApiClient(conf))
+
+            async def call(fn: Any, *a: Any) -> None:
+                await asyncio.to_thread(fn, *a)
+
+            await call(api.create_namespaced_endpoint_slice, "llm",
+                       body("d0", "decode", "127.0.0.41", True))  # fmt: skip
+            await call(api.create_namespaced_endpoint_slice, "llm",
+                       body("x0", "decode", "127.0.0.49", True, deployment="other"))  # fmt: skip
+            seen: list[dict[str, str]] = []
+            w = EndpointSliceWatcher(CFG, seen.append, api=api, backoff_base_s=0.05,
+                                     watch_timeout_s=5)  # fmt: skip
+
+            async def until(want: dict[str, str]) -> None:
+                for _ in range(200):
+                    if seen and seen[-1] == want:
+                        return
+                    await asyncio.sleep(0.025)
+                raise AssertionError(f"saw {seen}")
+
+            w.start()
+            try:
+                d0 = {"127.0.0.41:8100": "decode", "127.0.0.41:8101": "decode"}
+                await until(d0)
+                await call(api.create_namespaced_endpoint_slice, "llm",
+                           body("p0", "prefill", "127.0.0.42", True))  # fmt: skip
+                await until({**d0, "127.0.0.42:8100": "prefill"})
+                unready = {"endpoints": [{"addresses": ["127.0.0.41"],
+                                          "conditions": {"ready": True, "serving": False}}]}
+                await call(api.patch_namespaced_endpoint_slice, "d0", "llm", unready)
+                await until({"127.0.0.42:8100": "prefill"})
+                await call(api.delete_namespaced_endpoint_slice, "p0", "llm")
+                await until({})
+                assert w.errors == 0
+            finally:
+                await asyncio.to_thread(w.stop)
 
     asyncio.run(go())

@@ -65,6 +65,10 @@ def workers_from_slices(
     out: dict[str, str] = {}
     for sl in slices:
         labels = (sl.get("metadata") or {}).get("labels") or {}
+        # The API server filters by the selector already; checked again so that no watch
+        # (a proxy or emulator that ignores labelSelector) adds another deployment's workers.
+        if any(labels.get(k) != v for k, v in cfg.selector.items()):
+            continue
         role = labels.get(cfg.role_label)
         if role not in ROLES:
             continue
