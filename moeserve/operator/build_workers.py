@@ -293,6 +293,15 @@ def build_network_policy(dep: MoEDeployment, role: Role) -> dict[str, Any]:
     namespaceSelector match this namespace only."""
     workers = {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "worker"}
     router = {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "router"}
+    ranks = ranks_per_pod(dep.spec.pool(role))
+
+    def per_rank(port: int) -> dict[str, Any]:
+        # Local rank i of a pod serves on port + i (moeserve/worker/parallel/launch.py).
+        out: dict[str, Any] = {"port": port, "protocol": "TCP"}
+        if ranks > 1:
+            out["endPort"] = port + ranks - 1
+        return out
+
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -304,9 +313,9 @@ def build_network_policy(dep: MoEDeployment, role: Role) -> dict[str, Any]:
             "ingress": [
                 {"from": [{"podSelector": {"matchLabels": workers}}]},
                 {"from": [{"podSelector": {"matchLabels": router}}],
-                 "ports": [{"port": s.PORT_WORKER_GRPC, "protocol": "TCP"}]},
+                 "ports": [per_rank(s.PORT_WORKER_GRPC)]},
                 {"from": [{"namespaceSelector": {"matchLabels": monitoring_selector(dep)}}],
-                 "ports": [{"port": s.PORT_WORKER_METRICS, "protocol": "TCP"}]},
+                 "ports": [per_rank(s.PORT_WORKER_METRICS)]},
             ],
         },
     }

@@ -52,8 +52,8 @@ def admitted(policies: list[dict[str, Any]], target: dict[str, str], src: dict[s
         assert "Ingress" in policy["spec"]["policyTypes"]
         for rule in policy["spec"].get("ingress", []):
             ports = rule.get("ports")
-            if ports and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP"
-                                 for p in ports):  # fmt: skip
+            if ports and not any(p["port"] <= port <= p.get("endPort", p["port"])
+                                 and p.get("protocol", "TCP") == "TCP" for p in ports):  # fmt: skip
                 continue
             peers = rule.get("from")
             ns = policy["metadata"]["namespace"]

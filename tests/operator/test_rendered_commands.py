@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from moeserve.cli import build_parser
 from moeserve.common import spec as s
@@ -104,3 +105,21 @@ def test_worker_env_parses_as_flag_defaults(docs: list[dict[str, Any]]) -> None:
         assert (defaults["host"], defaults["advertise_host"]) == ("0.0.0.0", "10.1.2.3")
         args = parser.parse_args(c["command"][1:])
         assert args.role == env[s.ENV_ROLE], where
+
+
+def test_router_reaches_every_rank_the_discovery_dials(docs: list[dict[str, Any]]) -> None:
+    """Discovery dials port + i for each local rank; the pool's NetworkPolicy must admit the
+    router on exactly that range (endPort), and monitoring on the ranks' metrics ports."""
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    discovery = yaml.safe_load(cm["data"]["router.yaml"])["discovery"]
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        role = policy["metadata"]["labels"][s.LABEL_ROLE]
+        ranks = discovery["ranksPerPod"][role]
+        spans = {}
+        for rule in policy["spec"]["ingress"]:
+            for p in rule.get("ports", []):
+                spans[p["port"]] = (p["port"], p.get("endPort", p["port"]))
+        first = discovery["port"]
+        assert spans[first] == (first, first + ranks - 1), policy["metadata"]["name"]
+        metrics = s.PORT_WORKER_METRICS
+        assert spans[metrics] == (metrics, metrics + ranks - 1), policy["metadata"]["name"]
