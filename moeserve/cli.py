@@ -25,6 +25,7 @@ _EXTERNAL_PARSERS = [
     ("moeserve.deploy.local", "add_up_parser"),
     ("moeserve.deploy.ray_cli", "add_ray_parser"),
     ("moeserve.bench", "add_bench_parser"),
+    ("moeserve.operator.preflight", "add_preflight_parser"),
 ]
 
 

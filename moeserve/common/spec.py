@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moeserve.common.errors import ConfigError
 from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
-from moeserve.common.spec_ops import RolloutSpec, SchedulingSpec, SlaAutoscalingSpec
+from moeserve.common.spec_ops import (
+    PreflightSpec,
+    RolloutSpec,
+    SchedulingSpec,
+    SlaAutoscalingSpec,
+)
 from moeserve.common.spec_security import SecuritySpec
 
 __all__ = [
@@ -251,6 +256,7 @@ class PoolSpec(_Model):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
 
     @model_validator(mode="after")
     def _pods(self) -> PoolSpec:

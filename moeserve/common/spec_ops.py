@@ -1,4 +1,4 @@
-"""Day-2 parts of the spec: gang scheduling, rolling updates, SLA autoscaling.
+"""Day-2 parts of the spec: gang scheduling, rolling updates, SLA autoscaling, preflight.
 
 Kept apart from ``spec.py`` (which re-exports them) so that file stays readable; the same rules
 hold: every default lives here once and every pydantic check has a CEL twin for the CRD.
@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 from moeserve.common.spec_base import FieldRuleError, _cel, _Model
 
 __all__ = ["GangMode", "SchedulingSpec", "RolloutSpec", "DEFAULT_SCHEDULERS", "ScaleToZeroSpec",
-           "SlaAutoscalingSpec"]
+           "SlaAutoscalingSpec", "PreflightSpec"]
 
 GangMode = Literal["none", "coscheduling", "volcano", "kueue"]
 # The scheduler that understands each gang kind, unless spec.scheduling.schedulerName says
@@ -119,3 +119,15 @@ class SlaAutoscalingSpec(_Model):
         if self.min_prefill > self.max_prefill:
             raise FieldRuleError("minPrefill", "minPrefill must be <= maxPrefill")
         return self
+
+
+class PreflightSpec(_Model):
+    """Fabric check before a group serves: an all-to-all across its pods and a NIXL read
+    between them, each against a bandwidth floor (`moeserve preflight`, an init container)."""
+
+    enabled: bool = False
+    min_all_to_all_gbps: float = Field(0, ge=0, description="All-to-all floor, GB/s per rank.")
+    min_nixl_gbps: float = Field(0, ge=0, description="NIXL read floor, GB/s.")
+    bytes: int = Field(64 << 20, ge=1024, le=1 << 34, description="Payload per test.")
+    timeout_seconds: int = Field(600, ge=10, le=86400, description="Rendezvous and transfer "
+                                 "timeout (all pods of the group must start within it).")

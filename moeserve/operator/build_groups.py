@@ -17,6 +17,7 @@ from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, Role, pods_per_group
 from moeserve.operator import build_workers as bw
 from moeserve.operator.build_gang import build_pod_group, decorate_pod_template
+from moeserve.operator.build_preflight import add_preflight
 from moeserve.operator.rollout import GroupState, PoolPlan
 
 __all__ = ["REVISION_LABEL", "COMPAT_LABEL", "compat_key", "pool_revision", "build_group",
@@ -30,6 +31,7 @@ COMPAT_LABEL = "moeserve.io/compat"
 def _decorated(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
     sts = bw.build_group_statefulset(dep, role, group)
     decorate_pod_template(sts["spec"]["template"], dep, role, group)
+    add_preflight(sts["spec"]["template"]["spec"], dep, role)
     return sts
 
 

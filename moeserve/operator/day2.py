@@ -15,6 +15,7 @@ from moeserve.common import spec as s
 from moeserve.common.spec import ROLES, MoEDeployment, Role
 from moeserve.operator.build_gang import POD_GROUP_API, gang_problem
 from moeserve.operator.build_groups import group_states, pool_revision
+from moeserve.operator.build_preflight import fabric_condition
 from moeserve.operator.kube import Kube, KubeError
 from moeserve.operator.rollout import (
     GroupState,
@@ -92,6 +93,11 @@ def observe(kube: Kube, dep: MoEDeployment, desired: Mapping[Role, int],
     pools = {role: _pool_status(plans[role], desired[role], states[role], progress[role])
              for role in ROLES}
     conditions = [_scheduled_condition(kube, dep, workers, now)]
+    if any(dep.spec.pool(role).preflight.enabled for role in ROLES):
+        pods = kube.list("v1", "Pod", dep.namespace, {s.LABEL_DEPLOYMENT: dep.name})
+        fabric = fabric_condition(dep, pods)
+        if fabric is not None:
+            conditions.append(fabric)
     prior = _degraded_reason(previous)
     warning = ("Warning", *degraded) if degraded and prior != degraded[0] else None
     return Observed(plans=plans, day2=Day2(
