@@ -65,6 +65,11 @@ def test_http_keys_body_bound_and_context_limit(cluster) -> None:
     assert httpx.get(f"{cluster.url}/v1/models", timeout=10).status_code == 401
     for open_path in ("/health", "/metrics", "/openapi.json"):
         assert httpx.get(f"{cluster.url}{open_path}", timeout=10).status_code == 200
+    spec = httpx.get(f"{cluster.url}/openapi.json", timeout=10).json()
+    op = spec["paths"]["/v1/completions"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/CompletionRequest") and {"400", "401", "413"} <= set(op["responses"])
+    assert op["security"] == [{"bearer": []}] and "security" not in spec["paths"]["/health"]["get"]
 
     big = httpx.post(url, content=b'{"prompt": "' + b"a" * (12 << 20) + b'"}', timeout=60,
                      headers={**AUTH, "content-type": "application/json"})  # fmt: skip

@@ -207,3 +207,16 @@ def test_tls_secret_is_mounted_and_passed_to_router_and_workers() -> None:
                 assert main[probe]["tcpSocket"] == {"port": s.PORT_WORKER_GRPC}
     for o in (o for o in plain if o["kind"] in ("StatefulSet", "Deployment")):
         assert "--tls-cert" not in o["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_api_key_secret_reaches_the_router_as_its_keys_env() -> None:
+    from moeserve.router.auth import keys_from_sources
+
+    doc = example("tiny-cpu.yaml")
+    doc["spec"].setdefault("router", {})["apiKeySecret"] = "llm-keys"
+    router = next(o for o in rendered(doc) if o["kind"] == "Deployment")
+    env = {e["name"]: e for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env[s.ENV_API_KEYS]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "llm-keys", "key": "api-keys"}
+    # What the Secret holds, as the router reads it from that variable.
+    assert keys_from_sources([], {s.ENV_API_KEYS: "sk-a,sk-b\n"}) == ["sk-a", "sk-b"]
