@@ -238,8 +238,10 @@ def test_handles_are_single_use_bound_and_lease_limited() -> None:
     got = t.claim(hid, "decode-a", 1.0)
     assert (got.request_id, got.block_ids, got.num_tokens) == ("r1", (4, 5), 20)
     assert _refused(t, hid, "decode-a", 2.0)  # replayed
-    late = t.issue("r2", "decode-a", [1], 3, now=0.0, lease_s=1.0)
-    assert _refused(t, late, "decode-a", 1.0)  # expired
+    late = t.issue("r2", "decode-a", [1], 3, now=0.0, lease_s=5.0)
+    assert _refused(t, late, "decode-a", 5.0)  # expired
+    near = t.issue("r4", "decode-a", [1], 3, now=0.0, lease_s=5.0)
+    assert _refused(t, near, "decode-a", 4.5)  # too little lease left for the READ
     gone = t.issue("r3", "decode-a", [2], 3, now=0.0, lease_s=30.0)
     t.drop_request("r3")  # released or aborted before the claim
     assert _refused(t, gone, "decode-a", 0.5)

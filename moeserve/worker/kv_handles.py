@@ -48,6 +48,9 @@ class HandleTable:
     """Issued, unclaimed handles by id. Issue and claim run on the servicer's event loop, drops
     in the engine thread: scans copy the items first and deletions tolerate a missing key."""
 
+    # A claim this close to the lease's end is refused: the READ that follows must finish
+    # before the blocks go back to the pool (the decode worker recomputes instead).
+    claim_margin_s: float = 1.0
     _issued: dict[str, IssuedHandle] = field(default_factory=dict)
 
     def issue(self, request_id: str, decode_agent: str, block_ids: list[int], num_tokens: int,
@@ -67,7 +70,7 @@ class HandleTable:
             raise KVHandleRefusedError(HANDLE_REFUSED)
         if self._issued.pop(handle_id, None) is None:  # claimed concurrently: a replay
             raise KVHandleRefusedError(HANDLE_REFUSED)
-        if issued.expires_at <= now:  # its blocks are (or are about to be) released
+        if issued.expires_at - self.claim_margin_s <= now:  # blocks released, or about to be
             raise KVHandleRefusedError(HANDLE_REFUSED)
         return issued
 
