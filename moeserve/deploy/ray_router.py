@@ -124,10 +124,17 @@ class RouterDeployment:
                                  info.max_model_len, vocab_size, self.metrics)  # fmt: skip
 
     def __serve_build_asgi_app__(self) -> Any:
+        from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, keys_from_sources
         from moeserve.router.http_app import create_app
+        from moeserve.router.openapi import install_openapi
 
-        return create_app(self.frontend,
-                          lambda: bool(self.pool.healthy("decode")) and not self.router.draining)
+        app = create_app(self.frontend,
+                         lambda: bool(self.pool.healthy("decode")) and not self.router.draining)
+        # Keys as for `moeserve router`: MOESERVE_API_KEY(S) in the replica's runtime_env.
+        keys = ApiKeys(keys_from_sources([]))
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+        install_openapi(app, auth=keys.enabled)
+        return app
 
     async def workers(self) -> dict[str, list[str]]:
         """Healthy worker addresses per role, as this router replica sees them."""
