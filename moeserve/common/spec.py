@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moeserve.common.errors import ConfigError
 from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
 from moeserve.common.spec_ops import (
+    AutoscalingSpec,
     PreflightSpec,
     RolloutSpec,
     SchedulingSpec,
@@ -187,37 +188,6 @@ class DboSpec(_Model):
     enabled: bool = False
 
 
-class AutoscalingSpec(_Model):
-    """HPA bounds (in EP groups) and per-pod targets on the pool's custom metrics."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas",
-             ".minReplicas"),
-        _cel("!self.enabled || has(self.targetNumRequestsWaiting) || "
-             "has(self.targetKvCacheUsagePerc) || has(self.targetTimeToFirstTokenSeconds)",
-             "an enabled autoscaler needs at least one target"),
-    ]})
-
-    enabled: bool = False
-    min_replicas: int = Field(1, ge=1, le=1000)
-    max_replicas: int = Field(1, ge=1, le=1000)
-    target_num_requests_waiting: float | None = Field(None, gt=0)
-    target_kv_cache_usage_perc: float | None = Field(None, gt=0, le=1)
-    target_time_to_first_token_seconds: float | None = Field(None, gt=0)
-    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise FieldRuleError("minReplicas", f"minReplicas ({self.min_replicas}) must be <= "
-                                                f"maxReplicas ({self.max_replicas})")
-        targets = (self.target_num_requests_waiting, self.target_kv_cache_usage_perc,
-                   self.target_time_to_first_token_seconds)
-        if self.enabled and all(t is None for t in targets):
-            raise FieldRuleError("", "an enabled autoscaler needs at least one target")
-        return self
-
-
 class EnvVar(_Model):
     name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
     value: str = ""
@@ -228,6 +198,9 @@ class Resources(_Model):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
 
+_LWS_GANG = "with workload lws the LeaderWorkerSet controller gangs each group; gang must be none"
+
+
 class PoolSpec(_Model):
     """One worker pool: `replicas` EP groups, each a StatefulSet of ep / gpusPerPod pods."""
 
@@ -236,6 +209,8 @@ class PoolSpec(_Model):
              "parallelism.ep must be a multiple of gpusPerPod", ".parallelism.ep"),
         _cel("self.gpusPerPod == 0 || self.gpusPerPod % self.parallelism.tp == 0",
              "parallelism.tp must divide gpusPerPod", ".parallelism.tp"),
+        _cel("!has(self.workload) || self.workload != 'lws' || !has(self.scheduling) || "
+             "self.scheduling.gang == 'none'", _LWS_GANG, ".scheduling.gang"),
     ]})
 
     replicas: int = Field(1, ge=1, le=1000, description="EP groups (HPA scales this).")
@@ -257,6 +232,8 @@ class PoolSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+    workload: Literal["statefulset", "lws"] = Field("statefulset", description="lws: one "
+                                                    "LeaderWorkerSet per pool (it rolls itself).")
 
     @model_validator(mode="after")
     def _pods(self) -> PoolSpec:
@@ -266,6 +243,8 @@ class PoolSpec(_Model):
                                                    f"gpusPerPod ({gpus})")
         if gpus and gpus % tp:
             raise FieldRuleError("parallelism.tp", f"tp ({tp}) must divide gpusPerPod ({gpus})")
+        if self.workload == "lws" and self.scheduling.gang != "none":
+            raise FieldRuleError("scheduling.gang", _LWS_GANG)
         return self
 
 

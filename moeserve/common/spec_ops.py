@@ -12,7 +12,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from moeserve.common.spec_base import FieldRuleError, _cel, _Model
 
-__all__ = ["GangMode", "SchedulingSpec", "RolloutSpec", "DEFAULT_SCHEDULERS", "ScaleToZeroSpec",
+__all__ = ["AutoscalingSpec", "GangMode", "SchedulingSpec", "RolloutSpec", "DEFAULT_SCHEDULERS",
+           "ScaleToZeroSpec",
            "SlaAutoscalingSpec", "PreflightSpec"]
 
 GangMode = Literal["none", "coscheduling", "volcano", "kueue"]
@@ -22,6 +23,37 @@ DEFAULT_SCHEDULERS: dict[str, str | None] = {
     "none": None, "coscheduling": "scheduler-plugins-scheduler", "volcano": "volcano",
     "kueue": None,
 }
+
+
+class AutoscalingSpec(_Model):
+    """HPA bounds (in EP groups) and per-pod targets on the pool's custom metrics."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas",
+             ".minReplicas"),
+        _cel("!self.enabled || has(self.targetNumRequestsWaiting) || "
+             "has(self.targetKvCacheUsagePerc) || has(self.targetTimeToFirstTokenSeconds)",
+             "an enabled autoscaler needs at least one target"),
+    ]})
+
+    enabled: bool = False
+    min_replicas: int = Field(1, ge=1, le=1000)
+    max_replicas: int = Field(1, ge=1, le=1000)
+    target_num_requests_waiting: float | None = Field(None, gt=0)
+    target_kv_cache_usage_perc: float | None = Field(None, gt=0, le=1)
+    target_time_to_first_token_seconds: float | None = Field(None, gt=0)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise FieldRuleError("minReplicas", f"minReplicas ({self.min_replicas}) must be <= "
+                                                f"maxReplicas ({self.max_replicas})")
+        targets = (self.target_num_requests_waiting, self.target_kv_cache_usage_perc,
+                   self.target_time_to_first_token_seconds)
+        if self.enabled and all(t is None for t in targets):
+            raise FieldRuleError("", "an enabled autoscaler needs at least one target")
+        return self
 
 
 class SchedulingSpec(_Model):

@@ -17,6 +17,7 @@ from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, Role, pods_per_group
 from moeserve.operator import build_workers as bw
 from moeserve.operator.build_gang import build_pod_group, decorate_pod_template
+from moeserve.operator.build_lws import build_leader_worker_set
 from moeserve.operator.build_preflight import add_preflight
 from moeserve.operator.rollout import GroupState, PoolPlan
 
@@ -79,6 +80,9 @@ def build_pool_objects(dep: MoEDeployment, role: Role, groups: int,
     applied = plan.apply if plan else tuple(range(groups))
     live = sorted(set(applied) | set(plan.keep if plan else ()))
     out = [bw.build_worker_pool(dep, role, groups), bw.build_network_policy(dep, role)]
+    if pool.workload == "lws":
+        out += [build_leader_worker_set(dep, role, groups, revision), _lws_service(dep, role)]
+        live = []  # LWS owns the groups and their roll
     for group in live:
         out.append(bw.build_group_service(dep, role, group))
         pod_group = build_pod_group(dep, role, group)
@@ -89,6 +93,16 @@ def build_pool_objects(dep: MoEDeployment, role: Role, groups: int,
     if pool.autoscaling.enabled:
         out.append(bw.build_hpa(dep, role))
     return out
+
+
+def _lws_service(dep: MoEDeployment, role: Role) -> dict[str, Any]:
+    """The pool's discovery Service: its EndpointSlices carry the worker labels the router
+    watches (LWS's own headless Service, named like the set, does not)."""
+    svc = bw.build_group_service(dep, role, 0)
+    svc["metadata"]["name"] = f"{bw.pool_name(dep, role)}-workers"
+    del svc["metadata"]["labels"][s.LABEL_GROUP]
+    del svc["spec"]["selector"][s.LABEL_GROUP]
+    return svc
 
 
 def group_states(dep: MoEDeployment, role: Role,

@@ -14,8 +14,10 @@ from typing import Any
 from moeserve.common import spec as s
 from moeserve.common.spec import ROLES, MoEDeployment, Role
 from moeserve.operator.build_gang import POD_GROUP_API, gang_problem
-from moeserve.operator.build_groups import group_states, pool_revision
+from moeserve.operator.build_groups import compat_key, group_states, pool_revision
+from moeserve.operator.build_lws import LWS_API, LWS_KIND, lws_ready_groups
 from moeserve.operator.build_preflight import fabric_condition
+from moeserve.operator.build_workers import pool_name
 from moeserve.operator.kube import Kube, KubeError
 from moeserve.operator.rollout import (
     GroupState,
@@ -77,6 +79,12 @@ def observe(kube: Kube, dep: MoEDeployment, desired: Mapping[Role, int],
     now = time.time() if now is None else now
     states = {role: group_states(dep, role, workers) for role in ROLES}
     revisions = {role: pool_revision(dep, role) for role in ROLES}
+    lws = [role for role in ROLES if dep.spec.pool(role).workload == "lws"]
+    for role in lws:  # LWS rolls its groups itself: the planner only sees them for pairing
+        ready = lws_ready_groups(kube.get(LWS_API, LWS_KIND, dep.namespace,
+                                          pool_name(dep, role)))
+        states[role] = [GroupState(i, revisions[role], i < ready, compat=compat_key(dep))
+                        for i in range(desired[role])]
     specs = {role: dep.spec.pool(role).rollout for role in ROLES}
     plans = plan_rollout(desired, revisions, states, specs)
     progress = {role: track_progress(_previous_progress(previous, role), plans[role],
@@ -90,6 +98,8 @@ def observe(kube: Kube, dep: MoEDeployment, desired: Mapping[Role, int],
             f"{role}: roll to revision {plans[role].revision} made no progress for "
             f"{specs[role].progress_deadline_seconds}s ({plans[role].waiting or 'stalled'})"
             for role in stalled))
+    for role in lws:
+        plans[role] = PoolPlan(role=role, revision=revisions[role], apply=())
     pools = {role: _pool_status(plans[role], desired[role], states[role], progress[role])
              for role in ROLES}
     conditions = [_scheduled_condition(kube, dep, workers, now)]

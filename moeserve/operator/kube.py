@@ -34,6 +34,7 @@ PLURALS: dict[str, str] = {
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "Pod": "pods",
     "PodGroup": "podgroups",  # scheduler-plugins and Volcano: same kind and plural
+    "LeaderWorkerSet": "leaderworkersets",
     KIND_WORKER_POOL: "moeworkerpools",
     KIND_DEPLOYMENT: "moedeployments",
 }

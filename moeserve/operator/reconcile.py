@@ -32,7 +32,13 @@ from moeserve.operator.build_router import router_endpoint, router_name
 from moeserve.operator.build_workers import group_name, pool_name
 from moeserve.operator.day2 import Observed, observe
 from moeserve.operator.kube import Kube, KubeError
-from moeserve.operator.render import MANAGED_BY, PRUNABLE_KINDS, desired_groups, render
+from moeserve.operator.render import (
+    MANAGED_BY,
+    OPTIONAL_KINDS,
+    PRUNABLE_KINDS,
+    desired_groups,
+    render,
+)
 from moeserve.operator.status import degraded_status, deployment_status, worker_pool_status
 
 __all__ = ["Outcome", "Reconciler", "utc_now"]
@@ -174,8 +180,8 @@ class Reconciler:
             try:
                 found = self.kube.list(api_version, kind, dep.namespace, labels)
             except KubeError as exc:
-                if exc.status == 404 and kind == "PodGroup":
-                    continue  # that gang scheduler's CRD is not installed: nothing to prune
+                if exc.status == 404 and kind in OPTIONAL_KINDS:
+                    continue  # that CRD is not installed: nothing to prune
                 raise
             for obj in found:
                 name = obj["metadata"]["name"]

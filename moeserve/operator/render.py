@@ -24,7 +24,7 @@ from moeserve.common.spec import (
 
 __all__ = ["FIELD_MANAGER", "MANAGED_BY", "render", "desired_groups", "owner_reference",
            "child_labels", "security_context", "pod_security_context", "object_meta",
-           "PRUNABLE_KINDS"]
+           "PRUNABLE_KINDS", "OPTIONAL_KINDS"]
 
 FIELD_MANAGER = "moeserve-operator"
 MANAGED_BY = "moeserve-operator"
@@ -36,7 +36,10 @@ PRUNABLE_KINDS: tuple[tuple[str, str], ...] = (
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"),
     ("scheduling.volcano.sh/v1beta1", "PodGroup"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
 )
+# Kinds whose CRDs a cluster may lack: listing them for pruning may answer 404.
+OPTIONAL_KINDS = frozenset({"PodGroup", "LeaderWorkerSet"})
 
 
 def child_labels(dep: MoEDeployment, component: str, **extra: str) -> dict[str, str]:

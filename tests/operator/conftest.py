@@ -63,6 +63,7 @@ RESOURCES = {
     ("v1", "Pod"): {"status"},
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): {"status"},
     ("scheduling.volcano.sh/v1beta1", "PodGroup"): {"status"},
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): {"status", "scale"},
 }
 PLURALS_ALL = {**PLURALS, "Event": "events"}
 

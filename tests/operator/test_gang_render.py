@@ -79,3 +79,23 @@ def test_revision_follows_template_not_replicas_and_compat_spans_pools() -> None
     assert labels["image"][COMPAT_LABEL] != labels["base"][COMPAT_LABEL]
     assert pool_revision(image, "prefill") != pool_revision(base, "prefill")
     assert labels["base"][REVISION_LABEL] == pool_revision(base, "prefill")
+
+
+def test_lws_keeps_the_worker_contract() -> None:
+    dep = parse_manifest(tiny(decode={"workload": "lws", "replicas": 3}))
+    objs = render(dep)
+    assert not [n for n in by_name(objs, "StatefulSet") if "-decode-" in n]
+    lws = by_name(objs, "LeaderWorkerSet")["tiny-decode"]["spec"]
+    assert (lws["replicas"], lws["leaderWorkerTemplate"]["size"]) == (3, 2)
+    assert lws["rolloutStrategy"]["rollingUpdateConfiguration"] == {
+        "maxSurge": 1, "maxUnavailable": 0}
+    env = lws["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert names.index("MOESERVE_GROUP") < names.index("MOESERVE_RENDEZVOUS")
+    by = {e["name"]: e for e in env}
+    assert by["MOESERVE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"
+    assert by["MOESERVE_RENDEZVOUS"]["value"] == \
+        "tiny-decode-$(MOESERVE_GROUP).tiny-decode.default.svc.cluster.local:8400"
+    with pytest.raises(SpecError, match="spec.decode.scheduling.gang"):
+        parse_manifest(tiny(decode={"workload": "lws", "scheduling": {"gang": "volcano"}}))

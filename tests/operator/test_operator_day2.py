@@ -215,3 +215,40 @@ def test_stalled_roll_degrades_then_spec_edited_back_rolls_back(cluster_factory:
                 API, "MoEDeployment", "tiny"), "Degraded").get("status") == "False")
 
     asyncio.run(scenario())
+
+
+def test_lws_workload_one_set_per_pool_ready_from_its_status(cluster_factory: Any) -> None:
+    lws_api = "leaderworkerset.x-k8s.io/v1"
+
+    async def scenario() -> None:
+        async with cluster_factory() as cluster:
+            await cluster.create(tiny(decode={"workload": "lws", "replicas": 2}))
+            lws = await cluster.wait_for("LeaderWorkerSet", lambda: cluster.get(
+                lws_api, "LeaderWorkerSet", "tiny-decode"))
+            assert lws["spec"]["replicas"] == 2
+            assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+            assert lws["metadata"]["ownerReferences"][0]["kind"] == "MoEDeployment"
+            await cluster.wait_for("prefill group", lambda: "tiny-prefill-0" in groups(cluster))
+            assert not [n for n in groups(cluster) if "-decode-" in n]
+            assert cluster.get("v1", "Service", "tiny-decode-workers") is not None
+            await mark_ready(cluster, "tiny-prefill-0", 1)
+            await cluster.patch(lws_api, "LeaderWorkerSet", "default", "tiny-decode",
+                                {"status": {"replicas": 2, "readyReplicas": 2}},
+                                subresource="status")
+            await cluster.patch("apps/v1", "Deployment", "default", "tiny-router",
+                                {"status": {"replicas": 1, "readyReplicas": 1}},
+                                subresource="status")
+            dep = await cluster.wait_for("Ready", lambda: (lambda d: d if d.get(
+                "status", {}).get("phase") == "Ready" else None)(
+                cluster.get(API, "MoEDeployment", "tiny")), timeout=40)
+            assert dep["status"]["pools"]["decode"]["readyGroups"] == 2
+
+            # Back to StatefulSets: the LeaderWorkerSet is pruned, groups appear.
+            await cluster.patch(API, "MoEDeployment", "default", "tiny",
+                                {"spec": {"decode": {"workload": "statefulset"}}})
+            await cluster.wait_for("LWS pruned", lambda: cluster.get(
+                lws_api, "LeaderWorkerSet", "tiny-decode") is None)
+            await cluster.wait_for("decode groups", lambda: {
+                "tiny-decode-0", "tiny-decode-1"} <= set(groups(cluster)))
+
+    asyncio.run(scenario())

@@ -56,7 +56,8 @@ def _chart_rules() -> set[tuple[str, str, str]]:
 
 
 _KUBE_VERBS = {"get": ["get"], "get_deployment": ["get"], "list": ["list"],
-               "delete": ["delete"], "patch_status": ["patch"], "apply": ["create", "patch"]}
+               "delete": ["delete"], "patch_status": ["patch"], "apply": ["create", "patch"],
+               "patch": ["patch"]}
 
 
 def _triple(api_version: str, kind: str, verb: str, sub: str = "") -> tuple[str, str, str]:
@@ -121,7 +122,9 @@ def _static_calls() -> set[tuple[str, str, str]]:
             else:
                 pairs = list(zip(_resolve(call.args[0], scope), _resolve(call.args[1], scope),
                                  strict=False))  # fmt: skip
-            sub = "status" if f.attr == "patch_status" else ""
+            sub = "status" if f.attr == "patch_status" else next(
+                (k.value.value for k in call.keywords if k.arg == "subresource"
+                 and isinstance(k.value, ast.Constant)), "")
             for api_version, kind in pairs:
                 for verb in _KUBE_VERBS[f.attr]:
                     out.add(_triple(api_version, kind, verb, sub))
@@ -131,11 +134,13 @@ def _static_calls() -> set[tuple[str, str, str]]:
                          "POD_GROUP_API", {})) if (REPO / "moeserve/operator/build_gang.py"
                                                   ).exists() else []  # fmt: skip
     for name in ("tiny-cpu.yaml", "deepseek-v3-wide-ep.yaml"):
-        for gang in [None, *gangs]:  # every optional child: HPA, each PodGroup kind
+        for gang in [None, *gangs, "lws"]:  # every optional child: HPA, PodGroups, LWS
             doc = yaml.safe_load((REPO / "examples" / name).read_text())
             doc["spec"]["decode"]["autoscaling"] = {"enabled": True, "maxReplicas": 4,
                                                     "targetNumRequestsWaiting": 4}  # fmt: skip
-            if gang:
+            if gang == "lws":
+                doc["spec"]["decode"]["workload"] = "lws"
+            elif gang:
                 doc["spec"]["decode"]["scheduling"] = {"gang": gang, "queue": "q"}
             dep = parse_manifest(doc).model_copy(update={"uid": "u"})
             for obj in render(dep):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from third_party_schemas import validate_third_party
+from third_party_schemas import pod_templates, validate_third_party
 
 from moeserve.common import spec as s
 from moeserve.common.spec import parse_manifest
@@ -90,12 +90,24 @@ def validate_all(objs: list[dict[str, Any]], versions: tuple[str, ...] = VERSION
         if obj["apiVersion"] == OWN_API:
             continue  # validated against our CRDs in test_operator_crds.py
         if validate_third_party(obj):
-            checked += len(versions)  # PodGroups: embedded schemas, no Kubernetes version
+            checked += len(versions)  # embedded schemas, no Kubernetes version
+            for template in pod_templates(obj):
+                for version in versions:
+                    kubernetes_validate.validate(template, version, strict=True)
             continue
         for version in versions:
             kubernetes_validate.validate(obj, version, strict=True)
             checked += 1
     return checked
+
+
+def test_lws_preflight_manifests_validate() -> None:
+    # Not in CASES: other suites read pods from the StatefulSets of every case.
+    doc = variant("deepseek-v3-wide-ep.yaml", decode={
+        "workload": "lws", "preflight": {"enabled": True, "minAllToAllGbps": 20}})
+    objs = rendered(doc)
+    assert {o["kind"] for o in objs} >= {"LeaderWorkerSet", "StatefulSet"}
+    assert validate_all(objs) >= len(VERSIONS) * 8
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
