@@ -109,9 +109,12 @@ def metric(url: str, name: str, labels: str = "") -> float:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident set size of a process, from /proc (Linux)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+    """Resident set size of a process, from /proc (Linux); 0 for one that just exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return 0.0
