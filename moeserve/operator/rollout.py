@@ -187,12 +187,13 @@ class Progress:
 def track_progress(previous: Progress | None, plan: PoolPlan, observed: Sequence[GroupState],
                    now: float, deadline_s: float) -> Progress:
     """Progress moves when the target revision changes or the counts of updated-ready and old
-    groups change; a rolling pool with no progress for ``deadline_s`` is stalled."""
+    groups change; a roll with no progress for ``deadline_s`` is stalled."""
     updated_ready = sum(g.ready for g in observed if g.revision == plan.revision)
     old = sum(g.revision != plan.revision for g in observed)
     marker = f"{updated_ready}/{old}"
-    if previous is None or previous.revision != plan.revision or previous.marker != marker \
-            or not plan.rolling:
+    if previous is None or previous.revision != plan.revision or previous.marker != marker:
         return Progress(plan.revision, now, marker)
-    stalled = now - previous.progress_time > deadline_s
+    # Only a roll with old groups left can stall (a scale-down is not a roll); the time is kept
+    # while nothing moves, so a steady pool's status is not rewritten on every resync.
+    stalled = plan.rolling and old > 0 and now - previous.progress_time > deadline_s
     return Progress(plan.revision, previous.progress_time, marker, stalled)

@@ -64,3 +64,20 @@ def test_frozen_pool_only_fills_slots() -> None:
                          observed, {"prefill": spec, "decode": spec}, frozen=["decode"])
     assert plans["decode"].delete == () and plans["decode"].keep == (0,)
     assert plans["decode"].apply == (1,) and plans["decode"].rolling
+
+
+def test_progress_deadline_only_for_a_roll_with_old_groups() -> None:
+    from moeserve.operator.rollout import PoolPlan, Progress, track_progress
+
+    steady = [GroupState(0, "A", True, compat="A")]
+    plan = PoolPlan("decode", "A", apply=(0,))
+    first = track_progress(None, plan, steady, now=0, deadline_s=10)
+    later = track_progress(first, plan, steady, now=100, deadline_s=10)
+    assert later.progress_time == 0 and not later.stalled  # kept: no status churn, no stall
+    rolling = PoolPlan("decode", "B", apply=(1,), keep=(0,), rolling=True)
+    started = track_progress(later, rolling, steady, now=200, deadline_s=10)
+    assert started.progress_time == 200 and not started.stalled  # new revision: clock starts
+    stuck = track_progress(started, rolling, steady, now=215, deadline_s=10)
+    assert stuck.stalled and isinstance(stuck, Progress)
+    shrink = PoolPlan("decode", "A", apply=(0,), delete=(1,), rolling=True)
+    assert not track_progress(first, shrink, steady, now=500, deadline_s=10).stalled
