@@ -149,7 +149,7 @@ def _scheduled_condition(kube: Kube, dep: MoEDeployment, workers: Sequence[Mappi
         return ("GroupsScheduled", True, "AllPlaced", "")
     pods = kube.list("v1", "Pod", dep.namespace, {s.LABEL_DEPLOYMENT: dep.name})
     problems = []
-    for role, name, age in late:
+    for role, name, _age in late:
         pod_group = None
         gang = dep.spec.pool(role).scheduling.gang
         if gang in POD_GROUP_API:
@@ -161,7 +161,9 @@ def _scheduled_condition(kube: Kube, dep: MoEDeployment, workers: Sequence[Mappi
                 == name]
         reason = gang_problem(pod_group, mine)
         if reason:
-            problems.append(f"group {name} not placed after {int(age)}s: {reason}")
+            # The timeout, not the age: a message that changes every pass rewrites status.
+            timeout = dep.spec.pool(role).scheduling.schedule_timeout_seconds
+            problems.append(f"group {name} not placed within {timeout}s: {reason}")
     if not problems:
         return ("GroupsScheduled", True, "AllPlaced", "")
     return ("GroupsScheduled", False, "Unschedulable", "; ".join(problems))
