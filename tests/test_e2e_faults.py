@@ -65,18 +65,24 @@ def test_hanging_prefill_and_stalled_transfer_fall_back_in_time(cluster, model_d
 
 def test_mismatched_pair_refused_by_name(cluster, model_dir) -> None:
     bad, decode = cluster.worker("prefill-2").address, cluster.worker("decode-0").address
-    status = httpx.get(f"{cluster.url}/v1/status", timeout=5).json()
-    pairs = {(p["prefill"], p["decode"]): p["reason"] for p in status["incompatible_pairs"]}
-    assert "block_size: ours=64 theirs=32" in pairs[(bad, decode)]
-    # Compatible pairs keep serving meanwhile.
+    # Compatible pairs serve; routing this request compares every candidate pair, which is
+    # when the router records the mismatched one.
     prompt = prompt_ids(7, 80)
     want = reference_tokens(str(model_dir), [prompt], MAX_TOKENS)[0]
     assert classify(stream_tokens(cluster.url, prompt, MAX_TOKENS), want) == "ok"
+    status = httpx.get(f"{cluster.url}/v1/status", timeout=5).json()
+    pairs = {(p["prefill"], p["decode"]): p["reason"] for p in status["incompatible_pairs"]}
+    assert "block_size: ours=64 theirs=32" in pairs[(bad, decode)]
     # The decode worker itself refuses the KV by name when handed it anyway.
     with grpc.insecure_channel(bad) as pc, grpc.insecure_channel(decode) as dc:
         sampling = common_pb2.SamplingParams(max_tokens=4, temperature=0.0)
+        # Issued to this decode worker, as the router does: a handle for anyone else is
+        # foreign there (refused without a claim, and so never released by it).
+        agent = worker_pb2_grpc.WorkerStub(dc).GetNixlMetadata(
+            worker_pb2.GetNixlMetadataRequest(), timeout=10).agent_name
         pre = worker_pb2_grpc.WorkerStub(pc).Prefill(worker_pb2.PrefillRequest(
-            request_id="mismatch-1", prompt_token_ids=prompt, sampling=sampling), timeout=30)
+            request_id="mismatch-1", prompt_token_ids=prompt, sampling=sampling,
+            decode_agent=agent), timeout=30)
         req = worker_pb2.WorkerGenerateRequest(
             request_id="mismatch-1", prompt_token_ids=prompt, sampling=sampling,
             kv_handle=pre.kv_handle, first_token_id=pre.first_token_id,
