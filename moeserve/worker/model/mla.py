@@ -120,8 +120,7 @@ class MLAttention(nn.Module):
             layer_cache, norm_weight=self.kv_a_layernorm.weight, eps=self.kv_a_layernorm.eps,
             interleave=rotary.interleave,
         )
-        w_uk, w_uv = self._kv_b_weights()
-        q = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
+        q = self._absorb_query(q_nope, q_pe)
         if meta.max_query_len == 1:
             o = kernels.mla_decode(q, layer_cache, meta.block_tables, meta.seq_lens,
                                    self.softmax_scale, self.kv_lora_rank)
@@ -129,16 +128,20 @@ class MLAttention(nn.Module):
             o = kernels.mla_prefill(q, layer_cache, meta.block_tables, meta.seq_lens,
                                     meta.query_start_loc, meta.max_query_len,
                                     self.softmax_scale, self.kv_lora_rank)
-        return torch.einsum("thr,hvr->thv", o, w_uv)
+        return torch.einsum("thr,hvr->thv", o, self._kv_b_weights()[1])
+
+    def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[T, H, kv_lora_rank + rope]: W_UK folded into the query, so it scores latents."""
+        w_uk = self._kv_b_weights()[0]
+        return torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _absorbed(self, q_nope, q_pe, ctx, mask, meta) -> torch.Tensor:
-        w_uk, w_uv = self._kv_b_weights()
-        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
-        query = pad_queries(torch.cat([q_latent, q_pe], dim=-1), meta).transpose(1, 2)
+        w_uv = self._kv_b_weights()[1]
+        query = pad_queries(self._absorb_query(q_nope, q_pe), meta).transpose(1, 2)
         key = ctx.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
         value = key[..., : self.kv_lora_rank]
         o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
