@@ -273,14 +273,8 @@ def completion_response(
     token_ids: list[int] | None = None,
 ) -> dict:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [_choice_extras(choice, token_ids)],
-        "usage": usage,
-    }
+    return _envelope(request_id, "text_completion", model, [_choice_extras(choice, token_ids)],
+                     usage)
 
 
 def completion_chunk(
@@ -296,16 +290,7 @@ def completion_chunk(
     if text is not None:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         choices.append(_choice_extras(choice, token_ids))
-    chunk = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _envelope(request_id, "text_completion", model, choices, usage)
 
 
 def chat_response(
@@ -322,14 +307,8 @@ def chat_response(
         "logprobs": None,
         "finish_reason": finish_reason,
     }
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [_choice_extras(choice, token_ids)],
-        "usage": usage,
-    }
+    return _envelope(request_id, "chat.completion", model, [_choice_extras(choice, token_ids)],
+                     usage)
 
 
 def chat_chunk(
@@ -345,13 +324,14 @@ def chat_chunk(
     if delta is not None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         choices.append(_choice_extras(choice, token_ids))
-    chunk = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
+    return _envelope(request_id, "chat.completion.chunk", model, choices, usage)
+
+
+def _envelope(request_id: str, obj: str, model: str, choices: list[dict],
+              usage: dict | None) -> dict:
+    """The fields every OpenAI completion object and chunk carries; usage only when given."""
+    body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
+            "choices": choices}
     if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+        body["usage"] = usage
+    return body
