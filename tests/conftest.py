@@ -53,3 +53,27 @@ def tiny_v2(tmp_path_factory) -> Path:
     return make_small_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "tiny-v2", "v2-lite", V2_LITE_SMALL
     )
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The embedded tiny checkpoint, as `moeserve up` creates it (read-only for tests)."""
+    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path):
+    """Greedy tokens of the engine run in-process, as `moeserve generate` computes them."""
+    from moeserve.common.sampling import SamplingParams
+    from moeserve.worker.config import EngineConfig
+    from moeserve.worker.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=96))
+
+    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [engine.generate([p], params)[0] for p in prompts]
+
+    return run

@@ -26,13 +26,6 @@ CLIENTS = 4
 PROMPTS = [prompt_ids(s) for s in range(12)]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
 def _busiest(cluster: LocalCluster, role: str) -> str:
     """Name of the child of ``role`` the router has the most requests on (mid-stream)."""
     status = httpx.get(f"{cluster.url}/v1/status", timeout=5).json()

@@ -13,34 +13,11 @@ import httpx
 import openai
 import pytest
 
-from moeserve.common.sampling import SamplingParams
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 KV_BLOCKS = 96
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir: Path):
-    """Greedy tokens from the engine run in-process, as `moeserve generate` does."""
-    from moeserve.worker.config import EngineConfig
-    from moeserve.worker.engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=KV_BLOCKS))
-
-    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [engine.generate([p], params)[0] for p in prompts]
-
-    return run
 
 
 @pytest.fixture(scope="module")

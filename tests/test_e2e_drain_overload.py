@@ -39,13 +39,6 @@ PROMPTS = [prompt_ids(300 + i, 70) for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
 def want(model_dir: Path) -> list[list[int]]:
     return reference_tokens(str(model_dir), PROMPTS, MAX_TOKENS)
 

@@ -24,13 +24,6 @@ KV_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
 def cluster(model_dir: Path):
     spec = ClusterSpec(
         model=str(model_dir), prefill=3, decode=1, port=0, num_kv_blocks=96, metrics=True,

@@ -16,13 +16,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 PREFIX_BLOCKS = 4  # of 64 tokens
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
 def _workload() -> list[list[int]]:
     """Two prefix groups, each sent four times in a row, with distinct 20-token tails."""
     groups = [[(g * 131 + i * 17) % 500 + 2 for i in range(64 * PREFIX_BLOCKS)] for g in (1, 2)]

@@ -23,7 +23,6 @@ import pytest
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from moeserve.common.sampling import SamplingParams  # noqa: E402
 from moeserve.deploy.ray_cli import alive, connect, descendants  # noqa: E402
 from moeserve.deploy.ray_workers import NAMESPACE, list_rank_actors, scrape_metric  # noqa: E402
 
@@ -71,28 +70,6 @@ def _stop_up(up: Up, timeout_s: float = 60) -> int:
     if up.proc.poll() is None:
         up.proc.send_signal(signal.SIGTERM)
     return up.proc.wait(timeout_s)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir: Path):
-    """Greedy tokens of the engine run in-process, as `moeserve generate` does."""
-    from moeserve.worker.config import EngineConfig
-    from moeserve.worker.engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=KV_BLOCKS))
-
-    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [engine.generate([p], params)[0] for p in prompts]
-
-    return run
 
 
 @pytest.fixture(scope="module")
