@@ -155,6 +155,18 @@ def test_two_router_replicas_route_alike_and_drain(cluster, want) -> None:
         for j in range(4):  # warm some prefixes through router A
             assert classify(stream_tokens(cluster.url, PROMPTS[j], MAX_TOKENS), want[j]) == "ok"
         time.sleep(1.0)  # both routers receive the same KV events
+
+        def view(u: str) -> list[tuple[str, bool]]:
+            workers = httpx.get(f"{u}/v1/status", timeout=5).json()["workers"]
+            return sorted((w["address"], w["available"]) for w in workers)
+
+        # Same health view first: a worker the previous test drained and `up` restarted on
+        # the same port is re-admitted by router A at its next probe (1 s), router B (new)
+        # sees it up already; "route alike" holds for routers that agree on who is up.
+        deadline = time.monotonic() + 20
+        while view(cluster.url) != view(b_url):
+            assert time.monotonic() < deadline, "the two routers never agreed on worker health"
+            time.sleep(0.2)
         probes = PROMPTS + [prompt_ids(900 + i, 70) for i in range(6)]
         for p in probes:
             a = httpx.post(f"{cluster.url}/v1/route", json={"prompt": p}, timeout=5).json()

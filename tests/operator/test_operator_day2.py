@@ -230,7 +230,9 @@ def test_lws_workload_one_set_per_pool_ready_from_its_status(cluster_factory: An
             assert lws["metadata"]["ownerReferences"][0]["kind"] == "MoEDeployment"
             await cluster.wait_for("prefill group", lambda: "tiny-prefill-0" in groups(cluster))
             assert not [n for n in groups(cluster) if "-decode-" in n]
-            assert cluster.get("v1", "Service", "tiny-decode-workers") is not None
+            # the operator applies children one after another: wait for it, don't race it
+            await cluster.wait_for("decode Service", lambda: cluster.get(
+                "v1", "Service", "tiny-decode-workers"))
             await mark_ready(cluster, "tiny-prefill-0", 1)
             await cluster.patch(lws_api, "LeaderWorkerSet", "default", "tiny-decode",
                                 {"status": {"replicas": 2, "readyReplicas": 2}},
