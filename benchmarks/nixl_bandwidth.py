@@ -24,12 +24,15 @@ from moeserve.worker.kv_transfer import KVTransferAgent
 MiB = 1 << 20
 
 
-def _peer(conn, num_blocks: int, block_bytes: int, device: str) -> None:
+def _peer(conn, num_blocks: int, block_bytes: int, device: str, threads: int) -> None:
     src = torch.empty((num_blocks, block_bytes), dtype=torch.uint8, device=device)
     src.random_(0, 256)
-    agent = KVTransferAgent("bench-prefill", src)
+    agent = KVTransferAgent("bench-prefill", src, num_threads=threads)
     conn.send(agent.metadata())
-    conn.recv()  # any message: done
+    # The passive side must progress too (connection wire-up, notifications): the serving
+    # path's sweeper does the same.
+    while not conn.poll(0.001):
+        agent.take_notifs()
     agent.close()
 
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--block-kib", type=int, default=256, help="bytes per KV block (KiB)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=4, help="NIXL UCX backend threads")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -57,14 +61,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_peer, args=(child, num_blocks, block_bytes, args.device))
+    peer_args = (child, num_blocks, block_bytes, args.device, args.threads)
+    proc = ctx.Process(target=_peer, args=peer_args)
     proc.start()
     try:
         if not conn.poll(120):
             raise RuntimeError("peer process did not start")
         dst = torch.zeros((num_blocks, block_bytes), dtype=torch.uint8, device=args.device)
         src_local = torch.ones_like(dst)
-        agent = KVTransferAgent("bench-decode", dst)
+        agent = KVTransferAgent("bench-decode", dst, num_threads=args.threads)
         peer = agent.add_peer(conn.recv())
         rows = []
         for size in args.sizes_mib:

@@ -12,6 +12,7 @@ from moeserve.kernels.dispatch import (
     last_path,
     mla_decode,
     mla_prefill,
+    mla_prefill_mha,
     optional_library_status,
     select_backend,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "last_path",
     "mla_decode",
     "mla_prefill",
+    "mla_prefill_mha",
     "optional_library_status",
     "rmsnorm",
     "rope_cache_write",

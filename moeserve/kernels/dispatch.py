@@ -22,10 +22,11 @@ from moeserve.kernels import fp8_gemm as _fp8
 from moeserve.kernels import fused_moe as _moe
 from moeserve.kernels import mla_decode as _decode
 from moeserve.kernels import mla_prefill as _prefill
+from moeserve.kernels import mla_prefill_mha as _mha
 
 __all__ = [
     "BackendChoice", "select_backend", "last_path", "optional_library_status",
-    "mla_decode", "mla_prefill", "fused_moe", "fp8_gemm", "OPS",
+    "mla_decode", "mla_prefill", "mla_prefill_mha", "fused_moe", "fp8_gemm", "OPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,17 @@ def mla_prefill(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.
     out = fn(q, layer_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
              kv_lora_rank)
     _REGISTRY.last["mla_prefill"] = name
+    return out
+
+
+def mla_prefill_mha(q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor,
+                    kv_b_weight: torch.Tensor, scale: float, kv_lora_rank: int,
+                    v_head_dim: int) -> torch.Tensor:
+    """`moeserve.kernels.mla_prefill_mha.mla_prefill_mha`: torch SDPA (flash attention on
+    CUDA); recorded as the "sdpa_mha" path of mla_prefill."""
+    out = _mha.mla_prefill_mha(q_nope, q_pe, latents, kv_b_weight, scale, kv_lora_rank,
+                               v_head_dim)
+    _REGISTRY.last["mla_prefill"] = "sdpa_mha"
     return out
 
 

@@ -14,6 +14,7 @@ import grpc
 import uvicorn
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
+from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
@@ -253,6 +254,6 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     add_tls_arguments(p)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port (it is always on the HTTP port)")
-    p.set_defaults(func=lambda args: asyncio.run(serve_router(args)) or 0)
+    p.set_defaults(func=lambda args: aio.run(serve_router(args)) or 0)
     track_explicit_flags(p)  # last: the --config file fills the flags not given
     return p  # fmt: skip

@@ -341,7 +341,9 @@ class Router:
                 wait = s.stall_timeout_s if got else s.first_token_timeout_s
                 wait = min(wait, deadline - time.monotonic())
                 try:
-                    msg = await asyncio.wait_for(anext(stream), max(wait, 0.001))
+                    # asyncio.timeout, not wait_for: no extra task per streamed message.
+                    async with asyncio.timeout(max(wait, 0.001)):
+                        msg = await anext(stream)
                 except StopAsyncIteration:
                     raise _AttemptFailed(d, f"{d.address} ended the stream early", True) from None
                 except TimeoutError:
@@ -362,7 +364,8 @@ class Router:
         except grpc.RpcError as e:
             raise self._classify(e, d, got, resp is not None) from None
         finally:
-            call.cancel()
+            if not call.done():  # a finished call has nothing to cancel; skip the C call
+                call.cancel()
 
     def _classify(self, e: grpc.RpcError, d: WorkerClient, got: bool, had_kv: bool) -> Exception:
         code = e.code()

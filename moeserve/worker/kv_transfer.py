@@ -224,11 +224,27 @@ class KVTransferAgent:
 
     Methods are guarded by one lock, so the engine thread and the server's event loop may both
     call in; ``wait`` never holds the lock while sleeping.
+
+    NIXL's own progress thread polls without sleeping (the Python binding fixes its delay at
+    0), which costs a whole core per worker even when idle. We turn it off and progress from a
+    thread of ours every ``progress_interval_s`` instead: the passive side of a READ still needs
+    progress for connection wire-up and notifications, the active side also progresses whenever
+    it polls a transfer. ``num_threads`` is the UCX backend's worker threads; several of them
+    split one large READ (measured in benchmarks/nixl_bandwidth.py).
     """
 
-    def __init__(self, name: str, kv_cache: torch.Tensor, backends: tuple[str, ...] = ("UCX",)):
+    def __init__(
+        self,
+        name: str,
+        kv_cache: torch.Tensor,
+        backends: tuple[str, ...] = ("UCX",),
+        num_threads: int = 4,
+        progress_interval_s: float = 1e-3,
+    ):
         if not kv_cache.is_contiguous() or kv_cache.dim() < 2:
             raise ValueError("kv_cache must be a contiguous [num_blocks, ...] tensor")
+        if num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {num_threads}")
         from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only when used
 
         self.name = name
@@ -242,12 +258,34 @@ class KVTransferAgent:
         self._kv_cache = kv_cache  # keep the registered memory alive
         self._lock = threading.Lock()
         config = nixl_agent_config(
-            enable_prog_thread=True, enable_listen_thread=False, backends=list(backends)
+            enable_prog_thread=False,
+            enable_listen_thread=False,
+            backends=list(backends),
+            num_threads=num_threads,
         )
         self._agent = nixl_agent(name, config)
         self._reg = self._agent.register_memory(kv_cache)
         self._peers: dict[str, tuple[bytes, KVLayout]] = {}
+        self._notifs: list[tuple[str, bytes]] = []
         self._closed = False
+        self._stop = threading.Event()
+        self._progress_interval_s = progress_interval_s
+        self._progress = threading.Thread(
+            target=self._progress_loop, name=f"nixl-progress-{name}", daemon=True
+        )
+        self._progress.start()
+
+    def _progress_loop(self) -> None:
+        while not self._stop.wait(self._progress_interval_s):
+            with self._lock:
+                if self._closed:
+                    return
+                self._collect_notifs()
+
+    def _collect_notifs(self) -> None:
+        # getNotifs progresses the backend's workers; the caller holds the lock.
+        for peer, msgs in self._agent.get_new_notifs().items():
+            self._notifs.extend((peer, msg) for msg in msgs)
 
     def metadata(self) -> bytes:
         """Blob a peer passes to ``add_peer``: our NIXL agent metadata plus KV layout."""
@@ -372,8 +410,9 @@ class KVTransferAgent:
     def take_notifs(self) -> list[tuple[str, bytes]]:
         """Notifications received since the last call, as (peer name, message)."""
         with self._lock:
-            notifs = self._agent.get_new_notifs()
-        return [(peer, msg) for peer, msgs in notifs.items() for msg in msgs]
+            self._collect_notifs()
+            notifs, self._notifs = self._notifs, []
+        return notifs
 
     def take_released_requests(self) -> list[str]:
         """Request ids whose blocks decode workers finished reading."""
@@ -386,6 +425,9 @@ class KVTransferAgent:
 
     def close(self) -> None:
         """Deregister the KV cache and drop peers; the agent is unusable afterwards."""
+        self._stop.set()
+        if self._progress is not threading.current_thread():
+            self._progress.join(timeout=5)
         with self._lock:
             if self._closed:
                 return

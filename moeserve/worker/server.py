@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.sampling import SamplingParams
@@ -340,7 +341,9 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     agent = None
     if args.nixl:
         name = f"moeserve-{args.role}-{port}-{uuid.uuid4().hex[:8]}"
-        agent = KVTransferAgent(name, engine.kv_cache)
+        if args.nixl_threads < 0:
+            raise InvalidRequestError("--nixl-threads must be >= 0", param="nixl_threads")
+        agent = KVTransferAgent(name, engine.kv_cache, num_threads=args.nixl_threads)
     metrics = WorkerMetrics()
     servicer = WorkerServicer(
         engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s,
@@ -389,30 +392,20 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    p.add_argument(
-        "--nixl",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="register the KV cache with NIXL for disaggregated transfer",
-    )
-    p.add_argument(
-        "--kv-lease-s",
-        type=float,
-        default=30.0,
-        help="release pinned prefill KV not collected within this time",
-    )
-    p.add_argument(
-        "--kv-timeout-s",
-        type=float,
-        default=10.0,
-        help="give up a KV READ after this long and recompute",
-    )
+    p.add_argument("--nixl", action=argparse.BooleanOptionalAction, default=True,
+                   help="register the KV cache with NIXL for disaggregated transfer")
+    p.add_argument("--nixl-threads", type=int, default=4,
+                   help="UCX backend threads that split a large KV READ (0: one)")
+    p.add_argument("--kv-lease-s", type=float, default=30.0,
+                   help="release pinned prefill KV not collected within this time")
+    p.add_argument("--kv-timeout-s", type=float, default=10.0,
+                   help="give up a KV READ after this long and recompute")
     p.add_argument("--max-queued", type=int, default=1024,
                    help="requests held at once (running or waiting); more get RESOURCE_EXHAUSTED")
     p.add_argument("--drain-grace-s", type=float, default=25.0,
                    help="on SIGTERM, finish held requests within this time, then exit")
     p.add_argument("--faults", default=None,
                    help=f"test fault injection, e.g. stall_prefill_s=30 (default ${ENV_VAR})")
-    p.set_defaults(func=lambda args: asyncio.run(serve_worker(args)) or 0)
+    p.set_defaults(func=lambda args: aio.run(serve_worker(args)) or 0)
     apply_env_defaults(p, os.environ)  # last: the operator's MOESERVE_* env; flags still win
     return p  # fmt: skip

@@ -20,6 +20,8 @@ class AttentionMetadata:
     token_seq_idx: [T] int64, sequence index of each new token.
     token_query_idx: [T] int64, index of each new token within its sequence's new tokens.
     max_query_len / max_seq_len: Python ints sizing the padded attention.
+    query_lens_host / seq_lens_host: the same lengths as Python ints where the step was built
+    on the host (empty in captured decode graphs); prefill splits its batch by them.
     """
 
     slot_mapping: torch.Tensor
@@ -31,6 +33,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    query_lens_host: tuple[int, ...] = ()
+    seq_lens_host: tuple[int, ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -75,5 +79,7 @@ class AttentionMetadata:
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()),
             block_size=block_size,
+            query_lens_host=tuple(query_lens),
+            seq_lens_host=tuple(c + n for c, n in zip(context_lens, query_lens, strict=True)),
         )
         return meta, positions.to(device)

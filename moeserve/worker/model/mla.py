@@ -120,14 +120,56 @@ class MLAttention(nn.Module):
             layer_cache, norm_weight=self.kv_a_layernorm.weight, eps=self.kv_a_layernorm.eps,
             interleave=rotary.interleave,
         )
-        q = self._absorb_query(q_nope, q_pe)
         if meta.max_query_len == 1:
-            o = kernels.mla_decode(q, layer_cache, meta.block_tables, meta.seq_lens,
-                                   self.softmax_scale, self.kv_lora_rank)
-        else:
-            o = kernels.mla_prefill(q, layer_cache, meta.block_tables, meta.seq_lens,
-                                    meta.query_start_loc, meta.max_query_len,
-                                    self.softmax_scale, self.kv_lora_rank)
+            o = kernels.mla_decode(self._absorb_query(q_nope, q_pe), layer_cache,
+                                   meta.block_tables, meta.seq_lens, self.softmax_scale,
+                                   self.kv_lora_rank)
+            return torch.einsum("thr,hvr->thv", o, self._kv_b_weights()[1])
+        return self._prefill_kernels(q_nope, q_pe, layer_cache, meta)
+
+    def _prefill_kernels(self, q_nope, q_pe, layer_cache, meta) -> torch.Tensor:
+        """Sequences with many new tokens in the MHA form (kernels/mla_prefill_mha.py), the
+        rest (decode tokens of a mixed batch, short chunks) absorbed over the paged cache."""
+        from moeserve import kernels
+        from moeserve.kernels.mla_prefill_mha import gather_latents, mha_worth_it
+
+        qlens, slens = meta.query_lens_host, meta.seq_lens_host
+        head_bytes = (self.qk_nope_head_dim + self.v_head_dim) * q_nope.element_size()
+        mha = [s for s in range(len(qlens))
+               if mha_worth_it(qlens[s], slens[s], self.num_heads, head_bytes)]
+        if not mha:
+            return self._absorbed_kernel(q_nope, q_pe, layer_cache, meta.block_tables,
+                                         meta.seq_lens, meta.query_start_loc, meta.max_query_len)
+        starts = [0]
+        for n in qlens:
+            starts.append(starts[-1] + n)
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
+        for s in mha:
+            a, b = starts[s], starts[s + 1]
+            latents = gather_latents(layer_cache, meta.block_tables[s], slens[s])
+            out[a:b] = kernels.mla_prefill_mha(q_nope[a:b], q_pe[a:b], latents,
+                                               self.kv_b_proj.weight, self.softmax_scale,
+                                               self.kv_lora_rank, self.v_head_dim)
+        rest = [s for s in range(len(qlens)) if s not in set(mha)]
+        if rest:
+            dev = q_nope.device
+            tok = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in rest]).to(dev)
+            seqs = torch.tensor(rest, device=dev)
+            sub_starts = [0]
+            for s in rest:
+                sub_starts.append(sub_starts[-1] + qlens[s])
+            out[tok] = self._absorbed_kernel(
+                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
+                torch.tensor(sub_starts, device=dev), max(qlens[s] for s in rest))
+        return out
+
+    def _absorbed_kernel(self, q_nope, q_pe, layer_cache, block_tables, seq_lens,
+                         query_start_loc, max_query_len) -> torch.Tensor:
+        from moeserve import kernels
+
+        o = kernels.mla_prefill(self._absorb_query(q_nope, q_pe), layer_cache, block_tables,
+                                seq_lens, query_start_loc, max_query_len, self.softmax_scale,
+                                self.kv_lora_rank)
         return torch.einsum("thr,hvr->thv", o, self._kv_b_weights()[1])
 
     def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""Tile sweep of the fused-MoE Triton kernel and the MLA prefill forms, at DeepSeek-V2-Lite sizes.
+
+For each token count the fused MoE runs every candidate tile config (routing: each token's k
+experts drawn uniformly without replacement) and prints the best next to the config
+`moe_config` picks today, the weight-read floor (bytes of the experts hit over the copy
+bandwidth measured in the same run) and torch's grouped GEMM path. Then one layer of MLA
+prefill attention at 1k/4k/8k: the absorbed Triton kernel against the MHA form (kv_b
+expansion + SDPA). GPU only.
+
+    python benchmarks/tune_fused_moe.py [--tokens 1 8 32 64 128 256 1024 8192] [--json out]
+"""
+
+# Closures below are timed inside the loop iteration that defines them.
+# ruff: noqa: B023
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from triton.testing import do_bench
+
+from moeserve.kernels.fused_moe import MoeConfig, fused_moe, moe_config
+from moeserve.kernels.mla_prefill import mla_prefill
+from moeserve.kernels.mla_prefill_mha import gather_latents, mla_prefill_mha
+
+HEADS, KV_LORA, ROPE, NOPE, V_DIM = 16, 512, 64, 128, 128
+HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1408, 64, 6
+DTYPE = torch.bfloat16
+
+
+def _ms(fn) -> float:
+    return float(do_bench(fn, warmup=5, rep=40, return_mode="median"))
+
+
+def copy_gbps() -> float:
+    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def candidates(tokens: int) -> list[MoeConfig]:
+    if tokens * TOP_K / EXPERTS <= 32:
+        grid = itertools.product([16, 32], [32, 64, 128], [64, 128, 256], [4], [3, 4, 5])
+    else:
+        grid = itertools.product([64, 128], [64, 128, 256], [64, 128], [4, 8], [3, 4])
+    return [MoeConfig(*c) for c in grid]
+
+
+def routing(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.rand(tokens, EXPERTS, generator=gen).argsort(dim=1)[:, :TOP_K]
+    weights = torch.rand(tokens, TOP_K, generator=gen)
+    return weights.cuda(), ids.to(torch.int32).cuda()
+
+
+def torch_grouped(x, w13, w2, weights, ids) -> torch.Tensor:
+    from moeserve.worker.model.moe import _grouped_linear
+
+    flat = ids.flatten().long()
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(EXPERTS, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, flat[order], torch.ones_like(order))
+    tokens = order // TOP_K
+    h = _grouped_linear(x[tokens], w13, counts)
+    h = torch.nn.functional.silu(h[:, :INTER]) * h[:, INTER:]
+    y = _grouped_linear(h, w2, counts).float() * weights.flatten()[order, None]
+    return torch.zeros_like(x, dtype=torch.float32).index_add_(0, tokens, y)
+
+
+def sweep_moe(token_counts: list[int], bw: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda") * 0.02).to(DTYPE)
+    w2 = (torch.randn(EXPERTS, HIDDEN, INTER, device="cuda") * 0.02).to(DTYPE)
+    rows = []
+    for t in token_counts:
+        x = torch.randn(t, HIDDEN, device="cuda").to(DTYPE)
+        weights, ids = routing(t, gen)
+        hit = int(ids.unique().numel())
+        floor_ms = hit * 3 * HIDDEN * INTER * 2 / (bw * 1e9) * 1e3
+        flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
+        current = moe_config(t * TOP_K, EXPERTS)
+        results = []
+        for cfg in candidates(t) + [current]:
+            try:
+                ms = _ms(lambda cfg=cfg: fused_moe(x, w13, w2, weights, ids, config=cfg))
+            except Exception as exc:  # out of shared memory / registers for this tile
+                print(f"  T={t} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            results.append((ms, cfg))
+        best_ms, best = min(results, key=lambda r: r[0])
+        current_ms = next(ms for ms, c in results if c == current)
+        grouped_ms = _ms(lambda: torch_grouped(x, w13, w2, weights, ids))
+        row = {"tokens": t, "experts_hit": hit, "floor_ms": floor_ms, "best_ms": best_ms,
+               "best": best.__dict__, "current_ms": current_ms, "current": current.__dict__,
+               "torch_grouped_ms": grouped_ms, "best_tflops": flops / best_ms / 1e9}
+        rows.append(row)
+        print(f"T={t:5d} hit={hit:2d} floor {floor_ms:.3f} ms  best {best_ms:.3f} ms {best}  "
+              f"current {current_ms:.3f} ms  torch grouped {grouped_ms:.3f} ms  "
+              f"({flops / best_ms / 1e9:.0f} TFLOP/s)", flush=True)
+    return rows
+
+
+def prefill_forms(lengths: list[int]) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    block = 64
+    rows = []
+    scale = (NOPE + ROPE) ** -0.5
+    for n in lengths:
+        pages = n // block
+        cache = torch.randn(pages + 1, block, KV_LORA + ROPE, device="cuda", generator=gen)
+        cache = cache.to(DTYPE)
+        table = torch.randperm(pages, device="cuda", generator=gen)[None] + 1
+        lens = torch.tensor([n], device="cuda")
+        starts = torch.tensor([0, n], device="cuda")
+        q_nope = torch.randn(n, HEADS, NOPE, device="cuda", generator=gen).to(DTYPE)
+        q_pe = torch.randn(n, HEADS, ROPE, device="cuda", generator=gen).to(DTYPE)
+        w = (torch.randn(HEADS * (NOPE + V_DIM), KV_LORA, device="cuda", generator=gen)
+             * 0.03).to(DTYPE)  # fmt: skip
+        w_uk = w.view(HEADS, -1, KV_LORA)[:, :NOPE]
+        w_uv = w.view(HEADS, -1, KV_LORA)[:, NOPE:]
+
+        def absorbed():
+            q = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], -1)
+            o = mla_prefill(q, cache, table, lens, starts, n, scale, KV_LORA)
+            return torch.einsum("thr,hvr->thv", o, w_uv)
+
+        def mha():
+            return mla_prefill_mha(q_nope, q_pe, gather_latents(cache, table[0], n), w, scale,
+                                   KV_LORA, V_DIM)
+
+        def mha_padded_v():  # V padded to the QK head dim: the flash backend's constraint
+            lat = gather_latents(cache, table[0], n)
+            kv = torch.nn.functional.linear(lat[:, :KV_LORA], w).view(n, HEADS, -1)
+            k = torch.cat([kv[..., :NOPE], lat[:, None, KV_LORA:].expand(-1, HEADS, -1)], -1)
+            v = torch.nn.functional.pad(kv[..., NOPE:], (0, NOPE + ROPE - V_DIM))
+            q = torch.cat([q_nope, q_pe], -1)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                is_causal=True, scale=scale)
+            return o[0].transpose(0, 1)[..., :V_DIM]
+
+        a, m = absorbed(), mha()
+        err = float((a.float() - m.float()).norm() / a.float().norm())
+        t_abs, t_mha = _ms(absorbed), _ms(mha)
+        t_pad = _ms(mha_padded_v)
+        print(f"  padded-V SDPA {t_pad:.3f} ms", flush=True)
+        mha_flops = 2 * HEADS * (NOPE + ROPE + V_DIM) * n * n / 2 + 2 * n * KV_LORA * w.shape[0]
+        rows.append({"tokens": n, "absorbed_ms": t_abs, "mha_ms": t_mha, "rel_err": err,
+                     "mha_padded_v_ms": t_pad,
+                     "mha_tflops": mha_flops / t_mha / 1e9})
+        print(f"prefill n={n:5d}: absorbed Triton {t_abs:.3f} ms, MHA+SDPA {t_mha:.3f} ms "
+              f"({mha_flops / t_mha / 1e9:.0f} TFLOP/s), rel diff {err:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 1024,
+                                                               8192])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096, 8192])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bw = copy_gbps()
+    print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
+    out = {"copy_gbps": bw, "prefill": prefill_forms(args.prefill),
+           "moe": sweep_moe(args.tokens, bw)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
