@@ -56,6 +56,9 @@ class _Call:
     def cancel(self) -> bool:
         return True
 
+    def done(self) -> bool:
+        return False
+
 
 class _FakeDecode:
     """Streams one token per message; ``fail_after`` / ``stall_after`` messages, then breaks."""

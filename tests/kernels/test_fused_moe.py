@@ -10,6 +10,7 @@ from moeserve.kernels.fused_moe import (
     fused_moe,
     fused_moe_ref,
     moe_align_block_size,
+    moe_align_block_size_ref,
 )
 from tests.kernels.helpers import TF32_TOL, rel_err, tolerance
 
@@ -81,6 +82,20 @@ def test_moe_align_block_size_layout(device):
         seen += rows
     assert sorted(seen) == [i for i in range(flat.numel()) if flat[i] >= 0]
     assert set(block_expert.tolist()) - {-1} == set(flat[flat >= 0].tolist())
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(23, 9, 3, 4), (300, 64, 6, 16),
+                                                         (5, 256, 8, 64), (1, 64, 6, 16)])
+def test_moe_align_kernel_equals_torch_reference(tokens, experts, top_k, block_m, device):
+    """The Triton layout is the stable-sort layout of the reference, bit for bit."""
+    gen = torch.Generator().manual_seed(tokens)
+    _, ids = _routing(tokens, experts, top_k, experts, gen)
+    ids = torch.where(torch.rand(ids.shape, generator=gen) < 0.1, -1, ids)  # remote experts
+    ids = ids.to(torch.int32).to(device)
+    got = moe_align_block_size(ids, block_m, experts)
+    want = moe_align_block_size_ref(ids, block_m, experts)
+    assert torch.equal(got[0].cpu(), want[0].cpu())
+    assert torch.equal(got[1].cpu(), want[1].cpu())
 
 
 def test_fused_moe_shape_errors(device):
