@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from moeserve.common.sampling import SamplingParams
 from moeserve.worker.checkpoint import make_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
@@ -42,15 +44,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[],
+                    help="also profile one prefill of each of these prompt lengths")
     args = ap.parse_args()
     from benchmarks.gpu_roofline import inject
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_checkpoint(Path(tmp) / "m", "v2-lite", layers=args.layers,
                                     dtype="bfloat16", device="cuda"))
+        longest = max([args.context, *args.prefill])
         engine = LLMEngine(EngineConfig(model=model, device="cuda", dtype="bfloat16",
-                                        max_model_len=args.context + 64,
+                                        max_model_len=longest + 64,
+                                        max_num_batched_tokens=max(8192, *args.prefill),
                                         max_num_seqs=max(args.batch),
+                                        cuda_graph_max_context=args.context + 64,
                                         enable_prefix_caching=False))
         engine.kv_cache.normal_()
         for batch in args.batch:
@@ -58,28 +65,57 @@ def main() -> None:
             for _ in range(3):
                 engine.step()
             torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - start) / args.steps * 1e3
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     engine.step()
                 torch.cuda.synchronize()
             for rid in ids:
                 engine.abort_request(rid)
-            kernels: dict[str, float] = defaultdict(float)
-            counts: dict[str, int] = defaultdict(int)
-            for evt in prof.key_averages():
-                if evt.device_type.name == "CUDA" and evt.device_time_total > 0:
-                    kernels[evt.key] += evt.device_time_total / args.steps
-                    counts[evt.key] += evt.count // args.steps
-            total = sum(kernels.values())
-            groups: dict[str, float] = defaultdict(float)
-            for k, v in kernels.items():
-                groups[group_of(k)] += v
-            print(f"\nbatch {batch}, context {args.context}, {args.layers} layers: "
-                  f"{total / 1e3:.2f} ms GPU per step, {sum(counts.values())} kernels/step")
-            for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
-                print(f"  {g:<18}{v / 1e3:8.3f} ms  {100 * v / total:5.1f}%")
-            for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
-                print(f"    {v:9.1f} us  x{counts[k]:<4} {k[:90]}")
+            report(prof, args.steps, f"batch {batch}, context {args.context}, {args.layers} "
+                   f"layers, wall {wall_ms:.2f} ms per step")
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        for n in args.prefill:
+            prompt = [(13 * j) % 20000 + 10 for j in range(n)]
+
+            def run(tag: str, prompt: list[int] = prompt) -> float:
+                engine.add_request(tag, prompt, params)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                while engine.has_unfinished_requests():
+                    engine.step()
+                torch.cuda.synchronize()
+                return (time.perf_counter() - start) * 1e3
+
+            run(f"warm-{n}")
+            wall_ms = run(f"timed-{n}")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(f"prof-{n}")
+            report(prof, 1, f"prefill {n} tokens, {args.layers} layers, wall {wall_ms:.2f} ms")
+
+
+def report(prof, steps: int, title: str) -> None:
+    """Kernels ranked by device time per step, grouped as in _GROUPS."""
+    kernels: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for evt in prof.key_averages():
+        if evt.device_type.name == "CUDA" and evt.device_time_total > 0:
+            kernels[evt.key] += evt.device_time_total / steps
+            counts[evt.key] += evt.count // steps
+    total = sum(kernels.values())
+    groups: dict[str, float] = defaultdict(float)
+    for k, v in kernels.items():
+        groups[group_of(k)] += v
+    print(f"\n{title}: {total / 1e3:.2f} ms GPU per step, "
+          f"{sum(counts.values())} kernels/step")
+    for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:<18}{v / 1e3:8.3f} ms  {100 * v / total:5.1f}%")
+    for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {v:9.1f} us  x{counts[k]:<4} {k[:90]}")
 
 
 if __name__ == "__main__":
