@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--host", action="store_true",
+                    help="also print the host-side Python profile (cProfile) of the steps")
     ap.add_argument("--prefill", type=int, nargs="*", default=[],
                     help="also profile one prefill of each of these prompt lengths")
     args = ap.parse_args()
@@ -61,7 +63,7 @@ def main() -> None:
                                         enable_prefix_caching=False))
         engine.kv_cache.normal_()
         for batch in args.batch:
-            ids = inject(engine, batch, args.context, f"p{batch}", args.steps + 4)
+            ids = inject(engine, batch, args.context, f"p{batch}", 3 * args.steps + 4)
             for _ in range(3):
                 engine.step()
             torch.cuda.synchronize()
@@ -70,6 +72,8 @@ def main() -> None:
                 engine.step()
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+            if args.host:
+                host_profile(engine, args.steps)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     engine.step()
@@ -96,6 +100,20 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run(f"prof-{n}")
             report(prof, 1, f"prefill {n} tokens, {args.layers} layers, wall {wall_ms:.2f} ms")
+
+
+def host_profile(engine: LLMEngine, steps: int) -> None:
+    """Where the host's time per step goes (scheduler, input copies, sampling, waits)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 def report(prof, steps: int, title: str) -> None:

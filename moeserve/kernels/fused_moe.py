@@ -101,18 +101,15 @@ def moe_align_kernel(
 
     Within a chunk a copy's rank among its expert's copies is an exclusive cumsum over a
     [CHUNK, BLOCK_E] one-hot, so the layout is deterministic (stable by copy index) and needs
-    no atomics. Key num_experts collects copies held on other ranks (id -1); they are dropped.
+    no atomics. Copies held on other ranks (id -1) match no column and are dropped.
     """
     offs_e = tl.arange(0, BLOCK_E)
+    local = offs_e < num_experts
     counts = tl.zeros([BLOCK_E], tl.int32)
     for start in range(0, num_copies, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        ok = offs < num_copies
-        ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-        key = tl.where(ids >= 0, ids, num_experts)
-        onehot = ((key[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
-        counts += tl.sum(onehot, axis=0)
-    local = offs_e < num_experts
+        ids = tl.load(ids_ptr + offs, mask=offs < num_copies, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
     padded = tl.where(local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
     padded_end = tl.cumsum(padded, axis=0)
     padded_start = padded_end - padded
@@ -134,24 +131,31 @@ def moe_align_kernel(
         offs = start + tl.arange(0, CHUNK)
         ok = offs < num_copies
         ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-        key = tl.where(ids >= 0, ids, num_experts)
-        onehot = ((key[:, None] == offs_e[None, :]) & ok[:, None]).to(tl.int32)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0) - onehot
-        base = (padded_start + placed)[None, :]
-        dest = tl.sum((base + rank) * onehot, axis=1)
-        tl.store(sorted_ids_ptr + dest, offs, mask=ok & (key < num_experts))
+        dest = tl.sum((padded_start + placed)[None, :] * onehot + rank * onehot, axis=1)
+        tl.store(sorted_ids_ptr + dest, offs, mask=ok & (ids >= 0) & (ids < num_experts))
         placed += tl.sum(onehot, axis=0)
+
+
+# One program walks all copies: right for a decode step (a few hundred copies, ~8-20 us on the
+# H100), far too slow for a prefill (8k tokens x 6 copies: 1.2 ms), where the torch ops and
+# their radix sort take over.
+ALIGN_KERNEL_MAX_COPIES = 4096
 
 
 def moe_align_block_size(
     topk_ids: torch.Tensor, block_m: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`moe_align_block_size_ref` in one Triton launch (same outputs, bit for bit)."""
+    """`moe_align_block_size_ref`'s layout (bit for bit): one Triton launch for up to
+    ALIGN_KERNEL_MAX_COPIES copies, the torch reference above that."""
     num_copies = topk_ids.numel()
+    if num_copies > ALIGN_KERNEL_MAX_COPIES:
+        return moe_align_block_size_ref(topk_ids, block_m, num_experts)
     total = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
     sorted_ids = torch.empty(total, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(total // block_m, dtype=torch.int32, device=topk_ids.device)
-    block_e = triton.next_power_of_2(num_experts + 1)
+    block_e = triton.next_power_of_2(num_experts)
     chunk = max(16, min(256, 16384 // block_e))
     moe_align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, num_copies, num_experts, total,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeserve.kernels.fused_moe import (
+    ALIGN_KERNEL_MAX_COPIES,
     MoeConfig,
     fused_moe,
     fused_moe_ref,
@@ -93,6 +94,7 @@ def test_moe_align_kernel_equals_torch_reference(tokens, experts, top_k, block_m
     ids = torch.where(torch.rand(ids.shape, generator=gen) < 0.1, -1, ids)  # remote experts
     ids = ids.to(torch.int32).to(device)
     got = moe_align_block_size(ids, block_m, experts)
+    assert ids.numel() <= ALIGN_KERNEL_MAX_COPIES  # the Triton kernel, not the fallback
     want = moe_align_block_size_ref(ids, block_m, experts)
     assert torch.equal(got[0].cpu(), want[0].cpu())
     assert torch.equal(got[1].cpu(), want[1].cpu())

@@ -39,9 +39,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, rotary, layer_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, layer_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, layer_cache, meta
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(x, residual) -> (mlp output, residual): the residual stream is carried beside the
+        layer output so each add happens inside the next RMSNorm (one kernel on CUDA). The
+        first layer gets residual None; the sum x + residual is the usual hidden state."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, layer_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DeepseekModel(nn.Module):
@@ -80,10 +89,10 @@ class DeepseekForCausalLM(nn.Module):
 
         Returns final hidden states [T, hidden]; `compute_logits` turns chosen rows into logits.
         """
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rotary, kv_cache[:, i], meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[:, i], meta)
+        return self.model.norm(x, residual)[0]
 
     def use_kernels(self, enabled: bool) -> None:
         """Route attention and routed experts through moeserve.kernels on CUDA tensors."""

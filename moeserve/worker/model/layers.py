@@ -21,11 +21,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.use_kernels = False  # set by the runner: one Triton kernel instead of ~7 ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or with ``residual`` the pair (norm(x + residual), x + residual): the
+        decoder's residual add, fused into the same kernel on the CUDA path."""
         if self.use_kernels and x.is_cuda:
             from moeserve import kernels  # imports triton: only on the CUDA path
 
-            return kernels.rmsnorm(x, self.weight, self.eps)
+            return kernels.rmsnorm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
