@@ -97,6 +97,13 @@ def main() -> None:
 
             run(f"warm-{n}")
             wall_ms = run(f"timed-{n}")
+            if args.host:
+                import cProfile
+                import pstats
+
+                host = cProfile.Profile()
+                host.runcall(run, f"host-{n}")
+                pstats.Stats(host).sort_stats("tottime").print_stats(18)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run(f"prof-{n}")
             report(prof, 1, f"prefill {n} tokens, {args.layers} layers, wall {wall_ms:.2f} ms")

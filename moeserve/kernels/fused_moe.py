@@ -138,17 +138,19 @@ def moe_align_kernel(
         placed += tl.sum(onehot, axis=0)
 
 
-# One program walks all copies: right for a decode step (a few hundred copies, ~8-20 us on the
-# H100), far too slow for a prefill (8k tokens x 6 copies: 1.2 ms), where the torch ops and
-# their radix sort take over.
+# One program walks all copies: right for a decode step (4-56 us on the H100 up to 3k copies,
+# where the torch ops take 57-95 us), far too slow for a prefill (8k tokens x 6 copies: 1.2
+# ms), where the torch ops and their radix sort take over.
 ALIGN_KERNEL_MAX_COPIES = 4096
 
 
 def moe_align_block_size(
-    topk_ids: torch.Tensor, block_m: int, num_experts: int
+    topk_ids: torch.Tensor, block_m: int, num_experts: int, chunk: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_align_block_size_ref`'s layout (bit for bit): one Triton launch for up to
-    ALIGN_KERNEL_MAX_COPIES copies, the torch reference above that."""
+    ALIGN_KERNEL_MAX_COPIES copies, the torch reference above that. ``chunk`` / ``num_warps``
+    override the measured tile choice (benchmarks/align_sweep.py)."""
     num_copies = topk_ids.numel()
     if num_copies > ALIGN_KERNEL_MAX_COPIES:
         return moe_align_block_size_ref(topk_ids, block_m, num_experts)
@@ -156,10 +158,14 @@ def moe_align_block_size(
     sorted_ids = torch.empty(total, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(total // block_m, dtype=torch.int32, device=topk_ids.device)
     block_e = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(256, 16384 // block_e))
+    if chunk is None:  # benchmarks/align_sweep.py, H100, 64 experts: 4 / 17 / 29 / 56 us at
+        # 6 / 768 / 1536 / 3072 copies, against 57-95 us for the torch ops
+        chunk, num_warps = (64, 8) if num_copies <= 192 else (128, 4) if num_copies <= 768 \
+            else (256, 8)
+        chunk = max(16, min(chunk, 16384 // block_e))
     moe_align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, num_copies, num_experts, total,
-        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, num_warps=4,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, num_warps=num_warps,
     )
     return sorted_ids, block_expert
 
