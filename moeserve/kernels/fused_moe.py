@@ -14,6 +14,7 @@ Three launches and no host synchronisation (so a decode step can be captured in 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import triton.language as tl
 __all__ = [
     "fused_moe", "fused_moe_ref", "fused_moe_kernel", "moe_combine_kernel",
     "moe_align_block_size", "moe_align_block_size_ref", "moe_align_kernel", "MoeConfig",
-    "moe_config",
+    "moe_config", "fit_shared_memory",
 ]
 
 
@@ -59,6 +60,29 @@ def moe_config(num_copies: int, num_experts: int) -> MoeConfig:
     if rows <= 256:
         return MoeConfig(128, 128, 64, 8, 3)
     return MoeConfig(128, 256, 64, 8, 4)
+
+
+# Hopper has 227 KiB of shared memory a block; Triton's pipeline needs a little beside the tiles.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_shared_memory(cfg: MoeConfig, elem_size: int,
+                      budget: int = SHARED_MEMORY_BUDGET) -> MoeConfig:
+    """The tiles (tuned for bf16) shrunk until a launch's pipelined tiles fit ``budget``.
+
+    Each stage holds an activation tile [BLOCK_M, BLOCK_K] and weight tiles [BLOCK_K, BLOCK_N]
+    (the gated launch splits BLOCK_N between gate and up). float32 weights (the parity tests,
+    CPU-made checkpoints) need twice the bytes: fewer stages first, then a shorter BLOCK_K.
+    """
+
+    def need(c: MoeConfig) -> int:
+        return (c.block_m * c.block_k + c.block_k * c.block_n) * elem_size * c.num_stages
+
+    while need(cfg) > budget and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while need(cfg) > budget and cfg.block_k > 32:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
 
 
 def moe_align_block_size_ref(
@@ -269,7 +293,7 @@ def fused_moe(
         raise ValueError("x, w13 and w2 need a contiguous last dim")
     top_k = topk_ids.shape[1]
     num_copies = num_tokens * top_k
-    cfg = config or moe_config(num_copies, num_experts)
+    cfg = config or fit_shared_memory(moe_config(num_copies, num_experts), x.element_size())
     sorted_ids, block_expert = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
     num_m_blocks = block_expert.shape[0]
     launch = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps,

@@ -7,11 +7,14 @@ import torch
 
 from moeserve.kernels.fused_moe import (
     ALIGN_KERNEL_MAX_COPIES,
+    SHARED_MEMORY_BUDGET,
     MoeConfig,
+    fit_shared_memory,
     fused_moe,
     fused_moe_ref,
     moe_align_block_size,
     moe_align_block_size_ref,
+    moe_config,
 )
 from tests.kernels.helpers import TF32_TOL, rel_err, tolerance
 
@@ -109,3 +112,15 @@ def test_fused_moe_shape_errors(device):
         fused_moe(x, w13, w2, torch.ones(3, 1, device=device), ids)
     with pytest.raises(ValueError):
         fused_moe(x, w13, w2[..., :4].contiguous(), torch.ones(3, 2, device=device), ids)
+
+
+@pytest.mark.parametrize("copies", [6, 384, 3000, 6144, 49152])
+def test_tiles_fit_shared_memory_for_every_dtype(copies):
+    """The H100 tiles are tuned for bf16; float32 ones must still fit (the parity tests run
+    float32 weights through the kernel path on the GPU)."""
+    for elem in (2, 4):
+        cfg = fit_shared_memory(moe_config(copies, 64), elem)
+        need = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem * cfg.num_stages
+        assert need <= SHARED_MEMORY_BUDGET
+        if elem == 2:
+            assert cfg == moe_config(copies, 64)  # bf16 keeps the measured tiles
