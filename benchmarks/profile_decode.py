@@ -57,7 +57,7 @@ def main() -> None:
         longest = max([args.context, *args.prefill])
         engine = LLMEngine(EngineConfig(model=model, device="cuda", dtype="bfloat16",
                                         max_model_len=longest + 64,
-                                        max_num_batched_tokens=max(8192, *args.prefill),
+                                        max_num_batched_tokens=max([8192, *args.prefill]),
                                         max_num_seqs=max(args.batch),
                                         cuda_graph_max_context=args.context + 64,
                                         enable_prefix_caching=False))
