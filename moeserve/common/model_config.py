@@ -255,6 +255,9 @@ def _check_optional_types(cfg: dict[str, Any]) -> None:
     if eos is not None and not (is_int(eos) or (isinstance(eos, list)
                                                 and all(is_int(e) for e in eos))):  # fmt: skip
         raise bad("eos_token_id", "an integer or a list of integers")
+    theta = cfg.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, int | float)):
+        raise bad("rope_theta", "a number")
     for name in ("rope_scaling", "rope_parameters"):
         for key in _ROPE_NUMBERS:
             value = (cfg.get(name) or {}).get(key)
@@ -268,7 +271,10 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     params = cfg.get("rope_parameters")
     if params is None:  # DeepSeek release layout
         params = dict(cfg.get("rope_scaling") or {})
-        params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        if params.get("rope_theta") is None:  # null in config.json means "unset", as in HF
+            params["rope_theta"] = cfg.get("rope_theta")
+    if params.get("rope_theta") is None:
+        params = {**params, "rope_theta": 10000.0}
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in ("default", "yarn"):
         raise ConfigError(f"unsupported RoPE type {kind!r} in rope_scaling: use default or yarn")
