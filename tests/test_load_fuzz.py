@@ -97,3 +97,21 @@ def test_config_with_wrong_types_is_a_named_error_or_loads(tiny_v3: Path, tmp_pa
         load_model_config(tmp_path)
     except ConfigError as e:
         assert field in str(e) or "rope_scaling" in str(e), (field, value, str(e))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rope_theta", None), ("rope_theta", "x"), ("rope_theta", True),
+    ("rope_scaling", {"type": "yarn", "original_max_position_embeddings": 0}),
+])  # fmt: skip
+def test_rope_fields_found_by_fuzzing(tiny_v3: Path, tmp_path: Path, field: str,
+                                      value: object) -> None:
+    """Cases the fuzz test above once drew: null rope_theta loads with the default; the others
+    are ConfigErrors naming the field (were TypeError / ZeroDivisionError)."""
+    cfg = json.loads((tiny_v3 / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if value is None:
+        assert load_model_config(tmp_path).rope.theta == 10000.0
+        return
+    with pytest.raises(ConfigError, match=field):
+        load_model_config(tmp_path)

@@ -283,6 +283,9 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     orig = params.get("original_max_position_embeddings")
     if orig is None:
         raise ConfigError("yarn RoPE needs rope_scaling.original_max_position_embeddings")
+    if not orig > 0:
+        raise ConfigError("config.json field 'rope_scaling.original_max_position_embeddings' "
+                          f"must be positive, got {orig!r}")
     factor = params.get("factor") or cfg["max_position_embeddings"] / orig
     return RopeConfig(
         theta=float(params.get("rope_theta", 10000.0)),
