@@ -125,6 +125,9 @@ def mla_decode(
     scale: float,
     kv_lora_rank: int,
     num_splits: int | None = None,
+    block_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Absorbed MLA decode attention, one query token per sequence.
 
@@ -135,6 +138,7 @@ def mla_decode(
     seq_lens: [S] int32/int64, tokens in cache per sequence (>= 1), the query's own included.
     scale: softmax scale. kv_lora_rank: R, the value width (first R dims of a latent).
     num_splits: KV splits per sequence; default from the batch shape (`default_num_splits`).
+    block_n / num_warps / num_stages: tiles (benchmarks/tune_mla_decode.py sweeps them).
     Returns [S, H, R] in q's dtype.
     """
     num_seqs, num_heads, kv_dim = q.shape
@@ -166,8 +170,8 @@ def mla_decode(
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=block_r,
-        BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_H=block_h, BLOCK_N=32,
-        NUM_SPLITS=splits, num_warps=4, num_stages=2,
+        BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_H=block_h, BLOCK_N=block_n,
+        NUM_SPLITS=splits, num_warps=num_warps, num_stages=num_stages,
     )
     mla_decode_reduce_kernel[(num_seqs, num_heads)](
         o_part, lse, out,
