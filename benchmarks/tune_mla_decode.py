@@ -19,15 +19,18 @@ from moeserve.kernels.mla_decode import default_num_splits, mla_decode
 HEADS, KV_LORA, ROPE, BLOCK = 16, 512, 64, 64
 
 
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 64, 128, 256])
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     args = ap.parse_args()
-    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
-    del src, dst
+    bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for ctx, bs in itertools.product(args.context, args.batch):
@@ -43,8 +46,8 @@ def main() -> None:
         results = []
         for splits, block_n, warps, stages in itertools.product(
                 sorted({base, 2 * base, max(1, base // 2)}), [32, 64], [4, 8], [1, 2, 3]):
-            def fn(s=splits, n=block_n, w=warps, st=stages):
-                return mla_decode(q, cache, tables, lens, 0.1, KV_LORA, s, n, w, st)
+            def fn(s=splits, n=block_n, w=warps, st=stages, q=q, c=cache, t=tables, ln=lens):
+                return mla_decode(q, c, t, ln, 0.1, KV_LORA, s, n, w, st)
             try:
                 fn()
                 torch.cuda.synchronize()
