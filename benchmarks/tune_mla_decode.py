@@ -14,7 +14,7 @@ import itertools
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from moeserve.kernels.mla_decode import default_num_splits, mla_decode
+from moeserve.kernels.mla_decode import default_num_splits, default_tiles, mla_decode
 
 HEADS, KV_LORA, ROPE, BLOCK = 16, 512, 64, 64
 
@@ -45,7 +45,7 @@ def main() -> None:
         base = default_num_splits(bs, HEADS)
         results = []
         for splits, block_n, warps, stages in itertools.product(
-                sorted({base, 2 * base, max(1, base // 2)}), [32, 64], [4, 8], [1, 2, 3]):
+                sorted({base, 2 * base, max(1, base // 2)}), [32, 64], [4, 8], [2, 3]):
             def fn(s=splits, n=block_n, w=warps, st=stages, q=q, c=cache, t=tables, ln=lens):
                 return mla_decode(q, c, t, ln, 0.1, KV_LORA, s, n, w, st)
             try:
@@ -58,7 +58,7 @@ def main() -> None:
                 continue
             results.append((us, splits, block_n, warps, stages))
         results.sort()
-        current = next(r for r in results if r[1:] == (base, 32, 4, 2))
+        current = next(r for r in results if r[1:] == (base, *default_tiles(bs), 2))
         best = results[0]
         print(f"ctx={ctx} batch={bs}: floor {floor_us:.1f} us, current {current[0]:.1f} us "
               f"(splits {base}), best {best[0]:.1f} us splits={best[1]} block_n={best[2]} "

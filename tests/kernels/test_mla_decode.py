@@ -18,6 +18,10 @@ CASES = [
 ]
 
 
+# 64..255 sequences take 64-key tiles over 8 warps and two splits by default (default_tiles).
+CASES.append(([(7 * i) % 150 + 1 for i in range(70)], 16, 2, 16, 8, None, torch.bfloat16, 5))
+
+
 @pytest.mark.parametrize("seq_lens,block_size,heads,rank,rope,splits,dtype,seed", CASES)
 def test_mla_decode_matches_ref(seq_lens, block_size, heads, rank, rope, splits, dtype, seed,
                                 device):
