@@ -223,3 +223,29 @@ def test_operator_grace_periods_match_the_drain_defaults() -> None:
     assert worker.get_default("drain_grace_s") == WORKER_DRAIN_GRACE_S
     assert RouterSettings().drain_grace_s == ROUTER_DRAIN_GRACE_S
     assert PRESTOP_SLEEP_S < WORKER_DRAIN_GRACE_S
+
+
+def test_request_deadline_is_a_deadline_error_never_a_worker_ejection() -> None:
+    """On uvloop the loop's millisecond clock fires a timer a hair before time.monotonic()
+    reaches it; a request's own timeout must still end as DeadlineExceeded (504), not read as
+    a stalled worker (ejection and migration: the bug `moeserve up` showed under uvloop)."""
+    from moeserve.common import aio
+    from moeserve.router.serving import DeadlineExceededError
+
+    async def go():
+        stubs = [_FakeDecode(stall_after=1), _FakeDecode(stall_after=1)]
+        router, pool, _ = _router(stubs)
+        outcomes = []
+        for i in range(20):
+            try:
+                async for _ in router.generate(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=8),
+                                               timeout_s=0.02 + 0.001 * i):  # fmt: skip
+                    pass
+                outcomes.append("finished")
+            except DeadlineExceededError:
+                outcomes.append("deadline")
+        return outcomes, [c.ejections for c in pool.clients.values()]
+
+    outcomes, ejections = aio.run(go())
+    assert outcomes == ["deadline"] * 20
+    assert ejections == [0, 0]

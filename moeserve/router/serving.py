@@ -339,15 +339,19 @@ class Router:
             while True:
                 phase = "stream_stall" if got else "first_token"
                 wait = s.stall_timeout_s if got else s.first_token_timeout_s
-                wait = min(wait, deadline - time.monotonic())
+                remaining = deadline - time.monotonic()
+                # Decided before waiting: the loop's clock (uvloop's is the millisecond libuv
+                # clock) may fire a hair before time.monotonic() reaches the deadline, and a
+                # request's own timeout must never read as a stalled worker (ejection).
+                by_deadline = remaining <= wait
                 try:
                     # asyncio.timeout, not wait_for: no extra task per streamed message.
-                    async with asyncio.timeout(max(wait, 0.001)):
+                    async with asyncio.timeout(max(min(wait, remaining), 0.001)):
                         msg = await anext(stream)
                 except StopAsyncIteration:
                     raise _AttemptFailed(d, f"{d.address} ended the stream early", True) from None
                 except TimeoutError:
-                    if time.monotonic() >= deadline:
+                    if by_deadline:
                         raise DeadlineExceededError("request exceeded its timeout") from None
                     self.metrics.phase_timeouts.labels(phase).inc()
                     raise _AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s "
