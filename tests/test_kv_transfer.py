@@ -9,17 +9,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from moeserve.common.kv_compat import compat_fingerprint, fingerprint_mismatch
+from moeserve.worker.kv_leases import LeaseTable
 from moeserve.worker.kv_transfer import (
     KVLayout,
     KVTransferAgent,
     KVTransferError,
-    LeaseTable,
     _pack_metadata,
     block_descs,
-    compat_fingerprint,
     decode_release_notif,
     encode_release_notif,
-    fingerprint_mismatch,
 )
 
 SHAPE = (8, 3, 4, 16)  # [num_blocks, num_layers, block_size, kv_dim]

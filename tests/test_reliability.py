@@ -11,6 +11,7 @@ import pytest
 
 from moeserve.api import common_pb2, worker_pb2
 from moeserve.common.errors import ConfigError, ResourceExhaustedError, UnavailableError
+from moeserve.common.kv_compat import compat_fingerprint
 from moeserve.common.sampling import SamplingParams
 from moeserve.deploy.supervisor import fixed_port_args
 from moeserve.router.metrics import RouterMetrics, render
@@ -20,7 +21,6 @@ from moeserve.router.serving import Router, RouterSettings
 from moeserve.router.workers import WorkerPool
 from moeserve.worker.faults import FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
-from moeserve.worker.kv_transfer import compat_fingerprint
 
 
 def _next_token(seq: list[int]) -> int:

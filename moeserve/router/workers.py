@@ -19,11 +19,11 @@ import time
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.tls import TlsConfig, open_channel
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
 from moeserve.router.prefix_index import PrefixIndex
-from moeserve.worker.kv_transfer import fingerprint_mismatch
 
 __all__ = ["WorkerClient", "WorkerPool"]
 

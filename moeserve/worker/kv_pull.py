@@ -22,6 +22,7 @@ import grpc
 
 from moeserve.api import worker_pb2, worker_pb2_grpc
 from moeserve.common.errors import IncompatibleKVError
+from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, open_channel
 from moeserve.router.metrics import WorkerMetrics
@@ -33,7 +34,6 @@ from moeserve.worker.kv_transfer import (
     KVTransferError,
     TransferState,
     encode_release_notif,
-    fingerprint_mismatch,
 )
 
 __all__ = ["KVPuller"]

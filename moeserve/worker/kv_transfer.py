@@ -2,9 +2,10 @@
 
 Two halves, as in vLLM's KV connector:
 
-* Scheduler side (pure, no device, no NIXL): ``block_descs`` turns block ids into byte ranges,
-  ``LeaseTable`` remembers which pinned prefill blocks were handed out and when they expire, and
-  the release notification is encoded/decoded here.
+* Scheduler side (pure, no device, no NIXL): ``block_descs`` turns block ids into byte ranges
+  and the release notification is encoded/decoded here (``kv_leases.LeaseTable`` remembers
+  which pinned prefill blocks were handed out; ``common.kv_compat`` says whether two workers'
+  KV is interchangeable).
 * Worker side: ``KVTransferAgent`` owns one NIXL agent, registers the whole KV cache tensor once
   and READs blocks from peers.
 
@@ -31,15 +32,12 @@ __all__ = [
     "KVLayout",
     "KVTransferAgent",
     "KVTransferError",
-    "LeaseTable",
     "TransferHandle",
     "TransferResult",
     "TransferState",
     "block_descs",
-    "compat_fingerprint",
     "decode_release_notif",
     "encode_release_notif",
-    "fingerprint_mismatch",
 ]
 
 # Bumped whenever the metadata blob or the meaning of a descriptor changes.
@@ -95,77 +93,6 @@ def decode_release_notif(msg: bytes) -> str | None:
     if not msg.startswith(_NOTIF_PREFIX):
         return None
     return msg[len(_NOTIF_PREFIX) :].decode("utf-8", errors="replace")
-
-
-def compat_fingerprint(fields: dict[str, object]) -> str:
-    """``key=value;...`` over what must match for KV to be reusable across two workers.
-
-    Readable on purpose: a mismatch is reported by the name of the field that differs.
-    """
-    bad = [k for k in fields if any(c in str(k) + str(fields[k]) for c in ";=")]
-    if bad:
-        raise ValueError(f"fingerprint fields {bad} contain ';' or '='")
-    return ";".join(f"{k}={fields[k]}" for k in sorted(fields))
-
-
-def fingerprint_mismatch(ours: str, theirs: str) -> str | None:
-    """None when the fingerprints agree, else which fields differ (ours vs theirs)."""
-    if ours == theirs:
-        return None
-
-    def parse(fp: str) -> dict[str, str]:
-        return dict(part.split("=", 1) for part in fp.split(";") if "=" in part)
-
-    a, b = parse(ours), parse(theirs)
-    diffs = [
-        f"{k}: ours={a.get(k, '<missing>')} theirs={b.get(k, '<missing>')}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
-    return "; ".join(diffs) or "fingerprints differ"
-
-
-@dataclass
-class _Lease:
-    block_ids: list[int]
-    expires_at: float
-
-
-@dataclass
-class LeaseTable:
-    """Pinned prefill blocks handed out to decode workers, each with a deadline.
-
-    The prefill worker adds a lease when Prefill returns a handle; the lease ends when the decode
-    side's release notification or ReleaseKV arrives (``release``), or when it expires
-    (``expired``): a decode worker that died or gave up must not leak the blocks.
-    """
-
-    default_lease_s: float = 30.0
-    _leases: dict[str, _Lease] = field(default_factory=dict)
-
-    def add(
-        self, request_id: str, block_ids: list[int], now: float, lease_s: float | None = None
-    ) -> None:
-        lease = self.default_lease_s if lease_s is None else lease_s
-        self._leases[request_id] = _Lease(list(block_ids), now + lease)
-
-    def release(self, request_id: str) -> list[int] | None:
-        """Block ids of the lease, removed; None when it is unknown or already released."""
-        lease = self._leases.pop(request_id, None)
-        return None if lease is None else lease.block_ids
-
-    def expired(self, now: float) -> list[str]:
-        """Request ids whose lease ran out, removed from the table."""
-        gone = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
-        for rid in gone:
-            del self._leases[rid]
-        return gone
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._leases
-
-    def __len__(self) -> int:
-        return len(self._leases)
 
 
 def _pack_metadata(name: str, layout: KVLayout, agent_md: bytes) -> bytes:

@@ -34,8 +34,9 @@ from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
 from moeserve.worker.health import add_health_service, serving_state
 from moeserve.worker.kv_handles import HandleTable, KVHandleServicer
+from moeserve.worker.kv_leases import LeaseTable
 from moeserve.worker.kv_pull import KVPuller
-from moeserve.worker.kv_transfer import KVTransferAgent, LeaseTable
+from moeserve.worker.kv_transfer import KVTransferAgent
 from moeserve.worker.worker_events import EventHub, engine_fingerprint
 
 __all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]

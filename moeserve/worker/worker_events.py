@@ -16,9 +16,10 @@ from pathlib import Path
 
 import moeserve
 from moeserve.api import worker_pb2
+from moeserve.common.kv_compat import compat_fingerprint
 from moeserve.worker.block_pool import AllBlocksCleared, BlockRemoved, BlockStored
 from moeserve.worker.engine import EngineStats, LLMEngine
-from moeserve.worker.kv_transfer import METADATA_VERSION, compat_fingerprint
+from moeserve.worker.kv_transfer import METADATA_VERSION
 
 __all__ = ["EventHub", "engine_fingerprint", "to_proto_event"]
 
