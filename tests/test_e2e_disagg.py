@@ -5,7 +5,6 @@ through the real `openai` client. Compares against the engine run offline (`moes
 from __future__ import annotations
 
 import concurrent.futures as cf
-import re
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from moeserve.deploy.local import ClusterSpec, LocalCluster
+from tests.reliability_helpers import metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -25,15 +25,6 @@ def cluster(model_dir: Path):
     spec = ClusterSpec(model=str(model_dir), port=0, num_kv_blocks=KV_BLOCKS, metrics=True)
     with LocalCluster(spec, log=None) as c:
         yield c
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(url, timeout=5).text
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
-        if labels in (m.group(1) or ""):
-            total += float(m.group(2))
-    return total
 
 
 def _client(c: LocalCluster) -> openai.OpenAI:
@@ -100,25 +91,25 @@ def test_16_concurrent_streams(cluster, reference) -> None:
 
 def test_kv_really_crossed_nixl(cluster) -> None:
     decode = cluster.worker("decode-0").metrics
-    before_bytes = _metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total")
-    before_computed = _metric(decode, "moeserve:prompt_tokens_computed")
+    before_bytes = metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total")
+    before_computed = metric(decode, "moeserve:prompt_tokens_computed")
     resp = _client(cluster).completions.create(
         model="tiny-deepseek-v3", prompt=_prompt(7, 200), max_tokens=2, temperature=0
     )
     assert resp.usage.completion_tokens == 2
     time.sleep(0.2)  # gauges refresh on the worker's housekeeping tick
-    assert _metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total") > before_bytes
-    assert _metric(decode, "moeserve:kv_transfer_bytes_total") > 0
+    assert metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total") > before_bytes
+    assert metric(decode, "moeserve:kv_transfer_bytes_total") > 0
     # The decode worker ran no prompt token through the model for it: the KV came over NIXL.
-    assert _metric(decode, "moeserve:prompt_tokens_computed") == before_computed
+    assert metric(decode, "moeserve:prompt_tokens_computed") == before_computed
 
 
 def _settled(c: LocalCluster, timeout_s: float = 10) -> tuple[float, float]:
     decode, prefill = c.worker("decode-0").metrics, c.worker("prefill-0").metrics
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        running = _metric(decode, "moeserve:num_requests_running")
-        leases = _metric(prefill, "moeserve:kv_pinned_leases")
+        running = metric(decode, "moeserve:num_requests_running")
+        leases = metric(prefill, "moeserve:kv_pinned_leases")
         if running == 0 and leases == 0:
             break
         time.sleep(0.1)
@@ -128,15 +119,15 @@ def _settled(c: LocalCluster, timeout_s: float = 10) -> tuple[float, float]:
 def test_client_disconnect_aborts_everywhere(cluster) -> None:
     decode = cluster.worker("decode-0").metrics
     _settled(cluster)
-    usage_before = _metric(decode, "moeserve:kv_cache_usage_perc")
+    usage_before = metric(decode, "moeserve:kv_cache_usage_perc")
     body = {"prompt": _prompt(9, 150), "max_tokens": 3000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=30) as resp:
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         time.sleep(0.3)
-        assert _metric(decode, "moeserve:num_requests_running") == 1
+        assert metric(decode, "moeserve:num_requests_running") == 1
     assert _settled(cluster) == (0, 0)
-    assert _metric(decode, "moeserve:kv_cache_usage_perc") <= usage_before
+    assert metric(decode, "moeserve:kv_cache_usage_perc") <= usage_before
 
 
 @pytest.mark.parametrize(
@@ -176,5 +167,5 @@ def test_killing_prefill_still_serves(cluster, reference) -> None:
             extra_body={"return_token_ids": True, "ignore_eos": True},
         )  # fmt: skip
         assert _ids(resp.choices[0]) == want
-    assert _metric(f"{cluster.url}/metrics", "moeserve:router_disaggregated_requests_total",
+    assert metric(f"{cluster.url}/metrics", "moeserve:router_disaggregated_requests_total",
                    'mode="local"') >= 1  # fmt: skip
