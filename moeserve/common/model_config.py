@@ -255,9 +255,6 @@ def _check_optional_types(cfg: dict[str, Any]) -> None:
     if eos is not None and not (is_int(eos) or (isinstance(eos, list)
                                                 and all(is_int(e) for e in eos))):  # fmt: skip
         raise bad("eos_token_id", "an integer or a list of integers")
-    theta = cfg.get("rope_theta")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, int | float)):
-        raise bad("rope_theta", "a number")
     for name in ("rope_scaling", "rope_parameters"):
         for key in _ROPE_NUMBERS:
             value = (cfg.get(name) or {}).get(key)
@@ -279,7 +276,7 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     if kind not in ("default", "yarn"):
         raise ConfigError(f"unsupported RoPE type {kind!r} in rope_scaling: use default or yarn")
     if kind == "default":
-        return RopeConfig(theta=float(params.get("rope_theta", 10000.0)))
+        return RopeConfig(theta=float(params["rope_theta"]))
     orig = params.get("original_max_position_embeddings")
     if orig is None:
         raise ConfigError("yarn RoPE needs rope_scaling.original_max_position_embeddings")
@@ -288,7 +285,7 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeConfig:
                           f"must be positive, got {orig!r}")
     factor = params.get("factor") or cfg["max_position_embeddings"] / orig
     return RopeConfig(
-        theta=float(params.get("rope_theta", 10000.0)),
+        theta=float(params["rope_theta"]),
         type="yarn",
         factor=float(factor),
         original_max_position_embeddings=int(orig),
