@@ -85,6 +85,12 @@ def fit_shared_memory(cfg: MoeConfig, elem_size: int,
     return cfg
 
 
+def padded_rows(num_copies: int, num_experts: int, block_m: int) -> int:
+    """Rows of the aligned layout: every expert's run padded to BLOCK_M, the most any routing
+    can need (sized without reading the counts back, so it is graph-safe)."""
+    return triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
+
+
 def moe_align_block_size_ref(
     topk_ids: torch.Tensor, block_m: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +112,7 @@ def moe_align_block_size_ref(
     # capture rejects.
     padded[num_experts:].zero_()
     padded_end = padded.cumsum(0)
-    total = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
+    total = padded_rows(num_copies, num_experts, block_m)
     # Copies of key E go to rows >= total, then get cut off.
     padded_start = torch.cat([padded_end.new_zeros(1), padded_end[:-1]])
     padded_start[num_experts:].fill_(total)
@@ -184,7 +190,7 @@ def moe_align_block_size(
     num_copies = topk_ids.numel()
     if num_copies > ALIGN_KERNEL_MAX_COPIES:
         return moe_align_block_size_ref(topk_ids, block_m, num_experts)
-    total = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
+    total = padded_rows(num_copies, num_experts, block_m)
     sorted_ids = torch.empty(total, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(total // block_m, dtype=torch.int32, device=topk_ids.device)
     block_e = triton.next_power_of_2(num_experts)

@@ -9,6 +9,8 @@ the rotated shared key (qk_rope_head_dim). Two equivalent ways to attend over it
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,7 +126,7 @@ class MLAttention(nn.Module):
             o = kernels.mla_decode(self._absorb_query(q_nope, q_pe), layer_cache,
                                    meta.block_tables, meta.seq_lens, self.softmax_scale,
                                    self.kv_lora_rank)
-            return torch.einsum("thr,hvr->thv", o, self._kv_b_weights()[1])
+            return self._unabsorb(o)
         return self._prefill_kernels(q_nope, q_pe, layer_cache, meta)
 
     def _prefill_kernels(self, q_nope, q_pe, layer_cache, meta) -> torch.Tensor:
@@ -135,32 +137,28 @@ class MLAttention(nn.Module):
 
         qlens, slens = meta.query_lens_host, meta.seq_lens_host
         head_bytes = (self.qk_nope_head_dim + self.v_head_dim) * q_nope.element_size()
-        mha = [s for s in range(len(qlens))
-               if mha_worth_it(qlens[s], slens[s], self.num_heads, head_bytes)]
+        mha = {s for s in range(len(qlens))
+               if mha_worth_it(qlens[s], slens[s], self.num_heads, head_bytes)}
         if not mha:
             return self._absorbed_kernel(q_nope, q_pe, layer_cache, meta.block_tables,
                                          meta.seq_lens, meta.query_start_loc, meta.max_query_len)
-        starts = [0]
-        for n in qlens:
-            starts.append(starts[-1] + n)
+        starts = [0, *accumulate(qlens)]
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
-        for s in mha:
+        for s in sorted(mha):
             a, b = starts[s], starts[s + 1]
             latents = gather_latents(layer_cache, meta.block_tables[s], slens[s])
             out[a:b] = kernels.mla_prefill_mha(q_nope[a:b], q_pe[a:b], latents,
                                                self.kv_b_proj.weight, self.softmax_scale,
                                                self.kv_lora_rank, self.v_head_dim)
-        rest = [s for s in range(len(qlens)) if s not in set(mha)]
+        rest = [s for s in range(len(qlens)) if s not in mha]
         if rest:
             dev = q_nope.device
             tok = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in rest]).to(dev)
-            seqs = torch.tensor(rest, device=dev)
-            sub_starts = [0]
-            for s in rest:
-                sub_starts.append(sub_starts[-1] + qlens[s])
+            rest_lens = [qlens[s] for s in rest]
             out[tok] = self._absorbed_kernel(
-                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
-                torch.tensor(sub_starts, device=dev), max(qlens[s] for s in rest))
+                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[rest],
+                meta.seq_lens[rest], torch.tensor([0, *accumulate(rest_lens)], device=dev),
+                max(rest_lens))
         return out
 
     def _absorbed_kernel(self, q_nope, q_pe, layer_cache, block_tables, seq_lens,
@@ -170,7 +168,11 @@ class MLAttention(nn.Module):
         o = kernels.mla_prefill(self._absorb_query(q_nope, q_pe), layer_cache, block_tables,
                                 seq_lens, query_start_loc, max_query_len, self.softmax_scale,
                                 self.kv_lora_rank)
-        return torch.einsum("thr,hvr->thv", o, self._kv_b_weights()[1])
+        return self._unabsorb(o)
+
+    def _unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """[T, H, kv_lora_rank] attention output in latent space -> [T, H, v]: W_UV applied."""
+        return torch.einsum("thr,hvr->thv", o_latent, self._kv_b_weights()[1])
 
     def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """[T, H, kv_lora_rank + rope]: W_UK folded into the query, so it scores latents."""
@@ -182,14 +184,12 @@ class MLAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _absorbed(self, q_nope, q_pe, ctx, mask, meta) -> torch.Tensor:
-        w_uv = self._kv_b_weights()[1]
         query = pad_queries(self._absorb_query(q_nope, q_pe), meta).transpose(1, 2)
         key = ctx.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
         value = key[..., : self.kv_lora_rank]
         o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                            scale=self.softmax_scale)
-        o_latent = o.transpose(1, 2)[meta.token_seq_idx, meta.token_query_idx]
-        return torch.einsum("thr,hvr->thv", o_latent, w_uv)
+        return self._unabsorb(o.transpose(1, 2)[meta.token_seq_idx, meta.token_query_idx])
 
     def _naive(self, q_nope, q_pe, ctx, mask, meta) -> torch.Tensor:
         s, k = ctx.shape[:2]
