@@ -63,6 +63,18 @@ def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch, capsys, var
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "four"])
+def test_bad_nixl_threads_is_refused_before_loading(capsys, value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["worker", "--model", "/does/not/exist", "--nixl-threads",
+                                   value])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"argument --nixl-threads: expected an integer >= 0, got {value!r}" in (
+        capsys.readouterr().err)
+    assert build_parser().parse_args(["worker", "--model", "/m", "--nixl-threads", "0"]
+                                     ).nixl_threads == 0  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_v3: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tiny_v3), num_kv_blocks=16))

@@ -342,8 +342,6 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     agent = None
     if args.nixl:
         name = f"moeserve-{args.role}-{port}-{uuid.uuid4().hex[:8]}"
-        if args.nixl_threads < 0:
-            raise InvalidRequestError("--nixl-threads must be >= 0", param="nixl_threads")
         agent = KVTransferAgent(name, engine.kv_cache, num_threads=args.nixl_threads)
     metrics = WorkerMetrics()
     servicer = WorkerServicer(
@@ -382,6 +380,16 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         servicer.stop()
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from moeserve.cli import add_engine_args
 
@@ -395,7 +403,7 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--nixl", action=argparse.BooleanOptionalAction, default=True,
                    help="register the KV cache with NIXL for disaggregated transfer")
-    p.add_argument("--nixl-threads", type=int, default=4,
+    p.add_argument("--nixl-threads", type=_non_negative_int, default=4,
                    help="UCX backend threads that split a large KV READ (0: one)")
     p.add_argument("--kv-lease-s", type=float, default=30.0,
                    help="release pinned prefill KV not collected within this time")
