@@ -67,17 +67,19 @@ def main() -> None:
             for _ in range(3):
                 engine.step()
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - start) / args.steps * 1e3
-            if args.host:
-                host_profile(engine, args.steps)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+            def steps() -> None:
                 for _ in range(args.steps):
                     engine.step()
                 torch.cuda.synchronize()
+
+            start = time.perf_counter()
+            steps()
+            wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+            if args.host:
+                host_profile(steps)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                steps()
             for rid in ids:
                 engine.abort_request(rid)
             report(prof, args.steps, f"batch {batch}, context {args.context}, {args.layers} "
@@ -98,28 +100,20 @@ def main() -> None:
             run(f"warm-{n}")
             wall_ms = run(f"timed-{n}")
             if args.host:
-                import cProfile
-                import pstats
-
-                host = cProfile.Profile()
-                host.runcall(run, f"host-{n}")
-                pstats.Stats(host).sort_stats("tottime").print_stats(18)
+                host_profile(run, f"host-{n}")
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run(f"prof-{n}")
             report(prof, 1, f"prefill {n} tokens, {args.layers} layers, wall {wall_ms:.2f} ms")
 
 
-def host_profile(engine: LLMEngine, steps: int) -> None:
-    """Where the host's time per step goes (scheduler, input copies, sampling, waits)."""
+def host_profile(fn, *args) -> None:
+    """Where the host's time goes (scheduler, input copies, sampling, waits): cProfile of
+    ``fn(*args)``, top functions by own time."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    prof.disable()
+    prof.runcall(fn, *args)
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
