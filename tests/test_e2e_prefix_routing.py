@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from moeserve.deploy.local import ClusterSpec, LocalCluster
-from tests.test_e2e_disagg import _metric
+from tests.reliability_helpers import metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,10 +32,10 @@ def _run(model_dir: Path, policy: str) -> tuple[float, float, list[float]]:
             assert httpx.post(f"{c.url}/v1/completions", json=body, timeout=60).status_code == 200
             time.sleep(0.3)  # let the worker's KV events reach the router's prefix index
         metrics = f"{c.url}/metrics"
-        hits = _metric(metrics, "moeserve:prefix_cache_hits_total")
-        queries = _metric(metrics, "moeserve:prefix_cache_queries_total")
+        hits = metric(metrics, "moeserve:prefix_cache_hits_total")
+        queries = metric(metrics, "moeserve:prefix_cache_queries_total")
         per_worker = [
-            _metric(metrics, "moeserve:router_routed_requests_total", f'worker="{w.address}"')
+            metric(metrics, "moeserve:router_routed_requests_total", f'worker="{w.address}"')
             for w in c.children if w.name.startswith("decode")
         ]  # fmt: skip
     return hits, queries, per_worker
