@@ -59,15 +59,23 @@ def _param_bytes(model: torch.nn.Module, pred) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if pred(n))
 
 
+def _stacked_shared_experts(model: torch.nn.Module) -> int:
+    """Shared experts the kernel path stacked into the routed experts' weights (named
+    `.experts.`, read every step like the dense weights)."""
+    return sum(m.num_shared_slots for m in model.modules() if type(m).__name__ == "Experts")
+
+
 def decode_bytes(engine: LLMEngine, batch: int, context: int, experts_hit: list[int]) -> int:
-    """Bytes one decode step must read: every non-routed weight, the routed experts hit
-    (per layer), and each sequence's KV."""
+    """Bytes one decode step must read: every non-routed weight (shared experts included,
+    wherever the kernel path keeps them), the routed experts hit (per layer), and each
+    sequence's KV."""
     model = engine.runner.model
     c = engine.model_config
     dense = _param_bytes(model, lambda n: ".experts." not in n and "embed_tokens" not in n)
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size * engine.runner.dtype.itemsize
+    stacked_shared = _stacked_shared_experts(model)
     kv = batch * context * c.num_hidden_layers * c.kv_dim * engine.runner.dtype.itemsize
-    return dense + per_expert * sum(experts_hit) + kv
+    return dense + per_expert * (sum(experts_hit) + stacked_shared) + kv
 
 
 def prefill_flops(c: ModelConfig, active_params: int, tokens: int) -> float:
@@ -84,15 +92,19 @@ def active_params(engine: LLMEngine) -> int:
     model = engine.runner.model
     total = sum(p.numel() for n, p in model.named_parameters()
                 if ".experts." not in n and "embed_tokens" not in n)
+    stacked_shared = _stacked_shared_experts(model)
     n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
-    return total + n_moe * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    return total + (n_moe * c.num_experts_per_tok + stacked_shared) * per_expert
 
 
 def count_experts_hit(engine: LLMEngine) -> tuple[list[int], list]:
     hits: list[int] = []
+    routed = engine.model_config.n_routed_experts
 
-    def hook(_module, _inputs, output):
-        hits.append(int(output[1].unique().numel()))
+    def hook(_module, _inputs, output):  # routed experts only: shared slots follow them
+        ids = output[1]
+        hits.append(int(ids[ids < routed].unique().numel()))
 
     handles = [m.register_forward_hook(hook) for m in engine.runner.model.modules()
                if type(m).__name__ == "Gate"]
@@ -107,7 +119,9 @@ def inject(engine: LLMEngine, batch: int, context: int, tag: str, steps: int) ->
         prompt = [(7 * i + j) % 20000 + 10 for j in range(context)]
         if engine.reserve_remote_kv(rid, prompt, params) is None:
             raise MemoryError(f"KV cache too small for batch {batch} x {context}")
-        engine.commit_remote_kv(rid, 11)
+        # Each sequence gets its own first token, as after a real prefill: identical tokens
+        # route alike and would understate the experts a step reads.
+        engine.commit_remote_kv(rid, (7919 * i + 11) % 20000 + 10)
         ids.append(rid)
     return ids
 
@@ -116,13 +130,6 @@ def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
     for context in args.contexts:
         for batch in args.batch_sizes:
             ids = inject(engine, batch, context, f"{label}-{batch}-{context}", args.steps)
-            # Forward hooks do not fire inside a CUDA-graph replay: count on one eager step.
-            graphs, engine.runner.graphs = engine.runner.graphs, None
-            hits, handles = count_experts_hit(engine)
-            engine.step()
-            for h in handles:
-                h.remove()
-            engine.runner.graphs = graphs
             for _ in range(2):
                 engine.step()
             torch.cuda.synchronize()
@@ -131,6 +138,14 @@ def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
                 engine.step()
             torch.cuda.synchronize()
             step = (time.perf_counter() - t) / args.steps
+            # Forward hooks do not fire inside a CUDA-graph replay: count the experts on one
+            # eager step right after the timed ones (same sequences, same token diversity).
+            graphs, engine.runner.graphs = engine.runner.graphs, None
+            hits, handles = count_experts_hit(engine)
+            engine.step()
+            for h in handles:
+                h.remove()
+            engine.runner.graphs = graphs
             for rid in ids:
                 engine.abort_request(rid)
             floor = decode_bytes(engine, batch, context, hits) / (peaks["copy_GBps"] * 1e9)

@@ -142,8 +142,8 @@ def prefill_forms(lengths: list[int]) -> list[dict]:
             return torch.einsum("thr,hvr->thv", o, w_uv)
 
         def mha():
-            return mla_prefill_mha(q_nope, q_pe, gather_latents(cache, table[0], n), w, scale,
-                                   KV_LORA, V_DIM)
+            return mla_prefill_mha(torch.cat([q_nope, q_pe], -1),
+                                   gather_latents(cache, table[0], n), w, scale, KV_LORA, V_DIM)
 
         def mha_padded_v():  # V padded to the QK head dim: the flash backend's constraint
             lat = gather_latents(cache, table[0], n)

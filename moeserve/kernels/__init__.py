@@ -1,4 +1,4 @@
-"""Triton kernels for MLA attention, fused MoE, block-fp8 GEMM and small fusions.
+"""Triton kernels for MLA attention, MoE routing, fused MoE, block-fp8 GEMM, small fusions.
 
 The package-level functions dispatch (FlashInfer / DeepGEMM when importable, else Triton on
 CUDA, else the torch reference on CPU) and `last_path(op)` says which one ran. Each kernel
@@ -16,6 +16,7 @@ from moeserve.kernels.dispatch import (
     optional_library_status,
     select_backend,
 )
+from moeserve.kernels.moe_route import route_topk
 from moeserve.kernels.rmsnorm import rmsnorm
 from moeserve.kernels.rope_cache import rope_cache_write
 
@@ -30,5 +31,6 @@ __all__ = [
     "optional_library_status",
     "rmsnorm",
     "rope_cache_write",
+    "route_topk",
     "select_backend",
 ]

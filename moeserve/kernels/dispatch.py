@@ -116,21 +116,25 @@ def _vendor_failed(op: str, exc: Exception) -> None:
 
 def mla_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
-               backend: str | None = None) -> torch.Tensor:
+               backend: str | None = None, q_pe: torch.Tensor | None = None) -> torch.Tensor:
     """`moeserve.kernels.mla_decode.mla_decode` (shapes there) on the selected backend."""
     name = _choose("mla_decode", q.device, backend)
     if name == "flashinfer":
         try:
             qo_indptr = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
             out = _flashinfer_mla(q, layer_cache, block_tables, seq_lens, qo_indptr, False,
-                                  scale, kv_lora_rank)
+                                  scale, kv_lora_rank, q_pe)
             _REGISTRY.last["mla_decode"] = name
             return out
         except Exception as exc:
             _vendor_failed("mla_decode", exc)
             name = "triton"
-    fn = _decode.mla_decode_ref if name == "torch" else _decode.mla_decode
-    out = fn(q, layer_cache, block_tables, seq_lens, scale, kv_lora_rank)
+    if name == "torch":
+        out = _decode.mla_decode_ref(q if q_pe is None else torch.cat([q, q_pe], -1),
+                                     layer_cache, block_tables, seq_lens, scale, kv_lora_rank)
+    else:
+        out = _decode.mla_decode(q, layer_cache, block_tables, seq_lens, scale, kv_lora_rank,
+                                 q_pe=q_pe)
     _REGISTRY.last["mla_decode"] = name
     return out
 
@@ -156,13 +160,11 @@ def mla_prefill(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.
     return out
 
 
-def mla_prefill_mha(q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor,
-                    kv_b_weight: torch.Tensor, scale: float, kv_lora_rank: int,
-                    v_head_dim: int) -> torch.Tensor:
+def mla_prefill_mha(query: torch.Tensor, latents: torch.Tensor, kv_b_weight: torch.Tensor,
+                    scale: float, kv_lora_rank: int, v_head_dim: int) -> torch.Tensor:
     """`moeserve.kernels.mla_prefill_mha.mla_prefill_mha`: torch SDPA (flash attention on
     CUDA); recorded as the "sdpa_mha" path of mla_prefill."""
-    out = _mha.mla_prefill_mha(q_nope, q_pe, latents, kv_b_weight, scale, kv_lora_rank,
-                               v_head_dim)
+    out = _mha.mla_prefill_mha(query, latents, kv_b_weight, scale, kv_lora_rank, v_head_dim)
     _REGISTRY.last["mla_prefill"] = "sdpa_mha"
     return out
 
@@ -198,7 +200,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
 
 def _flashinfer_mla(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, qo_indptr: torch.Tensor, causal: bool, scale: float,
-                    kv_lora_rank: int) -> torch.Tensor:
+                    kv_lora_rank: int, q_pe: torch.Tensor | None = None) -> torch.Tensor:
     """FlashInfer's BatchMLAPagedAttentionWrapper, planned per call.
 
     plan() reads the indptrs on the host, so this path syncs and cannot be captured in a CUDA
@@ -217,11 +219,12 @@ def _flashinfer_mla(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: to
         workspace = torch.empty(128 << 20, dtype=torch.int8, device=q.device)
         _REGISTRY.workspaces[q.device] = workspace
     wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace)
-    rope = q.shape[-1] - kv_lora_rank
+    if q_pe is None:
+        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    rope = q_pe.shape[-1]
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, seq_lens.to(torch.int32), q.shape[1],
                  kv_lora_rank, rope, block_size, causal, scale, q.dtype, layer_cache.dtype)
-    q_nope, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
-    return wrapper.run(q_nope, q_pe, layer_cache[..., :kv_lora_rank],
+    return wrapper.run(q, q_pe, layer_cache[..., :kv_lora_rank],
                        layer_cache[..., kv_lora_rank:])
 
 

@@ -22,9 +22,10 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def mla_decode_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    q_ptr, q_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     num_heads, block_size, scale_log2,
-    stride_qs, stride_qh, stride_cb, stride_ct, stride_bts, stride_os, stride_oh, stride_osp,
+    stride_qs, stride_qh, stride_pes, stride_peh, stride_cb, stride_ct, stride_bts,
+    stride_os, stride_oh, stride_osp,
     stride_ls, stride_lh,
     KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -46,7 +47,8 @@ def mla_decode_kernel(
     pe_ok = offs_pe < ROPE
     q_rows = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
     q_nope = tl.load(q_rows + offs_r[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
-    q_pe = tl.load(q_rows + KV_LORA + offs_pe[None, :], mask=head_ok[:, None] & pe_ok[None, :],
+    q_pe_rows = q_pe_ptr + seq * stride_pes + heads[:, None] * stride_peh
+    q_pe = tl.load(q_pe_rows + offs_pe[None, :], mask=head_ok[:, None] & pe_ok[None, :],
                    other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -78,7 +80,7 @@ def mla_decode_kernel(
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     o_ptrs = (o_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_osp
               + offs_r[None, :])
-    tl.store(o_ptrs, out, mask=head_ok[:, None] & r_ok[None, :])
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=head_ok[:, None] & r_ok[None, :])
     tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
 
 
@@ -140,10 +142,13 @@ def mla_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    q_pe: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode attention, one query token per sequence.
 
-    q: [S, H, kv_dim] (latent query then rotated q_pe), bf16/fp16/fp32, last dim contiguous.
+    q: [S, H, kv_dim] (latent query then rotated q_pe), bf16/fp16/fp32, last dim contiguous;
+        or, with ``q_pe`` [S, H, rope] given apart, q is the latent query [S, H, R] alone (any
+        strides with a contiguous last dim: the model passes views, no concatenation).
     layer_cache: [num_blocks, block_size, kv_dim], same dtype, any strides with a contiguous
         last dim (e.g. `kv_cache[:, layer]`).
     block_tables: [S, max_blocks] int32/int64, page ids; entries past seq_lens are not read.
@@ -153,7 +158,13 @@ def mla_decode(
     block_n / num_warps / num_stages: tiles (benchmarks/tune_mla_decode.py sweeps them).
     Returns [S, H, R] in q's dtype.
     """
-    num_seqs, num_heads, kv_dim = q.shape
+    if q_pe is None:
+        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [S, H, "
+                         f"{kv_lora_rank}] / [S, H, rope]")
+    num_seqs, num_heads = q.shape[:2]
+    kv_dim = q.shape[2] + q_pe.shape[2]
     num_blocks, block_size, cache_dim = layer_cache.shape
     rope = kv_dim - kv_lora_rank
     if cache_dim != kv_dim or rope <= 0:
@@ -162,31 +173,37 @@ def mla_decode(
     if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
                          f"{tuple(seq_lens.shape)} do not match {num_seqs} sequences")
-    if q.stride(-1) != 1 or layer_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("q, layer_cache and block_tables need a contiguous last dim")
-    if q.dtype != layer_cache.dtype:
+    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
+            or block_tables.stride(-1) != 1):
+        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
+    if not q.dtype == q_pe.dtype == layer_cache.dtype:
         raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
     block_h = 16  # tl.dot needs M >= 16; V2-Lite's 16 heads fill one block
     splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
     tiles = default_tiles(num_seqs)
     block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
     block_r = triton.next_power_of_2(kv_lora_rank)
-    o_part = q.new_empty(num_seqs, num_heads, splits, kv_lora_rank, dtype=torch.float32)
-    lse = q.new_empty(num_seqs, num_heads, splits, dtype=torch.float32)
     out = q.new_empty(num_seqs, num_heads, kv_lora_rank)
+    # One split is already the answer: stage 1 writes it, no merge launch.
+    o_part = out.unsqueeze(2) if splits == 1 else q.new_empty(
+        num_seqs, num_heads, splits, kv_lora_rank, dtype=torch.float32)
+    lse = q.new_empty(num_seqs, num_heads, splits, dtype=torch.float32)
     grid = (num_seqs, triton.cdiv(num_heads, block_h), splits)
     # Two stages of [64, 576] bf16 key tiles are 144 KiB: within Hopper's shared memory, with
     # the [16, 512] float32 accumulator in registers.
     mla_decode_kernel[grid](
-        q, layer_cache, block_tables, seq_lens, o_part, lse,
+        q, q_pe, layer_cache, block_tables, seq_lens, o_part, lse,
         num_heads, block_size, scale * _LOG2E,
-        q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), layer_cache.stride(0),
+        layer_cache.stride(1),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=block_r,
         BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_H=block_h, BLOCK_N=block_n,
         NUM_SPLITS=splits, num_warps=num_warps, num_stages=num_stages,
     )
+    if splits == 1:
+        return out
     mla_decode_reduce_kernel[(num_seqs, num_heads)](
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),

@@ -41,8 +41,7 @@ def gather_latents(
 
 
 def mla_prefill_mha(
-    q_nope: torch.Tensor,
-    q_pe: torch.Tensor,
+    query: torch.Tensor,
     latents: torch.Tensor,
     kv_b_weight: torch.Tensor,
     scale: float,
@@ -51,20 +50,21 @@ def mla_prefill_mha(
 ) -> torch.Tensor:
     """Causal attention of Q new tokens over one sequence's L cached latents (theirs last).
 
-    q_nope: [Q, H, nope]; q_pe: [Q, H, rope], already rotated. latents: [L, kv_lora_rank +
-    rope] (normalised c_kv, rotated k_pe) as in the cache. kv_b_weight: [H * (nope + v),
-    kv_lora_rank]. Returns [Q, H, v_head_dim] in q's dtype.
+    query: [Q, H, nope + rope], rope part already rotated, any strides with a contiguous last
+    dim (the model passes its projection output as is). latents: [L, kv_lora_rank + rope]
+    (normalised c_kv, rotated k_pe) as in the cache. kv_b_weight: [H * (nope + v),
+    kv_lora_rank]. Returns [Q, H, v_head_dim] in query's dtype.
     """
-    num_q, num_heads, nope = q_nope.shape
-    seq_len = latents.shape[0]
+    num_q, num_heads, head_dim = query.shape
+    seq_len, rope = latents.shape[0], latents.shape[1] - kv_lora_rank
+    nope = head_dim - rope
     if num_q > seq_len:
         raise ValueError(f"{num_q} queries but only {seq_len} cached tokens")
-    latents = latents.to(q_nope.dtype)
+    latents = latents.to(query.dtype)
     c_kv, k_pe = latents[:, :kv_lora_rank], latents[:, kv_lora_rank:]
     kv = F.linear(c_kv, kv_b_weight).view(seq_len, num_heads, nope + v_head_dim)
     k_nope, v = kv.split([nope, v_head_dim], dim=-1)
     key = torch.cat([k_nope, k_pe[:, None, :].expand(-1, num_heads, -1)], dim=-1)
-    query = torch.cat([q_nope, q_pe], dim=-1)
     # [1, H, Q|L, D] views; SDPA takes any strides with a contiguous last dim.
     query, key, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, v))
     if num_q == seq_len:

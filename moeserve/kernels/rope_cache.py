@@ -1,8 +1,9 @@
 """Write a step's new latents into the paged MLA cache in one kernel.
 
 Per new token: optionally RMS-normalise c_kv (kv_a_layernorm), rotate the shared key k_pe by
-its position, and store [c_kv, k_pe] at its slot. Unfused this is a norm, a rotary, a concat
-and an indexed copy: four launches and three temporaries per layer per step.
+its position, and store [c_kv, k_pe] at its slot; optionally also rotate the token's query
+rope parts (every head) in place. Unfused this is a norm, two rotaries (~6 launches each), a
+concat and an indexed copy per layer per step.
 """
 
 from __future__ import annotations
@@ -11,18 +12,42 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.worker.model.rotary import rotate
+
 __all__ = ["rope_cache_write", "rope_cache_write_ref", "rope_cache_write_kernel"]
 
 
 @triton.jit
 def rope_cache_write_kernel(
     c_kv_ptr, k_pe_ptr, positions_ptr, cos_ptr, sin_ptr, slots_ptr, norm_w_ptr, cache_ptr,
-    block_size, eps,
-    stride_c, stride_p, stride_cos, stride_cb, stride_ct,
+    q_pe_ptr, block_size, eps, num_heads,
+    stride_c, stride_p, stride_cos, stride_cb, stride_ct, stride_qt, stride_qh,
     KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
     HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, INTERLEAVE: tl.constexpr,
+    HAS_Q: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    offs_i = tl.arange(0, HALF_BLOCK)
+    i_ok = offs_i < ROPE // 2
+    pos = tl.load(positions_ptr + token)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_i, mask=i_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs_i, mask=i_ok, other=0.0)
+    if INTERLEAVE:  # DeepSeek: pairs (x[2i], x[2i+1])
+        first = 2 * offs_i
+        second = 2 * offs_i + 1
+    else:  # NeoX: halves (x[i], x[i + ROPE/2])
+        first = offs_i
+        second = offs_i + ROPE // 2
+    if HAS_Q:  # every token, padding included: its query is computed (and discarded) anyway
+        heads = tl.arange(0, BLOCK_H)
+        q_mask = (heads < num_heads)[:, None] & i_ok[None, :]
+        q_rows = q_pe_ptr + token * stride_qt + heads[:, None] * stride_qh
+        q1 = tl.load(q_rows + first[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + second[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        tl.store(q_rows + first[None, :], (q1 * cos[None, :] - q2 * sin[None, :]).to(
+            q_pe_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(q_rows + second[None, :], (q2 * cos[None, :] + q1 * sin[None, :]).to(
+            q_pe_ptr.dtype.element_ty), mask=q_mask)
     slot = tl.load(slots_ptr + token)
     if slot < 0:  # padding tokens of a CUDA-graph batch have no slot
         return
@@ -38,17 +63,6 @@ def rope_cache_write_kernel(
         c = (normed * w).to(c_kv_ptr.dtype.element_ty)
     tl.store(dst + offs_r, c.to(cache_ptr.dtype.element_ty), mask=r_ok)
 
-    offs_i = tl.arange(0, HALF_BLOCK)
-    i_ok = offs_i < ROPE // 2
-    pos = tl.load(positions_ptr + token)
-    cos = tl.load(cos_ptr + pos * stride_cos + offs_i, mask=i_ok, other=0.0)
-    sin = tl.load(sin_ptr + pos * stride_cos + offs_i, mask=i_ok, other=0.0)
-    if INTERLEAVE:  # DeepSeek: pairs (x[2i], x[2i+1])
-        first = 2 * offs_i
-        second = 2 * offs_i + 1
-    else:  # NeoX: halves (x[i], x[i + ROPE/2])
-        first = offs_i
-        second = offs_i + ROPE // 2
     x1 = tl.load(k_pe_ptr + token * stride_p + first, mask=i_ok, other=0.0).to(tl.float32)
     x2 = tl.load(k_pe_ptr + token * stride_p + second, mask=i_ok, other=0.0).to(tl.float32)
     # Rounded to k_pe's dtype first, as the unfused rotary's output would be.
@@ -69,6 +83,7 @@ def rope_cache_write(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     interleave: bool = True,
+    q_pe: torch.Tensor | None = None,
 ) -> None:
     """Store [rmsnorm(c_kv), rotary(k_pe)] of each new token at its cache slot, in place.
 
@@ -79,6 +94,8 @@ def rope_cache_write(
     skips the token. layer_cache: [num_blocks, block_size, R + P], strided, written in place.
     norm_weight: [R] kv_a_layernorm weight, or None when c_kv is already normalised.
     interleave: rotate adjacent pairs (DeepSeek) rather than halves (NeoX).
+    q_pe: [T, heads, P] query rope parts (a strided view of the query projection), rotated in
+    place, padding tokens included; None leaves queries alone.
     """
     tokens, rank = c_kv.shape
     rope = k_pe.shape[1]
@@ -92,21 +109,27 @@ def rope_cache_write(
         raise ValueError(f"cos/sin caches {tuple(cos_cache.shape)} must be [max_pos, {rope // 2}]")
     if norm_weight is not None and norm_weight.shape != (rank,):
         raise ValueError(f"norm_weight {tuple(norm_weight.shape)} must be [{rank}]")
+    if q_pe is not None and (q_pe.dim() != 3 or q_pe.shape[0] != tokens
+                             or q_pe.shape[2] != rope):
+        raise ValueError(f"q_pe {tuple(q_pe.shape)} must be [{tokens}, heads, {rope}]")
     for name, t in (("c_kv", c_kv), ("k_pe", k_pe), ("layer_cache", layer_cache),
-                    ("cos_cache", cos_cache), ("sin_cache", sin_cache)):
-        if t.stride(-1) != 1:
+                    ("cos_cache", cos_cache), ("sin_cache", sin_cache), ("q_pe", q_pe)):
+        if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim")
     if tokens == 0:
         return
+    q = q_pe if q_pe is not None else k_pe
+    heads = q_pe.shape[1] if q_pe is not None else 1
     rope_cache_write_kernel[(tokens,)](
         c_kv, k_pe, positions, cos_cache, sin_cache, slot_mapping,
-        norm_weight if norm_weight is not None else c_kv, layer_cache,
-        layer_cache.shape[1], eps,
+        norm_weight if norm_weight is not None else c_kv, layer_cache, q,
+        layer_cache.shape[1], eps, heads,
         c_kv.stride(0), k_pe.stride(0), cos_cache.stride(0), layer_cache.stride(0),
-        layer_cache.stride(1),
+        layer_cache.stride(1), q.stride(0), q.stride(1) if q_pe is not None else 0,
         KV_LORA=rank, ROPE=rope, BLOCK_R=triton.next_power_of_2(rank),
         HALF_BLOCK=max(2, triton.next_power_of_2(rope // 2)), HAS_NORM=norm_weight is not None,
-        INTERLEAVE=interleave, num_warps=4,
+        INTERLEAVE=interleave, HAS_Q=q_pe is not None,
+        BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
     )
 
 
@@ -121,6 +144,7 @@ def rope_cache_write_ref(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     interleave: bool = True,
+    q_pe: torch.Tensor | None = None,
 ) -> None:
     """Plain-torch `rope_cache_write` (same arguments), mla.py's norm/rotary/write_latents."""
     if norm_weight is not None:
@@ -128,14 +152,10 @@ def rope_cache_write_ref(
         normed = (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + eps)).to(c_kv.dtype)
         c_kv = (norm_weight.float() * normed.float()).to(c_kv.dtype)
     cos, sin = cos_cache[positions], sin_cache[positions]
-    xf = k_pe.float()
-    if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    latents = torch.cat([c_kv, rot.to(k_pe.dtype)], dim=-1).to(layer_cache.dtype)
+    if q_pe is not None:
+        q_pe.copy_(rotate(q_pe, cos, sin, interleave))
+    rot = rotate(k_pe, cos, sin, interleave)
+    latents = torch.cat([c_kv, rot], dim=-1).to(layer_cache.dtype)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     block_size = layer_cache.shape[1]

@@ -51,12 +51,17 @@ def test_rope_cache_write_matches_ref(block_size, rank, rope, dtype, norm, inter
     cache = cache.to(dtype).to(device)
     expected = cache.clone()
     cos, sin = rotary.cos_cache.to(device), rotary.sin_cache.to(device)
+    # Queries of 3 heads as the projection lays them out: [nope | rope] per head.
+    q = torch.randn(tokens, 3, 5 + rope, generator=gen).to(dtype).to(device)
+    q_expected = q.clone()
     rope_cache_write(c_kv, k_pe, positions, cos, sin, slots, cache[:, 1], weight, 1e-6,
-                     interleave)
+                     interleave, q_pe=q[..., 5:])
     rope_cache_write_ref(c_kv, k_pe, positions, cos, sin, slots, expected[:, 1], weight, 1e-6,
-                         interleave)
+                         interleave, q_pe=q_expected[..., 5:])
     assert torch.equal(cache[:, 0], expected[:, 0])  # the other layer is untouched
     assert rel_err(cache, expected) < tolerance(dtype) / 4
+    assert torch.equal(q[..., :5], q_expected[..., :5])  # nope parts untouched
+    assert rel_err(q, q_expected) < tolerance(dtype) / 4  # padding token 3's query included
 
 
 def test_rope_cache_write_ref_matches_model_rotary(device):
@@ -66,7 +71,10 @@ def test_rope_cache_write_ref_matches_model_rotary(device):
     c_kv = torch.randn(4, 16)
     positions = torch.tensor([0, 5, 63, 7])
     cache = torch.zeros(1, 4, 24)
+    q = torch.randn(4, 2, 8)
+    q_rotated = q.clone()
     rope_cache_write_ref(c_kv, k_pe, positions, rotary.cos_cache, rotary.sin_cache,
-                         torch.arange(4), cache)
+                         torch.arange(4), cache, q_pe=q_rotated)
     torch.testing.assert_close(cache[0, :, 16:], rotary(k_pe, positions))
+    torch.testing.assert_close(q_rotated, rotary(q, positions))
     torch.testing.assert_close(cache[0, :, :16], c_kv)

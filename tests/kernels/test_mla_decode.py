@@ -48,3 +48,22 @@ def test_mla_decode_int64_tables_and_shape_errors(device):
         mla_decode(q, cache[:, 0], tables, lens, 0.2, 24)
     with pytest.raises(ValueError):
         mla_decode(q.bfloat16(), cache[:, 0], tables, lens, 0.2, 16)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_separate_rope_query(splits, device):
+    """The model's decode path passes the latent query and the rope part as two strided
+    views (no concatenation); one split skips the merge and writes the output directly."""
+    gen = torch.Generator().manual_seed(6)
+    rank, rope, heads = 24, 8, 5
+    cache, tables, lens = paged_cache([40, 7, 19], 16, rank + rope, torch.bfloat16, device, gen)
+    # [H, S, R] as a batched matmul over heads leaves it, viewed as [S, H, R]
+    q_nope = torch.randn(heads, 3, rank, generator=gen).bfloat16().to(device).transpose(0, 1)
+    # the rope part of a [S, H, nope + rope] projection output
+    q_pe = torch.randn(3, heads, 11 + rope, generator=gen).bfloat16().to(device)[..., 11:]
+    out = mla_decode(q_nope, cache[:, 0], tables, lens, 0.2, rank, num_splits=splits,
+                     q_pe=q_pe)
+    ref = mla_decode_ref(torch.cat([q_nope, q_pe], -1), cache[:, 0], tables, lens, 0.2, rank)
+    assert rel_err(out, ref) < tolerance(torch.bfloat16)
+    with pytest.raises(ValueError, match="q_pe"):
+        mla_decode(q_nope, cache[:, 0], tables, lens, 0.2, rank, q_pe=q_pe[:2])

@@ -45,12 +45,13 @@ def test_mha_form_matches_absorbed_reference(prefix, new, block_size, heads, ran
     seq_len = prefix + new
     cache, tables, lens = paged_cache([seq_len], block_size, rank + rope, dtype, device, gen)
     layer_cache = cache[:, 1]
-    q_nope = torch.randn(new, heads, nope, generator=gen).to(dtype).to(device)
-    q_pe = torch.randn(new, heads, rope, generator=gen).to(dtype).to(device)
+    # one projection output, nope and rope parts of each head side by side, as the model has it
+    query = torch.randn(new, heads, nope + rope, generator=gen).to(dtype).to(device)
+    q_nope, q_pe = query.split([nope, rope], -1)
     w_kv_b = (torch.randn(heads * (nope + v), rank, generator=gen) / rank**0.5).to(dtype)
     w_kv_b = w_kv_b.to(device)
     latents = gather_latents(layer_cache, tables[0].long(), seq_len)
-    out = mla_prefill_mha(q_nope, q_pe, latents, w_kv_b, 0.2, rank, v)
+    out = mla_prefill_mha(query, latents, w_kv_b, 0.2, rank, v)
     starts = torch.tensor([0, new], device=device)
     ref = _absorbed_ref(q_nope, q_pe, layer_cache, tables, lens, starts, w_kv_b, 0.2, rank, nope)
     assert out.shape == (new, heads, v) and out.dtype == dtype
@@ -60,8 +61,7 @@ def test_mha_form_matches_absorbed_reference(prefix, new, block_size, heads, ran
 def test_more_queries_than_keys_is_refused():
     latents = torch.zeros(4, 10)
     with pytest.raises(ValueError, match="5 queries but only 4 cached tokens"):
-        mla_prefill_mha(torch.zeros(5, 2, 3), torch.zeros(5, 2, 2), latents,
-                        torch.zeros(2 * 7, 8), 1.0, 8, 4)
+        mla_prefill_mha(torch.zeros(5, 2, 5), latents, torch.zeros(2 * 7, 8), 1.0, 8, 4)
 
 
 def test_split_rule():
@@ -94,7 +94,7 @@ def test_model_prefill_split_matches_model_reference(device):
     q_nope = torch.randn(num_tokens, 4, 16, device=device)
     q_pe = torch.randn(num_tokens, 4, 8, device=device)
     with torch.no_grad():
-        out = attn._prefill_kernels(q_nope, q_pe, layer_cache, meta)
+        out = attn._prefill_kernels(torch.cat([q_nope, q_pe], -1), layer_cache, meta)
         ctx = gather_context(layer_cache, meta)
         ref = attn._absorbed(q_nope, q_pe, ctx, causal_mask(meta, ctx.shape[1]), meta)
     assert out.shape == ref.shape

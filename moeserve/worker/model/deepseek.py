@@ -95,10 +95,19 @@ class DeepseekForCausalLM(nn.Module):
         return self.model.norm(x, residual)[0]
 
     def use_kernels(self, enabled: bool) -> None:
-        """Route attention and routed experts through moeserve.kernels on CUDA tensors."""
+        """Route attention, routing and experts through moeserve.kernels on CUDA tensors.
+
+        Enabling also merges weights for fewer launches per step (call it after loading):
+        both input projections of attention into one GEMM, the shared experts into the
+        fused-MoE launch. The merged layouts compute the same function on either path."""
         for module in self.modules():
             if hasattr(module, "use_kernels") and module is not self:
                 module.use_kernels = enabled
+        if enabled:
+            for layer in self.model.layers:
+                layer.self_attn.fuse_input_projections()
+                if isinstance(layer.mlp, MoE):
+                    layer.mlp.fuse_shared_experts()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.model.attention_metadata import AttentionMetadata
-from moeserve.worker.model.layers import RMSNorm, linear
+from moeserve.worker.model.layers import RMSNorm, kernels_run_on, linear
 from moeserve.worker.model.rotary import RotaryEmbedding
 
 __all__ = ["MLAttention", "write_latents", "gather_context", "pad_queries", "causal_mask"]
@@ -79,6 +79,25 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim))
         self.o_proj = linear(nh * c.v_head_dim, h, bias=c.attention_bias)
+        # (weight, bias, rows of the first) once fuse_input_projections ran
+        self.fused_input: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+
+    def fuse_input_projections(self) -> None:
+        """Run the two projections of the layer input (q_proj or q_a_proj, and
+        kv_a_proj_with_mqa) as one GEMM: one launch instead of two per layer and step. Their
+        parameters become row views of the joint weight, so names and loading are unchanged."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        second = self.kv_a_proj_with_mqa
+        if self.fused_input is not None or (first.bias is None) != (second.bias is None):
+            return
+        rows = first.weight.shape[0]
+        weight = torch.cat([first.weight.data, second.weight.data])
+        bias = None if first.bias is None else torch.cat([first.bias.data, second.bias.data])
+        for module, part in ((first, slice(0, rows)), (second, slice(rows, None))):
+            module.weight = nn.Parameter(weight[part], requires_grad=False)
+            if bias is not None:
+                module.bias = nn.Parameter(bias[part], requires_grad=False)
+        self.fused_input = (weight, bias, rows)
 
     def forward(
         self,
@@ -89,6 +108,9 @@ class MLAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x: [T, hidden]; layer_cache: [num_blocks, block_size, kv_dim]. Returns [T, hidden]."""
+        if self.use_kernels and kernels_run_on(x):
+            return self.o_proj(self._kernel_path(x, positions, rotary, layer_cache, meta)
+                               .flatten(1))
         num_tokens = x.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -99,9 +121,6 @@ class MLAttention(nn.Module):
         q_pe = rotary(q_pe, positions)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        if self.use_kernels and x.is_cuda:
-            return self.o_proj(self._kernel_path(q_nope, q_pe, c_kv, k_pe, positions, rotary,
-                                                 layer_cache, meta).flatten(1))
         latents = torch.cat([self.kv_a_layernorm(c_kv), rotary(k_pe, positions)], dim=-1)
         write_latents(layer_cache, latents, meta)
         ctx = gather_context(layer_cache, meta).to(x.dtype)
@@ -112,29 +131,44 @@ class MLAttention(nn.Module):
             out = self._absorbed(q_nope, q_pe, ctx, mask, meta)
         return self.o_proj(out.flatten(1))
 
-    def _kernel_path(self, q_nope, q_pe, c_kv, k_pe, positions, rotary, layer_cache, meta):
-        """Triton/FlashInfer: fused norm + rope + cache write, then paged latent attention
-        straight from the block table (no gathered or padded copy of the context)."""
-        from moeserve import kernels  # imports triton: only on the CUDA path
+    def _kernel_path(self, x, positions, rotary, layer_cache, meta) -> torch.Tensor:
+        """Triton/FlashInfer, [T, H, v] before o_proj: one GEMM for both input projections,
+        one kernel for kv norm + both rotaries + cache write, then paged latent attention
+        straight from the block table (no gathered, padded or concatenated copies)."""
+        from moeserve import kernels  # imports triton: only on the kernel path
 
+        if self.fused_input is not None:
+            weight, bias, rows = self.fused_input
+            both = F.linear(x, weight, bias)
+            q, kv = both[:, :rows], both[:, rows:]
+        else:
+            q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+            kv = self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.view(x.shape[0], self.num_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kernels.rope_cache_write(
             c_kv, k_pe, positions, rotary.cos_cache, rotary.sin_cache, meta.slot_mapping,
             layer_cache, norm_weight=self.kv_a_layernorm.weight, eps=self.kv_a_layernorm.eps,
-            interleave=rotary.interleave,
+            interleave=rotary.interleave, q_pe=q_pe,
         )
         if meta.max_query_len == 1:
-            o = kernels.mla_decode(self._absorb_query(q_nope, q_pe), layer_cache,
-                                   meta.block_tables, meta.seq_lens, self.softmax_scale,
-                                   self.kv_lora_rank)
+            o = kernels.mla_decode(self._latent_query(q_nope), layer_cache, meta.block_tables,
+                                   meta.seq_lens, self.softmax_scale, self.kv_lora_rank,
+                                   q_pe=q_pe)
             return self._unabsorb(o)
-        return self._prefill_kernels(q_nope, q_pe, layer_cache, meta)
+        return self._prefill_kernels(q, layer_cache, meta)
 
-    def _prefill_kernels(self, q_nope, q_pe, layer_cache, meta) -> torch.Tensor:
-        """Sequences with many new tokens in the MHA form (kernels/mla_prefill_mha.py), the
-        rest (decode tokens of a mixed batch, short chunks) absorbed over the paged cache."""
+    def _prefill_kernels(self, query, layer_cache, meta) -> torch.Tensor:
+        """query: [T, H, nope + rope], rope part rotated. Sequences with many new tokens in the
+        MHA form (kernels/mla_prefill_mha.py), the rest (decode tokens of a mixed batch, short
+        chunks) absorbed over the paged cache."""
         from moeserve import kernels
         from moeserve.kernels.mla_prefill_mha import gather_latents, mha_worth_it
 
+        q_nope, q_pe = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         qlens, slens = meta.query_lens_host, meta.seq_lens_host
         head_bytes = (self.qk_nope_head_dim + self.v_head_dim) * q_nope.element_size()
         mha = {s for s in range(len(qlens))
@@ -147,9 +181,9 @@ class MLAttention(nn.Module):
         for s in sorted(mha):
             a, b = starts[s], starts[s + 1]
             latents = gather_latents(layer_cache, meta.block_tables[s], slens[s])
-            out[a:b] = kernels.mla_prefill_mha(q_nope[a:b], q_pe[a:b], latents,
-                                               self.kv_b_proj.weight, self.softmax_scale,
-                                               self.kv_lora_rank, self.v_head_dim)
+            out[a:b] = kernels.mla_prefill_mha(query[a:b], latents, self.kv_b_proj.weight,
+                                               self.softmax_scale, self.kv_lora_rank,
+                                               self.v_head_dim)
         rest = [s for s in range(len(qlens)) if s not in mha]
         if rest:
             dev = q_nope.device
@@ -171,13 +205,21 @@ class MLAttention(nn.Module):
         return self._unabsorb(o)
 
     def _unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
-        """[T, H, kv_lora_rank] attention output in latent space -> [T, H, v]: W_UV applied."""
-        return torch.einsum("thr,hvr->thv", o_latent, self._kv_b_weights()[1])
+        """[T, H, kv_lora_rank] attention output in latent space -> [T, H, v]: W_UV applied.
+        One batched GEMM over heads written straight into [T, H, v] (o_proj's input layout)."""
+        w_uv = self._kv_b_weights()[1]
+        out = o_latent.new_empty(o_latent.shape[0], self.num_heads, self.v_head_dim)
+        torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+
+    def _latent_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[T, H, nope] -> [T, H, kv_lora_rank]: W_UK folded into the query (one batched GEMM
+        over heads; the result is a [T, H, R] view of an [H, T, R] tensor)."""
+        return torch.bmm(q_nope.transpose(0, 1), self._kv_b_weights()[0]).transpose(0, 1)
 
     def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """[T, H, kv_lora_rank + rope]: W_UK folded into the query, so it scores latents."""
-        w_uk = self._kv_b_weights()[0]
-        return torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
+        return torch.cat([self._latent_query(q_nope), q_pe], dim=-1)
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.common.model_config import ModelConfig
-from moeserve.worker.model.layers import MLP
+from moeserve.worker.model.layers import MLP, kernels_run_on
 
-__all__ = ["Gate", "Experts", "MoE", "route"]
+__all__ = ["Gate", "Experts", "MoE", "route", "append_shared"]
 
 
 def route(
@@ -55,6 +55,18 @@ def route(
     return weights, ids
 
 
+def append_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                  num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of the shared experts stacked after the routed ones (slots num_experts...):
+    every token takes each of them with weight 1 (MoE adds shared experts unscaled)."""
+    if not num_shared:
+        return weights, ids
+    t = ids.shape[0]
+    shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device)
+    return (torch.cat([weights, weights.new_ones(t, num_shared)], dim=1),
+            torch.cat([ids, shared.to(ids.dtype).expand(t, -1)], dim=1))
+
+
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -70,11 +82,21 @@ class Gate(nn.Module):
             )
         else:
             self.e_score_correction_bias = None
+        self.use_kernels = False  # set by the runner: routing in one Triton launch
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, num_shared: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(weights, ids) [T, k + num_shared]: the routed experts `route` picks, then
+        `num_shared` shared-expert slots (see `append_shared`)."""
         logits = F.linear(x.float(), self.weight)
         bias = self.e_score_correction_bias
-        return route(logits, self.config, None if bias is None else bias.float())
+        bias = None if bias is None else bias.float()
+        if self.use_kernels and kernels_run_on(x):
+            from moeserve import kernels  # imports triton: only on the kernel path
+
+            return kernels.route_topk(logits, self.config, bias, num_shared)
+        weights, ids = route(logits, self.config, bias)
+        return append_shared(weights, ids, self.config.n_routed_experts, num_shared)
 
 
 class Experts(nn.Module):
@@ -96,6 +118,8 @@ class Experts(nn.Module):
         self.num_logical_experts = config.n_routed_experts
         self.use_kernels = False  # set by the runner (EngineConfig.kernel_backend)
         self.local_slot = {g: i for i, g in enumerate(ids)}
+        # Shared experts stacked after the routed ones by MoE.fuse_shared_experts.
+        self.num_shared_slots = 0
 
     def set_placement(self, expert_ids: list[int], w13: torch.Tensor | None = None,
                       w2: torch.Tensor | None = None) -> None:
@@ -127,14 +151,25 @@ class Experts(nn.Module):
                 raise KeyError(proj)
         return True
 
+    def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacked shared experts (slots past the routed ones) as one dense SwiGLU MLP."""
+        n, inter = self.num_logical_experts, self.intermediate_size
+        shared, hidden = self.num_shared_slots, x.shape[1]
+        h = F.linear(x, self.w13[n:].reshape(-1, hidden)).view(-1, shared, 2, inter)
+        act = (F.silu(h[:, :, 0]) * h[:, :, 1]).flatten(1)
+        # [shared, H, I] -> [H, shared * I]: a copy of two experts' down weights, ~1% of the
+        # GEMM's time at prefill sizes
+        down = self.w2[n:].transpose(0, 1).reshape(hidden, -1)
+        return F.linear(act, down)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here).
 
         Token copies are sorted by expert, run through both projections as grouped GEMMs
         (one launch each, whatever the number of experts) and summed back with their weights.
         """
-        if self.use_kernels and x.is_cuda:
-            from moeserve import kernels  # imports triton: only on the CUDA path
+        if self.use_kernels and kernels_run_on(x):
+            from moeserve import kernels  # imports triton: only on the kernel path
 
             return kernels.fused_moe(x, self.w13, self.w2, weights, ids)
         top_k = ids.shape[1]
@@ -176,6 +211,10 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> t
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
+# Batches of at least this many tokens run stacked shared experts as dense GEMMs.
+SHARED_APART_MIN_TOKENS = 1024
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -196,10 +235,33 @@ class MoE(nn.Module):
         self.expert_parallel = expert_parallel
         self.layer_index = layer_index
 
+    def fuse_shared_experts(self) -> None:
+        """Stack the shared experts after the routed ones (each shared expert's slice of the
+        shared MLP is an expert of moe_intermediate_size), so one fused-MoE launch runs both:
+        ~5 launches fewer per layer and step. Not with expert parallelism, whose dispatch
+        moves routed experts only."""
+        mlp, experts = self.shared_experts, self.experts
+        if mlp is None or self.expert_parallel is not None:
+            return
+        n, (hidden, inter) = experts.num_logical_experts, experts.w2.shape[1:]
+        shared = mlp.gate_proj.weight.shape[0] // inter
+        gate_up = torch.cat([mlp.gate_proj.weight.data.view(shared, inter, hidden),
+                             mlp.up_proj.weight.data.view(shared, inter, hidden)], dim=1)
+        down = mlp.down_proj.weight.data.view(hidden, shared, inter).transpose(0, 1)
+        experts.w13.data = torch.cat([experts.w13.data[:n], gate_up])
+        experts.w2.data = torch.cat([experts.w2.data[:n], down])
+        experts.num_shared_slots = shared
+        self.shared_experts = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel is not None:
             return self.expert_parallel.forward(self, x)
-        weights, ids = self.gate(x)
+        shared = self.experts.num_shared_slots
+        if shared and x.shape[0] >= SHARED_APART_MIN_TOKENS:
+            # Prefill-sized: the shared experts are one dense GEMM pair each (cuBLAS beats the
+            # grouped Triton kernel there); launch counts only matter for decode.
+            return self.experts(x, *self.gate(x)) + self.experts.shared_forward(x)
+        weights, ids = self.gate(x, shared)
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

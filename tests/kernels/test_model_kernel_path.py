@@ -1,0 +1,58 @@
+"""The whole model on its kernel path (merged weights, Triton kernels; the interpreter on CPU)
+computes what its plain-torch path computes, through a prefill and decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.common.model_config import load_model_config
+from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM, moe
+from moeserve.worker.model.moe import MoE
+from moeserve.worker.weights import load_checkpoint
+from tests.kernels.helpers import TF32_TOL, rel_err
+
+BLOCK = 8
+
+
+def _model(path, device: str, kernels: bool) -> DeepseekForCausalLM:
+    model = DeepseekForCausalLM(load_model_config(path), max_positions=256)
+    load_checkpoint(model, path)
+    model = model.to(device).eval()
+    model.use_kernels(kernels)
+    return model
+
+
+@pytest.mark.parametrize("ckpt,shared_apart", [("tiny_v3", False), ("tiny_v2", False),
+                                                ("tiny_v2", True)])
+def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, monkeypatch):
+    """shared_apart: the 36-token prefill runs the stacked shared experts as dense GEMMs (as
+    prefill-sized batches do), the decode steps in the fused launch."""
+    if shared_apart:
+        monkeypatch.setattr(moe, "SHARED_APART_MIN_TOKENS", 30)
+    path = request.getfixturevalue(ckpt)
+    ref, fast = _model(path, device, False), _model(path, device, True)
+    moe_layers = [layer.mlp for layer in fast.model.layers if isinstance(layer.mlp, MoE)]
+    assert moe_layers and all(m.shared_experts is None and m.experts.num_shared_slots > 0
+                              for m in moe_layers)
+    assert all(layer.self_attn.fused_input is not None for layer in fast.model.layers)
+    cfg = ref.config
+    # 20 new tokens take the MHA-form prefill, 5 and 11 the absorbed one; shuffled pages
+    prompt_lens = [20, 5, 11]
+    tables = [[9, 2, 7, 4], [1, 12], [5, 3, 14]]
+    caches = [torch.zeros(16, cfg.num_hidden_layers, BLOCK, cfg.kv_dim, device=device)
+              for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(2, cfg.vocab_size, (sum(prompt_lens),), generator=gen).tolist()
+    ctx, qlens = [0, 0, 0], prompt_lens
+    for step in range(3):  # the prefill, then two decode steps of the three sequences
+        meta, pos = AttentionMetadata.build(tables, ctx, qlens, BLOCK, device)
+        ids = torch.tensor(tokens, device=device)
+        with torch.inference_mode():
+            want = ref.compute_logits(ref(ids, pos, caches[0], meta))
+            got = fast.compute_logits(fast(ids, pos, caches[1], meta))
+        assert rel_err(got, want) < TF32_TOL, f"step {step}"
+        assert rel_err(caches[1], caches[0]) < TF32_TOL, f"step {step}"
+        ends = meta.query_start_loc[1:].cpu() - 1
+        tokens = want[ends].argmax(-1).tolist()
+        ctx, qlens = [c + q for c, q in zip(ctx, qlens, strict=True)], [1, 1, 1]
