@@ -170,11 +170,14 @@ def mla_prefill_mha(query: torch.Tensor, latents: torch.Tensor, kv_b_weight: tor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, backend: str | None = None, num_shared: int = 0
+              ) -> torch.Tensor:  # fmt: skip
     """`moeserve.kernels.fused_moe.fused_moe` (shapes there) on the selected backend."""
     name = _choose("fused_moe", x.device, backend)
-    fn = _moe.fused_moe_ref if name == "torch" else _moe.fused_moe
-    out = fn(x, w13, w2, topk_weights, topk_ids)
+    if name == "torch":
+        out = _moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    else:
+        out = _moe.fused_moe(x, w13, w2, topk_weights, topk_ids, num_shared=num_shared)
     _REGISTRY.last["fused_moe"] = "torch" if name == "torch" else "triton"
     return out
 

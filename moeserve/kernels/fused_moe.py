@@ -131,30 +131,42 @@ def moe_align_block_size_ref(
 @triton.jit
 def moe_align_kernel(
     ids_ptr, sorted_ids_ptr, block_expert_ptr, num_copies, num_experts, total,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
 ):
     """One program: count copies per expert, lay out padded runs, place copies in copy order.
 
     Within a chunk a copy's rank among its expert's copies is an exclusive cumsum over a
     [CHUNK, BLOCK_E] one-hot, so the layout is deterministic (stable by copy index) and needs
-    no atomics. Copies held on other ranks (id -1) match no column and are dropped.
+    no atomics. Copies held on other ranks (id -1) match no column and are dropped. The last
+    NUM_SHARED of each token's TOP_K copies are its shared experts (the last NUM_SHARED ids,
+    every token): their runs are laid out in closed form after the routed ones, outside the
+    one-hot, whose width is then the routed experts' alone.
     """
+    routed = num_experts - NUM_SHARED
     offs_e = tl.arange(0, BLOCK_E)
-    local = offs_e < num_experts
+    local = offs_e < routed
     counts = tl.zeros([BLOCK_E], tl.int32)
     for start in range(0, num_copies, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_copies, other=-1).to(tl.int32)
+        ok = (offs < num_copies) & (offs % TOP_K < TOP_K - NUM_SHARED)
+        ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
     padded = tl.where(local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
     padded_end = tl.cumsum(padded, axis=0)
     padded_start = padded_end - padded
+    routed_rows = tl.sum(padded, axis=0)
+    num_tokens = num_copies // TOP_K
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     num_blocks = total // BLOCK_M
     for b0 in range(0, num_blocks, CHUNK):
         blocks = b0 + tl.arange(0, CHUNK)
         row = blocks * BLOCK_M
         ended = (padded_end[None, :] <= row[:, None]) & local[None, :]
         expert = tl.sum(ended.to(tl.int32), axis=1)
+        if NUM_SHARED > 0:
+            shared = (row - routed_rows) // tl.maximum(shared_rows, 1)
+            expert = tl.where(row < routed_rows, expert, routed + shared)
         tl.store(block_expert_ptr + blocks, tl.where(expert < num_experts, expert, -1),
                  mask=blocks < num_blocks)
     for r0 in range(0, total, CHUNK):
@@ -165,13 +177,18 @@ def moe_align_kernel(
     placed = tl.zeros([BLOCK_E], tl.int32)
     for start in range(0, num_copies, CHUNK):
         offs = start + tl.arange(0, CHUNK)
-        ok = offs < num_copies
+        ok = (offs < num_copies) & (offs % TOP_K < TOP_K - NUM_SHARED)
         ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
         onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0) - onehot
         dest = tl.sum((padded_start + placed)[None, :] * onehot + rank * onehot, axis=1)
-        tl.store(sorted_ids_ptr + dest, offs, mask=ok & (ids >= 0) & (ids < num_experts))
+        tl.store(sorted_ids_ptr + dest, offs, mask=ok & (ids >= 0) & (ids < routed))
         placed += tl.sum(onehot, axis=0)
+    for s in tl.static_range(NUM_SHARED):
+        for t0 in range(0, num_tokens, CHUNK):
+            tok = t0 + tl.arange(0, CHUNK)
+            tl.store(sorted_ids_ptr + routed_rows + s * shared_rows + tok,
+                     tok * TOP_K + (TOP_K - NUM_SHARED + s), mask=tok < num_tokens)
 
 
 # One program walks all copies: right for a decode step (4-56 us on the H100 up to 3k copies,
@@ -182,18 +199,21 @@ ALIGN_KERNEL_MAX_COPIES = 4096
 
 def moe_align_block_size(
     topk_ids: torch.Tensor, block_m: int, num_experts: int, chunk: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 4, num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_align_block_size_ref`'s layout (bit for bit): one Triton launch for up to
     ALIGN_KERNEL_MAX_COPIES copies, the torch reference above that. ``chunk`` / ``num_warps``
-    override the measured tile choice (benchmarks/align_sweep.py)."""
+    override the measured tile choice (benchmarks/align_sweep.py). ``num_shared``: the last
+    num_shared columns of topk_ids hold the last num_shared expert ids in order, for every
+    token (shared experts stacked after the routed ones); they are laid out without sorting.
+    """
     num_copies = topk_ids.numel()
     if num_copies > ALIGN_KERNEL_MAX_COPIES:
         return moe_align_block_size_ref(topk_ids, block_m, num_experts)
     total = padded_rows(num_copies, num_experts, block_m)
     sorted_ids = torch.empty(total, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(total // block_m, dtype=torch.int32, device=topk_ids.device)
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = triton.next_power_of_2(num_experts - num_shared)
     if chunk is None:  # benchmarks/align_sweep.py, H100, 64 experts: 4 / 17 / 29 / 56 us at
         # 6 / 768 / 1536 / 3072 copies, against 57-95 us for the torch ops
         chunk, num_warps = (64, 8) if num_copies <= 192 else (128, 4) if num_copies <= 768 \
@@ -201,7 +221,8 @@ def moe_align_block_size(
         chunk = max(16, min(chunk, 16384 // block_e))
     moe_align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_ids, block_expert, num_copies, num_experts, total,
-        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=chunk, TOP_K=topk_ids.shape[-1],
+        NUM_SHARED=num_shared, num_warps=num_warps,
     )
     return sorted_ids, block_expert
 
@@ -276,13 +297,17 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
+    num_shared: int = 0,
 ) -> torch.Tensor:
-    """Routed experts of a DeepSeek MoE layer (no shared experts).
+    """Experts of a DeepSeek MoE layer: routed ones, and shared ones stacked after them.
 
     x: [T, H] bf16/fp16/fp32. w13: [E, 2I, H] (gate rows, then up rows), x's dtype.
     w2: [E, H, I], x's dtype. topk_weights: [T, k] float32 (or any float).
     topk_ids: [T, k] int32/int64 local expert slots, -1 = expert not on this rank (skipped).
-    config: tiles; default `moe_config` by rows per expert. Returns [T, H] in x's dtype.
+    config: tiles; default `moe_config` by rows per expert. num_shared: the last num_shared
+    columns of topk_ids are the shared experts, the last num_shared slots, for every token
+    (`moe.append_shared`), which the alignment lays out without sorting.
+    Returns [T, H] in x's dtype.
     """
     num_tokens, hidden = x.shape
     num_experts, two_inter, w13_hidden = w13.shape
@@ -300,7 +325,8 @@ def fused_moe(
     top_k = topk_ids.shape[1]
     num_copies = num_tokens * top_k
     cfg = config or fit_shared_memory(moe_config(num_copies, num_experts), x.element_size())
-    sorted_ids, block_expert = moe_align_block_size(topk_ids, cfg.block_m, num_experts)
+    sorted_ids, block_expert = moe_align_block_size(topk_ids, cfg.block_m, num_experts,
+                                                    num_shared=num_shared)
     num_m_blocks = block_expert.shape[0]
     launch = {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps,
               "num_stages": cfg.num_stages}

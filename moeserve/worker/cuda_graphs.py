@@ -99,6 +99,10 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s (context <= %d)",
                     self.sizes, self.max_context)
 
+    def graph_for(self, num_seqs: int) -> torch.cuda.CUDAGraph:
+        """The captured graph a step of num_seqs rows replays (benchmarks time it bare)."""
+        return self._graphs[self.sizes[bisect.bisect_left(self.sizes, num_seqs)]][0]
+
     def can_run(self, num_seqs: int, max_seq_len: int) -> bool:
         return bool(self._graphs) and num_seqs <= self.max_batch and (
             max_seq_len <= self.max_context)
@@ -121,9 +125,10 @@ class DecodeGraphs:
         table = host[4 * bs :].reshape(bs, width)
         ids[:n] = token_ids
         pos[:n] = context_lens
-        counts = np.fromiter(map(len, tables), dtype=np.int64, count=n)
-        table[:n][np.arange(width)[None, :] < counts[:, None]] = np.fromiter(
-            (b for row in tables for b in row), dtype=np.int64, count=int(counts.sum()))
+        # Row by row: numpy converts each list in C; a flat generator over every block id
+        # cost twice as much (0.52 vs 0.28 ms at 128 x 64 blocks, 1.24 vs 0.58 at 128 x 256).
+        for row, blocks in zip(table[:n], tables, strict=True):
+            row[: len(blocks)] = blocks
         slots[:] = table[np.arange(bs), pos // bsz] * bsz + pos % bsz
         lens[:] = pos + 1
         staged = self._device_inputs[: bs * (4 + width)]

@@ -79,6 +79,8 @@ class ModelRunner:
             raise ValueError(f"kernel_backend must be auto or torch, got {config.kernel_backend!r}")
         use_kernels = config.kernel_backend == "auto" and self.device.type == "cuda"
         self.model.use_kernels(use_kernels)
+        if use_kernels:  # the weight merges left the old tensors in the allocator's cache,
+            torch.cuda.empty_cache()  # and the KV budget below is read from free memory
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()

@@ -103,6 +103,30 @@ def test_moe_align_kernel_equals_torch_reference(tokens, experts, top_k, block_m
     assert torch.equal(got[1].cpu(), want[1].cpu())
 
 
+@pytest.mark.parametrize("tokens,routed,top_k,shared,block_m", [(23, 9, 3, 2, 4),
+                                                                (130, 64, 6, 2, 64),
+                                                                (1, 64, 6, 2, 16)])
+def test_moe_align_shared_columns_equal_torch_reference(tokens, routed, top_k, shared, block_m,
+                                                        device):  # fmt: skip
+    """Shared experts stacked after the routed ones (append_shared's columns) are laid out in
+    closed form by the kernel: the same layout as sorting them like any expert."""
+    from moeserve.worker.model.moe import append_shared
+
+    gen = torch.Generator().manual_seed(tokens)
+    weights, ids = _routing(tokens, routed, top_k, routed, gen)
+    weights, ids = append_shared(weights, ids, routed, shared)
+    ids = ids.to(device)
+    got = moe_align_block_size(ids, block_m, routed + shared, num_shared=shared)
+    want = moe_align_block_size_ref(ids, block_m, routed + shared)
+    assert torch.equal(got[0].cpu(), want[0].cpu())
+    assert torch.equal(got[1].cpu(), want[1].cpu())
+    w13 = torch.randn(routed + shared, 16, 24, generator=gen).to(device) / 5
+    w2 = torch.randn(routed + shared, 24, 8, generator=gen).to(device) / 3
+    x = torch.randn(tokens, 24, generator=gen).to(device)
+    out = fused_moe(x, w13, w2, weights.to(device), ids, num_shared=shared)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, weights.to(device), ids)) < TF32_TOL
+
+
 def test_fused_moe_shape_errors(device):
     x = torch.randn(3, 8, device=device)
     w13 = torch.randn(2, 8, 8, device=device)

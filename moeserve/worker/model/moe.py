@@ -162,8 +162,10 @@ class Experts(nn.Module):
         down = self.w2[n:].transpose(0, 1).reshape(hidden, -1)
         return F.linear(act, down)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here).
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                num_shared: int = 0) -> torch.Tensor:
+        """x: [T, H]; weights/ids: [T, k] with ids in local slot numbering (-1 = not here);
+        num_shared: the last columns are the stacked shared experts (`append_shared`).
 
         Token copies are sorted by expert, run through both projections as grouped GEMMs
         (one launch each, whatever the number of experts) and summed back with their weights.
@@ -171,7 +173,7 @@ class Experts(nn.Module):
         if self.use_kernels and kernels_run_on(x):
             from moeserve import kernels  # imports triton: only on the kernel path
 
-            return kernels.fused_moe(x, self.w13, self.w2, weights, ids)
+            return kernels.fused_moe(x, self.w13, self.w2, weights, ids, num_shared=num_shared)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -262,7 +264,7 @@ class MoE(nn.Module):
             # grouped Triton kernel there); launch counts only matter for decode.
             return self.experts(x, *self.gate(x)) + self.experts.shared_forward(x)
         weights, ids = self.gate(x, shared)
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, weights, ids, shared)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
