@@ -87,8 +87,16 @@ def fit_shared_memory(cfg: MoeConfig, elem_size: int,
 
 def padded_rows(num_copies: int, num_experts: int, block_m: int) -> int:
     """Rows of the aligned layout: every expert's run padded to BLOCK_M, the most any routing
-    can need (sized without reading the counts back, so it is graph-safe)."""
-    return triton.cdiv(num_copies + num_experts * (block_m - 1), block_m) * block_m
+    can need (sized without reading the counts back, so it is graph-safe).
+
+    An expert with c copies takes c // BLOCK_M full blocks plus at most one partial one, and
+    at most min(E, copies) experts get copies: a bound far below E * BLOCK_M rows for a small
+    batch (batch 1, 8 copies, 16-row blocks: 8 blocks instead of 63, so the GEMM launches do
+    not start 55 blocks' worth of programs that find no expert and exit).
+    """
+    loose = triton.cdiv(num_copies + num_experts * (block_m - 1), block_m)
+    tight = num_copies // block_m + min(num_experts, num_copies)
+    return min(loose, tight) * block_m
 
 
 def moe_align_block_size_ref(

@@ -46,28 +46,33 @@ class DecodeGraphs:
         self.max_context = self.max_blocks * block_size
         dev = kv_cache.device
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int64, device=dev)
         self.token_seq_idx = torch.arange(n, dtype=torch.int64, device=dev)
         self.token_query_idx = torch.zeros(n, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Step inputs are staged in one pinned host buffer (ids, positions, slots, seq_lens,
-        # then the block table) and cross in one asynchronous copy; building them row by row
-        # with torch.tensor cost ~5 us a sequence of host time the GPU waited for.
+        # then the block table) and cross in one asynchronous copy straight into the buffer
+        # the graph of that size reads (its inputs are views of it at offsets of its own);
+        # building them row by row with torch.tensor cost ~5 us a sequence of host time the
+        # GPU waited for.
         pin = dev.type == "cuda"
         self._staging = torch.zeros(n * (4 + self.max_blocks), dtype=torch.int64,
                                     pin_memory=pin)  # fmt: skip
         self._device_inputs = torch.zeros_like(self._staging, device=dev)
 
+    def _inputs(self, bs: int) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, slots, seq_lens, block table) of the graph of bs rows: views of
+        the one input buffer, laid out as `run` stages them."""
+        d, width = self._device_inputs, self.max_blocks
+        return (*(d[i * bs : (i + 1) * bs] for i in range(4)),
+                d[4 * bs : (4 + width) * bs].view(bs, width))
+
     def _meta(self, bs: int) -> AttentionMetadata:
+        _, _, slots, seq_lens, table = self._inputs(bs)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            block_tables=self.block_tables[:bs],
-            seq_lens=self.seq_lens[:bs],
+            slot_mapping=slots,
+            block_tables=table,
+            seq_lens=seq_lens,
             query_start_loc=self.query_start_loc[: bs + 1],
             token_seq_idx=self.token_seq_idx[:bs],
             token_query_idx=self.token_query_idx[:bs],
@@ -77,8 +82,8 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache,
-                            self._meta(bs))
+        ids, positions = self._inputs(bs)[:2]
+        hidden = self.model(ids, positions, self.kv_cache, self._meta(bs))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -89,6 +94,9 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):
+                # Capture on a valid step: padding rows (block 0, one token) throughout.
+                self._device_inputs.zero_()
+                self._inputs(bs)[3].fill_(1)
                 self._forward(bs)  # warm-up: lazy initialisation must not happen in capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -131,13 +139,8 @@ class DecodeGraphs:
             row[: len(blocks)] = blocks
         slots[:] = table[np.arange(bs), pos // bsz] * bsz + pos % bsz
         lens[:] = pos + 1
-        staged = self._device_inputs[: bs * (4 + width)]
-        staged.copy_(self._staging[: bs * (4 + width)], non_blocking=True)
-        self.input_ids[:bs].copy_(staged[:bs])
-        self.positions[:bs].copy_(staged[bs : 2 * bs])
-        self.slot_mapping[:bs].copy_(staged[2 * bs : 3 * bs])
-        self.seq_lens[:bs].copy_(staged[3 * bs : 4 * bs])
-        self.block_tables[:bs].copy_(staged[4 * bs :].view(bs, width))
+        self._device_inputs[: bs * (4 + width)].copy_(self._staging[: bs * (4 + width)],
+                                                      non_blocking=True)
         graph, logits = self._graphs[bs]
         graph.replay()
         return logits[:n]

@@ -127,6 +127,24 @@ def test_moe_align_shared_columns_equal_torch_reference(tokens, routed, top_k, s
     assert rel_err(out, fused_moe_ref(x, w13, w2, weights.to(device), ids)) < TF32_TOL
 
 
+@pytest.mark.parametrize("tokens,top_k,used,block_m", [(1, 8, 66, 16), (2, 6, 12, 16),
+                                                       (3, 4, 64, 4), (40, 6, 6, 64),
+                                                       (9, 2, 3, 16)])
+def test_padded_rows_hold_every_copy(tokens, top_k, used, block_m, device):
+    """The layout is sized without reading counts back; whatever the routing (spread over
+    every expert or piled on a few), every copy must land in a row of its expert's blocks."""
+    gen = torch.Generator().manual_seed(tokens * top_k)
+    _, ids = _routing(tokens, 66, top_k, used, gen)
+    ids = ids.to(device)
+    for fn in (moe_align_block_size, moe_align_block_size_ref):
+        sorted_ids, block_expert = fn(ids, block_m, 66)
+        rows = sorted_ids.cpu().tolist()
+        assert sorted(r for r in rows if r < ids.numel()) == list(range(ids.numel()))
+        experts = block_expert.cpu().repeat_interleave(block_m).tolist()
+        flat = ids.flatten().cpu().tolist()
+        assert all(experts[i] == flat[r] for i, r in enumerate(rows) if r < ids.numel())
+
+
 def test_fused_moe_shape_errors(device):
     x = torch.randn(3, 8, device=device)
     w13 = torch.randn(2, 8, 8, device=device)
