@@ -148,6 +148,22 @@ def test_decode_worker_reads_nothing_for_a_forged_handle(cluster) -> None:
     assert moved == 0 and tokens == plain
 
 
+def test_values_past_the_wire_format_are_named_400s(cluster) -> None:
+    """Found by the schemathesis test below: numbers too large for the worker protocol's
+    fields, and text that is not Unicode, were 500s ("internal error: ValueError")."""
+    url = f"{cluster.url}/v1/chat/completions"
+    chat = [{"role": "user", "content": "hi"}]
+    for field, value in (("stop_token_ids", [2**40]), ("top_k", 2**40), ("max_tokens", 2**40)):
+        resp = httpx.post(url, headers=AUTH, timeout=30,
+                          json={"messages": chat, "max_tokens": 2, field: value})
+        assert resp.status_code == 400, (field, resp.text)
+        assert resp.json()["error"]["param"] == field
+    raw = b'{"prompt": "a \\ud800 b", "max_tokens": 2}'
+    resp = httpx.post(f"{cluster.url}/v1/completions", content=raw, timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", resp.text
+
+
 def test_schemathesis_finds_no_5xx_and_no_hang(cluster) -> None:
     schemathesis = pytest.importorskip("schemathesis")
 

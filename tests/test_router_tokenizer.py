@@ -81,3 +81,14 @@ def test_checkpoint_without_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError) as info:
         tok.detokenizer(stop=["x"])
     assert info.value.param == "stop"
+
+
+def test_text_that_is_not_unicode_is_a_named_400(tok_dir: Path) -> None:
+    """JSON may carry a lone surrogate escape ("\\ud800"): a 400 naming the field, not a 500."""
+    tok = load_tokenizer(tok_dir)
+    with pytest.raises(InvalidRequestError) as info:
+        tok.encode("ok \ud800", param="prompt")
+    assert info.value.param == "prompt" and info.value.http_status == 400
+    with pytest.raises(InvalidRequestError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "\ud800"}])
+    assert info.value.param == "messages"

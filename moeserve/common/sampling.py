@@ -16,6 +16,10 @@ __all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_SEED", "SamplingParams"]
 # distribution is a point mass anyway, so such requests are sampled greedily.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_SEED = 2**63 - 1
+# What the worker protocol carries (proto/moeserve/v1/common.proto: uint32 max_tokens and
+# stop ids, int32 top_k); larger values would fail in the router's encoder, not as a 400.
+_MAX_UINT32 = 2**32 - 1
+_MAX_INT32 = 2**31 - 1
 
 
 def _is_int(value: object) -> bool:
@@ -55,9 +59,10 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first offending field."""
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= _MAX_UINT32:
             raise InvalidRequestError(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens"
+                f"max_tokens must be an integer in [1, 2**32 - 1], got {self.max_tokens!r}",
+                param="max_tokens",
             )
         if (
             not isinstance(self.temperature, int | float)
@@ -74,7 +79,7 @@ class SamplingParams:
             or not 0 < self.top_p <= 1
         ):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= _MAX_INT32:
             raise InvalidRequestError(
                 f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}",
                 param="top_k",
@@ -84,9 +89,9 @@ class SamplingParams:
                 f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}", param="seed"
             )
         for token_id in self.stop_token_ids:
-            if not _is_int(token_id) or token_id < 0:
+            if not _is_int(token_id) or not 0 <= token_id <= _MAX_UINT32:
                 raise InvalidRequestError(
-                    f"stop_token_ids must be non-negative integers, got {token_id!r}",
+                    f"stop_token_ids must be integers in [0, 2**32 - 1], got {token_id!r}",
                     param="stop_token_ids",
                 )
         if not isinstance(self.ignore_eos, bool):

@@ -67,7 +67,14 @@ class ModelTokenizer:
         Special tokens (BOS) come from tokenizer.json's post-processor, as HuggingFace's fast
         tokenizers add them; ``add_bos_token`` in tokenizer_config.json is not applied again.
         """
-        return self._require(param).encode(text, add_special_tokens=add_special_tokens).ids
+        tok = self._require(param)
+        try:
+            return tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust tokenizer refuses text that is not valid UTF-8
+            raise InvalidRequestError(
+                f"{param} is not valid Unicode text (a lone surrogate escape such as \\ud800?)",
+                param=param,
+            ) from None
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
