@@ -120,6 +120,12 @@ class ModelConfig:
         return scale
 
     @property
+    def group_limited_routing(self) -> bool:
+        """Whether routing first keeps the best topk_group of n_group expert groups (V2's
+        group_limited_greedy, V3's noaux_tc) before picking the top-k experts."""
+        return self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_group > 1
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 

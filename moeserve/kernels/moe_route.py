@@ -105,8 +105,7 @@ def _check(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor | None,
     if not 1 <= config.num_experts_per_tok <= n or num_shared < 0:
         raise ValueError(f"need 1 <= num_experts_per_tok <= {n} and num_shared >= 0; got "
                          f"{config.num_experts_per_tok} and {num_shared}")
-    grouped = (config.topk_method in ("group_limited_greedy", "noaux_tc")
-               and config.n_group > 1)
+    grouped = config.group_limited_routing
     if grouped and n % config.n_group:
         raise ValueError(f"{n} experts are not divisible by n_group={config.n_group}")
     if grouped and not 1 <= config.topk_group <= config.n_group:

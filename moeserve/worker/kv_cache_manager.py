@@ -80,12 +80,11 @@ class KVCacheManager:
         """
         if computed_blocks and req.block_ids:
             raise ValueError("computed_blocks may only be passed on a request's first allocation")
-        if not computed_blocks and (req.num_computed_tokens + num_new_tokens
-                                    <= len(req.block_ids) * self.block_size):
-            return []  # most decode steps: the last block has room (runs for every request)
         num_computed_tokens = req.num_computed_tokens + len(computed_blocks) * self.block_size
         num_blocks = _cdiv(num_computed_tokens + num_new_tokens, self.block_size)
         num_needed = max(0, num_blocks - len(req.block_ids) - len(computed_blocks))
+        if not num_needed and not computed_blocks:
+            return []  # most decode steps: the last block has room (runs for every request)
         # A cached hit that sits in the free queue stops being allocatable once touched.
         num_revived = sum(1 for b in computed_blocks if self.pool.is_free(b))
         if num_needed + num_revived > self.pool.num_free_blocks:

@@ -32,7 +32,7 @@ def route(
     else:
         raise ValueError(f"unsupported scoring_func {c.scoring_func!r}")
     choice = scores if correction_bias is None else scores + correction_bias
-    if c.topk_method in ("group_limited_greedy", "noaux_tc") and c.n_group > 1:
+    if c.group_limited_routing:
         grouped = choice.view(-1, c.n_group, n_experts // c.n_group)
         if c.topk_method == "noaux_tc":
             group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
