@@ -9,8 +9,10 @@ bytes read + written; bf16 8192^3 matmul rate), then:
   measured bandwidth. Experts hit are counted with hooks on the routers in one real step.
 - prefill of one 1k / 4k / 8k prompt; roofline = FLOPs (2 x active parameters x tokens +
   causal attention in the MHA form) over the measured matmul rate.
-Each for the kernel path (Triton + CUDA graphs), the plain-torch path (CUDA graphs) and
-HuggingFace transformers (eager), in that order, one engine in memory at a time.
+Each for the kernel path (Triton + CUDA graphs, async scheduling: the serving engine), the
+same with async scheduling off (decode at 1k context only: what overlapping the host's work
+with the device's saves), the plain-torch path (CUDA graphs) and HuggingFace transformers
+(eager), in that order, one engine in memory at a time.
 
   python benchmarks/gpu_roofline.py --out results.json
 """
@@ -226,9 +228,12 @@ def main() -> None:
     ap.add_argument("--contexts", type=_ints, default=[1024, 4096])
     ap.add_argument("--prefill-lens", type=_ints, default=[1024, 4096, 8192])
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--paths", default="kernels,torch,transformers")
+    ap.add_argument("--paths", default="kernels,sync,torch,transformers",
+                    help="kernels: the serving engine; sync: the same with async scheduling "
+                         "off (decode only); torch: the plain-torch path; transformers: HF")
     ap.add_argument("--torch-contexts", type=_ints, default=[1024])
     ap.add_argument("--torch-batch-sizes", type=_ints, default=[1, 32, 128])
+    ap.add_argument("--sync-batch-sizes", type=_ints, default=[1, 64, 256])
     ap.add_argument("--hf-batch-sizes", type=_ints, default=[1, 32])
     ap.add_argument("--hf-context", type=int, default=1024)
     ap.add_argument("--out", default=None)
@@ -242,22 +247,26 @@ def main() -> None:
                                         dtype="bfloat16", device="cuda"))
         print(f"checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         paths = args.paths.split(",")
-        for label in ("kernels", "torch"):
+        for label in ("kernels", "sync", "torch"):
             if label not in paths:
                 continue
             sub = argparse.Namespace(**vars(args))
             if label == "torch":
                 sub.contexts, sub.batch_sizes = args.torch_contexts, args.torch_batch_sizes
+            if label == "sync":
+                sub.contexts, sub.batch_sizes = args.contexts[:1], args.sync_batch_sizes
             engine = LLMEngine(EngineConfig(
                 model=model_dir, device="cuda", dtype="bfloat16", max_model_len=8192 + 64,
                 max_num_seqs=max(sub.batch_sizes), max_num_batched_tokens=8192,
                 enable_prefix_caching=False, gpu_memory_utilization=0.92,
-                kernel_backend="auto" if label == "kernels" else "torch",
+                kernel_backend="torch" if label == "torch" else "auto",
+                async_scheduling="off" if label == "sync" else "auto",
                 cuda_graph_max_context=max(sub.contexts) + 64,
             ))
             engine.kv_cache.normal_()  # never time attention on zeros
             bench_decode(engine, label, sub, peaks, rows)
-            bench_prefill(engine, label, sub, peaks, rows)
+            if label != "sync":
+                bench_prefill(engine, label, sub, peaks, rows)
             from moeserve import kernels
             print({op: kernels.last_path(op) for op in ("mla_decode", "mla_prefill",
                                                          "fused_moe")}, flush=True)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
+from moeserve.worker.sampler import SampledTokens
 from moeserve.worker.scheduler import Scheduler
 
 
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--async-scheduling", default="off", choices=["on", "off"],
+                    help="on: time the bookkeeping of steps scheduled ahead")
     args = ap.parse_args()
     model = str(ensure_tiny_checkpoint())
     for batch in args.batch:
@@ -33,13 +38,14 @@ def main() -> None:
             model=model, num_kv_blocks=batch * (args.context + args.steps) // 16 + 64,
             max_num_seqs=max(batch, 1), block_size=16,
             max_num_batched_tokens=max(batch * args.context, 8192),
-            enable_prefix_caching=args.prefix_caching))
+            enable_prefix_caching=args.prefix_caching, async_scheduling=args.async_scheduling))
 
         def stub(out):
-            return {r.request_id: 7 for r in out.scheduled
-                    if Scheduler.needs_sampling(r, out.num_scheduled_tokens[r.request_id])}
+            ids = [r.request_id for r in out.scheduled
+                   if Scheduler.needs_sampling(r, out.num_scheduled_tokens[r.request_id])]
+            return SampledTokens(ids, torch.full((len(ids),), 7))
 
-        engine.runner.execute = stub
+        engine.runner.launch = stub
         params = SamplingParams(max_tokens=args.steps + 8, temperature=0, ignore_eos=True)
         for i in range(batch):
             engine.add_request(str(i), [(31 * i + j) % 500 + 2 for j in range(args.context)],

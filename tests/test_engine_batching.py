@@ -18,7 +18,14 @@ def _prompts(lengths, seed=0):
     return [[rng.randrange(2, 500) for _ in range(n)] for n in lengths]
 
 
-def _engine(path, **kw) -> LLMEngine:
+@pytest.fixture(params=["off", "on"])
+def mode(request) -> str:
+    """Async scheduling off and on: batching must not change a request's tokens either way."""
+    return request.param
+
+
+def _engine(path, mode="off", **kw) -> LLMEngine:
+    kw.setdefault("async_scheduling", mode)
     kw.setdefault("block_size", 4)
     kw.setdefault("num_kv_blocks", 256)
     return LLMEngine(EngineConfig(model=str(path), **kw))
@@ -35,20 +42,20 @@ def alone(tiny_v3):
     return prompts, outs
 
 
-def test_batched_equals_alone(tiny_v3, alone):
+def test_batched_equals_alone(tiny_v3, alone, mode):
     prompts, ref = alone
-    assert _engine(tiny_v3).generate(prompts, GREEDY) == ref
+    assert _engine(tiny_v3, mode).generate(prompts, GREEDY) == ref
 
 
-def test_small_chunked_prefill_equals_alone(tiny_v3, alone):
+def test_small_chunked_prefill_equals_alone(tiny_v3, alone, mode):
     prompts, ref = alone
-    engine = _engine(tiny_v3, max_num_batched_tokens=7)
+    engine = _engine(tiny_v3, mode, max_num_batched_tokens=7)
     assert engine.generate(prompts, GREEDY) == ref
 
 
-def test_staggered_arrivals_mix_prefill_and_decode(tiny_v3, alone):
+def test_staggered_arrivals_mix_prefill_and_decode(tiny_v3, alone, mode):
     prompts, ref = alone
-    engine = _engine(tiny_v3, max_num_batched_tokens=16)
+    engine = _engine(tiny_v3, mode, max_num_batched_tokens=16)
     got: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     while pending or engine.has_unfinished_requests():
@@ -72,11 +79,11 @@ def test_prefix_cache_hit_gives_same_tokens(tiny_v3):
     assert engine.stats().prefix_cache_hits - before == 24  # six full blocks of 4 reused
 
 
-def test_preemption_by_tiny_pool_keeps_every_request(tiny_v3, alone):
+def test_preemption_by_tiny_pool_keeps_every_request(tiny_v3, alone, mode):
     prompts, ref = alone
     # 24 blocks of 4 tokens cannot hold all six requests at once: some are preempted and
     # recomputed, and still produce exactly their solo tokens.
-    engine = _engine(tiny_v3, num_kv_blocks=24, max_model_len=60)
+    engine = _engine(tiny_v3, mode, num_kv_blocks=24, max_model_len=60)
     assert engine.generate(prompts, GREEDY) == ref
     assert engine.stats().num_preemptions > 0
 
@@ -94,9 +101,9 @@ def test_seeded_sampling_does_not_depend_on_batch(tiny_v3):
     assert other[0] != batched[0]
 
 
-def test_abort_frees_blocks_and_others_finish(tiny_v3, alone):
+def test_abort_frees_blocks_and_others_finish(tiny_v3, alone, mode):
     prompts, ref = alone
-    engine = _engine(tiny_v3)
+    engine = _engine(tiny_v3, mode)
     for i, p in enumerate(prompts[:3]):
         engine.add_request(str(i), p, GREEDY)
     got: dict[str, list[int]] = {}

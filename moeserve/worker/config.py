@@ -43,6 +43,9 @@ class EngineConfig:
     """reuse KV of identical prompt prefixes"""
     enforce_eager: bool = False
     """run every step eagerly: no CUDA graphs for decode steps"""
+    async_scheduling: str = "auto"
+    """on, off or auto (on with CUDA and no expert parallelism): schedule and launch decode
+    step N+1 while step N runs, so the device never waits for the host between steps"""
     cuda_graph_max_batch: int = 256
     """largest decode batch run as a CUDA graph (capped at max_num_seqs)"""
     cuda_graph_max_context: int = 4096
@@ -79,6 +82,12 @@ class EngineConfig:
             self.model_id = default_model_id(self.model)
         if self.ep < 1 or self.dp < 1:
             raise ValueError(f"dp and ep must be >= 1, got dp={self.dp} ep={self.ep}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(
+                f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        if self.async_scheduling == "on" and self.ep > 1:
+            # EP ranks step in lockstep through collectives; a step ahead would break it.
+            raise ValueError("async_scheduling=on does not work with expert parallelism (ep > 1)")
         if self.dp != self.ep:
             # Attention ranks and expert ranks are the same processes (no tensor parallelism).
             raise ValueError(f"dp must equal ep, got dp={self.dp} ep={self.ep}")

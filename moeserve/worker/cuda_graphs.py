@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+from moeserve.worker.sampler import feed_back
 
 __all__ = ["DecodeGraphs", "graph_batch_sizes"]
 
@@ -33,12 +34,14 @@ class DecodeGraphs:
         self,
         model: DeepseekForCausalLM,
         kv_cache: torch.Tensor,
+        last_sampled: torch.Tensor,
         block_size: int,
         max_batch: int,
         max_context: int,
     ):
         self.model = model
         self.kv_cache = kv_cache
+        self.last_sampled = last_sampled  # inputs of rows scheduled ahead come from here
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
@@ -54,11 +57,13 @@ class DecodeGraphs:
         # then the block table) and cross in one asynchronous copy straight into the buffer
         # the graph of that size reads (its inputs are views of it at offsets of its own);
         # building them row by row with torch.tensor cost ~5 us a sequence of host time the
-        # GPU waited for.
+        # GPU waited for. Two staging buffers take turns: with a step scheduled ahead, the
+        # copy out of one may still be queued while the next step is staged.
         pin = dev.type == "cuda"
-        self._staging = torch.zeros(n * (4 + self.max_blocks), dtype=torch.int64,
-                                    pin_memory=pin)  # fmt: skip
-        self._device_inputs = torch.zeros_like(self._staging, device=dev)
+        self._staging = [torch.zeros(n * (4 + self.max_blocks), dtype=torch.int64,
+                                     pin_memory=pin) for _ in range(2)]  # fmt: skip
+        self._turn = 0
+        self._device_inputs = torch.zeros_like(self._staging[0], device=dev)
 
     def _inputs(self, bs: int) -> tuple[torch.Tensor, ...]:
         """(ids, positions, slots, seq_lens, block table) of the graph of bs rows: views of
@@ -83,6 +88,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         ids, positions = self._inputs(bs)[:2]
+        ids = feed_back(ids, self.last_sampled)
         hidden = self.model(ids, positions, self.kv_cache, self._meta(bs))
         return self.model.compute_logits(hidden)
 
@@ -119,7 +125,8 @@ class DecodeGraphs:
     def run(
         self, token_ids: list[int], context_lens: list[int], tables: list[list[int]]
     ) -> torch.Tensor:
-        """One decode token per sequence: token_ids[i] at position context_lens[i].
+        """One decode token per sequence: token_ids[i] at position context_lens[i] (a
+        negative id -1 - r is row r of the last step's sampled tokens: `feed_back`).
 
         Returns float32 logits [n, vocab] (a view of the graph's output: use before the next
         replay).
@@ -127,7 +134,9 @@ class DecodeGraphs:
         n = len(token_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         bsz, width = self.block_size, self.max_blocks
-        host = self._staging[: bs * (4 + width)].numpy()
+        staging = self._staging[self._turn][: bs * (4 + width)]
+        self._turn ^= 1
+        host = staging.numpy()
         host[:] = 0
         ids, pos, slots, lens = (host[i * bs : (i + 1) * bs] for i in range(4))
         table = host[4 * bs :].reshape(bs, width)
@@ -139,8 +148,7 @@ class DecodeGraphs:
             row[: len(blocks)] = blocks
         slots[:] = table[np.arange(bs), pos // bsz] * bsz + pos % bsz
         lens[:] = pos + 1
-        self._device_inputs[: bs * (4 + width)].copy_(self._staging[: bs * (4 + width)],
-                                                      non_blocking=True)
+        self._device_inputs[: bs * (4 + width)].copy_(staging, non_blocking=True)
         graph, logits = self._graphs[bs]
         graph.replay()
         return logits[:n]

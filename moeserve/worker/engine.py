@@ -18,7 +18,13 @@ from moeserve.worker.kv_cache_manager import KVCacheManager
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.request import Request
 from moeserve.worker.runner import ModelRunner
-from moeserve.worker.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
+from moeserve.worker.sampler import SampledTokens
+from moeserve.worker.scheduler import (
+    EngineCoreOutput,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 
 __all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVReservation"]
 
@@ -93,6 +99,12 @@ class LLMEngine:
         self._generated = 0
         self._preemptions = 0
         self._remote: dict[str, Request] = {}  # reserved for KV arriving from a prefill worker
+        self._async = parallel is None and (
+            config.async_scheduling == "on"
+            or (config.async_scheduling == "auto" and self.runner.device.type == "cuda")
+        )
+        # The step launched ahead by the previous `step` call, its tokens not yet applied.
+        self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             config.model_id, self.runner.device, self.runner.dtype, self.runner.num_blocks,
@@ -223,18 +235,38 @@ class LLMEngine:
         """With expert parallelism this is a collective over the group (every rank calls it
         in the same order): true while any rank has work, so idle ranks keep stepping in
         lockstep and relay the others' tokens through their experts."""
-        local = self.scheduler.has_unfinished_requests()
+        local = self.scheduler.has_unfinished_requests() or self._in_flight is not None
         if self.parallel is None:
             return local
         return bool(self.parallel.all_reduce_max([int(local)])[0])
 
     def step(self) -> list[EngineCoreOutput]:
-        """One batch: schedule, run the model, apply the sampled tokens."""
-        out = self.scheduler.schedule()
-        self._preemptions += len(out.preempted_req_ids)
-        if out.is_empty and self.parallel is None:
-            self.runner.forget(out.finished_req_ids)
-            return []
+        """One batch: schedule, run the model, apply the sampled tokens.
+
+        With async scheduling a decode step is launched before the previous step's tokens
+        are applied (the pair overlaps the host's bookkeeping with the device's work); each
+        call still returns the outputs of exactly one step, in order.
+        """
+        if self._in_flight is not None:
+            out, sampled = self._in_flight
+            self._in_flight = None
+        else:
+            out = self.scheduler.schedule()
+            self._preemptions += len(out.preempted_req_ids)
+            if out.is_empty and self.parallel is None:
+                self.runner.forget(out.finished_req_ids)
+                return []
+            self._count_prompt_tokens(out)
+            sampled = self.runner.launch(out)
+        if self._async:
+            ahead = self.scheduler.schedule_ahead(out, sampled.rows)
+            if ahead is not None:
+                self._in_flight = (ahead, self.runner.launch(ahead))
+        outputs = self.scheduler.update_from_output(out, sampled.result())
+        self._generated += sum(len(o.new_token_ids) for o in outputs)
+        return outputs
+
+    def _count_prompt_tokens(self, out: SchedulerOutput) -> None:
         for request_id in out.new_req_ids:
             req = self.scheduler.requests[request_id]
             if req.num_preemptions == 0:
@@ -243,10 +275,6 @@ class LLMEngine:
             start = req.num_computed_tokens
             end = min(start + out.num_scheduled_tokens[req.request_id], req.num_prompt_tokens)
             self._prompt_computed += max(0, end - start)
-        sampled = self.runner.execute(out)
-        outputs = self.scheduler.update_from_output(out, sampled)
-        self._generated += sum(len(o.new_token_ids) for o in outputs)
-        return outputs
 
     def take_kv_events(self) -> list:
         return self.kv_manager.take_events()

@@ -105,10 +105,13 @@ class Request:
         self.all_token_ids.append(token_id)
         self._extend_block_hashes()
 
-    def tokens_to_suppress(self) -> tuple[int, ...]:
-        """Token ids the sampler must not pick now: EOS and stop ids before ``min_tokens``."""
+    def tokens_to_suppress(self, ahead: int = 0) -> tuple[int, ...]:
+        """Token ids the sampler must not pick now: EOS and stop ids before ``min_tokens``.
+
+        ahead: output tokens already sampled but not yet appended (a step scheduled ahead).
+        """
         params = self.sampling_params
-        if self.num_output_tokens >= params.min_tokens:
+        if self.num_output_tokens + ahead >= params.min_tokens:
             return ()
         eos = () if self.eos_token_id is None or params.ignore_eos else (self.eos_token_id,)
         return eos + params.stop_token_ids

@@ -13,7 +13,13 @@ from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.parallel.group import ParallelContext
-from moeserve.worker.sampler import Sampler, advance_generator, make_generator
+from moeserve.worker.sampler import (
+    SampledTokens,
+    Sampler,
+    advance_generator,
+    feed_back,
+    make_generator,
+)
 from moeserve.worker.scheduler import Scheduler, SchedulerOutput
 from moeserve.worker.weights import load_checkpoint
 
@@ -91,12 +97,16 @@ class ModelRunner:
             model_config.kv_dim, dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler()
+        # The last step's sampled tokens, by row, where the next step's inputs read them
+        # when it was scheduled before they reached the host (Scheduler.schedule_ahead).
+        self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64,
+                                        device=self.device)
         self._generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
         # Not with expert parallelism: dispatch reads row counts back to the host every layer.
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, self.block_size,
+                self.model, self.kv_cache, self.last_sampled, self.block_size,
                 max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
                 # the kernels read the block table directly; the torch path gathers a padded
                 # context of this length every step, so it keeps a bound
@@ -128,9 +138,15 @@ class ModelRunner:
             raise MemoryError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB)")
         return blocks
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one scheduled step; returns the sampled token of each request that needs one."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> SampledTokens:
+        """Queue one scheduled step on the device and return at once (on CUDA the host
+        never waits here): its sampled tokens arrive in the returned handle, and stay on the
+        device for a step scheduled ahead (``out.ahead_rows``) to read as its inputs."""
         self.forget(out.finished_req_ids)
         reqs = out.scheduled
         token_ids: list[int] = []
@@ -139,13 +155,20 @@ class ModelRunner:
         for req in reqs:
             n = out.num_scheduled_tokens[req.request_id]
             start = req.num_computed_tokens
-            token_ids.extend(req.all_token_ids[start : start + n])
+            row = out.ahead_rows.get(req.request_id)
+            if row is None:
+                token_ids.extend(req.all_token_ids[start : start + n])
+                ahead = 0
+            else:  # its input is being sampled by the step before: see feed_back
+                token_ids.append(-1 - row)
+                start += 1
+                ahead = 1
             context_lens.append(start)
             query_lens.append(n)
             tables.append(req.block_ids)
             if Scheduler.needs_sampling(req, n):
                 sample_rows.append(len(token_ids) - 1)
-                sample_reqs.append(req)
+                sample_reqs.append((req, ahead))
         if self.expert_parallel is not None:
             from moeserve.worker.parallel.dbo import StepBatch, forward_step
 
@@ -153,7 +176,7 @@ class ModelRunner:
             hidden = forward_step(self.expert_parallel, self.model, self.kv_cache, batch,
                                   self.block_size, self.device)
             if not sample_reqs:  # also an idle rank, which only relayed other ranks' tokens
-                return {}
+                return SampledTokens([], None)
             rows = torch.tensor(sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden[rows])
         elif len(sample_reqs) == len(reqs) and self._decode_graph_fits(query_lens, context_lens):
@@ -163,18 +186,21 @@ class ModelRunner:
                 tables, context_lens, query_lens, self.block_size, self.device
             )
             input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            if out.ahead_rows:
+                input_ids = feed_back(input_ids, self.last_sampled)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             if not sample_reqs:
-                return {}
+                return SampledTokens([], None)
             rows = torch.tensor(sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden[rows])
         tokens = self.sampler(
             logits,
-            [r.sampling_params for r in sample_reqs],
-            [self._generator(r) for r in sample_reqs],
-            [r.tokens_to_suppress() for r in sample_reqs],
+            [r.sampling_params for r, _ in sample_reqs],
+            [self._generator(r) for r, _ in sample_reqs],
+            [r.tokens_to_suppress(ahead) for r, ahead in sample_reqs],
         )
-        return dict(zip((r.request_id for r in sample_reqs), tokens.tolist(), strict=True))
+        self.last_sampled[: len(sample_reqs)].copy_(tokens)
+        return SampledTokens([r.request_id for r, _ in sample_reqs], tokens)
 
     def _decode_graph_fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
         """A pure decode step (one new token per request) within the captured sizes."""

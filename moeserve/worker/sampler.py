@@ -14,7 +14,47 @@ import torch
 
 from moeserve.common.sampling import SamplingParams
 
-__all__ = ["Sampler", "advance_generator", "make_generator"]
+__all__ = ["SampledTokens", "Sampler", "advance_generator", "feed_back", "make_generator"]
+
+
+class SampledTokens:
+    """One launched step's sampled tokens, on their way to the host.
+
+    On CUDA the device-to-host copy is queued behind the step and `result` waits for it, so
+    the host can schedule and launch the next step in between.
+    """
+
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None):
+        self.request_ids = request_ids
+        self._event = None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """request id -> its row among the sampled tokens (and in the runner's last_sampled)."""
+        return {request_id: row for row, request_id in enumerate(self.request_ids)}
+
+    def result(self) -> dict[str, int]:
+        """request id -> sampled token id; waits for the step to finish."""
+        if self._host is None:
+            return {}
+        if self._event is not None:
+            self._event.synchronize()
+        return dict(zip(self.request_ids, self._host.tolist(), strict=True))
+
+
+def feed_back(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` with each negative entry ``-1 - r`` replaced by ``sampled[r]``: the
+    token row r of the step before sampled, which the host has not seen yet. No host sync,
+    so it also runs inside a captured decode graph."""
+    rows = (-1 - input_ids).clamp_(min=0)
+    return torch.where(input_ids < 0, sampled[rows], input_ids)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

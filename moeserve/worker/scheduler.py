@@ -6,6 +6,12 @@ its uncached remainder, chunked when it exceeds the budget. Running requests go 
 waiting ones in arrival order. When blocks run out the most recently admitted running request
 is preempted (its KV dropped, recomputed later). ``update_from_output()`` applies one step's
 sampled tokens, checks stop conditions and frees finished requests.
+
+``schedule_ahead()`` builds decode step N+1 while step N still runs on the device (async
+scheduling): each row's input token is the one step N samples, named by its row there, so the
+host never waits between steps. Requests that step N finishes by a stop token still compute
+one wasted row in N+1; their blocks are freed only once N+1 is done, so the wasted KV write
+cannot land in a block that was handed to someone else.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ class SchedulerOutput:
     new_req_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
+    # Rows whose input token is still being sampled by the step before (schedule_ahead):
+    # request id -> its row among that step's sampled tokens. Such a row computes position
+    # num_computed_tokens + 1, as that step's token will have been applied by update time.
+    ahead_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -110,6 +120,8 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the tail is preempted first
         self._finished_req_ids: set[str] = set()
         self.pinned: dict[str, Request] = {}  # finished prefill-only requests holding blocks
+        self._ahead: list[SchedulerOutput] = []  # from schedule_ahead, not applied yet
+        self._free_later: list[Request] = []  # finished, but a step in `_ahead` writes their KV
 
     @property
     def num_running(self) -> int:
@@ -192,6 +204,58 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
+    def schedule_ahead(
+        self, prev: SchedulerOutput, sampled_rows: dict[str, int]
+    ) -> SchedulerOutput | None:
+        """The next decode step, built before ``prev``'s sampled tokens are known.
+
+        ``sampled_rows``: request id -> row of its token among ``prev``'s sampled tokens.
+        Every running request gets one token: those ``prev`` samples for read it from there,
+        the others (admitted since, e.g. KV from a prefill worker) have theirs already.
+        Requests ``prev`` finishes for certain (max_tokens, max_model_len) are left out. None
+        when this step is not a plain continuation (waiting requests to admit, a prompt
+        chunk in flight, no blocks without preempting): then apply ``prev`` and ``schedule``.
+        """
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None
+        if len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
+        rows = []
+        for req in self.running:
+            row = sampled_rows.get(req.request_id)
+            if row is not None:
+                if prev.num_scheduled_tokens.get(req.request_id) != 1:
+                    return None  # a prompt's last chunk: its first decode waits for it
+                if self._finishes_on_next_token(req):
+                    continue
+                out.ahead_rows[req.request_id] = row
+            elif req.request_id in prev.num_scheduled_tokens or (
+                req.num_computed_tokens + 1 != req.num_tokens
+            ):
+                return None  # a prompt chunk, not a decode: its next tokens are not settled
+            rows.append(req)
+        if not rows:
+            return None
+        for req in rows:
+            ahead = 1 if req.request_id in out.ahead_rows else 0
+            new_blocks = self.kv.allocate(req, 1 + ahead)
+            if new_blocks is None:
+                return None  # blocks taken so far stay with their requests for later steps
+            req.block_ids.extend(new_blocks)
+            self._add_to_batch(out, req, 1)
+        self._finished_req_ids = set()
+        self._ahead.append(out)
+        return out
+
+    def _finishes_on_next_token(self, req: Request) -> bool:
+        """True when the token being sampled for ``req`` ends it whatever its value."""
+        return (
+            req.pin_on_finish
+            or req.num_output_tokens + 1 >= req.sampling_params.max_tokens
+            or req.num_tokens + 1 >= self.max_model_len
+        )
+
     def _chunk(self, req: Request, num_cached: int, budget: int) -> int:
         num_new = req.num_tokens - req.num_computed_tokens - num_cached
         if self.config.enable_chunked_prefill and self.config.long_prefill_token_threshold:
@@ -260,9 +324,17 @@ class Scheduler:
         Returns an output for every request that got a token or finished.
         """
         outputs = []
+        if any(step is output for step in self._ahead):  # it has run: free what it held
+            self._ahead = [step for step in self._ahead if step is not output]
+            held = [r for r in self._free_later if self._in_ahead_step(r)]
+            for req in self._free_later:
+                if not self._in_ahead_step(req):
+                    self.kv.free(req)
+                    req.block_ids.clear()
+            self._free_later = held
         for req in output.scheduled:
             if req.is_finished:
-                continue  # aborted between schedule() and now
+                continue  # aborted, or stopped by the step before, after it was scheduled
             n = output.num_scheduled_tokens[req.request_id]
             sampled = self.needs_sampling(req, n)
             if sampled != (req.request_id in sampled_token_ids):
@@ -299,12 +371,17 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         if req.pin_on_finish and status != RequestStatus.FINISHED_ABORTED:
             self.pinned[req.request_id] = req
+        elif self._in_ahead_step(req):
+            self._free_later.append(req)
         else:
             self.kv.free(req)
             req.block_ids.clear()
         req.status = status
         del self.requests[req.request_id]
         self._finished_req_ids.add(req.request_id)
+
+    def _in_ahead_step(self, req: Request) -> bool:
+        return any(req.request_id in step.num_scheduled_tokens for step in self._ahead)
 
     @staticmethod
     def _output(req: Request, new_token_ids: list[int]) -> EngineCoreOutput:
