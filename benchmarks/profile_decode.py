@@ -89,6 +89,8 @@ def main() -> None:
                 steps()
             for rid in ids:
                 engine.abort_request(rid)
+            while engine.has_unfinished_requests():  # the step ahead holds their blocks
+                engine.step()
             report(prof, args.steps, f"batch {batch}, context {args.context}, {args.layers} "
                    f"layers, wall {wall_ms:.2f} ms per step, bare replay {replay_ms:.2f} ms")
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
