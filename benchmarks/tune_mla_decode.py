@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 64, 128, 256])
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="split counts to try besides the default and its half and double")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s", flush=True)
@@ -45,7 +47,8 @@ def main() -> None:
         base = default_num_splits(bs, HEADS)
         results = []
         for splits, block_n, warps, stages in itertools.product(
-                sorted({base, 2 * base, max(1, base // 2)}), [32, 64], [4, 8], [2, 3]):
+                sorted({base, 2 * base, max(1, base // 2), *args.splits}), [32, 64], [4, 8],
+                [2, 3]):
             def fn(s=splits, n=block_n, w=warps, st=stages, q=q, c=cache, t=tables, ln=lens):
                 return mla_decode(q, c, t, ln, 0.1, KV_LORA, s, n, w, st)
             try:

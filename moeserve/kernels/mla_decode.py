@@ -21,6 +21,13 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split: whole BLOCK_N tiles, so only the sequence's last tile is ragged. A
+    short sequence uses only its first cdiv(seq_len, split_len) splits."""
+    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def mla_decode_kernel(
     q_ptr, q_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     num_heads, block_size, scale_log2,
@@ -34,8 +41,7 @@ def mla_decode_kernel(
     head_block = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    # Split lengths are whole BLOCK_N tiles so only the last tile of the sequence is ragged.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -74,32 +80,37 @@ def mla_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
         m_i = m_new
 
-    # Empty splits (short sequences) leave l_i = 0: they store lse = -inf and weigh nothing.
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    # Splits past a short sequence's end store nothing: the merge reads only the splits a
+    # sequence of this length uses (`_used_splits`), so their partials are never looked at.
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
+    used = head_ok & (start < seq_len + tl.zeros([BLOCK_H], tl.int32))
     o_ptrs = (o_ptr + seq * stride_os + heads[:, None] * stride_oh + split * stride_osp
               + offs_r[None, :])
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=head_ok[:, None] & r_ok[None, :])
-    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty),
+             mask=used[:, None] & r_ok[None, :])
+    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=used)
 
 
 @triton.jit
 def mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr,
+    o_part_ptr, lse_ptr, out_ptr, seq_lens_ptr,
     stride_ps, stride_ph, stride_psp, stride_ls, stride_lh, stride_os, stride_oh,
     KV_LORA: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    # Only the splits a sequence of this length used (stage 1 stored nothing for the rest).
+    sp_ok = tl.arange(0, BLOCK_SPLITS) < tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS,
+                                                                      BLOCK_N))
     offs_sp = tl.arange(0, BLOCK_SPLITS)
     offs_r = tl.arange(0, BLOCK_R)
-    sp_ok = offs_sp < NUM_SPLITS
     lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + offs_sp, mask=sp_ok,
                   other=float("-inf"))
     m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    w = tl.where(sp_ok, tl.exp2(lse - m), 0.0)
     w = w / tl.sum(w, 0)
     parts = tl.load(o_part_ptr + seq * stride_ps + head * stride_ph
                     + offs_sp[:, None] * stride_psp + offs_r[None, :],
@@ -119,7 +130,7 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     if num_seqs >= 64:  # enough sequences to fill the GPU: few splits, less merging
         return 2 if num_seqs < 128 else 1
     programs = num_seqs * triton.cdiv(num_heads, block_h)
-    return max(1, min(32, triton.cdiv(2 * num_sms, programs)))
+    return max(1, min(64 if num_seqs <= 2 else 32, triton.cdiv(2 * num_sms, programs)))
 
 
 def default_tiles(num_seqs: int) -> tuple[int, int]:
@@ -205,11 +216,13 @@ def mla_decode(
     if splits == 1:
         return out
     mla_decode_reduce_kernel[(num_seqs, num_heads)](
-        o_part, lse, out,
+        o_part, lse, out, seq_lens,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         KV_LORA=kv_lora_rank, BLOCK_R=block_r, NUM_SPLITS=splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n,
+        # the [splits, 512] float32 tile of partials: past 32 splits 4 warps would spill
+        num_warps=4 if splits <= 32 else 8,
     )
     return out
 

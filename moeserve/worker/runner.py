@@ -11,6 +11,7 @@ import torch
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
+from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.sampler import (
@@ -177,7 +178,7 @@ class ModelRunner:
                                   self.block_size, self.device)
             if not sample_reqs:  # also an idle rank, which only relayed other ranks' tokens
                 return SampledTokens([], None)
-            rows = torch.tensor(sample_rows, device=self.device)
+            rows = to_device(sample_rows, self.device, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
         elif len(sample_reqs) == len(reqs) and self._decode_graph_fits(query_lens, context_lens):
             logits = self.graphs.run(token_ids, context_lens, tables)
@@ -185,13 +186,13 @@ class ModelRunner:
             meta, positions = AttentionMetadata.build(
                 tables, context_lens, query_lens, self.block_size, self.device
             )
-            input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            input_ids = to_device(token_ids, self.device, torch.int64)
             if out.ahead_rows:
                 input_ids = feed_back(input_ids, self.last_sampled)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             if not sample_reqs:
                 return SampledTokens([], None)
-            rows = torch.tensor(sample_rows, device=self.device)
+            rows = to_device(sample_rows, self.device, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
         tokens = self.sampler(
             logits,

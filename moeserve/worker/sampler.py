@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from moeserve.common.sampling import SamplingParams
+from moeserve.worker.host_to_device import to_device
 
 __all__ = ["SampledTokens", "Sampler", "advance_generator", "feed_back", "make_generator"]
 
@@ -108,10 +109,9 @@ class Sampler:
         device = logits.device
         # Greedy rows get neutral values so the batched math stays finite; their result is
         # replaced by the argmax at the end.
-        temperature = torch.tensor(
+        temperature = to_device(
             [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-            dtype=torch.float32,
-            device=device,
+            device, torch.float32,
         )
         logits = logits / temperature.unsqueeze(1)
         top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
@@ -122,7 +122,7 @@ class Sampler:
         # A zero draw would turn a masked token's 0/0 into NaN, which argmax picks.
         noise = _exponential_noise(probs, generators, greedy).clamp_(min=1e-20)
         sampled = probs.div_(noise).argmax(dim=-1)
-        is_greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        is_greedy = to_device(greedy, device, torch.bool)
         return torch.where(is_greedy, greedy_tokens, sampled)
 
 
@@ -131,9 +131,8 @@ def _suppress(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch
     rows = [row for row, ids in enumerate(token_ids) for _ in ids]
     cols = [tok for ids in token_ids for tok in ids]
     logits = logits.clone()
-    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = (
-        float("-inf")
-    )
+    logits[to_device(rows, logits.device, torch.int64),
+           to_device(cols, logits.device, torch.int64)] = float("-inf")
     return logits
 
 
@@ -145,14 +144,14 @@ def _apply_top_k_top_p(
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device).unsqueeze(0)
-    k = torch.tensor(top_k, device=device).clamp_(max=vocab).unsqueeze(1)
+    k = to_device(top_k, device, torch.int64).clamp_(max=vocab).unsqueeze(1)
     sorted_logits.masked_fill_(rank >= k, float("-inf"))
 
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Keep a token while the mass before it is below p; the top token is always kept. Rows
     # with p == 1 skip the test so float rounding in cumsum cannot drop tail tokens.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    p = torch.tensor([q if q < 1.0 else 2.0 for q in top_p], device=device).unsqueeze(1)
+    p = to_device([q if q < 1.0 else 2.0 for q in top_p], device, torch.float32).unsqueeze(1)
     drop = (mass_before >= p) & (rank > 0)
     sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -169,7 +168,7 @@ def _exponential_noise(
     if len(unseeded) == len(generators):
         return noise.exponential_()
     if unseeded:
-        idx = torch.tensor(unseeded, device=probs.device)
+        idx = to_device(unseeded, probs.device, torch.int64)
         noise[idx] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
     for row, generator in enumerate(generators):
         # Greedy rows keep their generator untouched; their noise is never used.

@@ -74,12 +74,30 @@ def test_async_scheduling_replays_give_the_synchronous_tokens(tiny_v3):
     params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(ref[0][4],)),
               SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True),
-              free, free]
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20,
+                             ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, min_tokens=6,
+                             stop_token_ids=tuple(ref[4][:3]))]
     on = engine("on")
     assert on._async and on.runner.graphs is not None
     launched = []
     inner = on.runner.launch
-    on.runner.launch = lambda out: launched.append(bool(out.ahead_rows)) or inner(out)
-    assert on.generate(prompts, params) == engine("off").generate(prompts, params)
+
+    def launch(out):
+        launched.append(bool(out.ahead_rows))
+        if not out.ahead_rows:
+            return inner(out)
+        # A step launched ahead must not wait for the one running (sampling parameters,
+        # suppression and seeded noise included): any synchronizing call raises here.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return inner(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    on.runner.launch = launch
+    got, want = on.generate(prompts, params), engine("off").generate(prompts, params)
+    assert [got[i] for i in (0, 1, 2, 4)] == [want[i] for i in (0, 1, 2, 4)]
+    assert len(got[3]) == len(want[3]) == 12  # unseeded: its own draws, same length
     assert sum(launched) >= 8  # most decode steps ran ahead
     assert on.stats().kv_usage == 0.0

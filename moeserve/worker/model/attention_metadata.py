@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.worker.host_to_device import to_device
+
 __all__ = ["AttentionMetadata"]
 
 
@@ -70,16 +72,16 @@ class AttentionMetadata:
         block_of_token = tables[seq_idx, positions // block_size]
         slots = block_of_token * block_size + positions % block_size
         meta = cls(
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
-            seq_lens=seq_lens.to(device),
-            query_start_loc=starts.to(device),
-            token_seq_idx=seq_idx.to(device),
-            token_query_idx=query_idx.to(device),
+            slot_mapping=to_device(slots, device),
+            block_tables=to_device(tables, device),
+            seq_lens=to_device(seq_lens, device),
+            query_start_loc=to_device(starts, device),
+            token_seq_idx=to_device(seq_idx, device),
+            token_query_idx=to_device(query_idx, device),
             max_query_len=int(q.max()),
             max_seq_len=int(seq_lens.max()),
             block_size=block_size,
             query_lens_host=tuple(query_lens),
             seq_lens_host=tuple(c + n for c, n in zip(context_lens, query_lens, strict=True)),
         )
-        return meta, positions.to(device)
+        return meta, to_device(positions, device)

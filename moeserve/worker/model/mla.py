@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.common.model_config import ModelConfig
+from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model.attention_metadata import AttentionMetadata
 from moeserve.worker.model.layers import RMSNorm, kernels_run_on, linear
 from moeserve.worker.model.rotary import RotaryEmbedding
@@ -187,11 +188,13 @@ class MLAttention(nn.Module):
         rest = [s for s in range(len(qlens)) if s not in mha]
         if rest:
             dev = q_nope.device
-            tok = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in rest]).to(dev)
+            tok = to_device(torch.cat([torch.arange(starts[s], starts[s + 1]) for s in rest]),
+                            dev)
             rest_lens = [qlens[s] for s in rest]
+            seqs = to_device(rest, dev, torch.int64)
             out[tok] = self._absorbed_kernel(
-                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[rest],
-                meta.seq_lens[rest], torch.tensor([0, *accumulate(rest_lens)], device=dev),
+                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[seqs],
+                meta.seq_lens[seqs], to_device([0, *accumulate(rest_lens)], dev, torch.int64),
                 max(rest_lens))
         return out
 
