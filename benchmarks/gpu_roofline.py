@@ -32,7 +32,7 @@ from moeserve.common.model_config import ModelConfig
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.checkpoint import make_checkpoint
 from moeserve.worker.config import EngineConfig
-from moeserve.worker.engine import LLMEngine
+from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 
 
 def measure_peaks() -> dict[str, float]:
@@ -266,6 +266,7 @@ def main() -> None:
                 cuda_graph_max_context=max(sub.contexts) + 64,
             ))
             engine.kv_cache.normal_()  # never time attention on zeros
+            freeze_startup_heap()  # as the worker server does: no full-GC pauses in timings
             bench_decode(engine, label, sub, peaks, rows)
             if label != "sync":
                 bench_prefill(engine, label, sub, peaks, rows)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.checkpoint import make_checkpoint
 from moeserve.worker.config import EngineConfig
-from moeserve.worker.engine import LLMEngine
+from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 
 _GROUPS = [("attention", ("mla", "rope_cache", "flash", "attention")),
            ("moe", ("fused_moe", "moe_", "sort", "scatter", "searchsorted", "topk", "sigmoid")),
@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--host", action="store_true",
                     help="also print the host-side Python profile (cProfile) of the steps")
+    ap.add_argument("--find-syncs", action="store_true",
+                    help="list the lines where a step waits for the device (torch's sync "
+                         "debug mode) in one decode step of each batch and each prefill")
     ap.add_argument("--prefill", type=int, nargs="*", default=[],
                     help="also profile one prefill of each of these prompt lengths")
     args = ap.parse_args()
@@ -62,6 +65,7 @@ def main() -> None:
                                         cuda_graph_max_context=args.context + 64,
                                         enable_prefix_caching=False))
         engine.kv_cache.normal_()
+        freeze_startup_heap()  # as the worker server does: no full-GC pauses in timings
         for batch in args.batch:
             ids = inject(engine, batch, args.context, f"p{batch}", 3 * args.steps + 4)
             for _ in range(3):
@@ -85,6 +89,8 @@ def main() -> None:
             replay_ms = (time.perf_counter() - start) / args.steps * 1e3
             if args.host:
                 host_profile(steps)
+            if args.find_syncs:
+                find_syncs(engine.step, f"decode batch {batch}")
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 steps()
             for rid in ids:
@@ -110,9 +116,34 @@ def main() -> None:
             wall_ms = run(f"timed-{n}")
             if args.host:
                 host_profile(run, f"host-{n}")
+            if args.find_syncs:
+                find_syncs(run, f"prefill {n}", f"sync-{n}")
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run(f"prof-{n}")
             report(prof, 1, f"prefill {n} tokens, {args.layers} layers, wall {wall_ms:.2f} ms")
+
+
+def find_syncs(fn, title: str, *args) -> None:
+    """Print each source line that made the host wait for the device while ``fn(*args)``
+    ran (the final wait for a step's sampled tokens is expected and not flagged: it is an
+    event synchronize)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = defaultdict(int)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{w.filename}:{w.lineno}"] += 1
+    print(f"\n{title}: {sum(sites.values())} synchronizing calls")
+    for site, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  x{n:<4} {site}")
 
 
 def host_profile(fn, *args) -> None:

@@ -5,6 +5,7 @@ Not thread-safe: one thread owns an engine and calls every method.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -26,11 +27,24 @@ from moeserve.worker.scheduler import (
     SchedulerOutput,
 )
 
-__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVReservation"]
+__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVReservation",
+           "freeze_startup_heap"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_MODEL_LEN_DEFAULT_CAP = 32768
+
+
+def freeze_startup_heap() -> None:
+    """Take every object alive now (modules, the model's Python objects, captured graphs)
+    out of the garbage collector's sight, once start-up is done, in a serving process.
+
+    Python's full collections walk all of them: ~100 ms with torch and Triton loaded
+    (measured on the 2-core CI machine), a pause that the step running at the time absorbs
+    (it showed as 50-130 ms outliers in prefill timings). Afterwards a full collection only
+    walks what serving itself allocates."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,12 @@ class Sampler:
 
 def _suppress(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """Copy of ``logits`` [N, V] with the listed ids of each row set to -inf."""
-    rows = [row for row, ids in enumerate(token_ids) for _ in ids]
-    cols = [tok for ids in token_ids for tok in ids]
-    logits = logits.clone()
-    logits[to_device(rows, logits.device, torch.int64),
-           to_device(cols, logits.device, torch.int64)] = float("-inf")
-    return logits
+    vocab = logits.shape[1]
+    flat = [row * vocab + tok for row, ids in enumerate(token_ids) for tok in ids]
+    # index_fill_ takes the value as a kernel argument; `t[i, j] = v` would copy a CPU
+    # scalar to the device and wait for it.
+    return logits.clone().view(-1).index_fill_(
+        0, to_device(flat, logits.device, torch.int64), float("-inf")).view_as(logits)
 
 
 def _apply_top_k_top_p(

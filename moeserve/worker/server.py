@@ -27,7 +27,7 @@ from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from_args
 from moeserve.router.metrics import WorkerMetrics
-from moeserve.worker.engine import LLMEngine
+from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
 from moeserve.worker.env_defaults import apply_env_defaults
 from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
@@ -332,6 +332,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     from moeserve.cli import engine_config_from_args
 
     engine = LLMEngine(engine_config_from_args(args))
+    freeze_startup_heap()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                              interceptors=[MalformedRequestInterceptor()])
     tls = tls_from_args(args)
