@@ -106,7 +106,9 @@ def mla_decode_reduce_kernel(
     sp_ok = tl.arange(0, BLOCK_SPLITS) < tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS,
                                                                       BLOCK_N))
     offs_sp = tl.arange(0, BLOCK_SPLITS)
-    offs_r = tl.arange(0, BLOCK_R)
+    # A third grid axis cuts the value width: at batch 1 one program per head would pull
+    # [splits, 512] float32 partials alone (16 programs on 132 SMs).
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + offs_sp, mask=sp_ok,
                   other=float("-inf"))
     m = tl.max(lse, 0)
@@ -215,14 +217,13 @@ def mla_decode(
     )
     if splits == 1:
         return out
-    mla_decode_reduce_kernel[(num_seqs, num_heads)](
+    r_chunk = min(block_r, 128)
+    mla_decode_reduce_kernel[(num_seqs, num_heads, triton.cdiv(kv_lora_rank, r_chunk))](
         o_part, lse, out, seq_lens,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        KV_LORA=kv_lora_rank, BLOCK_R=block_r, NUM_SPLITS=splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n,
-        # the [splits, 512] float32 tile of partials: past 32 splits 4 warps would spill
-        num_warps=4 if splits <= 32 else 8,
+        KV_LORA=kv_lora_rank, BLOCK_R=r_chunk, NUM_SPLITS=splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4,
     )
     return out
 

@@ -15,6 +15,8 @@ CASES = [
     ([130, 3], 64, 5, 24, 8, 3, torch.bfloat16, 2),
     ([65, 1, 128], 64, 17, 16, 16, 2, torch.float16, 3),
     ([9], 16, 2, 20, 6, 8, torch.bfloat16, 4),  # more splits than key tiles: empty splits
+    # a value width over 128: the merge runs in 128-wide chunks, the last one ragged
+    ([33, 2], 16, 2, 160, 16, 3, torch.bfloat16, 6),
 ]
 
 
