@@ -7,8 +7,8 @@ bytes read + written; bf16 8192^3 matmul rate), then:
   so no prefill runs first. Roofline = bytes a step must read (attention and dense weights,
   shared experts, the routed experts actually hit, lm_head, the KV of every sequence) over the
   measured bandwidth. Experts hit are counted with hooks on the routers in one real step.
-- prefill of one 1k / 4k / 8k prompt; roofline = FLOPs (2 x active parameters x tokens +
-  causal attention in the MHA form) over the measured matmul rate.
+- prefill of one 1k / 4k / 8k prompt (median of 5 after a warm-up); roofline = FLOPs (2 x
+  active parameters x tokens + causal attention in the MHA form) over the measured matmul rate.
 Each for the kernel path (Triton + CUDA graphs, async scheduling: the serving engine), the
 same with async scheduling off (decode at 1k context only: what overlapping the host's work
 with the device's saves), the plain-torch path (CUDA graphs) and HuggingFace transformers
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -166,7 +167,9 @@ def bench_prefill(engine: LLMEngine, label: str, args, peaks, rows) -> None:
     for n in args.prefill_lens:
         prompt = [(13 * j) % 20000 + 10 for j in range(n)]
         times = []
-        for rep in range(2):  # the first run of each length compiles its kernel variants
+        # The first run of each length compiles its kernel variants; then the median of
+        # five, since Python's launching of ~2000 kernels varies from run to run.
+        for rep in range(1 + args.prefill_reps):
             engine.add_request(f"{label}-p{n}-{rep}", prompt, params)
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -174,9 +177,10 @@ def bench_prefill(engine: LLMEngine, label: str, args, peaks, rows) -> None:
                 engine.step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        dt = times[-1]
+        dt = statistics.median(times[1:])
         flops = prefill_flops(engine.model_config, flops_active, n)
         rows.append({"path": label, "phase": "prefill", "tokens": n, "seconds": dt,
+                     "seconds_min": min(times[1:]), "seconds_max": max(times[1:]),
                      "tokens_per_s": n / dt, "TFLOPs": flops / dt / 1e12,
                      "frac_of_matmul_peak": flops / dt / 1e12 / peaks["bf16_TFLOPs"]})
         print(rows[-1], flush=True)
@@ -230,6 +234,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=_ints, default=[1024, 4096])
     ap.add_argument("--prefill-lens", type=_ints, default=[1024, 4096, 8192])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prefill-reps", type=int, default=5,
+                    help="timed prefills per length (after one warm-up); the median is shown")
     ap.add_argument("--paths", default="kernels,sync,torch,transformers",
                     help="kernels: the serving engine; sync: the same with async scheduling "
                          "off (decode only); torch: the plain-torch path; transformers: HF")
