@@ -113,7 +113,14 @@ def main() -> None:
                 return (time.perf_counter() - start) * 1e3
 
             run(f"warm-{n}")
+            before = torch.cuda.memory_stats()
             wall_ms = run(f"timed-{n}")
+            after = torch.cuda.memory_stats()
+            # cudaMalloc retries flush the allocator's cache (cudaFree: a device-wide wait)
+            print(f"prefill {n}: wall {wall_ms:.2f} ms, allocator retries "
+                  f"{after['num_alloc_retries'] - before['num_alloc_retries']}, cudaMallocs "
+                  f"{after['num_device_alloc'] - before['num_device_alloc']}, peak "
+                  f"{after['allocated_bytes.all.peak'] / 2**30:.2f} GiB")
             if args.host:
                 host_profile(run, f"host-{n}")
             if args.find_syncs:
