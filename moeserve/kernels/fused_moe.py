@@ -24,7 +24,8 @@ import triton.language as tl
 
 __all__ = [
     "fused_moe", "fused_moe_ref", "fused_moe_kernel", "moe_combine_kernel",
-    "moe_align_block_size", "moe_align_block_size_ref", "moe_align_kernel", "MoeConfig",
+    "moe_align_block_size", "moe_align_block_size_chunked", "moe_align_block_size_ref",
+    "moe_align_kernel", "MoeConfig",
     "moe_config", "fit_shared_memory",
 ]
 
@@ -201,8 +202,102 @@ def moe_align_kernel(
 
 # One program walks all copies: right for a decode step (4-56 us on the H100 up to 3k copies,
 # where the torch ops take 57-95 us), far too slow for a prefill (8k tokens x 6 copies: 1.2
-# ms), where the torch ops and their radix sort take over.
+# ms), where the three-launch layout below takes over.
 ALIGN_KERNEL_MAX_COPIES = 4096
+
+
+@triton.jit
+def moe_align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ids_ptr, num_copies, num_experts,
+                           total, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """Program p: copies per expert in chunk p (a [CHUNK, BLOCK_E] one-hot), and the padding
+    fill of its share of the layout's rows."""
+    p = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs = p * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_copies, other=-1).to(tl.int32)
+    counts = tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + p * BLOCK_E + offs_e, counts)
+    rows_per = tl.cdiv(total, tl.num_programs(0))
+    for r0 in range(p * rows_per, tl.minimum((p + 1) * rows_per, total), CHUNK):
+        rows = r0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ids_ptr + rows, tl.zeros([CHUNK], tl.int32) + num_copies,
+                 mask=(rows < total) & (rows < (p + 1) * rows_per))
+
+
+@triton.jit
+def moe_align_offsets_kernel(chunk_counts_ptr, block_expert_ptr, num_chunks, num_experts, total,
+                             BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    """One program: turn the per-chunk counts into each chunk's first row per expert (the
+    expert's padded start plus the copies of earlier chunks: a column-wise exclusive scan, in
+    place) and label every block with its expert."""
+    offs_e = tl.arange(0, BLOCK_E)
+    local = offs_e < num_experts
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for p0 in range(0, num_chunks, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        c = tl.load(chunk_counts_ptr + offs_p[:, None] * BLOCK_E + offs_e[None, :],
+                    mask=(offs_p < num_chunks)[:, None], other=0)
+        counts += tl.sum(c, axis=0)
+    padded = tl.where(local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    padded_end = tl.cumsum(padded, axis=0)
+    run = padded_end - padded  # the next row of each expert's run
+    for p0 in range(0, num_chunks, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        ptrs = chunk_counts_ptr + offs_p[:, None] * BLOCK_E + offs_e[None, :]
+        c = tl.load(ptrs, mask=(offs_p < num_chunks)[:, None], other=0)
+        tl.store(ptrs, run[None, :] + tl.cumsum(c, axis=0) - c,
+                 mask=(offs_p < num_chunks)[:, None])
+        run += tl.sum(c, axis=0)
+    for b0 in range(0, total // BLOCK_M, BLOCK_P):
+        blocks = b0 + tl.arange(0, BLOCK_P)
+        ended = (padded_end[None, :] <= (blocks * BLOCK_M)[:, None]) & local[None, :]
+        expert = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.where(expert < num_experts, expert, -1),
+                 mask=blocks < total // BLOCK_M)
+
+
+@triton.jit
+def moe_align_place_kernel(ids_ptr, chunk_start_ptr, sorted_ids_ptr, num_copies, num_experts,
+                           BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """Program p: each copy of chunk p goes to its chunk's next row of its expert's run (its
+    rank among the chunk's copies of that expert: an exclusive scan of the one-hot)."""
+    p = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs = p * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < num_copies
+    ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
+    onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - onehot
+    start = tl.load(chunk_start_ptr + p * BLOCK_E + offs_e)
+    dest = tl.sum((start[None, :] + rank) * onehot, axis=1)
+    tl.store(sorted_ids_ptr + dest, offs, mask=ok & (ids >= 0) & (ids < num_experts))
+
+
+def moe_align_block_size_chunked(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_align_block_size_ref`'s layout (bit for bit) in three launches over chunks of
+    copies (count, scan, place), for prefill-sized copy counts: the reference's dozen torch
+    launches and radix sort cost more host time than the prefill's GPU time at 1k tokens."""
+    num_copies = topk_ids.numel()
+    device = topk_ids.device
+    total = padded_rows(num_copies, num_experts, block_m)
+    block_e = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(256, 16384 // block_e))
+    num_chunks = triton.cdiv(num_copies, chunk)
+    sorted_ids = torch.empty(total, dtype=torch.int32, device=device)
+    block_expert = torch.empty(total // block_m, dtype=torch.int32, device=device)
+    chunk_counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)
+    flat = topk_ids.reshape(-1)
+    moe_align_count_kernel[(num_chunks,)](flat, chunk_counts, sorted_ids, num_copies,
+                                          num_experts, total, BLOCK_E=block_e, CHUNK=chunk)
+    moe_align_offsets_kernel[(1,)](chunk_counts, block_expert, num_chunks, num_experts, total,
+                                   BLOCK_M=block_m, BLOCK_E=block_e,
+                                   BLOCK_P=max(16, 4096 // block_e), num_warps=8)
+    moe_align_place_kernel[(num_chunks,)](flat, chunk_counts, sorted_ids, num_copies,
+                                          num_experts, BLOCK_E=block_e, CHUNK=chunk)
+    return sorted_ids, block_expert
 
 
 def moe_align_block_size(
@@ -210,14 +305,15 @@ def moe_align_block_size(
     num_warps: int = 4, num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_align_block_size_ref`'s layout (bit for bit): one Triton launch for up to
-    ALIGN_KERNEL_MAX_COPIES copies, the torch reference above that. ``chunk`` / ``num_warps``
-    override the measured tile choice (benchmarks/align_sweep.py). ``num_shared``: the last
-    num_shared columns of topk_ids hold the last num_shared expert ids in order, for every
-    token (shared experts stacked after the routed ones); they are laid out without sorting.
+    ALIGN_KERNEL_MAX_COPIES copies, `moe_align_block_size_chunked` above that. ``chunk`` /
+    ``num_warps`` override the measured tile choice (benchmarks/align_sweep.py).
+    ``num_shared``: the last num_shared columns of topk_ids hold the last num_shared expert
+    ids in order, for every token (shared experts stacked after the routed ones); they are
+    laid out without sorting.
     """
     num_copies = topk_ids.numel()
     if num_copies > ALIGN_KERNEL_MAX_COPIES:
-        return moe_align_block_size_ref(topk_ids, block_m, num_experts)
+        return moe_align_block_size_chunked(topk_ids, block_m, num_experts)
     total = padded_rows(num_copies, num_experts, block_m)
     sorted_ids = torch.empty(total, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(total // block_m, dtype=torch.int32, device=topk_ids.device)
