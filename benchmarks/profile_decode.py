@@ -103,12 +103,16 @@ def main() -> None:
         for n in args.prefill:
             prompt = [(13 * j) % 20000 + 10 for j in range(n)]
 
-            def run(tag: str, prompt: list[int] = prompt) -> float:
+            span = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+            def run(tag: str, prompt: list[int] = prompt, span: list = span) -> float:
                 engine.add_request(tag, prompt, params)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
+                span[0].record()
                 while engine.has_unfinished_requests():
                     engine.step()
+                span[1].record()
                 torch.cuda.synchronize()
                 return (time.perf_counter() - start) * 1e3
 
@@ -117,7 +121,10 @@ def main() -> None:
             wall_ms = run(f"timed-{n}")
             after = torch.cuda.memory_stats()
             # cudaMalloc retries flush the allocator's cache (cudaFree: a device-wide wait)
-            print(f"prefill {n}: wall {wall_ms:.2f} ms, allocator retries "
+            # stream time from the first queued kernel to the last: wall time above it is
+            # the host's, a slow GPU shows here
+            print(f"prefill {n}: wall {wall_ms:.2f} ms, stream span "
+                  f"{span[0].elapsed_time(span[1]):.2f} ms, allocator retries "
                   f"{after['num_alloc_retries'] - before['num_alloc_retries']}, cudaMallocs "
                   f"{after['num_device_alloc'] - before['num_device_alloc']}, peak "
                   f"{after['allocated_bytes.all.peak'] / 2**30:.2f} GiB")
