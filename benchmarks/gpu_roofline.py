@@ -129,6 +129,15 @@ def inject(engine: LLMEngine, batch: int, context: int, tag: str, steps: int) ->
     return ids
 
 
+def release(engine: LLMEngine, ids: list[str]) -> None:
+    """Abort the injected sequences and step past the step scheduled ahead, which holds
+    their blocks until it has run (so the next batch finds the pool empty)."""
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
     for context in args.contexts:
         for batch in args.batch_sizes:
@@ -149,10 +158,7 @@ def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
             for h in handles:
                 h.remove()
             engine.runner.graphs = graphs
-            for rid in ids:
-                engine.abort_request(rid)
-            while engine.has_unfinished_requests():  # the step ahead holds their blocks
-                engine.step()
+            release(engine, ids)
             floor = decode_bytes(engine, batch, context, hits) / (peaks["copy_GBps"] * 1e9)
             rows.append({"path": label, "phase": "decode", "batch": batch, "context": context,
                          "step_ms": step * 1e3, "tokens_per_s": batch / step,

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, nargs="*", default=[],
                     help="also profile one prefill of each of these prompt lengths")
     args = ap.parse_args()
-    from benchmarks.gpu_roofline import inject
+    from benchmarks.gpu_roofline import inject, release
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_checkpoint(Path(tmp) / "m", "v2-lite", layers=args.layers,
@@ -93,10 +93,7 @@ def main() -> None:
                 find_syncs(engine.step, f"decode batch {batch}")
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 steps()
-            for rid in ids:
-                engine.abort_request(rid)
-            while engine.has_unfinished_requests():  # the step ahead holds their blocks
-                engine.step()
+            release(engine, ids)
             report(prof, args.steps, f"batch {batch}, context {args.context}, {args.layers} "
                    f"layers, wall {wall_ms:.2f} ms per step, bare replay {replay_ms:.2f} ms")
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

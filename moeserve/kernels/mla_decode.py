@@ -81,7 +81,7 @@ def mla_decode_kernel(
         m_i = m_new
 
     # Splits past a short sequence's end store nothing: the merge reads only the splits a
-    # sequence of this length uses (`_used_splits`), so their partials are never looked at.
+    # sequence of this length uses (from `_split_len`), so their partials are never read.
     out = acc / l_i[:, None]
     lse = m_i + tl.log2(l_i)
     used = head_ok & (start < seq_len + tl.zeros([BLOCK_H], tl.int32))

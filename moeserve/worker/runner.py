@@ -139,10 +139,6 @@ class ModelRunner:
             raise MemoryError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB)")
         return blocks
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one scheduled step; returns the sampled token of each request that needs one."""
-        return self.launch(out).result()
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
         """Queue one scheduled step on the device and return at once (on CUDA the host

@@ -250,11 +250,13 @@ class Scheduler:
 
     def _finishes_on_next_token(self, req: Request) -> bool:
         """True when the token being sampled for ``req`` ends it whatever its value."""
-        return (
-            req.pin_on_finish
-            or req.num_output_tokens + 1 >= req.sampling_params.max_tokens
-            or req.num_tokens + 1 >= self.max_model_len
-        )
+        return req.pin_on_finish or self._at_length_limit(req, pending=1)
+
+    def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
+        """``req`` has reached max_tokens or max_model_len once ``pending`` more tokens are
+        appended (the length half of `_check_stop`)."""
+        return (req.num_output_tokens + pending >= req.sampling_params.max_tokens
+                or req.num_tokens + pending >= self.max_model_len)
 
     def _chunk(self, req: Request, num_cached: int, budget: int) -> int:
         num_new = req.num_tokens - req.num_computed_tokens - num_cached
@@ -364,7 +366,7 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if req.pin_on_finish:  # prefill-only: the decode worker takes it from here
             return RequestStatus.FINISHED_LENGTH
-        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if self._at_length_limit(req):
             return RequestStatus.FINISHED_LENGTH
         return None
 
