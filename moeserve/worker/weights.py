@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +12,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moeserve.common.errors import CheckpointError
+from moeserve.common.progress import track
 
 __all__ = ["checkpoint_shards", "iterate_tensors", "dequantize_fp8_blocks", "load_checkpoint"]
 
 _SCALE_SUFFIX = "_scale_inv"
+# Set on each EP rank process (worker/parallel/group.py ENV_LOCAL_RANK); not imported from there
+# because that module pulls in torch.distributed.
+_ENV_LOCAL_RANK = "MOESERVE_LOCAL_RANK"
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_shards(model_dir: str | Path) -> tuple[list[Path], dict[str, str]]:
@@ -86,8 +94,25 @@ def _read_one(path: Path, name: str) -> torch.Tensor:
 
 def load_checkpoint(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Fill every parameter of `model` from the checkpoint; names what is missing."""
-    filled = model.load_weights(iterate_tensors(model_dir))
+    # Every local EP rank reads the same files: one progress report is enough.
+    first_rank = os.environ.get(_ENV_LOCAL_RANK, "0") == "0"
+    tensors = track(iterate_tensors(model_dir), _tensor_count(model_dir), "loading weights",
+                    unit="tensor", logger=logger, enabled=first_rank)
+    filled = model.load_weights(tensors)
     missing = sorted(model.expected_tensor_names() - filled)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint in {model_dir} lacks tensor {missing[0]!r}{more}")
+
+
+def _tensor_count(model_dir: str | Path) -> int | None:
+    """Weights in the checkpoint (scales not counted), for the progress total; None when the
+    checkpoint cannot be read, which iterate_tensors then reports with the reason."""
+    try:
+        shards, weight_map = checkpoint_shards(model_dir)
+        if not weight_map:
+            with safe_open(str(shards[0]), framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), shards[0].name)
+    except (CheckpointError, SafetensorError, OSError):
+        return None
+    return sum(not name.endswith(_SCALE_SUFFIX) for name in weight_map)

@@ -1,0 +1,96 @@
+"""Progress of long work a user waits on: checkpoint writing, weight loading, bench requests.
+
+One policy for all of them. On a terminal (stderr is a TTY): a tqdm bar on stderr. Elsewhere
+(pods, CI, pipes): a log line at most every `LOG_INTERVAL_S`, so a ten-minute weight load says
+where it is while a load of a second says nothing. Both only while the caller's logger is at
+INFO or below. $MOESERVE_PROGRESS=1 forces the bar (tests, `script` captures), =0 turns both off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+from tqdm import tqdm
+
+__all__ = ["ENV_PROGRESS", "LOG_INTERVAL_S", "Progress", "progress", "track"]
+
+ENV_PROGRESS = "MOESERVE_PROGRESS"
+LOG_INTERVAL_S = 10.0
+
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def close(self) -> None: ...
+
+
+class _LogProgress:
+    """The non-terminal form: a periodic `desc: done/total unit (pct)` log line."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, logger: logging.Logger,
+                 interval_s: float) -> None:
+        self.total, self.desc, self.unit, self.logger = total, desc, unit, logger
+        self.interval_s = interval_s
+        self.n = 0
+        self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            if self.total:
+                self.logger.info("%s: %d/%d %s (%.0f%%)", self.desc, self.n, self.total,
+                                 self.unit, 100 * self.n / self.total)
+            else:
+                self.logger.info("%s: %d %s", self.desc, self.n, self.unit)
+
+    def close(self) -> None:
+        pass
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int | None, desc: str, *, unit: str = "it",
+             logger: logging.Logger | None = None, enabled: bool = True) -> Progress:
+    """A progress reporter for `total` units of work (None: unknown); call update() and close().
+
+    `logger` is the caller's: its level decides whether anything shows, and the non-terminal
+    lines go through it. `enabled=False` is for the caller that knows it is a duplicate (every
+    EP rank but the first loads the same checkpoint).
+    """
+    log = logger or logging.getLogger("moeserve")
+    forced = os.environ.get(ENV_PROGRESS, "").strip().lower()
+    if not enabled or forced in ("0", "false", "off", "no"):
+        return _NoProgress()
+    if forced in ("1", "true", "on", "yes"):
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
+    if not log.isEnabledFor(logging.INFO):
+        return _NoProgress()
+    if sys.stderr is not None and sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
+    return _LogProgress(total, desc, unit, log, LOG_INTERVAL_S)
+
+
+def track(items: Iterable[T], total: int | None, desc: str, *, unit: str = "it",
+          logger: logging.Logger | None = None, enabled: bool = True) -> Iterator[T]:
+    """Yield from `items`, counting one unit per item; the reporter closes when they run out."""
+    bar = progress(total, desc, unit=unit, logger=logger, enabled=enabled)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
