@@ -36,15 +36,18 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_required: bool = T
     helps = EngineConfig.field_help()
     for f in fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
+        # argparse %-formats help strings (for %(default)s): a literal % in prose must be %%.
+        text = helps[f.name].replace("%", "%%")
         if f.name == "model":
-            parser.add_argument(flag, required=model_required, help=helps[f.name])
+            parser.add_argument(flag, required=model_required, help=text)
         elif f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=helps[f.name])
+                                default=f.default, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default,
-                                help=f"{helps[f.name]} (default: {f.default!r})")
+            if "(default:" not in text:  # model_id's docstring says what its "" means
+                text += " (default: %(default)r)"
+            parser.add_argument(flag, type=kind, default=f.default, help=text)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> Any:
