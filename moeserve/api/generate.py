@@ -4,6 +4,11 @@ protoc writes imports relative to the proto root (``from moeserve.v1 import comm
 rewritten to ``moeserve.api.moeserve.v1`` so the generated package lives inside ours without a
 ``sys.path`` hack. ``tests/test_proto_fresh.py`` regenerates into a temporary directory and fails
 when the checked-in files differ.
+
+The generated code refuses to import under a grpcio or protobuf runtime older than the generator
+that wrote it, so the generator is pinned (``GRPCIO_TOOLS_VERSION``, the test extra) and its
+versions are pyproject's floors for grpcio and protobuf: an old generator keeps old runtimes
+(grpcio 1.84 on the GPU image) working, and the test suite checks that the floors match.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PROTO_ROOT", "API_ROOT", "generate", "generated_files"]
+__all__ = ["PROTO_ROOT", "API_ROOT", "GRPCIO_TOOLS_VERSION", "generate", "generated_files"]
+
+GRPCIO_TOOLS_VERSION = "1.72.2"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
@@ -35,7 +42,15 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     # protoc runs in a child process: grpc_tools bundles its own libprotobuf, and loading it
     # into a process that later loads NIXL's bindings aborts that process.
     import grpc_tools  # build-time dependency only
+    from importlib.metadata import version
 
+    found = version("grpcio-tools")
+    if found != GRPCIO_TOOLS_VERSION:
+        raise RuntimeError(
+            f"grpcio-tools {found} is installed; moeserve's generated code is written by "
+            f"{GRPCIO_TOOLS_VERSION} (its versions are the grpcio/protobuf floors in "
+            f"pyproject.toml): pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}"
+        )
     protos = _protos(proto_root)
     if not protos:
         raise FileNotFoundError(f"no .proto files under {proto_root / _PACKAGE_DIR}")

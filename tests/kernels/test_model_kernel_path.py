@@ -23,6 +23,18 @@ def _model(path, device: str, kernels: bool) -> DeepseekForCausalLM:
     return model
 
 
+@pytest.fixture
+def tf32_matmul():
+    """cuBLAS float32 matmuls as tf32 for one test. Not monkeypatch: torch >= 2.13's
+    cuBLASModule answers getattr for allow_tf32 / fp32_precision but monkeypatch cannot undo
+    them (AttributeError at teardown), and mixing the legacy and new flags raises."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize("ckpt,shared_apart", [("tiny_v3", False), ("tiny_v2", False),
                                                 ("tiny_v2", True)])
 def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, monkeypatch):
@@ -34,7 +46,7 @@ def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, mon
     # differs by ~1e-3 in the hidden states, enough to flip one token's expert choice (seen:
     # one row off by 0.5 on the H100) and compare two different functions. With tf32 on
     # both sides the routing agrees and the logits within 2e-3 (benchmarks excluded).
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    request.getfixturevalue("tf32_matmul")
     path = request.getfixturevalue(ckpt)
     ref, fast = _model(path, device, False), _model(path, device, True)
     moe_layers = [layer.mlp for layer in fast.model.layers if isinstance(layer.mlp, MoE)]

@@ -23,7 +23,7 @@ class SamplingParams(_message.Message):
     seed: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: bool = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -67,4 +67,4 @@ class HealthResponse(_message.Message):
     max_model_len: int
     eos_token_id: int
     draining: bool
-    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., nixl_agent_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., nixl_agent_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., draining: bool = ...) -> None: ...
