@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from moeserve.common.spec import SpecError, parse_manifest, parse_spec
-from moeserve.operator.crds import CRD_FILES, build_crds, dump_crd
+from moeserve.operator.crds import CHART_CRDS, CRD_FILES, build_crds, dump_crd
 from moeserve.operator.render import render
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +40,8 @@ def test_checked_in_crds_are_generated_and_chart_copies_identical(kind: str) -> 
     assert top == dump_crd(build_crds()[kind]), (
         "crds/ is stale: python -m moeserve.operator.crds --write"
     )
-    assert (REPO / "charts/moeserve/crds" / CRD_FILES[kind]).read_text() == top
-    assert sorted(p.name for p in (REPO / "charts/moeserve/crds").iterdir()) == sorted(
+    assert (REPO / CHART_CRDS / CRD_FILES[kind]).read_text() == top
+    assert sorted(p.name for p in (REPO / CHART_CRDS).iterdir()) == sorted(
         p.name for p in (REPO / "crds").iterdir()
     )
 

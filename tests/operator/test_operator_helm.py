@@ -3,6 +3,7 @@ templated object valid for several Kubernetes versions."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 from pathlib import Path
@@ -107,12 +108,29 @@ def test_operator_pod_hardening_and_least_privilege(helm: Path) -> None:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
 
 
-def test_chart_crds_are_the_templated_crds(helm: Path) -> None:
-    docs = template(helm, [])
-    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
-    for path in (REPO / "crds").glob("*.yaml"):
-        top = yaml.safe_load(path.read_text())
-        assert crds[top["metadata"]["name"]] == top
+def _crds(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+
+
+def test_chart_crds_are_the_generated_crds_kept_on_uninstall(helm: Path) -> None:
+    # Templates (not the chart's crds/ folder, which helm never upgrades), so `helm upgrade`
+    # carries new spec fields to the cluster; "keep" so `helm uninstall` cannot delete every
+    # MoEDeployment with its CRD.
+    assert not (CHART / "crds").exists(), "helm would install crds/ once and never upgrade it"
+    crds = _crds(template(helm, []))
+    tops = [yaml.safe_load(p.read_text()) for p in (REPO / "crds").glob("*.yaml")]
+    assert sorted(crds) == sorted(t["metadata"]["name"] for t in tops)
+    for top in tops:
+        rendered = copy.deepcopy(crds[top["metadata"]["name"]])
+        annotations = rendered["metadata"].pop("annotations")
+        assert annotations == {"helm.sh/resource-policy": "keep"}
+        assert rendered == top
+
+
+def test_chart_crds_can_be_left_to_another_tool(helm: Path) -> None:
+    assert not _crds(template(helm, ["--set", "crds.install=false"]))
+    unkept = _crds(template(helm, ["--set", "crds.keep=false"]))
+    assert unkept and all("annotations" not in c["metadata"] for c in unkept.values())
 
 
 def test_adapter_rules_serve_the_hpa_metric_names(helm: Path) -> None:
