@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moeserve.router.metrics import RouterMetrics, WorkerMetrics, render
+from moeserve.router.metrics import RouterMetrics, render
+from moeserve.worker.metrics import WorkerMetrics
 
 
 def test_router_metric_names() -> None:
@@ -35,3 +36,22 @@ def test_worker_metrics_independent_registries() -> None:
     a.num_requests_waiting.set(3)
     assert b"moeserve:num_requests_waiting 3.0" in render(a.registry)[0]
     assert b"moeserve:num_requests_waiting 0.0" in render(b.registry)[0]
+
+
+def test_worker_stream_timing(monkeypatch) -> None:
+    """A worker times its own stream: TTFT from arrival, ITL between messages, TPOT at the end."""
+    from moeserve.worker import metrics as worker_metrics
+
+    clock = iter([1.5, 1.5, 1.75, 2.5])
+    monkeypatch.setattr(worker_metrics.time, "perf_counter", lambda: next(clock))
+    m = WorkerMetrics()
+    timing = worker_metrics.StreamTiming(m, arrived=1.0)
+    timing.tokens(1, False)  # first token 0.5 s after arrival
+    timing.tokens(0, False)  # an empty message times nothing
+    timing.tokens(2, False)  # 0.25 s later
+    timing.tokens(1, True)  # 0.75 s later; 4 tokens over 1.0 s after the first: TPOT 1/3 s
+    text = render(m.registry)[0].decode()
+    assert "moeserve:time_to_first_token_seconds_sum 0.5" in text
+    assert "moeserve:inter_token_latency_seconds_count 2.0" in text
+    assert "moeserve:inter_token_latency_seconds_sum 1.0" in text
+    assert "moeserve:request_time_per_output_token_seconds_sum 0.333" in text

@@ -16,11 +16,11 @@ from moeserve.api import common_pb2, worker_pb2_grpc
 from moeserve.cli import build_parser, main
 from moeserve.common import spec as s
 from moeserve.common.errors import ConfigError
-from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.env_defaults import env_defaults
 from moeserve.worker.health import WORKER_SERVICE, add_health_service
+from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.server import WorkerServicer
 
 pytestmark = pytest.mark.timeout(60)

@@ -5,8 +5,8 @@ where an HPA would put them, the MoEWorkerPools' ``spec.replicas`` (scale subres
 reconciler follows them the same way; the planner's memory (last change, idle since) rides on
 the decode pool as an annotation, so an operator restart does not reset the hysteresis.
 
-Load comes from a :class:`MetricsSource`: Prometheus in a cluster (the router's and workers'
-series), a fake in tests. Wake-up: while the deployment is at zero the router holds requests and
+Load comes from a :class:`MetricsSource`: Prometheus in a cluster (the router's series), a fake
+in tests. Wake-up: while the deployment is at zero the router holds requests and
 exports ``moeserve:router_requests_held``; a non-zero value wakes the pools.
 """
 
@@ -33,12 +33,19 @@ from moeserve.operator.planner import (
 )
 
 __all__ = ["MetricsSource", "PrometheusSource", "Autoscaler", "STATE_ANNOTATION",
-           "METRIC_REQUESTS_HELD"]
+           "METRIC_REQUESTS_HELD", "PROM_LABEL_DEPLOYMENT", "PROM_LABEL_POOL", "POOL_ROUTER"]
 
 logger = logging.getLogger(__name__)
 OWN_API = f"{API_GROUP}/{API_VERSION}"
 STATE_ANNOTATION = "moeserve.io/planner-state"
 METRIC_REQUESTS_HELD = "moeserve:router_requests_held"
+# The target labels the chart's ServiceMonitor relabels every scraped series with
+# (charts/moeserve/templates/servicemonitor.yaml); the planner, the prometheus-adapter rules and
+# the Grafana dashboard select on exactly these, and tests/test_dashboard.py holds the chart to
+# them. The pool is the worker's role (prefill, decode) or "router".
+PROM_LABEL_DEPLOYMENT = "moeserve_deployment"
+PROM_LABEL_POOL = "moeserve_pool"
+POOL_ROUTER = "router"
 
 
 class MetricsSource(Protocol):
@@ -46,7 +53,12 @@ class MetricsSource(Protocol):
 
 
 class PrometheusSource:
-    """Reads the deployment's load from Prometheus' HTTP API (``spec.autoscaling.metricsUrl``)."""
+    """Reads the deployment's load from Prometheus' HTTP API (``spec.autoscaling.metricsUrl``).
+
+    Every query reads the router's series only (``moeserve_pool="router"``): prompt and
+    generated tokens are counted by the router and again by the prefill and decode workers, and
+    the SLA is the latency the client sees, which only the router measures.
+    """
 
     QUERIES = {
         "prefill_tokens_per_s": 'sum(rate(moeserve:prompt_tokens_total{{{sel}}}[2m]))',
@@ -57,6 +69,17 @@ class PrometheusSource:
         "itl_p90_s": 'histogram_quantile(0.9, sum by (le) '
                      '(rate(moeserve:inter_token_latency_seconds_bucket{{{sel}}}[2m])))',
     }
+
+    @staticmethod
+    def selector(dep: MoEDeployment) -> str:
+        """Label matchers of the deployment's router series."""
+        return (f'namespace="{dep.namespace}",{PROM_LABEL_DEPLOYMENT}="{dep.name}",'
+                f'{PROM_LABEL_POOL}="{POOL_ROUTER}"')
+
+    def queries(self, dep: MoEDeployment) -> dict[str, str]:
+        """The PromQL of each load figure, for ``dep``."""
+        sel = self.selector(dep)
+        return {k: q.format(sel=sel) for k, q in self.QUERIES.items()}
 
     def __init__(self, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
@@ -74,8 +97,7 @@ class PrometheusSource:
         base = dep.spec.autoscaling.metrics_url
         if not base:
             raise ValueError("spec.autoscaling.metricsUrl is not set")
-        sel = f'namespace="{dep.namespace}",moeserve_deployment="{dep.name}"'
-        got = {k: self._query(base, q.format(sel=sel)) for k, q in self.QUERIES.items()}
+        got = {k: self._query(base, q) for k, q in self.queries(dep).items()}
         return LoadSample(
             prefill_tokens_per_s=got["prefill_tokens_per_s"] or 0.0,
             decode_tokens_per_s=got["decode_tokens_per_s"] or 0.0,

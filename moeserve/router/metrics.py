@@ -1,8 +1,11 @@
-"""Prometheus metrics of the router and the workers, named as vLLM / Dynamo users expect.
+"""Prometheus metrics of the router (the workers' are in moeserve.worker.metrics), named as
+vLLM / Dynamo users expect, and the pieces both share (buckets, KV transfer, rendering).
 
 vLLM's ``vllm:<name>`` becomes ``moeserve:<name>``, so existing dashboards and HPA rules port by
 renaming the prefix. Each component builds its metrics on its own registry (tests and several
-components in one process never collide on the global one).
+components in one process never collide on the global one). A series that both the router and a
+worker export (prompt and generated tokens, TTFT, ...) is told apart by the ``moeserve_pool``
+target label the chart's ServiceMonitor adds (router, prefill, decode): every query picks one.
 """
 
 from __future__ import annotations
@@ -16,22 +19,23 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["RouterMetrics", "WorkerMetrics", "render"]
+__all__ = ["RouterMetrics", "KVTransferMetrics", "render", "LATENCY_BUCKETS", "ITL_BUCKETS",
+           "TRANSFER_BUCKETS"]
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
-_ITL_BUCKETS = (
+ITL_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
     0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
-_TRANSFER_BUCKETS = (
+TRANSFER_BUCKETS = (
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 
 
-class _KVTransferMetrics:
+class KVTransferMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.kv_transfer_bytes = Counter(
             "moeserve:kv_transfer_bytes",
@@ -41,7 +45,7 @@ class _KVTransferMetrics:
         self.kv_transfer_seconds = Histogram(
             "moeserve:kv_transfer_seconds",
             "Time of one KV transfer (READ posted to completion).",
-            buckets=_TRANSFER_BUCKETS,
+            buckets=TRANSFER_BUCKETS,
             registry=registry,
         )
         self.kv_transfer_failures = Counter(
@@ -51,60 +55,7 @@ class _KVTransferMetrics:
         )
 
 
-class WorkerMetrics(_KVTransferMetrics):
-    """Metrics one worker process exports on its /metrics port."""
-
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        super().__init__(self.registry)
-        r = self.registry
-        self.num_requests_running = Gauge(
-            "moeserve:num_requests_running", "Requests in the running batch.", registry=r
-        )
-        self.num_requests_waiting = Gauge(
-            "moeserve:num_requests_waiting", "Requests waiting to be scheduled.", registry=r
-        )
-        self.kv_cache_usage_perc = Gauge(
-            "moeserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", registry=r
-        )
-        self.prefix_cache_queries = Counter(
-            "moeserve:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            registry=r,
-        )
-        self.prefix_cache_hits = Counter(
-            "moeserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
-        )
-        self.prompt_tokens = Counter(
-            "moeserve:prompt_tokens", "Prompt tokens received.", registry=r
-        )
-        self.generation_tokens = Counter(
-            "moeserve:generation_tokens", "Tokens generated.", registry=r
-        )
-        self.request_success = Counter(
-            "moeserve:request_success",
-            "Finished requests by reason.",
-            ["finished_reason"],
-            registry=r,
-        )
-        self.prompt_tokens_computed = Gauge(
-            "moeserve:prompt_tokens_computed",
-            "Prompt tokens this worker ran through the model (not cached, not transferred).",
-            registry=r,
-        )
-        self.pinned_kv_leases = Gauge(
-            "moeserve:kv_pinned_leases",
-            "Prefilled requests whose blocks await a decode READ.",
-            registry=r,
-        )
-        self.expired_kv_leases = Counter(
-            "moeserve:kv_expired_leases",
-            "Pinned KV released because no decode collected it.",
-            registry=r,
-        )
-
-
-class RouterMetrics(_KVTransferMetrics):
+class RouterMetrics(KVTransferMetrics):
     """Metrics of one router replica; per-worker gauges come from the workers' load reports."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -166,19 +117,19 @@ class RouterMetrics(_KVTransferMetrics):
         self.time_to_first_token = Histogram(
             "moeserve:time_to_first_token_seconds",
             "Time to first token.",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token_latency = Histogram(
             "moeserve:inter_token_latency_seconds",
             "Time between streamed tokens.",
-            buckets=_ITL_BUCKETS,
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.e2e_request_latency = Histogram(
             "moeserve:e2e_request_latency_seconds",
             "Request latency, arrival to last token.",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
 

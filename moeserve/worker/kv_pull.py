@@ -25,7 +25,6 @@ from moeserve.common.errors import IncompatibleKVError
 from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, open_channel
-from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineLoop
 from moeserve.worker.faults import FaultPlan
@@ -35,6 +34,7 @@ from moeserve.worker.kv_transfer import (
     TransferState,
     encode_release_notif,
 )
+from moeserve.worker.metrics import WorkerMetrics
 
 __all__ = ["KVPuller"]
 

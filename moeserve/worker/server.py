@@ -26,7 +26,6 @@ from moeserve.common.errors import InvalidRequestError, MoeServeError, Unavailab
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from_args
-from moeserve.router.metrics import WorkerMetrics
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
 from moeserve.worker.env_defaults import apply_env_defaults
@@ -37,6 +36,7 @@ from moeserve.worker.kv_handles import HandleTable, KVHandleServicer
 from moeserve.worker.kv_leases import LeaseTable
 from moeserve.worker.kv_pull import KVPuller
 from moeserve.worker.kv_transfer import KVTransferAgent
+from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.worker_events import EventHub, engine_fingerprint
 
 __all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]
@@ -146,13 +146,14 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Prefill(self, request, context):
+        arrived = time.perf_counter()  # the worker's TTFT counts the wait at the gate too
         try:
             with self.gate.admit("prefill"):
-                return await self._prefill(request)
+                return await self._prefill(request, arrived)
         except (MoeServeError, EngineDied) as e:
             await abort_with(context, e)
 
-    async def _prefill(self, request) -> worker_pb2.PrefillResponse:
+    async def _prefill(self, request, arrived: float) -> worker_pb2.PrefillResponse:
         rid = request.request_id or uuid.uuid4().hex
         if self.faults.stall_prefill_s:
             await asyncio.sleep(self.faults.stall_prefill_s)
@@ -169,6 +170,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             if isinstance(out, Exception):
                 raise out
             done = True
+            self.metrics.time_to_first_token.observe(time.perf_counter() - arrived)
             first = out.new_token_ids[0]
             finished = out.finish_reason == "stop" or params.max_tokens <= 1
             lease_s = self.leases.default_lease_s
@@ -215,14 +217,17 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         return engine.release_pinned(rid)
 
     async def Generate(self, request, context) -> AsyncIterator:
+        arrived = time.perf_counter()
         try:
             with self.gate.admit("generate"):
-                async for msg in self._generate(request):
+                async for msg in self._generate(request, arrived):
                     yield msg
         except (MoeServeError, EngineDied) as e:
             await abort_with(context, e)
 
-    async def _generate(self, request) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+    async def _generate(
+        self, request, arrived: float
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
         stream = self.loop.open_stream(rid)
         finished = False
@@ -240,6 +245,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                 await self.loop.call(lambda e: e.add_request(rid, prompt, params))
             first_msg = True
             sent = 0
+            timing = StreamTiming(self.metrics, arrived)
             while not finished:
                 sent += 1
                 await self._inject_stream_fault(sent)
@@ -247,6 +253,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                 if isinstance(out, Exception):
                     raise out
                 finished = out.finished
+                timing.tokens(len(out.new_token_ids), finished)
                 self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 if first_msg:
                     self.metrics.prefix_cache_queries.inc(len(prompt))

@@ -1,0 +1,115 @@
+"""Prometheus metrics one worker process exports on its /metrics port (vLLM-style names).
+
+The latency histograms carry the router's names (``moeserve:time_to_first_token_seconds``, ...)
+but time this worker only, from a request's arrival here: the prefill pool's HPA scales on its
+own pods' TTFT p90, which the router's end-to-end TTFT cannot give per pod. Queries tell the two
+apart by the ``moeserve_pool`` target label (router, prefill, decode) the chart's ServiceMonitor
+adds; see docs/operator.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moeserve.router.metrics import ITL_BUCKETS, LATENCY_BUCKETS, KVTransferMetrics
+
+__all__ = ["WorkerMetrics", "StreamTiming"]
+
+
+class WorkerMetrics(KVTransferMetrics):
+    """Metrics one worker process exports on its /metrics port."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        super().__init__(self.registry)
+        r = self.registry
+        self.num_requests_running = Gauge(
+            "moeserve:num_requests_running", "Requests in the running batch.", registry=r
+        )
+        self.num_requests_waiting = Gauge(
+            "moeserve:num_requests_waiting", "Requests waiting to be scheduled.", registry=r
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "moeserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", registry=r
+        )
+        self.prefix_cache_queries = Counter(
+            "moeserve:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "moeserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "moeserve:prompt_tokens", "Prompt tokens received.", registry=r
+        )
+        self.generation_tokens = Counter(
+            "moeserve:generation_tokens", "Tokens generated.", registry=r
+        )
+        self.request_success = Counter(
+            "moeserve:request_success",
+            "Finished requests by reason.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.prompt_tokens_computed = Gauge(
+            "moeserve:prompt_tokens_computed",
+            "Prompt tokens this worker ran through the model (not cached, not transferred).",
+            registry=r,
+        )
+        self.pinned_kv_leases = Gauge(
+            "moeserve:kv_pinned_leases",
+            "Prefilled requests whose blocks await a decode READ.",
+            registry=r,
+        )
+        self.expired_kv_leases = Counter(
+            "moeserve:kv_expired_leases",
+            "Pinned KV released because no decode collected it.",
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "moeserve:time_to_first_token_seconds",
+            "Time from a request's arrival at this worker to the first token it produced "
+            "(prefill: the token handed back with the KV handle; decode: the first streamed).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "moeserve:inter_token_latency_seconds",
+            "Time between tokens this worker streamed.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "moeserve:request_time_per_output_token_seconds",
+            "Per request: time from the first to the last streamed token over the tokens after "
+            "the first (TPOT).",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+
+
+class StreamTiming:
+    """TTFT, inter-token latency and TPOT of one Generate stream, as this worker saw them."""
+
+    def __init__(self, metrics: WorkerMetrics, arrived: float):
+        self.metrics, self.arrived = metrics, arrived
+        self.first: float | None = None
+        self.last = arrived
+        self.count = 0
+
+    def tokens(self, n: int, finished: bool) -> None:
+        """One stream message of ``n`` tokens arrived (``finished``: the last one)."""
+        now = time.perf_counter()
+        if n:
+            if self.first is None:
+                self.first = now
+                self.metrics.time_to_first_token.observe(now - self.arrived)
+            else:
+                self.metrics.inter_token_latency.observe(now - self.last)
+            self.last, self.count = now, self.count + n
+        if finished and self.first is not None and self.count > 1:
+            tpot = (self.last - self.first) / (self.count - 1)
+            self.metrics.time_per_output_token.observe(tpot)
