@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.model_config import ModelConfig
+from moeserve.common.model_presets import ModelShape, planned_model_config
 from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
 from moeserve.common.spec_ops import (
     AutoscalingSpec,
@@ -173,6 +175,23 @@ class ModelSpec(_Model):
     num_experts: int | None = Field(None, ge=1, description="Routed experts per MoE layer; when "
                                     "set, each pool's ep must divide experts + redundant experts.")
     block_size: int = Field(64, ge=1, le=1024, description="KV block size in tokens.")
+    shape: ModelShape | None = Field(None, description="Known model shape for the memory plan "
+                                     "(default: from a known HuggingFace name or the preset).")
+    config: dict[str, Any] = Field(default_factory=dict, description="config.json fields for "
+                                   "the memory plan: the whole file, or overrides of `shape`.")
+
+    @model_validator(mode="after")
+    def _plannable(self) -> ModelSpec:
+        try:
+            self.model_config_for_plan()
+        except ConfigError as exc:
+            raise FieldRuleError("shape" if self.shape and not self.config else "config",
+                                 str(exc)) from None
+        return self
+
+    def model_config_for_plan(self) -> ModelConfig | None:
+        """The checkpoint's shape as far as the manifest tells (None: it does not)."""
+        return planned_model_config(self.shape, self.config, self.name, self.source.preset)
 
     def container_path(self) -> str:
         leaf = self.path or (self.source.preset or "")
@@ -217,6 +236,10 @@ class PoolSpec(_Model):
     parallelism: Parallelism = Field(default_factory=Parallelism)
     gpus_per_pod: int = Field(8, ge=0, le=16,
                               description="GPUs per pod; 0 runs on CPU with one rank per pod.")
+    gpu_memory_gib: float | None = Field(
+        None, alias="gpuMemoryGiB", gt=0, le=4096,
+        description="Memory of one GPU (GiB) for the memory plan; default: from nodeSelector "
+                    "nvidia.com/gpu.product when the product is known.")
     image: str | None = Field(None, min_length=1, description="Defaults to spec.image.")
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(default_factory=dict)

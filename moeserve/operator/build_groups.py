@@ -47,7 +47,8 @@ def compat_key(dep: MoEDeployment) -> str:
     are equal, so a change here rolls both pools."""
     spec = dep.spec
     return _digest({
-        "model": spec.model.model_dump(mode="json"),
+        # the memory plan's inputs do not reach the workers
+        "model": spec.model.model_dump(mode="json", exclude={"shape", "config"}),
         **{role: {"image": spec.pool(role).image or spec.image,
                   "args": list(spec.pool(role).extra_args),
                   "parallelism": spec.pool(role).parallelism.model_dump(mode="json")}

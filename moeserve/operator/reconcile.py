@@ -3,7 +3,9 @@
 Every trigger (create, update, resume, the resync timer, a child deleted or changed) ends here
 and recomputes the desired state from the whole object, never from the edge that fired. Nothing
 is applied until the whole spec parsed and rendered, so an invalid spec leaves no partial
-children: it only sets the Degraded condition (and an Event, posted by the caller).
+children: it only sets the Degraded condition (and an Event, posted by the caller). The same
+holds for a spec whose pools' GPUs cannot hold the model (the memory plan, reason
+InsufficientGPUMemory); a spec that fits reports its plan in the MemoryFits condition.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import datetime
 import threading
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from moeserve.common.spec import (
@@ -32,6 +34,7 @@ from moeserve.operator.build_router import router_endpoint, router_name
 from moeserve.operator.build_workers import group_name, pool_name
 from moeserve.operator.day2 import Observed, observe
 from moeserve.operator.kube import Kube, KubeError
+from moeserve.operator.memory_check import MemoryPlanError, PoolMemory, check_memory
 from moeserve.operator.render import (
     MANAGED_BY,
     OPTIONAL_KINDS,
@@ -132,6 +135,9 @@ class Reconciler:
     def _reconcile(self, body: Mapping[str, Any], apply: bool) -> Outcome:
         try:
             dep = parse_manifest(body)
+            plans = check_memory(dep)
+        except MemoryPlanError as exc:
+            return self._degrade(body, "InsufficientGPUMemory", str(exc), retry=False)
         except SpecError as exc:
             return self._degrade(body, "InvalidSpec", str(exc), retry=False)
         try:
@@ -139,6 +145,7 @@ class Reconciler:
             workers = self.kube.list("apps/v1", "StatefulSet", dep.namespace,
                                      {LABEL_DEPLOYMENT: dep.name, LABEL_COMPONENT: "worker"})
             seen = observe(self.kube, dep, groups, workers, body.get("status") or {})
+            seen = _with_memory_condition(seen, plans)
             if apply:
                 children = render(dep, groups, seen.plans)
                 for child in children:
@@ -226,6 +233,17 @@ class Reconciler:
         event = None if _degraded(previous) == (reason, message) else \
             ("Warning", reason, message)
         return Outcome(body=body, status=status, event=event, retry=retry, error=message)
+
+
+def _with_memory_condition(seen: Observed, plans: Mapping[str, PoolMemory]) -> Observed:
+    """MemoryFits: each planned pool's numbers (none when no pool could be planned)."""
+    if all(p.plan is None for p in plans.values()):
+        return seen
+    text = "; ".join(f"{role}: {p.plan.summary()}" if p.plan else f"{role}: {p.unknown}"
+                     for role, p in plans.items())
+    day2 = replace(seen.day2, conditions=(*seen.day2.conditions,
+                                          ("MemoryFits", True, "Fits", text)))
+    return replace(seen, day2=day2)
 
 
 def _changed(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:

@@ -36,7 +36,8 @@ class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
-ConditionType = Literal["Ready", "Progressing", "Degraded", "GroupsScheduled", "FabricReady"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "GroupsScheduled", "FabricReady",
+                        "MemoryFits"]
 
 
 class Condition(_Status):

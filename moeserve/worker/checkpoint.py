@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from moeserve.common.model_config import ModelConfig
+from moeserve.common.model_presets import FP8_QUANTIZATION_CONFIG, PRESETS
 from moeserve.worker.model.deepseek import DeepseekForCausalLM
 from moeserve.worker.tokenizer_files import write_tokenizer
 
@@ -28,53 +29,6 @@ __all__ = [
     "PRESETS", "preset_config", "make_checkpoint", "random_tensors", "ensure_tiny_checkpoint",
     "default_cache_dir",
 ]
-
-_YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-PRESETS: dict[str, dict[str, Any]] = {
-    # Small enough for CPU tests, with every feature of V3 switched on: q_lora, groups, yarn.
-    "tiny": {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
-        "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 2, "topk_group": 1,
-        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
-        "routed_scaling_factor": 2.5, "max_position_embeddings": 4096, "rope_theta": 10000,
-        "rope_scaling": {**_YARN_V3, "factor": 4, "original_max_position_embeddings": 1024},
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 0,
-        "eos_token_id": 1, "hidden_act": "silu", "attention_bias": False,
-    },
-    "v2-lite": {
-        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
-        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
-        "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
-        "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
-        "routed_scaling_factor": 1.0, "max_position_embeddings": 163840, "rope_theta": 10000,
-        "rope_scaling": {**_YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707},
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 100000,
-        "eos_token_id": 100001, "hidden_act": "silu", "attention_bias": False,
-    },
-    "v3": {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
-        "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
-        "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_group": 8, "topk_group": 4,
-        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
-        "routed_scaling_factor": 2.5, "max_position_embeddings": 163840, "rope_theta": 10000,
-        "rope_scaling": _YARN_V3, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-        "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu", "attention_bias": False,
-    },
-}
 
 
 def preset_config(
@@ -171,9 +125,7 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset_config(preset, layers, experts, dtype)
     if fp8:
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                      "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}
+        cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     config = ModelConfig.from_dict(cfg)
     torch_dtype = getattr(torch, dtype)
     weight_map: dict[str, str] = {}
