@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import socket
 import sys
@@ -20,7 +21,11 @@ from typing import Any
 
 import httpx
 
+from moeserve.common.progress import progress
+
 __all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts", "run_bench"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,30 +177,27 @@ async def run_bench(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None
         prompts = make_prompts(cfg, max_id)
         rng = random.Random(cfg.seed + 1)
         sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency > 0 else None
-        done = 0
+        bar = progress(len(prompts), "requests", unit="req", logger=logger,
+                       enabled=cfg.progress)  # fmt: skip
 
         async def run(prompt: list[int]) -> RequestRecord:
-            nonlocal done
             if sem is None:
                 rec = await _one(client, cfg, model, prompt)
             else:
                 async with sem:
                     rec = await _one(client, cfg, model, prompt)
-            done += 1
-            if cfg.progress:
-                print(f"\r[{done}/{len(prompts)}] requests done", end="", file=sys.stderr)
+            bar.update(1)
             return rec
 
         start = time.perf_counter()
-        tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(run(prompt)))
-            if cfg.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(cfg.request_rate))
-        records = await asyncio.gather(*tasks)
+        with bar:
+            tasks = []
+            for prompt in prompts:
+                tasks.append(asyncio.create_task(run(prompt)))
+                if cfg.request_rate != float("inf"):
+                    await asyncio.sleep(rng.expovariate(cfg.request_rate))
+            records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    if cfg.progress:
-        print(file=sys.stderr)
     summary = summarize(list(records), duration)
     _print_table(summary)
     if cfg.out:

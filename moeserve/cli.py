@@ -15,7 +15,7 @@ from typing import Any
 from moeserve.common.errors import MoeServeError
 from moeserve.common.spec import ENV_LOG_LEVEL
 
-__all__ = ["main", "add_engine_args", "engine_config_from_args"]
+__all__ = ["main", "add_engine_args", "engine_config_from_args", "configure_logging"]
 
 # Subcommands owned by other packages: (module, function that registers the parser).
 _EXTERNAL_PARSERS = [
@@ -177,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log every request or connection at INFO / DEBUG (httpx: one line per bench
+# request); their warnings and errors still show.
+QUIET_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "urllib3", "asyncio", "grpc",
+                 "kubernetes.client.rest", "multipart", "filelock")
+
+
+def configure_logging(level: str) -> None:
+    """The one logging set-up of every `moeserve` command: `level` for our own loggers (and
+    any library not listed), WARNING for the chatty libraries in QUIET_LOGGERS."""
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = max(logging.WARNING, logging.getLevelName(level.upper()))  # ERROR stays ERROR
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
+
+
 def _pop_log_level(argv: list[str]) -> tuple[list[str], str]:
     """--log-level is accepted anywhere on the line, before or after the subcommand; without
     it, $MOESERVE_LOG_LEVEL (how the operator sets it in pods), else INFO."""
@@ -199,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(logging.getLevelName(level.upper()), int):
         parser.error(f"--log-level / ${ENV_LOG_LEVEL} {level!r}: expected DEBUG, INFO, "
                      "WARNING or ERROR")  # fmt: skip
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     try:
         if getattr(args, "ep", 1) > 1:  # --ep N: one process per local rank
             from moeserve.worker.parallel.launch import maybe_spawn_ranks

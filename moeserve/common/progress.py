@@ -28,15 +28,28 @@ T = TypeVar("T")
 class Progress(Protocol):
     def update(self, n: int = 1) -> Any: ...
     def close(self) -> None: ...
+    def __enter__(self) -> Progress: ...
+    def __exit__(self, *exc: object) -> Any: ...
 
 
-class _LogProgress:
+class _Closing:
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Closing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LogProgress(_Closing):
     """The non-terminal form: a periodic `desc: done/total unit (pct)` log line."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, logger: logging.Logger,
-                 interval_s: float) -> None:
+    def __init__(self, total: int | None, desc: str, unit: str, unit_scale: bool,
+                 logger: logging.Logger, interval_s: float) -> None:
         self.total, self.desc, self.unit, self.logger = total, desc, unit, logger
-        self.interval_s = interval_s
+        self.unit_scale, self.interval_s = unit_scale, interval_s
         self.n = 0
         self._last = time.monotonic()
 
@@ -45,27 +58,27 @@ class _LogProgress:
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
+            done = self._count(self.n)
             if self.total:
-                self.logger.info("%s: %d/%d %s (%.0f%%)", self.desc, self.n, self.total,
+                self.logger.info("%s: %s/%s %s (%.0f%%)", self.desc, done, self._count(self.total),
                                  self.unit, 100 * self.n / self.total)
             else:
-                self.logger.info("%s: %d %s", self.desc, self.n, self.unit)
+                self.logger.info("%s: %s %s", self.desc, done, self.unit)
 
-    def close(self) -> None:
-        pass
+    def _count(self, n: int) -> str:
+        return tqdm.format_sizeof(n) if self.unit_scale else str(n)
 
 
-class _NoProgress:
+class _NoProgress(_Closing):
     def update(self, n: int = 1) -> None:
         pass
 
-    def close(self) -> None:
-        pass
 
-
-def progress(total: int | None, desc: str, *, unit: str = "it",
+def progress(total: int | None, desc: str, *, unit: str = "it", unit_scale: bool = False,
              logger: logging.Logger | None = None, enabled: bool = True) -> Progress:
-    """A progress reporter for `total` units of work (None: unknown); call update() and close().
+    """A progress reporter for `total` units of work (None: unknown): a context manager with
+    update(n), closed on exit (tqdm's interface).
+    `unit_scale`: show counts with k/M/G prefixes (for bytes or parameters).
 
     `logger` is the caller's: its level decides whether anything shows, and the non-terminal
     lines go through it. `enabled=False` is for the caller that knows it is a duplicate (every
@@ -75,22 +88,21 @@ def progress(total: int | None, desc: str, *, unit: str = "it",
     forced = os.environ.get(ENV_PROGRESS, "").strip().lower()
     if not enabled or forced in ("0", "false", "off", "no"):
         return _NoProgress()
+    bar = dict(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
+               mininterval=0.5)
     if forced in ("1", "true", "on", "yes"):
-        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
+        return tqdm(**bar)
     if not log.isEnabledFor(logging.INFO):
         return _NoProgress()
     if sys.stderr is not None and sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
-    return _LogProgress(total, desc, unit, log, LOG_INTERVAL_S)
+        return tqdm(**bar)
+    return _LogProgress(total, desc, unit, unit_scale, log, LOG_INTERVAL_S)
 
 
 def track(items: Iterable[T], total: int | None, desc: str, *, unit: str = "it",
           logger: logging.Logger | None = None, enabled: bool = True) -> Iterator[T]:
     """Yield from `items`, counting one unit per item; the reporter closes when they run out."""
-    bar = progress(total, desc, unit=unit, logger=logger, enabled=enabled)
-    try:
+    with progress(total, desc, unit=unit, logger=logger, enabled=enabled) as bar:
         for item in items:
             yield item
             bar.update(1)
-    finally:
-        bar.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 
 from moeserve.common.model_config import ModelConfig
 from moeserve.common.model_presets import FP8_QUANTIZATION_CONFIG, PRESETS
+from moeserve.common.progress import progress
 from moeserve.worker.model.deepseek import DeepseekForCausalLM
 from moeserve.worker.tokenizer_files import write_tokenizer
 
@@ -29,6 +32,8 @@ __all__ = [
     "PRESETS", "preset_config", "make_checkpoint", "random_tensors", "ensure_tiny_checkpoint",
     "default_cache_dir",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def preset_config(
@@ -131,23 +136,29 @@ def make_checkpoint(
     weight_map: dict[str, str] = {}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in random_tensors(config, seed, device):
-        group = {name: t.to(torch_dtype)}
-        if fp8 and _is_fp8_target(name, t):
-            q, s = _quantize_fp8(t, (128, 128))
-            group = {name: q, name + "_scale_inv": s}
-        nbytes = sum(v.numel() * v.element_size() for v in group.values())
-        if size and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1].update({k: v.cpu().contiguous() for k, v in group.items()})
-        size += nbytes
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-        total += sum(v.numel() * v.element_size() for v in shard.values())
+    # Counted in parameters: one embedding of V3 weighs as much as a thousand norms.
+    params = sum(math.prod(shape) for _, shape in _tensor_shapes(config))
+    with progress(params, "drawing weights", unit="param", unit_scale=True,
+                  logger=logger) as bar:  # fmt: skip
+        for name, t in random_tensors(config, seed, device):
+            group = {name: t.to(torch_dtype)}
+            if fp8 and _is_fp8_target(name, t):
+                q, s = _quantize_fp8(t, (128, 128))
+                group = {name: q, name + "_scale_inv": s}
+            nbytes = sum(v.numel() * v.element_size() for v in group.values())
+            if size and size + nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1].update({k: v.cpu().contiguous() for k, v in group.items()})
+            size += nbytes
+            bar.update(t.numel())
+    total = sum(v.numel() * v.element_size() for shard in shards for v in shard.values())
+    with progress(total, f"writing {out}", unit="B", unit_scale=True, logger=logger) as bar:
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+            bar.update(sum(v.numel() * v.element_size() for v in shard.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(_layout(cfg, config_layout), indent=2))
