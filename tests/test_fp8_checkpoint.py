@@ -15,7 +15,7 @@ from tests.conftest import make_small_checkpoint
 def test_dequantize_applies_each_block_scale():
     w = torch.ones(130, 260).to(torch.float8_e4m3fn)
     scale = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    out = dequantize_fp8_blocks(w, scale)
+    out = dequantize_fp8_blocks(w, scale, (128, 128))
     assert out[0, 0] == 1 and out[0, 128] == 2 and out[0, 259] == 3
     assert out[128, 0] == 4 and out[129, 259] == 6
 

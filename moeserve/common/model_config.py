@@ -98,6 +98,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "bfloat16"
+    # (rows, columns) of one weight_scale_inv block of an fp8 checkpoint; None: not fp8
     fp8_block_size: tuple[int, int] | None = None
     attention_bias: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -163,14 +164,7 @@ class ModelConfig:
             raise ConfigError(f"n_routed_experts={n_experts} is not divisible by n_group={n_group}")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        quant = cfg.get("quantization_config") or {}
-        fp8_block = None
-        if quant:
-            if quant.get("quant_method") != "fp8":
-                raise ConfigError(
-                    f"unsupported quantization_config.quant_method {quant.get('quant_method')!r}"
-                )
-            fp8_block = tuple(quant.get("weight_block_size") or (128, 128))
+        fp8_block = _parse_quantization(cfg.get("quantization_config"))
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -207,6 +201,37 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             raw=cfg,
         )
+
+
+def _parse_quantization(quant: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The fp8 weight block (bn, bk) of `quantization_config`, None without one.
+
+    Only DeepSeek's block-scaled fp8 is served: quant_method "fp8", fmt "e4m3" (DeepSeek's
+    releases write it; transformers' fine-grained fp8 configs leave it out) and an explicit
+    weight_block_size. Without a block size the scales' shapes cannot be read unambiguously
+    (a [576, 7168] weight with 5 x 56 scales could have 116-row or 128-row blocks), and the
+    per-tensor fp8 layout that omits it is not served."""
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"config.json field 'quantization_config.quant_method' is {method!r}: "
+                          "only block-scaled 'fp8' checkpoints are served")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"config.json field 'quantization_config.fmt' is {fmt!r}: fp8 "
+                          "weights must be e4m3 (float8_e4m3fn)")
+    block = quant.get("weight_block_size")
+    if block is None:
+        raise ConfigError("config.json field 'quantization_config.weight_block_size' is "
+                          "missing: block-scaled fp8 needs its [rows, columns] block size "
+                          "(DeepSeek-V3/R1: [128, 128]); per-tensor fp8 is not served")
+    if (not isinstance(block, list | tuple) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                       for b in block)):  # fmt: skip
+        raise ConfigError("config.json field 'quantization_config.weight_block_size' must be "
+                          f"two positive integers [rows, columns], got {block!r}")
+    return int(block[0]), int(block[1])
 
 
 def _arch_from_model_type(model_type: str | None) -> str | None:

@@ -54,6 +54,10 @@ class EngineConfig:
     """intra-op threads on the CPU (0: OMP_NUM_THREADS if set, else 1; see runner.py)"""
     kernel_backend: str = "auto"
     """auto: Triton / FlashInfer / DeepGEMM kernels on CUDA; torch: the plain-torch path"""
+    quantization: str = "auto"
+    """how an fp8 checkpoint is served: fp8 (weights stay e4m3 with their block scales,
+    block-scaled W8A8 GEMMs; on the CPU the same math in plain torch), dequant (weights
+    dequantized at load to --dtype: the exact path) or auto (fp8 on CUDA, dequant on the CPU)"""
     mla_impl: str = "absorbed"
     """absorbed (latent attention, serving path) or naive (expanded K/V, the test oracle)"""
     dp: int = 1
@@ -88,6 +92,9 @@ class EngineConfig:
         if self.async_scheduling == "on" and self.ep > 1:
             # EP ranks step in lockstep through collectives; a step ahead would break it.
             raise ValueError("async_scheduling=on does not work with expert parallelism (ep > 1)")
+        if self.quantization not in ("auto", "fp8", "dequant"):
+            raise ValueError(
+                f"quantization must be auto, fp8 or dequant, got {self.quantization!r}")
         if self.dp != self.ep:
             # Attention ranks and expert ranks are the same processes (no tensor parallelism).
             raise ValueError(f"dp must equal ep, got dp={self.dp} ep={self.ep}")

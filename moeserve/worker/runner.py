@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from moeserve.common.memory_plan import engine_memory_report
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
@@ -24,7 +25,7 @@ from moeserve.worker.sampler import (
 from moeserve.worker.scheduler import Scheduler, SchedulerOutput
 from moeserve.worker.weights import load_checkpoint
 
-__all__ = ["ModelRunner", "cpu_threads", "resolve_device", "resolve_dtype"]
+__all__ = ["ModelRunner", "cpu_threads", "resolve_device", "resolve_dtype", "resolve_quantization"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,20 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"unsupported dtype {name!r}")
     return dtype
+
+
+def resolve_quantization(config: EngineConfig, model_config: ModelConfig,
+                         device: torch.device) -> str:
+    """"fp8" (weights stay fp8), "dequant" (an fp8 checkpoint dequantized at load) or "none"
+    (not an fp8 checkpoint) for EngineConfig.quantization on this device."""
+    if model_config.fp8_block_size is None:
+        if config.quantization == "fp8":
+            raise ValueError("quantization=fp8 needs an fp8 checkpoint; config.json of "
+                             f"{config.model} has no quantization_config")
+        return "none"
+    if config.quantization == "auto":
+        return "fp8" if device.type == "cuda" else "dequant"
+    return config.quantization
 
 
 def cpu_threads(configured: int) -> int:
@@ -68,11 +83,16 @@ class ModelRunner:
         # Built directly in the serving dtype on the device: a float32 copy first would need
         # twice the weights' memory. Tensors created with an explicit dtype (RoPE tables, the
         # routing bias) stay float32.
+        self.fp8 = resolve_quantization(config, model_config, self.device) == "fp8"
+        if self.fp8 and config.enable_eplb:
+            raise ValueError("enable_eplb moves expert weights without their fp8 scales: "
+                             "serve with --quantization dequant to rebalance experts")
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len)
+                self.model = DeepseekForCausalLM(model_config, config.mla_impl, max_model_len,
+                                                 fp8=self.fp8)
         finally:
             torch.set_default_dtype(default_dtype)
         self.expert_parallel = None
@@ -88,6 +108,9 @@ class ModelRunner:
         self.model.use_kernels(use_kernels)
         if use_kernels:  # the weight merges left the old tensors in the allocator's cache,
             torch.cuda.empty_cache()  # and the KV budget below is read from free memory
+        if model_config.fp8_block_size is not None:
+            logger.info("fp8 checkpoint (%dx%d blocks): %s", *model_config.fp8_block_size,
+                        self._fp8_paths(use_kernels))
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -97,6 +120,15 @@ class ModelRunner:
             self.num_blocks, model_config.num_hidden_layers, self.block_size,
             model_config.kv_dim, dtype=self.dtype, device=self.device,
         )
+        held = [(str(t.dtype).removeprefix("torch."), t.nbytes) for t in self.model.parameters()]
+        logger.info("%s", engine_memory_report(
+            model_config, held, dtype=str(self.dtype).removeprefix("torch."),
+            fp8_weights=any(kind == "float8_e4m3fn" for kind, _ in held), ep=config.ep,
+            redundant_experts=config.eplb_redundant_experts, num_blocks=self.num_blocks,
+            block_size=self.block_size, max_model_len=max_model_len,
+            max_num_seqs=config.max_num_seqs, buffer_bytes=sum(
+                b.nbytes for b in self.model.buffers()), gpu_free_total=torch.cuda.mem_get_info(
+                self.device) if self.device.type == "cuda" else None))
         self.sampler = Sampler()
         # The last step's sampled tokens, by row, where the next step's inputs read them
         # when it was scheduled before they reached the host (Scheduler.schedule_ahead).
@@ -120,6 +152,20 @@ class ModelRunner:
                 logger.warning("decode CUDA graphs disabled, running eagerly: %s", e,
                                exc_info=logger.isEnabledFor(logging.DEBUG))
                 self.graphs = None
+
+    def _fp8_paths(self, use_kernels: bool) -> str:
+        """How the fp8 weights are computed, for the start-up log (the ops then record the
+        path each call took: moeserve.kernels.last_path)."""
+        if not self.fp8:
+            return f"dequantized at load to {str(self.dtype).removeprefix('torch.')}"
+        if not use_kernels:
+            return "fp8 resident, W8A8 in plain torch"
+        from moeserve.kernels import select_backend
+
+        gemm = select_backend("fp8_gemm", self.device)
+        moe = select_backend("fused_moe", self.device)
+        return (f"fp8 resident, W8A8 GEMMs on {gemm.name} ({gemm.reason}), "
+                f"fused MoE on {moe.name}")
 
     @property
     def bytes_per_block(self) -> int:

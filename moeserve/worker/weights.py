@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from moeserve.common.errors import CheckpointError
 from moeserve.common.progress import track
+from moeserve.worker.model.fp8_linear import FP8_DTYPE, dequantize_blocks, scale_shape
 
 __all__ = ["checkpoint_shards", "iterate_tensors", "dequantize_fp8_blocks", "load_checkpoint"]
 
@@ -47,18 +48,27 @@ def checkpoint_shards(model_dir: str | Path) -> tuple[list[Path], dict[str, str]
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {root}")
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """fp8 weight [N, K] with per-block scales [ceil(N/bn), ceil(K/bk)] -> float32 [N, K]."""
-    n, k = weight.shape
-    bn = -(-n // scale_inv.shape[0])
-    bk = -(-k // scale_inv.shape[1])
-    scale = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return weight.float() * scale
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                          block_size: tuple[int, int]) -> torch.Tensor:
+    """fp8 weight [N, K] with per-block scales [ceil(N/bn), ceil(K/bk)] -> float32 [N, K].
+
+    (bn, bk) = block_size, config.json's quantization_config.weight_block_size: never
+    inferred from the shapes, which cannot tell a partial last block from smaller blocks."""
+    return dequantize_blocks(weight, scale_inv, block_size)
 
 
-def iterate_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every weight as stored; fp8 blocks come dequantized (float32).
+def iterate_tensors(
+    model_dir: str | Path,
+    block_size: tuple[int, int] | None = None,
+    keep_fp8: Callable[[str], bool] | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every weight of the checkpoint.
 
+    fp8 weights (float8_e4m3fn with `<name>_scale_inv`) need `block_size`, the config's
+    weight_block_size; each scale's shape is checked against it. Those for which
+    `keep_fp8(name)` holds come as stored, each followed by its scale (float32); the others
+    dequantized (float32, on `device` when given: a GPU does it faster than the host).
     Conversion to each parameter's dtype happens in the copy into it, so float32 parameters
     (the routing bias) keep a float32 checkpoint's precision.
     """
@@ -67,24 +77,75 @@ def iterate_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
+                keys = set(f.keys())
+                for name in sorted(keys):
                     if name.endswith(_SCALE_SUFFIX):
+                        weight_name = name[: -len(_SCALE_SUFFIX)]
+                        if weight_name not in keys and weight_name not in weight_map:
+                            raise CheckpointError(f"scale {name!r} has no weight "
+                                                  f"{weight_name!r} in {root}")
                         continue
                     tensor = f.get_tensor(name)
-                    if tensor.dtype == torch.float8_e4m3fn:
-                        scale_name = name + _SCALE_SUFFIX
-                        if scale_name in f.keys():
-                            scale = f.get_tensor(scale_name)
-                        elif scale_name in weight_map:
-                            scale = _read_one(root / weight_map[scale_name], scale_name)
-                        else:
-                            raise CheckpointError(f"fp8 tensor {name!r} has no {scale_name!r}")
-                        tensor = dequantize_fp8_blocks(tensor, scale)
-                    yield name, tensor
+                    scale_name = name + _SCALE_SUFFIX
+                    has_scale = scale_name in keys or scale_name in weight_map
+                    if not tensor.dtype.is_floating_point or tensor.dtype.itemsize != 1:
+                        if has_scale:
+                            raise CheckpointError(
+                                f"checkpoint tensor {name!r} is {_dtype_name(tensor)} but has "
+                                f"a scale {scale_name!r}: only float8_e4m3fn weights are "
+                                "block-scaled")
+                        yield name, tensor
+                        continue
+                    if tensor.dtype != FP8_DTYPE:
+                        raise CheckpointError(
+                            f"checkpoint tensor {name!r} is {_dtype_name(tensor)}; fp8 "
+                            "checkpoints must be e4m3 (float8_e4m3fn)")
+                    if block_size is None:
+                        raise CheckpointError(
+                            f"checkpoint tensor {name!r} is float8_e4m3fn but config.json has "
+                            "no quantization_config (its weight_block_size says how "
+                            f"{scale_name!r} applies)")
+                    if not has_scale:
+                        raise CheckpointError(f"fp8 tensor {name!r} has no scale {scale_name!r}")
+                    if scale_name in keys:
+                        scale = f.get_tensor(scale_name)
+                    else:
+                        scale = _read_one(root / weight_map[scale_name], scale_name)
+                    _check_scale(name, tensor, scale, block_size)
+                    scale = scale.float()
+                    if keep_fp8 is not None and keep_fp8(name):
+                        yield name, tensor
+                        yield scale_name, scale
+                    else:
+                        if device is not None:
+                            tensor, scale = tensor.to(device), scale.to(device)
+                        yield name, dequantize_fp8_blocks(tensor, scale, block_size)
         except SafetensorError as e:
             raise CheckpointError(f"cannot read checkpoint shard {shard.name}: {e}") from e
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read checkpoint shard {shard.name}: {e}") from e
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_scale(name: str, weight: torch.Tensor, scale: torch.Tensor,
+                 block: tuple[int, int]) -> None:
+    """A scale that does not match the weight in the configured blocks is an error naming
+    both, never a silently mis-scaled weight."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"fp8 tensor {name!r} has shape {tuple(weight.shape)}: "
+                              "block-scaled weights must be 2-D [rows, columns]")
+    want = scale_shape(*weight.shape, block)
+    if tuple(scale.shape) != want:
+        raise CheckpointError(
+            f"scale {name + _SCALE_SUFFIX!r} has shape {tuple(scale.shape)}; weight {name!r} "
+            f"{list(weight.shape)} in {block[0]}x{block[1]} blocks "
+            f"(quantization_config.weight_block_size) needs {want}")
+    if not scale.dtype.is_floating_point or not bool(torch.isfinite(scale).all()):
+        raise CheckpointError(f"scale {name + _SCALE_SUFFIX!r} must hold finite floating-point "
+                              f"values ({_dtype_name(scale)})")
 
 
 def _read_one(path: Path, name: str) -> torch.Tensor:
@@ -96,7 +157,11 @@ def load_checkpoint(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Fill every parameter of `model` from the checkpoint; names what is missing."""
     # Every local EP rank reads the same files: one progress report is enough.
     first_rank = os.environ.get(_ENV_LOCAL_RANK, "0") == "0"
-    tensors = track(iterate_tensors(model_dir), _tensor_count(model_dir), "loading weights",
+    block = model.config.fp8_block_size
+    keep_fp8 = getattr(model, "keeps_fp8", None)
+    device = next(model.parameters()).device
+    tensors = track(iterate_tensors(model_dir, block, keep_fp8, device),
+                    _tensor_count(model_dir, keep_fp8), "loading weights",
                     unit="tensor", logger=logger, enabled=first_rank)
     filled = model.load_weights(tensors)
     missing = sorted(model.expected_tensor_names() - filled)
@@ -105,9 +170,11 @@ def load_checkpoint(model: torch.nn.Module, model_dir: str | Path) -> None:
         raise CheckpointError(f"checkpoint in {model_dir} lacks tensor {missing[0]!r}{more}")
 
 
-def _tensor_count(model_dir: str | Path) -> int | None:
-    """Weights in the checkpoint (scales not counted), for the progress total; None when the
-    checkpoint cannot be read, which iterate_tensors then reports with the reason."""
+def _tensor_count(model_dir: str | Path, keep_fp8: Callable[[str], bool] | None = None
+                  ) -> int | None:  # fmt: skip
+    """Tensors iterate_tensors yields (weights, and the scales of those kept fp8), for the
+    progress total; None when the checkpoint cannot be read, which iterate_tensors then
+    reports with the reason."""
     try:
         shards, weight_map = checkpoint_shards(model_dir)
         if not weight_map:
@@ -115,4 +182,9 @@ def _tensor_count(model_dir: str | Path) -> int | None:
                 weight_map = dict.fromkeys(f.keys(), shards[0].name)
     except (CheckpointError, SafetensorError, OSError):
         return None
-    return sum(not name.endswith(_SCALE_SUFFIX) for name in weight_map)
+    def counted(name: str) -> bool:
+        if not name.endswith(_SCALE_SUFFIX):
+            return True
+        return keep_fp8 is not None and keep_fp8(name[: -len(_SCALE_SUFFIX)])
+
+    return sum(counted(name) for name in weight_map)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "MLP", "linear", "kernels_run_on"]
+__all__ = ["RMSNorm", "MLP", "linear", "make_linear", "kernels_run_on"]
 
 
 def kernels_run_on(x: torch.Tensor) -> bool:
@@ -49,14 +49,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def make_linear(in_features: int, out_features: int, bias: bool = False,
+                fp8_block: tuple[int, int] | None = None) -> nn.Module:
+    """nn.Linear, or with ``fp8_block`` an Fp8Linear keeping the checkpoint's fp8 weight and
+    block scales (same parameter names plus ``weight_scale_inv``)."""
+    if fp8_block is None:
+        return linear(in_features, out_features, bias)
+    from moeserve.worker.model.fp8_linear import Fp8Linear  # (it imports this module)
+
+    return Fp8Linear(in_features, out_features, fp8_block, bias=bias)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: dense layers and shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
-        self.gate_proj = linear(hidden_size, intermediate_size)
-        self.up_proj = linear(hidden_size, intermediate_size)
-        self.down_proj = linear(intermediate_size, hidden_size)
+        self.gate_proj = make_linear(hidden_size, intermediate_size, fp8_block=fp8_block)
+        self.up_proj = make_linear(hidden_size, intermediate_size, fp8_block=fp8_block)
+        self.down_proj = make_linear(intermediate_size, hidden_size, fp8_block=fp8_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,7 +18,8 @@ from torch import nn
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model.attention_metadata import AttentionMetadata
-from moeserve.worker.model.layers import RMSNorm, kernels_run_on, linear
+from moeserve.worker.model.fp8_linear import Fp8Linear
+from moeserve.worker.model.layers import RMSNorm, kernels_run_on, linear, make_linear
 from moeserve.worker.model.rotary import RotaryEmbedding
 
 __all__ = ["MLAttention", "write_latents", "gather_context", "pad_queries", "causal_mask"]
@@ -56,7 +57,12 @@ def causal_mask(meta: AttentionMetadata, num_keys: int) -> torch.Tensor:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig, impl: str = "absorbed"):
+    """``fp8``: the projections keep the checkpoint's fp8 weights (Fp8Linear), except
+    kv_b_proj, which the loader dequantizes: the absorbed path splits it per head into W_UK and
+    W_UV for batched GEMMs over heads (and prefill expands K/V with it), and it is small (32
+    MiB a V3 layer in bf16 against 16 MiB in fp8), as in DeepSeek's own inference code."""
+
+    def __init__(self, config: ModelConfig, impl: str = "absorbed", fp8: bool = False):
         super().__init__()
         c = config
         self.num_heads = c.num_attention_heads
@@ -70,18 +76,20 @@ class MLAttention(nn.Module):
         # Set by the runner (EngineConfig.kernel_backend); the torch path is the reference.
         self.use_kernels = False
         h, nh = c.hidden_size, c.num_attention_heads
+        block = c.fp8_block_size if fp8 else None
         if c.q_lora_rank is None:
-            self.q_proj = linear(h, nh * c.qk_head_dim)
+            self.q_proj = make_linear(h, nh * c.qk_head_dim, fp8_block=block)
         else:
-            self.q_a_proj = linear(h, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = make_linear(h, c.q_lora_rank, c.attention_bias, block)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = linear(c.q_lora_rank, nh * c.qk_head_dim)
-        self.kv_a_proj_with_mqa = linear(h, c.kv_dim, bias=c.attention_bias)
+            self.q_b_proj = make_linear(c.q_lora_rank, nh * c.qk_head_dim, fp8_block=block)
+        self.kv_a_proj_with_mqa = make_linear(h, c.kv_dim, c.attention_bias, block)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim))
-        self.o_proj = linear(nh * c.v_head_dim, h, bias=c.attention_bias)
-        # (weight, bias, rows of the first) once fuse_input_projections ran
-        self.fused_input: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+        self.o_proj = make_linear(nh * c.v_head_dim, h, c.attention_bias, block)
+        # (module computing both, rows of the first) once fuse_input_projections ran; kept in
+        # a tuple so it is not registered (its parameters are the two projections' storage)
+        self.fused_input: tuple[nn.Module, int] | None = None
 
     def fuse_input_projections(self) -> None:
         """Run the two projections of the layer input (q_proj or q_a_proj, and
@@ -92,13 +100,26 @@ class MLAttention(nn.Module):
         if self.fused_input is not None or (first.bias is None) != (second.bias is None):
             return
         rows = first.weight.shape[0]
+        if isinstance(first, Fp8Linear) or isinstance(second, Fp8Linear):
+            # fp8: scales stack with the weights where q's rows end on a block boundary
+            # (V3: 1536 of 128-row blocks); else two GEMMs as before
+            both = (Fp8Linear.stacked(first, second)
+                    if isinstance(first, Fp8Linear) and isinstance(second, Fp8Linear) else None)
+            if both is not None:
+                self.fused_input = (both, rows)
+            return
         weight = torch.cat([first.weight.data, second.weight.data])
         bias = None if first.bias is None else torch.cat([first.bias.data, second.bias.data])
         for module, part in ((first, slice(0, rows)), (second, slice(rows, None))):
             module.weight = nn.Parameter(weight[part], requires_grad=False)
             if bias is not None:
                 module.bias = nn.Parameter(bias[part], requires_grad=False)
-        self.fused_input = (weight, bias, rows)
+        joint = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                          device="meta")
+        joint.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            joint.bias = nn.Parameter(bias, requires_grad=False)
+        self.fused_input = (joint, rows)
 
     def forward(
         self,
@@ -139,8 +160,8 @@ class MLAttention(nn.Module):
         from moeserve import kernels  # imports triton: only on the kernel path
 
         if self.fused_input is not None:
-            weight, bias, rows = self.fused_input
-            both = F.linear(x, weight, bias)
+            joint, rows = self.fused_input
+            both = joint(x)
             q, kv = both[:, :rows], both[:, rows:]
         else:
             q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)

@@ -7,9 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.common.model_config import ModelConfig
+from moeserve.worker.model.fp8_linear import (
+    FP8_DTYPE,
+    Fp8Linear,
+    dequantize_blocks,
+    quant_dequant_groups,
+    scale_shape,
+    w8a8_linear,
+)
 from moeserve.worker.model.layers import MLP, kernels_run_on
 
-__all__ = ["Gate", "Experts", "MoE", "route", "append_shared"]
+__all__ = ["Gate", "Experts", "MoE", "route", "append_shared", "fp8_experts_supported"]
 
 
 def route(
@@ -105,15 +113,34 @@ class Experts(nn.Module):
     w13: [E_local, 2 * I, H] (gate rows then up rows); w2: [E_local, H, I]. Checkpoint tensors
     `experts.{e}.{gate,up,down}_proj.weight` load into slices (see `load_expert_weight`).
     `expert_ids[e]` is the logical expert held in local slot e.
+
+    With ``fp8_block`` (bn, bk) the weights stay float8_e4m3fn with float32 block scales
+    w13_scale [E, 2I / bn, ceil(H / bk)] and w2_scale [E, ceil(H / bn), ceil(I / bk)]
+    (`experts.{e}.*.weight_scale_inv`), which needs I % bn == 0: a scale row of the stacked
+    w13 must not straddle gate and up (`fp8_experts_supported`).
     """
 
-    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None):
+    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
         ids = list(range(config.n_routed_experts)) if expert_ids is None else expert_ids
         inter, hidden = config.moe_intermediate_size, config.hidden_size
         self.intermediate_size = inter
-        self.w13 = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
-        self.w2 = nn.Parameter(torch.empty(len(ids), hidden, inter))
+        self.fp8_block = fp8_block
+        dtype = FP8_DTYPE if fp8_block else None
+        self.w13 = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden, dtype=dtype),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(len(ids), hidden, inter, dtype=dtype),
+                               requires_grad=False)
+        self.w13_scale: nn.Parameter | None = None
+        self.w2_scale: nn.Parameter | None = None
+        if fp8_block:
+            self.w13_scale = nn.Parameter(torch.empty(
+                len(ids), *scale_shape(2 * inter, hidden, fp8_block), dtype=torch.float32),
+                requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(
+                len(ids), *scale_shape(hidden, inter, fp8_block), dtype=torch.float32),
+                requires_grad=False)
         self.expert_ids = list(ids)
         self.num_logical_experts = config.n_routed_experts
         self.use_kernels = False  # set by the runner (EngineConfig.kernel_backend)
@@ -129,32 +156,64 @@ class Experts(nn.Module):
         self.w13.data = w13 if w13 is not None else self.w13.data.new_empty(
             n, *self.w13.shape[1:])
         self.w2.data = w2 if w2 is not None else self.w2.data.new_empty(n, *self.w2.shape[1:])
+        for scale in (self.w13_scale, self.w2_scale):
+            if scale is not None:  # fp8 placements are loaded, never moved (no EPLB)
+                scale.data = scale.data.new_empty(n, *scale.shape[1:])
         self.expert_ids = list(expert_ids)
         self.local_slot = {}
         for i, g in enumerate(expert_ids):
             self.local_slot.setdefault(g, i)
 
     def load_expert_weight(self, expert: int, proj: str, tensor: torch.Tensor) -> bool:
-        """Copy one checkpoint tensor into its slice(s); False when this rank does not hold it."""
+        """Copy one checkpoint tensor into its slice(s); False when this rank does not hold it.
+        `proj` is gate_proj / up_proj / down_proj, or the same with ".weight_scale_inv"."""
         slots = [i for i, g in enumerate(self.expert_ids) if g == expert]
         if not slots:
             return False
-        inter = self.intermediate_size
+        proj, _, kind = proj.partition(".")
+        is_scale = kind == "weight_scale_inv"
+        w13, w2 = (self.w13_scale, self.w2_scale) if is_scale else (self.w13, self.w2)
+        if w13 is None:
+            raise KeyError(f"{proj}.{kind}")
+        rows = w13.shape[1] // 2  # gate / up split of w13 (in scale rows for scales)
         for slot in slots:
             if proj == "gate_proj":
-                self.w13.data[slot, :inter].copy_(tensor)
+                w13.data[slot, :rows].copy_(tensor)
             elif proj == "up_proj":
-                self.w13.data[slot, inter:].copy_(tensor)
+                w13.data[slot, rows:].copy_(tensor)
             elif proj == "down_proj":
-                self.w2.data[slot].copy_(tensor)
+                w2.data[slot].copy_(tensor)
             else:
                 raise KeyError(proj)
         return True
+
+    def expert_tensor_shape(self, proj: str) -> tuple[int, ...]:
+        """Shape one checkpoint tensor `{proj}.weight` / `{proj}.weight_scale_inv` must have."""
+        proj, _, kind = proj.partition(".")
+        src = (self.w13_scale, self.w2_scale) if kind == "weight_scale_inv" else (self.w13,
+                                                                                   self.w2)
+        if src[0] is None:
+            raise KeyError(f"{proj}.{kind}")
+        if proj == "down_proj":
+            return tuple(src[1].shape[1:])
+        return (src[0].shape[1] // 2, src[0].shape[2])
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stacked shared experts (slots past the routed ones) as one dense SwiGLU MLP."""
         n, inter = self.num_logical_experts, self.intermediate_size
         shared, hidden = self.num_shared_slots, x.shape[1]
+        if self.fp8_block:
+            h = _fp8_linear(x, self.w13[n:].reshape(-1, hidden),
+                            self.w13_scale[n:].reshape(-1, self.w13_scale.shape[2]),
+                            self.fp8_block, self.use_kernels)
+            h = h.view(-1, shared, 2, inter)
+            act = F.silu(h[:, :, 0]) * h[:, :, 1]
+            out = _fp8_linear(act[:, 0].contiguous(), self.w2[n], self.w2_scale[n],
+                              self.fp8_block, self.use_kernels)
+            for s in range(1, shared):
+                out = out + _fp8_linear(act[:, s].contiguous(), self.w2[n + s],
+                                        self.w2_scale[n + s], self.fp8_block, self.use_kernels)
+            return out
         h = F.linear(x, self.w13[n:].reshape(-1, hidden)).view(-1, shared, 2, inter)
         act = (F.silu(h[:, :, 0]) * h[:, :, 1]).flatten(1)
         # [shared, H, I] -> [H, shared * I]: a copy of two experts' down weights, ~1% of the
@@ -169,10 +228,16 @@ class Experts(nn.Module):
 
         Token copies are sorted by expert, run through both projections as grouped GEMMs
         (one launch each, whatever the number of experts) and summed back with their weights.
+        fp8: activations quantized per token and group of bk channels before each projection
+        (in the kernel on CUDA; here quantized and dequantized, the weight dequantized).
         """
         if self.use_kernels and kernels_run_on(x):
             from moeserve import kernels  # imports triton: only on the kernel path
 
+            if self.fp8_block:
+                return kernels.fused_moe(x, self.w13, self.w2, weights, ids,
+                                         num_shared=num_shared, w13_scale=self.w13_scale,
+                                         w2_scale=self.w2_scale, block_shape=self.fp8_block)
             return kernels.fused_moe(x, self.w13, self.w2, weights, ids, num_shared=num_shared)
         top_k = ids.shape[1]
         flat_ids = ids.flatten()
@@ -185,11 +250,52 @@ class Experts(nn.Module):
         counts = torch.zeros(self.w13.shape[0], dtype=torch.int64, device=x.device)
         counts.index_add_(0, sorted_ids, torch.ones_like(sorted_ids))
         tokens = order // top_k
-        h = _grouped_linear(x[tokens], self.w13, counts)
+        if self.fp8_block:
+            h = _grouped_linear_fp8(x[tokens], self.w13, self.w13_scale, counts, self.fp8_block)
+        else:
+            h = _grouped_linear(x[tokens], self.w13, counts)
         h = F.silu(h[:, : self.intermediate_size]) * h[:, self.intermediate_size :]
-        y = _grouped_linear(h, self.w2, counts).float() * weights.flatten()[order, None]
+        if self.fp8_block:
+            y = _grouped_linear_fp8(h, self.w2, self.w2_scale, counts, self.fp8_block).float()
+        else:
+            y = _grouped_linear(h, self.w2, counts).float()
+        y = y * weights.flatten()[order, None]
         out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, tokens, y)
         return out.to(x.dtype)
+
+
+def fp8_experts_supported(config: ModelConfig) -> bool:
+    """Whether routed experts can stay fp8: each scale row of the stacked [gate; up] must lie
+    within gate or within up (V3: moe_intermediate_size 2048 of 128-row blocks)."""
+    block = config.fp8_block_size
+    return block is not None and config.moe_intermediate_size % block[0] == 0
+
+
+def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                block: tuple[int, int], use_kernels: bool) -> torch.Tensor:
+    """x [M, K] @ dequant(weight [N, K])^T in x's dtype: the fp8 GEMM kernel on the kernel
+    path, the same W8A8 arithmetic in torch elsewhere."""
+    if use_kernels and kernels_run_on(x):
+        from moeserve import kernels
+
+        return kernels.fp8_gemm(x, weight, scale, x.dtype, block)
+    return w8a8_linear(x, weight, scale, block).to(x.dtype)
+
+
+def _grouped_linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                        counts: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """`_grouped_linear` over fp8 experts (scales [E, N / bn, K / bk]): activations quantized
+    per token and group, one expert's weight dequantized at a time (never the whole stack:
+    V3's is 30 GB in float32)."""
+    xq = quant_dequant_groups(x, block[1])
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            wg = dequantize_blocks(w[g], scale[g], block)
+            out[start : start + n] = (xq[start : start + n] @ wg.T).to(x.dtype)
+            start += n
+    return out
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -218,12 +324,18 @@ SHARED_APART_MIN_TOKENS = 1024
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``fp8``: shared experts keep the checkpoint's fp8 weights, routed experts too where
+    `fp8_experts_supported` (else they are dequantized at load); the gate stays as shipped."""
+
+    def __init__(self, config: ModelConfig, fp8: bool = False):
         super().__init__()
+        block = config.fp8_block_size if fp8 else None
         self.gate = Gate(config)
-        self.experts = Experts(config)
+        self.experts = Experts(config, fp8_block=block if fp8_experts_supported(config)
+                               and fp8 else None)
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                fp8_block=block)
             if config.n_shared_experts
             else None
         )
@@ -247,9 +359,22 @@ class MoE(nn.Module):
             return
         n, (hidden, inter) = experts.num_logical_experts, experts.w2.shape[1:]
         shared = mlp.gate_proj.weight.shape[0] // inter
+        fp8 = isinstance(mlp.gate_proj, Fp8Linear)
+        if fp8 != (experts.fp8_block is not None):
+            return  # fp8 shared experts beside dequantized routed ones: no common layout
+        if fp8 and shared > 1 and inter % experts.fp8_block[1]:
+            return  # a down_proj scale column would straddle two shared experts
         gate_up = torch.cat([mlp.gate_proj.weight.data.view(shared, inter, hidden),
                              mlp.up_proj.weight.data.view(shared, inter, hidden)], dim=1)
         down = mlp.down_proj.weight.data.view(hidden, shared, inter).transpose(0, 1)
+        if fp8:  # the scales stack like the weights, in blocks (inter % bn == 0 for fp8)
+            gs, us, ds = (p.weight_scale_inv.data for p in (mlp.gate_proj, mlp.up_proj,
+                                                            mlp.down_proj))
+            scale_gate_up = torch.cat([gs.view(shared, -1, gs.shape[1]),
+                                       us.view(shared, -1, us.shape[1])], dim=1)
+            scale_down = ds.view(ds.shape[0], shared, -1).transpose(0, 1)
+            experts.w13_scale.data = torch.cat([experts.w13_scale.data[:n], scale_gate_up])
+            experts.w2_scale.data = torch.cat([experts.w2_scale.data[:n], scale_down])
         experts.w13.data = torch.cat([experts.w13.data[:n], gate_up])
         experts.w2.data = torch.cat([experts.w2.data[:n], down])
         experts.num_shared_slots = shared
