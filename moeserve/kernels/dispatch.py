@@ -32,7 +32,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPS = ("mla_decode", "mla_prefill", "fused_moe", "fp8_gemm")
-_VENDOR = {"mla_decode": "flashinfer", "mla_prefill": "flashinfer", "fp8_gemm": "deep_gemm"}
+# fused_moe takes DeepGEMM for fp8 weights only; bf16 always runs Triton.
+_VENDOR = {"mla_decode": "flashinfer", "mla_prefill": "flashinfer", "fp8_gemm": "deep_gemm",
+           "fused_moe": "deep_gemm"}
 
 
 @dataclass(frozen=True)
@@ -170,16 +172,50 @@ def mla_prefill_mha(query: torch.Tensor, latents: torch.Tensor, kv_b_weight: tor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, backend: str | None = None, num_shared: int = 0
-              ) -> torch.Tensor:  # fmt: skip
-    """`moeserve.kernels.fused_moe.fused_moe` (shapes there) on the selected backend."""
+              topk_ids: torch.Tensor, backend: str | None = None, num_shared: int = 0,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block_shape: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """`moeserve.kernels.fused_moe.fused_moe` (shapes there) on the selected backend; with
+    w13_scale / w2_scale the weights are fp8 (W8A8, block scales of block_shape).
+
+    fp8 runs DeepGEMM's grouped GEMMs where it is installed (masked layout for decode
+    batches, contiguous for prefill), Triton if that call raises; bf16 never takes DeepGEMM.
+    """
     name = _choose("fused_moe", x.device, backend)
+    fp8 = {} if w13_scale is None and w2_scale is None else {
+        "w13_scale": w13_scale, "w2_scale": w2_scale, "block_shape": tuple(block_shape)}
+    if name in ("deep_gemm", "flashinfer") and not fp8:
+        name = "triton"
+    if name == "deep_gemm":
+        try:
+            out = _deep_gemm_moe(x, w13, w2, topk_weights, topk_ids, num_shared, w13_scale,
+                                 w2_scale, tuple(block_shape))
+            _REGISTRY.last["fused_moe"] = name
+            return out
+        except Exception as exc:
+            _vendor_failed("fused_moe", exc)
+            name = "triton"
     if name == "torch":
-        out = _moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        out = _moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids, **fp8)
     else:
-        out = _moe.fused_moe(x, w13, w2, topk_weights, topk_ids, num_shared=num_shared)
+        out = _moe.fused_moe(x, w13, w2, topk_weights, topk_ids, num_shared=num_shared, **fp8)
     _REGISTRY.last["fused_moe"] = "torch" if name == "torch" else "triton"
     return out
+
+
+def _deep_gemm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_shared: int,
+                   w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
+                   block_shape: tuple[int, int]) -> torch.Tensor:
+    from moeserve.kernels.fused_moe_deep_gemm import deep_gemm_fused_moe
+
+    deep_gemm = _REGISTRY.library("deep_gemm")
+    if deep_gemm is None:
+        raise ImportError(_REGISTRY.import_errors["deep_gemm"])
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("DeepGEMM's fused MoE needs both w13_scale and w2_scale")
+    return deep_gemm_fused_moe(deep_gemm, x, w13, w2, topk_weights, topk_ids, num_shared,
+                               w13_scale, w2_scale, block_shape)
 
 
 def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,

@@ -186,3 +186,110 @@ def test_fp8_bad_arguments_name_the_problem(device):
                   w2_scale=w2_s)
     with pytest.raises(ValueError, match="both"):
         fused_moe_ref(x, w13, w2, weights, ids, w2_scale=w2_s)
+
+
+class _FakeDeepGemm:
+    """DeepGEMM's m-grouped fp8 GEMMs as documented (shapes, dtypes, -1 rows skipped), computed
+    in torch: checks the dispatcher's layouts without the library."""
+
+    def __init__(self, v1: bool = False, fail: bool = False):
+        self.calls: list[str] = []
+        self.fail = fail
+        names = ("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+                 "m_grouped_gemm_fp8_fp8_bf16_nt_masked") if v1 else \
+            ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked")
+        setattr(self, names[0], self._contiguous)
+        setattr(self, names[1], self._masked)
+
+    @staticmethod
+    def _check(a, a_s, b, b_s, out):
+        assert a.dtype == b.dtype == E4M3 and out.dtype == torch.bfloat16
+        assert a_s.dtype == b_s.dtype == torch.float32
+        k, n = a.shape[-1], b.shape[1]
+        assert a_s.shape[-1] == -(-k // 128) and b_s.shape[1:] == (-(-n // 128), -(-k // 128))
+        assert a.is_contiguous() and b.is_contiguous() and out.is_contiguous()
+
+    def _contiguous(self, lhs, rhs, out, m_indices):
+        (a, a_s), (b, b_s) = lhs, rhs
+        self._check(a, a_s, b, b_s, out)
+        self.calls.append("contiguous")
+        if self.fail:
+            raise RuntimeError("no kernel for this shape")
+        assert m_indices.dtype == torch.int32 and m_indices.shape == (a.shape[0],)
+        assert (m_indices.view(-1, 128) == m_indices.view(-1, 128)[:, :1]).all()
+        w = _dequantize(b.cpu(), b_s.cpu(), (128, 128))
+        a_deq = a.float().cpu() * a_s.cpu().repeat_interleave(128, 1)[:, :a.shape[1]]
+        groups = m_indices.cpu()
+        for e in range(w.shape[0]):
+            rows = groups == e
+            out[rows.to(out.device)] = (a_deq[rows] @ w[e].T).to(out.dtype).to(out.device)
+
+    def _masked(self, lhs, rhs, out, masked_m, expected_m):
+        (a, a_s), (b, b_s) = lhs, rhs
+        self._check(a, a_s, b, b_s, out)
+        self.calls.append("masked")
+        assert masked_m.dtype == torch.int32 and isinstance(expected_m, int) and expected_m > 0
+        w = _dequantize(b.cpu(), b_s.cpu(), (128, 128))
+        for e, m in enumerate(masked_m.tolist()):
+            a_deq = a[e, :m].float().cpu() * a_s[e, :m].cpu().repeat_interleave(128, 1)[
+                :, :a.shape[2]]
+            out[e, :m] = (a_deq @ w[e].T).to(out.dtype).to(out.device)
+
+
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+@pytest.mark.parametrize("v1", [False, True])
+def test_deep_gemm_layouts_match_ref(layout, v1, device, monkeypatch):
+    import moeserve.kernels as kernels
+    from moeserve.kernels import dispatch
+    from moeserve.kernels import fused_moe_deep_gemm as dg
+
+    fake = _FakeDeepGemm(v1=v1)
+    monkeypatch.setitem(dispatch._REGISTRY.modules, "deep_gemm", fake)
+    if layout == "contiguous":
+        monkeypatch.setattr(dg, "MASKED_MAX_TOKENS", 0)
+    # few experts: the contiguous layout pads each to 128 rows, slow in the interpreter
+    x, w13, w2, weights, ids, w13_s, w2_s = _problem(11, 200, 72, 3, 3, 2, 1, (128, 128),
+                                                     torch.bfloat16, 6, remote=0.2)
+    args = [t.to(device) for t in (x, w13, w2, weights, ids)]
+    scales = {"w13_scale": w13_s.to(device), "w2_scale": w2_s.to(device)}
+    out = kernels.fused_moe(*args, backend="deep_gemm", num_shared=1, **scales)
+    assert kernels.last_path("fused_moe") == "deep_gemm"
+    assert fake.calls == [layout, layout]
+    # h is rounded to bf16 by DeepGEMM before its quantization: a little looser than Triton
+    assert rel_err(out, fused_moe_ref(*args, **scales)) < 2e-2
+
+
+def test_deep_gemm_failure_falls_back_to_triton(device, monkeypatch):
+    import moeserve.kernels as kernels
+    from moeserve.kernels import dispatch
+
+    fake = _FakeDeepGemm(fail=True)
+    monkeypatch.setitem(dispatch._REGISTRY.modules, "deep_gemm", fake)
+    monkeypatch.setattr(dispatch._REGISTRY, "warned", set())
+    from moeserve.kernels import fused_moe_deep_gemm as dg
+
+    monkeypatch.setattr(dg, "MASKED_MAX_TOKENS", 0)
+    x, w13, w2, weights, ids, w13_s, w2_s = _problem(5, 136, 40, 2, 2, 2, 0, (128, 128),
+                                                     torch.bfloat16, 7)
+    args = [t.to(device) for t in (x, w13, w2, weights, ids)]
+    scales = {"w13_scale": w13_s.to(device), "w2_scale": w2_s.to(device)}
+    out = kernels.fused_moe(*args, backend="deep_gemm", **scales)
+    assert fake.calls == ["contiguous"]
+    assert kernels.last_path("fused_moe") == "triton"
+    assert rel_err(out, fused_moe_ref(*args, **scales)) < 1e-2
+    # bf16 weights never go to DeepGEMM
+    kernels.fused_moe(args[0], w13.bfloat16().to(device), w2.bfloat16().to(device), *args[3:],
+                      backend="deep_gemm")
+    assert kernels.last_path("fused_moe") == "triton" and fake.calls == ["contiguous"]
+
+
+def test_deep_gemm_absent_is_reported(device, monkeypatch):
+    import moeserve.kernels as kernels
+    from moeserve.kernels import dispatch
+
+    monkeypatch.setitem(dispatch._REGISTRY.modules, "deep_gemm", None)
+    monkeypatch.setitem(dispatch._REGISTRY.import_errors, "deep_gemm",
+                        "ModuleNotFoundError: No module named 'deep_gemm'")
+    choice = kernels.select_backend("fused_moe", "cuda")
+    assert choice.name == "triton" and "deep_gemm absent" in choice.reason
+    assert kernels.optional_library_status()["deep_gemm"].startswith("absent")
