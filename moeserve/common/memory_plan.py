@@ -20,6 +20,7 @@ CUDA graphs and communication buffers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from moeserve.common.model_config import ModelConfig
@@ -27,7 +28,8 @@ from moeserve.common.model_config import ModelConfig
 __all__ = ["GIB", "DTYPE_BYTES", "RUNTIME_RESERVE_BYTES", "MAX_MODEL_LEN_DEFAULT_CAP",
            "PlanError", "Tensor", "EngineSettings", "MemoryPlan", "model_tensors",
            "checkpoint_bytes", "resident_bytes", "kv_bytes_per_token", "plan_memory",
-           "default_max_model_len", "batch_at_length", "gib", "routed_slots"]
+           "default_max_model_len", "batch_at_length", "gib", "routed_slots",
+           "engine_memory_report"]
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
@@ -348,3 +350,33 @@ def _dtype(name: str, what: str) -> str:
 
 def _add(acc: dict[str, int], key: str, value: int) -> None:
     acc[key] = acc.get(key, 0) + value
+
+
+def engine_memory_report(c: ModelConfig, held: Iterable[tuple[str, int]], *, dtype: str,
+                         fp8_weights: bool, ep: int, redundant_experts: int, num_blocks: int,
+                         block_size: int, max_model_len: int, max_num_seqs: int,
+                         buffer_bytes: int = 0,
+                         gpu_free_total: tuple[int, int] | None = None) -> str:
+    """The engine's start-up line: what this rank holds, measured (``held``: (dtype, bytes) of
+    every parameter; ``buffer_bytes``: RoPE tables and the like), beside what the plan
+    predicts for its weights."""
+    measured: dict[str, int] = {}
+    for kind, nbytes in held:
+        _add(measured, kind, nbytes)
+    try:
+        planned = gib(sum(resident_bytes(c, dtype, ep, redundant_experts, fp8_weights)[0]
+                          .values()))
+    except PlanError as exc:
+        planned = f"none: {exc}"
+    per_token = kv_bytes_per_token(c, dtype)
+    batch = batch_at_length(num_blocks, block_size, max_model_len)
+    kv = num_blocks * block_size * per_token
+    text = (f"memory: weights {gib(sum(measured.values()))} ({_by_dtype(measured)}; plan "
+            f"{planned}), buffers {gib(buffer_bytes)}, KV cache {gib(kv)} = {num_blocks} "
+            f"blocks of {block_size} tokens at {per_token} B/token, largest batch at "
+            f"max_model_len {max_model_len}: {min(batch, max_num_seqs)} (KV {batch}, "
+            f"max_num_seqs {max_num_seqs})")
+    if gpu_free_total is not None:
+        free, total = gpu_free_total
+        text += f"; GPU {gib(total - free)} of {gib(total)} in use"
+    return text
