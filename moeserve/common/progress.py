@@ -58,15 +58,15 @@ class _LogProgress(_Closing):
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
-            done = self._count(self.n)
-            if self.total:
-                self.logger.info("%s: %s/%s %s (%.0f%%)", self.desc, done, self._count(self.total),
-                                 self.unit, 100 * self.n / self.total)
-            else:
-                self.logger.info("%s: %s %s", self.desc, done, self.unit)
+            count = self._count(self.n) + (f"/{self._count(self.total)}" if self.total else "")
+            if not self.unit_scale:
+                count += f" {self.unit}s"
+            pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            self.logger.info("%s: %s%s", self.desc, count, pct)
 
     def _count(self, n: int) -> str:
-        return tqdm.format_sizeof(n) if self.unit_scale else str(n)
+        """As tqdm writes counts: `12/91 tensors`, `1.85GB/4.87GB`."""
+        return tqdm.format_sizeof(n) + self.unit if self.unit_scale else str(n)
 
 
 class _NoProgress(_Closing):
