@@ -8,6 +8,13 @@ prefill attention at 1k/4k/8k: the absorbed Triton kernel against the MHA form (
 expansion + SDPA). GPU only.
 
     python benchmarks/tune_fused_moe.py [--tokens 1 8 32 64 128 256 1024 8192] [--json out]
+
+--fp8: the W8A8 block-scaled path instead, at DeepSeek-V3 sizes (H 7168, I 2048, 256 routed
+experts top-8 + 1 shared): each candidate tile next to `moe_config_fp8`'s pick, the fp8
+weight-read floor, the bf16 kernel on the same routing, and (one batch) the error against
+fused_moe_ref. Decode sizes are replayed from CUDA graphs, which also proves the path capturable.
+
+    python benchmarks/tune_fused_moe.py --fp8 [--tokens 1 64 256 8192] [--no-sweep]
 """
 
 # Closures below are timed inside the loop iteration that defines them.
@@ -21,7 +28,13 @@ import json
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from moeserve.kernels.fused_moe import MoeConfig, fused_moe, moe_config
+from moeserve.kernels.fused_moe import (
+    MoeConfig,
+    fused_moe,
+    fused_moe_ref,
+    moe_config,
+    moe_config_fp8,
+)
 from moeserve.kernels.mla_prefill import mla_prefill
 from moeserve.kernels.mla_prefill_mha import gather_latents, mla_prefill_mha
 
@@ -170,6 +183,83 @@ def prefill_forms(lengths: list[int]) -> list[dict]:
     return rows
 
 
+V3_HIDDEN, V3_INTER, V3_ROUTED, V3_TOP_K = 7168, 2048, 256, 8
+
+
+def fp8_candidates(tokens: int) -> list[MoeConfig]:
+    rows = tokens * (V3_TOP_K + 1) / (V3_ROUTED + 1)
+    if rows <= 32:
+        tiles = [(16, 64, 4, 4, 128), (16, 64, 4, 4, 64), (16, 128, 4, 4, 128),
+                 (16, 32, 4, 4, 128), (16, 64, 4, 3, 128), (32, 64, 4, 4, 128),
+                 (32, 128, 4, 4, 128), (64, 128, 4, 4, 128)]
+    else:
+        # The gated launch keeps four [BLOCK_M, gate N] float32 tiles live (two accumulators,
+        # two scaled dot results): 128 x 128 with 8 warps spills (34 ms at 8k against 15).
+        tiles = [(64, 256, 8, 3, 128), (64, 256, 8, 4, 128), (64, 128, 8, 4, 128),
+                 (128, 128, 8, 3, 64), (128, 128, 8, 4, 64), (128, 256, 8, 3, 64)]
+    return [MoeConfig(m, n, 128, w, st, gate_block_n=g) for m, n, w, st, g in tiles]
+
+
+def v3_routing(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-8 of 256 drawn uniformly, then the shared expert (slot 256) for every token."""
+    ids = torch.rand(tokens, V3_ROUTED, generator=gen).argsort(dim=1)[:, :V3_TOP_K]
+    weights = torch.rand(tokens, V3_TOP_K, generator=gen)
+    ids = torch.cat([ids, torch.full((tokens, 1), V3_ROUTED)], 1)
+    weights = torch.cat([weights, torch.ones(tokens, 1)], 1)
+    return weights.cuda(), ids.to(torch.int32).cuda()
+
+
+def sweep_fp8(token_counts: list[int], bw: float, sweep: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    e, h, i = V3_ROUTED + 1, V3_HIDDEN, V3_INTER
+    # Random e4m3 values (uniform in +-1 before the cast) with block scales around 1/300.
+    w13 = torch.empty(e, 2 * i, h, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    w2 = torch.empty(e, h, i, dtype=DTYPE, device="cuda").uniform_(-1, 1)
+    s13 = torch.rand(e, 2 * i // 128, h // 128, device="cuda") / 150
+    s2 = torch.rand(e, h // 128, i // 128, device="cuda") / 150
+    w13_q, w2_q = w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn)
+    w13.mul_(s13.repeat_interleave(128, 1).repeat_interleave(128, 2).to(DTYPE))
+    w2.mul_(s2.repeat_interleave(128, 1).repeat_interleave(128, 2).to(DTYPE))
+    scales = {"w13_scale": s13, "w2_scale": s2, "num_shared": 1}
+    rows = []
+    for t in token_counts:
+        x = torch.randn(t, h, device="cuda").to(DTYPE)
+        weights, ids = v3_routing(t, gen)
+        hit = int(ids.unique().numel())
+        floor_ms = hit * 3 * h * i / (bw * 1e9) * 1e3
+        flops = 2 * t * (V3_TOP_K + 1) * 3 * h * i
+        timer = _graph_ms if t <= 256 else _ms
+        current = moe_config_fp8(t * (V3_TOP_K + 1), e)
+        results = []
+        for cfg in (fp8_candidates(t) if sweep else []) + [current]:
+            try:
+                ms = timer(lambda cfg=cfg: fused_moe(x, w13_q, w2_q, weights, ids, cfg,
+                                                     **scales))
+            except Exception as exc:
+                print(f"  T={t} {cfg}: {type(exc).__name__}: {exc}"[:300], flush=True)
+                continue
+            results.append((ms, cfg))
+        best_ms, best = min(results, key=lambda r: r[0])
+        current_ms = next(ms for ms, c in results if c == current)
+        bf16_ms = timer(lambda: fused_moe(x, w13, w2, weights, ids, num_shared=1))
+        err = float("nan")
+        if t == 64:  # the reference loops over 257 experts in float32: one batch only
+            out = fused_moe(x, w13_q, w2_q, weights, ids, **scales).float()
+            ref = fused_moe_ref(x, w13_q, w2_q, weights, ids, **scales).float()
+            err = float((out - ref).norm() / ref.norm())
+        row = {"tokens": t, "experts_hit": hit, "floor_ms": floor_ms, "current_ms": current_ms,
+               "current": current.__dict__, "best_ms": best_ms, "best": best.__dict__,
+               "bf16_ms": bf16_ms, "rel_err_vs_ref": err,
+               "current_tflops": flops / current_ms / 1e9}
+        rows.append(row)
+        top = ", ".join(f"{c.block_m}/{c.block_n}/{c.gate_n()}/{c.num_warps}/{c.num_stages} "
+                        f"{ms:.3f}" for ms, c in sorted(results, key=lambda r: r[0])[:5])
+        print(f"fp8 T={t:5d} hit={hit:3d} floor {floor_ms:.3f} ms  current {current_ms:.3f} ms "
+              f"({current_ms / floor_ms:.2f}x floor, {flops / current_ms / 1e9:.0f} TFLOP/s)  "
+              f"bf16 {bf16_ms:.3f} ms  err {err:.1e}  best M/N/gateN/w/s: {top}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 1024,
@@ -180,9 +270,18 @@ def main() -> None:
                     help="route over only the first N experts (the random V2-Lite checkpoint "
                     "hits ~14 of 64 at batch 128)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fp8", action="store_true", help="the W8A8 path at V3 sizes")
+    ap.add_argument("--no-sweep", action="store_true", help="--fp8: time the picked tiles only")
     args = ap.parse_args()
     bw = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s", flush=True)
+    if args.fp8:
+        tokens = args.tokens if args.tokens != ap.get_default("tokens") else [1, 64, 256, 8192]
+        out_fp8 = {"copy_gbps": bw, "fp8": sweep_fp8(tokens, bw, not args.no_sweep)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out_fp8, f, indent=2)
+        return
     out = {"copy_gbps": bw, "prefill": [] if args.skip_prefill else prefill_forms(args.prefill),
            "moe": {used: sweep_moe(args.tokens, bw, used) for used in args.used_experts}}
     if args.json:
