@@ -123,10 +123,12 @@ def w8a8_block_fp8_matmul(
     weight_scale_inv: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     block_size: tuple[int, int] = (128, 128),
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """a_q: [M, K] float8_e4m3fn; a_scales: [M, ceil(K / bk)] float32; weight: [N, K]
     float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32, with
     (bn, bk) = block_size (the checkpoint's `weight_block_size`; bk a power of two).
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `_tiles` (benchmarks).
     Returns a @ weight^T, dequantized, [M, N] in out_dtype."""
     m, k = a_q.shape
     n, w_k = weight.shape
@@ -141,7 +143,7 @@ def w8a8_block_fp8_matmul(
     if a_q.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
         raise ValueError("a_q, weight and weight_scale_inv need a contiguous last dim")
     out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
-    bm, bn, warps, stages = _tiles(m)
+    bm, bn, warps, stages = tiles or _tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     w8a8_block_fp8_matmul_kernel[grid](
         a_q, a_scales, weight, weight_scale_inv, out, m, n, k,
