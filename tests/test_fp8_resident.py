@@ -86,6 +86,7 @@ def test_fp8_resident_weights_compute_the_exact_path(ckpt, fused, exact_activati
         layer = resident.model.layers[1]
         assert layer.self_attn.fused_input is not None  # q_a (128 rows) + kv_a stacked
         assert layer.mlp.shared_experts is None and layer.mlp.experts.num_shared_slots == 1
+        assert resident.model.layers[0].mlp.gate_up is not None  # dense gate + up, one GEMM
     torch.testing.assert_close(_logits(resident, ids), exact, atol=2e-5, rtol=1e-5)
 
 

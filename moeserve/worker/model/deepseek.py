@@ -135,6 +135,10 @@ class DeepseekForCausalLM(nn.Module):
                 layer.self_attn.fuse_input_projections()
                 if isinstance(layer.mlp, MoE):
                     layer.mlp.fuse_shared_experts()
+                    if layer.mlp.shared_experts is not None:
+                        layer.mlp.shared_experts.fuse_gate_up()
+                else:
+                    layer.mlp.fuse_gate_up()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
