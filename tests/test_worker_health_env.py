@@ -111,8 +111,8 @@ def test_grpc_health_follows_worker_health(engine: LLMEngine) -> None:
             assert (await watch.read()).status == HS.SERVING
             # A failed EP group (peer silent) turns both NOT_SERVING, reason kept for logs.
             failed = SimpleNamespace(healthy=False, reason="rank 3 sent no heartbeat for 31s")
-            # (all_reduce_max: the idle engine loop asks the group whether any rank has work)
-            engine.parallel = SimpleNamespace(health=failed, all_reduce_max=lambda v: v)
+            # (any_rank_busy: the idle engine loop asks the group whether any rank has work)
+            engine.parallel = SimpleNamespace(health=failed, any_rank_busy=lambda local: local)
             try:
                 assert await both() == not_serving
                 assert servicer.serving() == (False, f"EP group failed: {failed.reason}")

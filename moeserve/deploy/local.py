@@ -3,8 +3,9 @@
 Every child binds port 0 (or the router's ``--port``) and prints the address it got, so two
 clusters on one machine never collide. Each child's command line names it (``moeserve worker
 --role decode ...``). A child that dies is restarted with backoff on the same ports
-(supervisor.py). Children die with us: SIGINT/SIGTERM stop them in order (workers drain), and
-PR_SET_PDEATHSIG kills them if this process is killed outright.
+(supervisor.py). Children die with us: SIGINT/SIGTERM stop them in order (workers drain), also
+during start-up, and `moeserve up` then exits 0, quietly; PR_SET_PDEATHSIG kills them if this
+process is killed outright.
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ from pathlib import Path
 
 import httpx
 
+from moeserve.common.errors import MoeServeError
+from moeserve.common.optional import require
+from moeserve.common.served_name import TINY_MODEL_NAME, served_model_name
 from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
 
-__all__ = ["LocalCluster", "add_up_parser", "ClusterSpec"]
+__all__ = ["LocalCluster", "add_up_parser", "ClusterSpec", "StartupError", "Interrupted"]
 
 _LISTEN = re.compile(
     r"moeserve (worker|router) listening on (\S+)(?: grpc (\S+))?(?: metrics (\S+))?"
 )
+
+
+class StartupError(MoeServeError):
+    """A child did not come up; its own output (above, prefixed with its name) says why."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while the cluster was starting."""
 
 
 def _die_with_parent() -> None:
@@ -42,6 +54,9 @@ def _die_with_parent() -> None:
 @dataclass
 class ClusterSpec:
     model: str | None = None
+    # None: the rule of moeserve.common.served_name for ``model``; passed to the workers as
+    # --model-id (prefix-cache keys) and to the router.
+    served_model_name: str | None = None
     prefill: int = 1
     decode: int = 1
     host: str = "127.0.0.1"
@@ -77,13 +92,16 @@ class _Child:
     grpc: str | None = None
     metrics: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    pumps: list[threading.Thread] = field(default_factory=list)
 
 
 class LocalCluster:
     """Start with ``start()`` (or as a context manager); ``url`` is the router's HTTP base."""
 
-    def __init__(self, spec: ClusterSpec, log=sys.stderr):
+    def __init__(self, spec: ClusterSpec, log=sys.stderr, stop: threading.Event | None = None):
+        """``stop``: when set during ``start()``, start-up gives up with :class:`Interrupted`."""
         self.spec = spec
+        self.stop_requested = stop
         self.log = log
         self.children: list[_Child] = []
         self.url = ""
@@ -112,7 +130,7 @@ class LocalCluster:
         args = [*args, *self.spec.child_args.get(name, [])]
         env = dict(self.spec.child_env.get(name, {}))
         child = _Child(name, self._popen(args, env), args, env, expected=expected)
-        threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
+        self._start_pump(child)
         self.children.append(child)
         return child
 
@@ -124,7 +142,12 @@ class LocalCluster:
                  "--grpc-port": _port(child.grpc)}  # fmt: skip
         child.ready = threading.Event()
         child.proc = self._popen(fixed_port_args(child.args, ports), child.env)
-        threading.Thread(target=self._pump, args=(child, child.proc), daemon=True).start()
+        self._start_pump(child)
+
+    def _start_pump(self, child: _Child) -> None:
+        pump = threading.Thread(target=self._pump, args=(child, child.proc), daemon=True)
+        pump.start()
+        child.pumps.append(pump)
 
     def _pump(self, child: _Child, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -140,19 +163,31 @@ class LocalCluster:
                 self.log.write(f"[{child.name}] {line}")
         child.ready.set()  # exited: wake waiters
 
+    def _interrupted(self) -> bool:
+        return self.stop_requested is not None and self.stop_requested.is_set()
+
     def _wait(self, children: list[_Child], deadline: float) -> None:
         for c in children:
-            c.ready.wait(max(deadline - time.monotonic(), 0))
+            while not c.ready.wait(min(max(deadline - time.monotonic(), 0), 0.2)):
+                if self._interrupted() or time.monotonic() >= deadline:
+                    break
+            if self._interrupted():
+                raise Interrupted
             if c.address is None:
                 code = c.proc.poll()
-                raise RuntimeError(f"{c.name} did not start (exit code {code})")
+                why = f"exit code {code}" if code is not None else "no address in time"
+                raise StartupError(f"{c.name} did not start ({why})")
 
     def start(self) -> None:
         spec = self.spec
         deadline = time.monotonic() + spec.startup_timeout_s
+        if _uses_nixl(spec):  # before any child starts: one clear line, not a child's traceback
+            require("nixl._api", "the KV hand-off between prefill and decode workers")
         model = spec.model or str(_ensure_tiny_checkpoint())
         self.model = model
-        common = ["--model", model, "--host", spec.host, "--port", "0"]
+        self.served_model_name = spec.served_model_name or served_model_name(model=spec.model)
+        common = ["--model", model, "--model-id", self.served_model_name, "--host", spec.host,
+                  "--port", "0"]  # fmt: skip
         if spec.num_kv_blocks:
             common += ["--num-kv-blocks", str(spec.num_kv_blocks)]
         if spec.metrics:
@@ -171,6 +206,7 @@ class LocalCluster:
             router = self._spawn("router", [
                 "router", "--model", model, "--prefill", addrs["prefill"],
                 "--decode", addrs["decode"], "--host", spec.host, "--port", str(spec.port),
+                "--served-model-name", self.served_model_name,
                 "--policy", spec.policy, "--disagg-threshold", str(spec.disagg_threshold),
                 *spec.router_args,
             ])  # fmt: skip
@@ -189,13 +225,17 @@ class LocalCluster:
 
     def _wait_healthy(self, deadline: float) -> None:
         while time.monotonic() < deadline:
+            if self._interrupted():
+                raise Interrupted
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
-            if any(c.proc.poll() is not None for c in self.children):
-                raise RuntimeError("a child process exited during start-up")
+            dead = next((c for c in self.children if c.proc.poll() is not None), None)
+            if dead is not None:
+                raise StartupError(f"{dead.name} exited during start-up "
+                                   f"(exit code {dead.proc.returncode})")  # fmt: skip
             time.sleep(0.2)
-        raise RuntimeError("router did not become healthy in time")
+        raise StartupError("router did not become healthy in time")
 
     def worker(self, name: str) -> _Child:
         return next(c for c in self.children if c.name == name)
@@ -215,6 +255,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait()
+        for c in self.children:  # their last lines (why one failed) reach the log
+            for pump in c.pumps:
+                pump.join(1.0)
 
     def failed_child(self) -> _Child | None:
         """A child that exited and will not be restarted (supervision off)."""
@@ -227,6 +270,13 @@ def _port(address: str | None) -> str:
     """"http://h:8000/metrics" or "h:8000" -> "8000" ("" when unknown)."""
     m = re.search(r":(\d+)(?:/|$)", address or "")
     return m.group(1) if m else ""
+
+
+def _uses_nixl(spec: ClusterSpec) -> bool:
+    """Workers register their KV cache with NIXL unless told --no-nixl."""
+    if "--no-nixl" in spec.worker_args:
+        return False
+    return any("--no-nixl" not in spec.role_args.get(role, []) for role in ("prefill", "decode"))
 
 
 def _ensure_tiny_checkpoint() -> Path:
@@ -246,14 +296,15 @@ def _run_up(args: argparse.Namespace) -> int:
         from moeserve.deploy.manifest_local import cluster_spec_from_manifest, load_manifest
 
         spec = cluster_spec_from_manifest(
-            load_manifest(args.file), args.model, host=args.host, port=args.port,
-            policy=args.policy, num_kv_blocks=args.num_kv_blocks,
-        )
+            load_manifest(args.file), args.model, served_name=args.served_model_name,
+            host=args.host, port=args.port, policy=args.policy, num_kv_blocks=args.num_kv_blocks,
+        )  # fmt: skip
     else:
         spec = ClusterSpec(
             model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
             port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
             num_kv_blocks=args.num_kv_blocks,
+            served_model_name=served_model_name(args.served_model_name, model=args.model),
         )  # fmt: skip
     stop = threading.Event()
 
@@ -262,11 +313,11 @@ def _run_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster = LocalCluster(spec)
+    cluster = LocalCluster(spec, stop=stop)
     try:
         cluster.start()
         print(f"\nmoeserve is up: {cluster.url}  (gRPC {cluster.grpc_address})")
-        print(f"model {cluster.model}")
+        print(f"model {cluster.served_model_name} ({cluster.model})")
         print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"prompt\": \"Hello, MoE world\", \"max_tokens\": 16}}'")  # fmt: skip
         print("Ctrl-C stops everything.", flush=True)
@@ -276,14 +327,25 @@ def _run_up(args: argparse.Namespace) -> int:
                 print(f"{dead.name} exited with {dead.proc.returncode}; stopping", file=sys.stderr)
                 return 1
         return 0
+    except (Interrupted, StartupError):
+        if stop.is_set():  # stopped during start-up: children exiting early is expected
+            return 0
+        raise
     finally:
         cluster.stop()
+        if stop.is_set():  # a late second signal must not kill the interpreter's teardown
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = ClusterSpec()
     p = subparsers.add_parser("up", help="run router + prefill + decode workers locally")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the "
+                        "manifest's spec.model.name, else the checkpoint directory's name, "
+                        f"else {TINY_MODEL_NAME!r})")
     p.add_argument("--prefill", type=int, default=d.prefill, help="prefill workers")
     p.add_argument("--decode", type=int, default=d.decode, help="decode workers")
     p.add_argument("--host", default=d.host)

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, PoolSpec, parse_manifest
 
 __all__ = ["cluster_spec_from_manifest", "load_manifest", "local_model_dir"]
@@ -53,13 +54,17 @@ def _pool_args(pool: PoolSpec, block_size: int) -> list[str]:
     return args + list(pool.extra_args)
 
 
-def cluster_spec_from_manifest(dep: MoEDeployment, model: str | None = None, **overrides):
-    """ClusterSpec for `LocalCluster`: one worker child per EP group, manifest settings."""
+def cluster_spec_from_manifest(dep: MoEDeployment, model: str | None = None,
+                               served_name: str | None = None, **overrides):  # fmt: skip
+    """ClusterSpec for `LocalCluster`: one worker child per EP group, manifest settings.
+    ``model`` overrides where the checkpoint is, not its name: that stays spec.model.name
+    (or ``served_name``, --served-model-name), as on Ray and Kubernetes."""
     from moeserve.deploy.local import ClusterSpec
 
     s = dep.spec
     return ClusterSpec(
         model=local_model_dir(dep, model),
+        served_model_name=served_model_name(served_name, manifest=dep),
         prefill=s.prefill.replicas,
         decode=s.decode.replicas,
         disagg_threshold=s.router.disagg_threshold,

@@ -11,7 +11,8 @@ Three deployments, built from the spec that moeserve.common.spec parses for ever
   finding workers through their named actors.
 
 Use it with ``serve run moeserve.deploy.ray_app:app_builder manifest=examples/tiny-cpu.yaml``
-(or a Serve config file whose ``args`` hold ``manifest`` or ``model``/``prefill``/``decode``),
+(or a Serve config file whose ``args`` hold ``manifest`` or ``model``/``prefill``/``decode``,
+and optionally ``served_model_name``),
 or through ``moeserve up --ray`` (ray_cli.py).
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import yaml
 
 from moeserve.common import spec as s
+from moeserve.common.served_name import served_model_name, with_served_name
 from moeserve.common.spec import MoEDeployment, PoolSpec, SpecError
 
 __all__ = [
@@ -44,6 +46,7 @@ def load_deployment(manifest: str | None = None, model: str | None = None, prefi
         if not path.is_file():
             raise SpecError([("-f", f"no such manifest file: {manifest}")])
         return s.parse_manifest(yaml.safe_load(path.read_text()))
+    name = served_model_name(model=model)
     if model is None:
         from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 
@@ -60,8 +63,8 @@ def load_deployment(manifest: str | None = None, model: str | None = None, prefi
         "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}", "kind": s.KIND_DEPLOYMENT,
         "metadata": {"name": "moeserve"},
         "spec": {
-            # The directory's name is the model id, as with `moeserve up` / `moeserve worker`.
-            "model": {"name": model_dir.name, "source": {"hostPath": {"path": str(model_dir)}}},
+            # The served name by the one rule of moeserve.common.served_name.
+            "model": {"name": name, "source": {"hostPath": {"path": str(model_dir)}}},
             "router": {"disaggThreshold": 0},
             "prefill": {**pool, "replicas": prefill},
             "decode": {**pool, "replicas": decode},
@@ -99,7 +102,8 @@ def pool_plan(dep: MoEDeployment, role: s.Role, model_dir: str, num_kv_blocks: i
     pool = dep.spec.pool(role)
     par = pool.parallelism
     return RankPlan(
-        deployment=dep.name, role=role, model_dir=model_dir, model_id=dep.spec.model.name,
+        deployment=dep.name, role=role, model_dir=model_dir,
+        model_id=served_model_name(manifest=dep),
         block_size=dep.spec.model.block_size, dp=par.dp, ep=par.ep, tp=par.tp,
         gpus_per_rank=1 if pool.gpus_per_pod else 0, cpus_per_rank=_cpus(pool),
         eplb_enabled=pool.eplb.enabled, eplb_redundant_experts=pool.eplb.redundant_experts,
@@ -224,11 +228,12 @@ def build_app(dep: MoEDeployment, num_kv_blocks: int = 0,
 def app_builder(args: dict[str, Any]) -> Any:
     """`serve run moeserve.deploy.ray_app:app_builder manifest=FILE` (or model=DIR prefill=N
     decode=N): the import path for Serve config files too."""
-    known = {"manifest", "model", "prefill", "decode", "num_kv_blocks"}
+    known = {"manifest", "model", "prefill", "decode", "num_kv_blocks", "served_model_name"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise SpecError([(k, f"unknown argument; expected one of {sorted(known)}")
                          for k in unknown])  # fmt: skip
     dep = load_deployment(args.get("manifest"), args.get("model"),
                           int(args.get("prefill", 1)), int(args.get("decode", 1)))  # fmt: skip
+    dep = with_served_name(dep, args.get("served_model_name"))
     return build_app(dep, int(args.get("num_kv_blocks", 0)))

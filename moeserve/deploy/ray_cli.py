@@ -1,7 +1,9 @@
 """`moeserve up --ray` and `moeserve ray status`: the Serve application on a Ray cluster.
 
 Without ``--address`` a local Ray instance is started (loopback, a few logical CPUs) and stopped
-again on Ctrl-C / SIGTERM, after the application is deleted, so nothing is left running.
+again on Ctrl-C / SIGTERM, after the application is deleted, so nothing is left running. Stopping
+is bounded (``STOP_BUDGET_S``, inside Kubernetes' default 30 s grace period) whatever state the
+application is in, also while it is still deploying, and exits 0.
 """
 
 from __future__ import annotations
@@ -21,11 +23,24 @@ from typing import Any
 import httpx
 
 from moeserve.common.errors import UnavailableError
+from moeserve.common.optional import require
+from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment
 
 __all__ = [
     "RayCluster", "RayClusterSpec", "run_up_ray", "add_ray_parser", "pool_status", "connect",
+    "STOP_BUDGET_S",
 ]
+
+# Whole stop (app deletion, Ray shutdown, stragglers), inside Kubernetes' default 30 s grace.
+STOP_BUDGET_S = 20.0
+# Of it, how long replicas may take to drain before Ray is shut down under them.
+_DELETE_WAIT_S = 8.0
+_RAY_NEEDED_FOR = "moeserve up --ray and moeserve ray"
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while the application was deploying."""
 
 
 @dataclass
@@ -62,8 +77,8 @@ class RayCluster:
         self.stop()
 
     def start(self) -> None:
-        import ray
-        from ray import serve
+        ray = require("ray", _RAY_NEEDED_FOR)
+        serve = require("ray.serve", _RAY_NEEDED_FOR)
 
         from moeserve.deploy.ray_app import required_cpus
 
@@ -114,7 +129,7 @@ class RayCluster:
 
         while time.monotonic() < deadline:
             if self.stop_requested is not None and self.stop_requested.is_set():
-                raise KeyboardInterrupt
+                raise Interrupted
             app = serve.status().applications.get(self.app_name)
             if app is not None and app.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"Serve could not deploy {self.app_name}: {app.message}")
@@ -124,23 +139,38 @@ class RayCluster:
             time.sleep(0.5)
         raise RuntimeError(f"{self.app_name} did not become healthy in time")
 
-    def stop(self) -> None:
+    def stop(self, budget_s: float = STOP_BUDGET_S) -> None:
+        """Delete the app (replicas drain), then stop the Ray instance if we started it; all
+        within ``budget_s``. serve.delete and serve.shutdown wait for replicas without bound
+        (one still constructing holds them for its whole start-up), so neither is waited on
+        past the budget: ray.shutdown and ``reap`` end what is left."""
+        if "ray" not in sys.modules:  # never imported: nothing was started
+            return
         import ray
-        from ray import serve
 
         if not ray.is_initialized():
             return
-        with contextlib.suppress(Exception):
-            serve.delete(self.app_name)
+        deadline = time.monotonic() + budget_s
+        self._delete_app(min(_DELETE_WAIT_S, budget_s / 2))
         ours = {}
         if self._started_ray:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
             ours = {p: c for p, c in descendants(os.getpid()).items() if "ray" in c}
         ray.shutdown()  # stops the local instance's processes when this driver started it
         # Ray 2.x leaves the raylet's agents (DashboardAgent, RuntimeEnvAgent) running after
         # the raylet is gone; what we started, we stop.
-        reap(list(ours))
+        # reap waits up to three times its grace (wait, SIGTERM, SIGKILL).
+        reap(list(ours), grace_s=max((deadline - time.monotonic()) / 3, 1.0))
+
+    def _delete_app(self, wait_s: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + wait_s
+        with contextlib.suppress(Exception):
+            serve.delete(self.app_name, _blocking=False)
+            while time.monotonic() < deadline:
+                if self.app_name not in serve.status().applications:
+                    return
+                time.sleep(0.2)
 
 
 def connect(address: str, namespace: str, **kwargs: Any) -> Any:
@@ -249,15 +279,27 @@ def pool_status(app_name: str | None = None) -> list[dict[str, Any]]:
 def run_up_ray(args: argparse.Namespace) -> int:
     from moeserve.deploy.ray_app import load_deployment
 
+    require("ray.serve", _RAY_NEEDED_FOR)  # before any work: one line naming the extra
     dep = load_deployment(args.file, args.model, args.prefill, args.decode)
+    dep = with_served_name(dep, getattr(args, "served_model_name", None))
     stop = threading.Event()
     if not args.route_prefix.startswith("/"):
         raise ValueError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
     cluster = RayCluster(RayClusterSpec(dep, args.address, args.host, args.port,
                                         num_kv_blocks=args.num_kv_blocks,
                                         route_prefix=args.route_prefix), stop)  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until ray.init; RayCluster re-installs them
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except Interrupted:
+            return 0
+        except SystemExit as e:
+            # SIGTERM inside ray.init: Ray's own handler exits with the signal's number.
+            if e.code == signal.SIGTERM:
+                return 0
+            raise
         print(f"\nmoeserve is up on Ray: {cluster.url}/v1  (app {cluster.app_name}, "
               f"Ray {cluster.gcs_address})")
         print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
@@ -271,7 +313,7 @@ def run_up_ray(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    import ray
+    ray = require("ray", _RAY_NEEDED_FOR)
 
     address = args.address or "auto"
     try:

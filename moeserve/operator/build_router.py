@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from moeserve.common import spec as s
+from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, ranks_per_pod
 from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
 from moeserve.operator.build_workers import (
@@ -99,7 +100,8 @@ def build_role_binding(dep: MoEDeployment) -> dict[str, Any]:
 def router_config(dep: MoEDeployment) -> dict[str, Any]:
     model = dep.spec.model
     config: dict[str, Any] = {
-        "model": {"name": model.name, "path": model.container_path(),
+        # model.name is the router's --served-model-name (router/config.py).
+        "model": {"name": served_model_name(manifest=dep), "path": model.container_path(),
                   "blockSize": model.block_size},
         # All interfaces: the kubelet's probes and the Service reach the pod IP.
         "listen": {"host": "0.0.0.0", "http": s.PORT_ROUTER_HTTP, "grpc": s.PORT_ROUTER_GRPC,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeserve.common import spec as s
+from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, ranks_per_pod
 from moeserve.operator.build_security import (
     monitoring_selector,
@@ -140,7 +141,7 @@ def _env(dep: MoEDeployment, role: Role, group: int) -> list[dict[str, Any]]:
         s.ENV_GROUP: group,
         s.ENV_RENDEZVOUS: rendezvous,
         s.ENV_ROLE: role,
-        s.ENV_MODEL: dep.spec.model.name,
+        s.ENV_MODEL: served_model_name(manifest=dep),  # the workers' --model-id
         s.ENV_DEPLOYMENT: dep.name,
         s.ENV_TP: pool.parallelism.tp,
         s.ENV_BLOCK_SIZE: dep.spec.model.block_size,

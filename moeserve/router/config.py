@@ -3,7 +3,7 @@ one :class:`RouterConfig`.
 
 The file is what the operator renders (``moeserve/operator/build_router.py``)::
 
-    model: {name, path, blockSize}
+    model: {name, path, blockSize}                           # name: --served-model-name
     listen: {host, http, grpc, metrics}
     workers: {prefill: [host:port, ...], decode: [...]}      # static workers, optional
     discovery: {namespace, port, selector, roleLabel, groupLabel, ranksPerPod}
@@ -34,6 +34,7 @@ __all__ = ["DiscoveryConfig", "RouterConfig", "track_explicit_flags", "resolve_r
 # Flags that live in a section of the file instead of at its top level: (section, key) -> dest.
 _SECTION_FLAGS = {
     ("model", "path"): "model",
+    ("model", "name"): "served_model_name",
     ("listen", "host"): "host",
     ("listen", "http"): "port",
     ("listen", "grpc"): "grpc_port",
@@ -110,7 +111,7 @@ class RouterConfig:
     """Where the router's workers and model come from, resolved from flags and file."""
 
     model_dir: str
-    model_name: str
+    model_name: str  # --served-model-name / model.name; "" means the workers' model id
     block_size: int | None
     host: str
     http_port: int
@@ -161,7 +162,8 @@ def resolve_router_config(args: argparse.Namespace) -> RouterConfig:
                           "address, or set discovery")  # fmt: skip
     model = file.model if file is not None else _ModelSection()
     return RouterConfig(
-        model_dir=args.model, model_name=model.name, block_size=model.block_size,
+        model_dir=args.model, model_name=getattr(args, "served_model_name", None) or "",
+        block_size=model.block_size,
         host=args.host, http_port=args.port, grpc_port=args.grpc_port,
         metrics_port=getattr(args, "metrics_port", None), prefill=tuple(prefill),
         decode=tuple(decode), discovery=discovery,

@@ -131,11 +131,11 @@ async def serve_router(args: argparse.Namespace) -> None:
     tls = tls_from_args(args)
     keys = ApiKeys(keys_from_sources(args.api_key))
     if cfg.metrics_port is not None:
-        from prometheus_client import start_http_server
+        from moeserve.router.metrics import start_metrics_server
 
         # Up before any worker is: on Kubernetes the liveness probe reads this port while the
         # router still waits for its first decode worker (minutes for a DeepSeek checkpoint).
-        start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+        start_metrics_server(cfg.metrics_port, cfg.host, metrics.registry)
     pool_kw = dict(probe_interval_s=args.probe_interval_s, eject_base_s=args.eject_base_s,
                    eject_max_s=args.eject_max_s, tls=tls)  # fmt: skip
     if cfg.discovery is not None:
@@ -163,10 +163,12 @@ async def serve_router(args: argparse.Namespace) -> None:
             max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
             drain_grace_s=args.drain_grace_s, wake_hold_s=args.wake_hold_s,
         )  # fmt: skip
+        # Block hashes use the workers' model id (their KV events carry them); clients see the
+        # served name, which is the same unless --served-model-name renames it here only.
         router = Router(pool, metrics, settings, info.model_id, info.block_size)
         frontend = Frontend(
-            router, load_tokenizer(args.model), info.model_id, info.max_model_len, vocab_size,
-            metrics,
+            router, load_tokenizer(args.model), cfg.model_name or info.model_id,
+            info.max_model_len, vocab_size, metrics,
         )  # fmt: skip
         grpc_server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
@@ -203,6 +205,9 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--config", default=None,
                    help="router.yaml (moeserve.router.config); flags given here win over it")
     p.add_argument("--model", default=None, help="checkpoint directory (tokenizer, config)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the "
+                        "workers' model id, their --model-id)")
     p.add_argument("--prefill", default="", help="prefill workers, host:port,...")
     p.add_argument("--decode", default="", help="decode workers, host:port,... (or discovery)")
     p.add_argument("--host", default="127.0.0.1")

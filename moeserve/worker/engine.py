@@ -252,7 +252,7 @@ class LLMEngine:
         local = self.scheduler.has_unfinished_requests() or self._in_flight is not None
         if self.parallel is None:
             return local
-        return bool(self.parallel.all_reduce_max([int(local)])[0])
+        return self.parallel.any_rank_busy(local)
 
     def step(self) -> list[EngineCoreOutput]:
         """One batch: schedule, run the model, apply the sampled tokens.

@@ -172,7 +172,10 @@ class KVTransferAgent:
             raise ValueError("kv_cache must be a contiguous [num_blocks, ...] tensor")
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
-        from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only when used
+        from moeserve.common.optional import require
+
+        nixl = require("nixl._api", "KV transfer")  # heavy import, only when used
+        nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
 
         self.name = name
         self.layout = KVLayout(

@@ -24,6 +24,7 @@ from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
+from moeserve.common.optional import require
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from_args
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
@@ -37,12 +38,16 @@ from moeserve.worker.kv_leases import LeaseTable
 from moeserve.worker.kv_pull import KVPuller
 from moeserve.worker.kv_transfer import KVTransferAgent
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
+from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.worker_events import EventHub, engine_fingerprint
 
 __all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]
 
 logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "both")
+# A peer rank takes one engine-loop iteration to see a stop vote; past this it is gone or stuck.
+_GROUP_STOP_WAIT_S = 10.0
+_NIXL_NEEDED_FOR = "the KV hand-off between prefill and decode workers; --no-nixl runs without it"
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -117,10 +122,19 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         self.loop.start()
 
     def stop(self) -> None:
+        """After the gRPC server stopped: the engine thread (with EP, once the whole group
+        agreed to stop stepping: see ParallelContext.request_stop), NIXL, the EP group."""
+        group = self.engine.parallel
+        if group is not None and self.loop is not None and self.loop.alive:
+            group.request_stop()
+            if not group.stopped.wait(_GROUP_STOP_WAIT_S):
+                logger.warning("EP group did not agree to stop within %.0f s", _GROUP_STOP_WAIT_S)
         if self.loop is not None:
             self.loop.stop()
         if self.agent is not None:
             self.agent.close()
+        if group is not None:
+            group.close()
 
     # ------------------------------------------------------------ engine thread
 
@@ -338,6 +352,8 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     """Build the engine, start NIXL and gRPC, serve until cancelled."""
     from moeserve.cli import engine_config_from_args
 
+    if args.nixl:  # before loading the model: minutes on a real checkpoint
+        require("nixl._api", _NIXL_NEEDED_FOR)
     engine = LLMEngine(engine_config_from_args(args))
     freeze_startup_heap()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
@@ -357,16 +373,14 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         args.max_queued, parse_faults(args.faults), tls,
     )  # fmt: skip
     servicer.start()
-    sigterm = asyncio.Event()
-    # Not possible off the main thread (an embedding host such as Ray handles signals itself).
-    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, sigterm.set)
+    stop = asyncio.Event()
+    _on_stop_signals(stop)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     add_health_service(server, servicer.serving)  # the kubelet's gRPC probes
     if args.metrics_port is not None:
-        from prometheus_client import start_http_server
+        from moeserve.router.metrics import start_metrics_server
 
-        httpd, _ = start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+        httpd = start_metrics_server(args.metrics_port, args.host, metrics.registry)
         metrics_note = f" metrics http://{args.host}:{httpd.server_port}/metrics"
     else:
         metrics_note = ""
@@ -375,17 +389,61 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     print(f"moeserve worker listening on {address}{metrics_note}", flush=True)
     if ready is not None:
         ready.set()
-    stopped = asyncio.ensure_future(server.wait_for_termination())
+    # Left running: cancelling wait_for_termination() cancels the shutdown server.stop() awaits.
+    terminated = asyncio.ensure_future(server.wait_for_termination())
+    waits = [asyncio.ensure_future(stop.wait())]
+    if engine.parallel is not None:  # another rank of the EP group stopped it
+        waits.append(asyncio.ensure_future(_wait_group_stopped(engine.parallel)))
     try:
-        await asyncio.wait([stopped, asyncio.ensure_future(sigterm.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        if sigterm.is_set():
+        await asyncio.wait([terminated, *waits], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
             servicer.start_drain()
             ok = await servicer.gate.drain(args.drain_grace_s, lambda: len(servicer.leases))
             logger.warning("drained (%s); exiting", "clean" if ok else "grace period over")
+        elif engine.parallel is not None and engine.parallel.stopped.is_set():
+            servicer.start_drain()
+            logger.warning("the EP group stopped; exiting")
     finally:
+        for w in waits:
+            w.cancel()
+        # Long-lived StreamEvents calls end here, cleanly: the routers see the stream close.
+        # Left open, server.stop() cancels them and grpc logs a CancelledError traceback each.
+        servicer.hub.close()
         await server.stop(grace=1)
-        servicer.stop()
+        await asyncio.to_thread(servicer.stop)
+        if stop.is_set():
+            _ignore_stop_signals()
+
+
+def _ignore_stop_signals() -> None:
+    """Stopped on a signal: one more (Ctrl-C then `moeserve up`'s SIGTERM, or the EP launcher
+    forwarding one) must not kill the interpreter's teardown, which restores the default
+    handlers early and then takes a while (torch), turning a clean exit into -15."""
+    with contextlib.suppress(ValueError):  # not the main thread (Ray)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _on_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM (Kubernetes, `moeserve up`) and SIGINT (Ctrl-C reaches every process of the
+    terminal's group) both drain, however often they come. signal.signal, not the loop's
+    add_signal_handler: under uvloop, asyncio.Runner's own SIGINT handler (cancel the main task,
+    which would cut the drain and server.stop() short with a traceback) stays in place beside
+    it. Not possible off the main thread: an embedding host such as Ray handles signals."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # one more after the loop closed: exiting anyway
+            loop.call_soon_threadsafe(stop.set)
+
+    with contextlib.suppress(ValueError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
+
+async def _wait_group_stopped(group: ParallelContext) -> None:
+    while not group.stopped.is_set():
+        await asyncio.sleep(0.2)
 
 
 def _non_negative_int(text: str) -> int:

@@ -60,6 +60,7 @@ class EventHub:
         self._last_sent = 0.0
         # Set by the drain on SIGTERM; the next tick tells every router at once.
         self.draining = False
+        self._closed = False
 
     def publish_threadsafe(
         self, loop: asyncio.AbstractEventLoop, events: list, stats: EngineStats
@@ -90,7 +91,16 @@ class EventHub:
             else:
                 q.put_nowait((protos, load))
 
+    def close(self) -> None:
+        """End every stream now and refuse new ones (the worker is stopping)."""
+        self._closed = True
+        for q in list(self._subs):
+            q.put_nowait(None)
+        self._subs.clear()
+
     async def subscribe(self) -> AsyncIterator[worker_pb2.WorkerEvent]:
+        if self._closed:
+            return
         q: asyncio.Queue = asyncio.Queue()
         self._subs.add(q)
         try:

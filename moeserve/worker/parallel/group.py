@@ -152,6 +152,9 @@ class ParallelContext:
     store: dist.Store
     timeout_s: float
     health: HealthMonitor
+    # Set on every rank at the same step boundary once any rank asked to stop (request_stop).
+    stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop_vote: int = field(default=0, repr=False)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -167,6 +170,26 @@ class ParallelContext:
         t = torch.tensor(values, dtype=torch.int64)
         self.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
         return t.tolist()
+
+    def any_rank_busy(self, local: bool) -> bool:
+        """The group's decision at each step boundary: does any rank have work?
+
+        It also carries stop votes (``request_stop``). From the boundary where one is seen,
+        every rank answers False without another collective, so the engine loops go idle
+        together and no rank is left waiting in a collective its peers never enter (a process
+        that exits with a thread blocked inside one aborts: "terminate called ...").
+        """
+        if self.stopped.is_set():
+            return False
+        busy, stop = self.all_reduce_max([int(local), self._stop_vote])
+        if stop:
+            self.stopped.set()
+            return False
+        return bool(busy)
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop stepping; ``stopped`` is set once the group agreed."""
+        self._stop_vote = 1
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         self.wait(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
@@ -192,14 +215,16 @@ class ParallelContext:
         self.health.mark_failed(reason)
         return GroupFailure(f"EP group of {self.world_size} ranks failed ({reason})")
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Leave the group: every rank calls it once its engine no longer steps."""
         if self._closed:
             return
         self._closed = True
         self.health.stop()
         try:
             # Rank 0 hosts the store: nobody leaves before every rank stopped using it.
-            self.wait(dist.barrier(group=self.group, async_op=True))
+            dist.barrier(group=self.group, async_op=True).wait(
+                timedelta(seconds=min(timeout_s, self.timeout_s)))
             dist.destroy_process_group(self.group)
         except Exception:  # a failed group may refuse a clean shutdown; the process exits anyway
             logger.debug("destroy_process_group failed", exc_info=True)

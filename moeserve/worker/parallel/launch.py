@@ -11,6 +11,8 @@ worker rank serves on its own port (base + local rank) so the router addresses e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -71,14 +73,21 @@ def rank_environments(ep: int, env: Mapping[str, str]) -> list[dict[str, str]]:
 def spawn_local_ranks(argv: Sequence[str], ep: int, env: Mapping[str, str] | None = None,
                       grace_s: float = 5.0) -> int:
     """Run `moeserve <argv>` once per local rank and supervise; returns the first failure's
-    exit code (after stopping the other ranks) or 0 when all exit cleanly."""
+    exit code (after stopping the other ranks) or 0 when all exit cleanly.
+
+    SIGTERM / SIGINT are forwarded to the ranks, which stop together (the EP group agrees on
+    the step to stop at: group.ParallelContext.request_stop); a rank ending on such a signal
+    then is part of the stop, not a failure, and the launcher exits 0."""
     envs = rank_environments(ep, os.environ if env is None else env)
     cmd = [sys.executable, "-m", "moeserve.cli", *argv]
-    procs = [subprocess.Popen(cmd, env=e) for e in envs]
+    procs = [subprocess.Popen(cmd, env=e, preexec_fn=_die_with_parent) for e in envs]
     logger.info("started %d ranks of an EP group of %d (rendezvous %s)", len(procs), ep,
                 envs[0][spec.ENV_RENDEZVOUS])
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -92,6 +101,8 @@ def spawn_local_ranks(argv: Sequence[str], ep: int, env: Mapping[str, str] | Non
                 if rc is None:
                     continue
                 procs.remove(p)
+                if stopping and rc in _STOPPED_CODES:
+                    continue
                 if rc != 0 and code == 0:
                     code = rc
                     logger.error("rank process %d exited with %d; stopping the group", p.pid, rc)
@@ -100,7 +111,19 @@ def spawn_local_ranks(argv: Sequence[str], ep: int, env: Mapping[str, str] | Non
         return code
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            # After a stop, a late signal must not kill the interpreter's teardown (see
+            # worker.server._ignore_stop_signals).
+            signal.signal(s, signal.SIG_IGN if stopping else h)
+
+
+# Exit codes of a rank that a forwarded stop signal ended (or that exited cleanly on it).
+_STOPPED_CODES = {0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT}
+
+
+def _die_with_parent() -> None:
+    # Linux only: a rank outliving its launcher (killed outright) gets SIGTERM and drains.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
