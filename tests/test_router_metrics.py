@@ -55,3 +55,23 @@ def test_worker_stream_timing(monkeypatch) -> None:
     assert "moeserve:inter_token_latency_seconds_count 2.0" in text
     assert "moeserve:inter_token_latency_seconds_sum 1.0" in text
     assert "moeserve:request_time_per_output_token_seconds_sum 0.333" in text
+
+
+def test_metrics_port_keeps_colons_for_an_openmetrics_scraper() -> None:
+    """Prometheus asks for OpenMetrics first; the series must keep the names queries use."""
+    import httpx
+
+    from moeserve.router.metrics import start_metrics_server
+
+    m = WorkerMetrics()
+    m.num_requests_waiting.set(2)
+    httpd = start_metrics_server(0, "127.0.0.1", m.registry)
+    try:
+        accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                  "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+        resp = httpx.get(f"http://127.0.0.1:{httpd.server_port}/metrics",
+                         headers={"Accept": accept}, timeout=5)
+        assert "moeserve:num_requests_waiting 2.0" in resp.text.splitlines()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -10,6 +10,8 @@ target label the chart's ServiceMonitor adds (router, prefill, decode): every qu
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,10 +19,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 
-__all__ = ["RouterMetrics", "KVTransferMetrics", "render", "LATENCY_BUCKETS", "ITL_BUCKETS",
-           "TRANSFER_BUCKETS"]
+__all__ = ["RouterMetrics", "KVTransferMetrics", "render", "start_metrics_server",
+           "LATENCY_BUCKETS", "ITL_BUCKETS", "TRANSFER_BUCKETS"]
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -200,3 +203,22 @@ class RouterMetrics(KVTransferMetrics):
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     """(body, content type) of a /metrics response."""
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+    """/metrics on its own port (a thread), always in the classic text format.
+
+    prometheus_client's server answers a scraper that prefers OpenMetrics, as Prometheus does,
+    with every ``:`` escaped to ``_`` (``moeserve:num_requests_waiting`` is stored as
+    ``moeserve_num_requests_waiting``), so no moeserve query would find the series. Without the
+    Accept header it serves the text format, names as written, like the router's HTTP port.
+    """
+    httpd, _ = start_http_server(port, addr=host, registry=registry)
+    negotiating = httpd.get_app()
+
+    def text_format(environ: dict, start_response):  # noqa: ANN202 (WSGI)
+        environ.pop("HTTP_ACCEPT", None)
+        return negotiating(environ, start_response)
+
+    httpd.set_app(text_format)
+    return httpd
