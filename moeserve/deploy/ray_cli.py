@@ -36,7 +36,7 @@ __all__ = [
 STOP_BUDGET_S = 20.0
 # Of it, how long replicas may take to drain before Ray is shut down under them.
 _DELETE_WAIT_S = 8.0
-_RAY_NEEDED_FOR = "moeserve up --ray and moeserve ray"
+_RAY_NEEDED_FOR = "it runs moeserve on Ray"
 
 
 class Interrupted(Exception):
