@@ -327,7 +327,7 @@ def _run_up(args: argparse.Namespace) -> int:
                 print(f"{dead.name} exited with {dead.proc.returncode}; stopping", file=sys.stderr)
                 return 1
         return 0
-    except (Interrupted, StartupError):
+    except Exception:  # Interrupted, StartupError, or one the stop itself caused
         if stop.is_set():  # stopped during start-up: children exiting early is expected
             return 0
         raise

@@ -68,6 +68,8 @@ class RayCluster:
         self.url = ""
         self.gcs_address = ""
         self._started_ray = False
+        self._served = False  # healthy once: only then are there requests to drain
+        self._deploying = False  # a stop signal now interrupts the blocking Serve calls
 
     def __enter__(self) -> RayCluster:
         self.start()
@@ -95,12 +97,15 @@ class RayCluster:
             else:
                 ctx = connect(spec.address, "moeserve-up", **spec.ray_init_kwargs)
             self._catch_signals()
+            if self.stop_requested is not None and self.stop_requested.is_set():
+                raise Interrupted  # arrived during ray.init
             self.gcs_address = ctx.address_info["gcs_address"]
             serve.start(http_options={"host": spec.host, "port": port})
             port = _serve_http_port(port)
             self.deploy()
             self.url = f"http://{spec.host}:{port}{spec.route_prefix.rstrip('/')}"
             self._wait_healthy(time.monotonic() + spec.startup_timeout_s)
+            self._deploying = False
         except BaseException:
             self.stop()
             raise
@@ -108,11 +113,21 @@ class RayCluster:
     def _catch_signals(self) -> None:
         # ray.init installs a handler that logs SIGTERM and then aborts the process, which would
         # skip our clean-up: ours must come after it.
+        # serve.run(blocking=False) still waits until the application runs (minutes while a
+        # real checkpoint loads), so during deployment the handler raises to cut it short.
         event = self.stop_requested
         if event is None or threading.current_thread() is not threading.main_thread():
             return
+
+        def on_signal(signum: int, frame: object) -> None:
+            event.set()
+            if self._deploying:
+                self._deploying = False
+                raise Interrupted
+
+        self._deploying = True
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: event.set())
+            signal.signal(sig, on_signal)
 
     def deploy(self, deployment: MoEDeployment | None = None) -> None:
         """(Re)deploy; a spec differing only in pool sizes just adds or removes groups."""
@@ -135,6 +150,7 @@ class RayCluster:
                 raise RuntimeError(f"Serve could not deploy {self.app_name}: {app.message}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self._served = True
                     return
             time.sleep(0.5)
         raise RuntimeError(f"{self.app_name} did not become healthy in time")
@@ -144,6 +160,7 @@ class RayCluster:
         within ``budget_s``. serve.delete and serve.shutdown wait for replicas without bound
         (one still constructing holds them for its whole start-up), so neither is waited on
         past the budget: ray.shutdown and ``reap`` end what is left."""
+        self._deploying = False  # a second signal must not cut the clean-up short
         if "ray" not in sys.modules:  # never imported: nothing was started
             return
         import ray
@@ -151,7 +168,8 @@ class RayCluster:
         if not ray.is_initialized():
             return
         deadline = time.monotonic() + budget_s
-        self._delete_app(min(_DELETE_WAIT_S, budget_s / 2))
+        # Still deploying: replicas are loading, not serving; waiting for them only delays.
+        self._delete_app(min(_DELETE_WAIT_S, budget_s / 2) if self._served else 0.0)
         ours = {}
         if self._started_ray:
             ours = {p: c for p, c in descendants(os.getpid()).items() if "ray" in c}
@@ -298,6 +316,11 @@ def run_up_ray(args: argparse.Namespace) -> int:
         except SystemExit as e:
             # SIGTERM inside ray.init: Ray's own handler exits with the signal's number.
             if e.code == signal.SIGTERM:
+                return 0
+            raise
+        except Exception:
+            # Ctrl-C reaches Ray's own processes too: a start-up they fail is the stop asked for.
+            if stop.is_set():
                 return 0
             raise
         print(f"\nmoeserve is up on Ray: {cluster.url}/v1  (app {cluster.app_name}, "
