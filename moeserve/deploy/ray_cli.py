@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,9 @@ class RayCluster:
                 cpus = spec.num_cpus or required_cpus(self.dep)
                 # Ray on Linux advertises the node's interface address, never loopback: the
                 # workers bind that; only the HTTP proxy binds ``host``.
-                ctx = ray.init(num_cpus=max(int(cpus + 0.999), 1), include_dashboard=False,
-                               namespace="moeserve-up", **spec.ray_init_kwargs)  # fmt: skip
+                with _sigint_ignored_by_children():
+                    ctx = ray.init(num_cpus=max(int(cpus + 0.999), 1), include_dashboard=False,
+                                   namespace="moeserve-up", **spec.ray_init_kwargs)  # fmt: skip
                 self._started_ray = True
             else:
                 ctx = connect(spec.address, "moeserve-up", **spec.ray_init_kwargs)
@@ -189,6 +191,23 @@ class RayCluster:
                 if self.app_name not in serve.status().applications:
                     return
                 time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Ctrl-C signals the terminal's whole process group, the Ray instance we start included:
+    its processes would die in any order and print each other's tracebacks while this driver
+    stops them in order. An ignored SIGINT is inherited through exec, so the instance's
+    processes (and the workers they start) leave Ctrl-C to us. Ours is back right after; one
+    arriving meanwhile is lost (press again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def connect(address: str, namespace: str, **kwargs: Any) -> Any:
