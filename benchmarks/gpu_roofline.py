@@ -120,11 +120,11 @@ def inject(engine: LLMEngine, batch: int, context: int, tag: str, steps: int) ->
     for i in range(batch):
         rid = f"{tag}-{i}"
         prompt = [(7 * i + j) % 20000 + 10 for j in range(context)]
-        if engine.reserve_remote_kv(rid, prompt, params) is None:
+        if engine.add_remote_kv_request(rid, prompt, params) is None:
             raise MemoryError(f"KV cache too small for batch {batch} x {context}")
         # Each sequence gets its own first token, as after a real prefill: identical tokens
         # route alike and would understate the experts a step reads.
-        engine.commit_remote_kv(rid, (7919 * i + 11) % 20000 + 10)
+        engine.finish_remote_kv(rid, (7919 * i + 11) % 20000 + 10)
         ids.append(rid)
     return ids
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from moeserve.worker.kv_transfer import KVTransferAgent
+from moeserve.worker.kv_handoff.agent import KVTransferAgent
 
 MiB = 1 << 20
 

@@ -170,9 +170,9 @@ def test_arrivals_and_remote_kv_join_a_running_batch(tiny_v3):
         if step == 3:
             engine.add_request("2", prompts[2], params)
         if step == 6:
-            res = engine.reserve_remote_kv("3", prompts[3], params)
+            res = engine.add_remote_kv_request("3", prompts[3], params)
             engine.kv_cache[res.block_ids] = prefill.kv_cache[prefill.pinned_blocks("3")]
-            got["3"] = engine.commit_remote_kv("3", first.new_token_ids[0])
+            got["3"] = engine.finish_remote_kv("3", first.new_token_ids[0])
 
     got = _run(engine, [(str(i), p, params) for i, p in enumerate(prompts[:2])], join)
     assert [_tokens(got[str(i)]) for i in range(4)] == ref

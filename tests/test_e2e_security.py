@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moeserve.deploy.local import ClusterSpec, LocalCluster
-from moeserve.worker.kv_handles import HANDLE_REFUSED
+from moeserve.worker.kv_handoff.prefill import HANDLE_REFUSED
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

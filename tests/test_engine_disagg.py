@@ -44,13 +44,13 @@ def test_prefill_then_remote_decode_equals_one_engine(tiny_v3, params):
     ref = _engine(tiny_v3).generate([PROMPT], params)[0]
     p, d = _engine(tiny_v3), _engine(tiny_v3)
     first, src = _prefill(p, "r", params)
-    res = d.reserve_remote_kv("r", PROMPT, params)
+    res = d.add_remote_kv_request("r", PROMPT, params)
     assert res is not None and res.num_cached_blocks == 0
     d.kv_cache[res.block_ids] = p.kv_cache[src]
     p.release_pinned("r")
     assert p.stats().kv_usage == 0.0
     before = d.stats().prompt_tokens_computed
-    out = d.commit_remote_kv("r", first)
+    out = d.finish_remote_kv("r", first)
     assert _drain(d, out[0].new_token_ids) == ref
     assert d.stats().prompt_tokens_computed == before  # the decode side computed no prompt
 
@@ -59,8 +59,8 @@ def test_failed_transfer_recomputes_to_same_tokens(tiny_v3):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ref = _engine(tiny_v3).generate([PROMPT], params)[0]
     d = _engine(tiny_v3)
-    assert d.reserve_remote_kv("r", PROMPT, params) is not None
-    assert d.commit_remote_kv("r", None) == []
+    assert d.add_remote_kv_request("r", PROMPT, params) is not None
+    assert d.finish_remote_kv("r", None) == []
     assert _drain(d, []) == ref
     assert d.stats().prompt_tokens_computed == len(PROMPT)
 
@@ -69,7 +69,7 @@ def test_decode_side_prefix_cache_skips_blocks(tiny_v3):
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     d = _engine(tiny_v3)
     d.generate([PROMPT[:20] + [3, 3, 3]], params)  # leaves 5 full blocks of PROMPT cached
-    res = d.reserve_remote_kv("r", PROMPT, params)
+    res = d.add_remote_kv_request("r", PROMPT, params)
     assert res.num_cached_blocks == 5
 
 
@@ -79,9 +79,9 @@ def test_abort_releases_reserved_and_pinned_blocks(tiny_v3):
     _prefill(p, "r", params)
     p.abort_request("r")
     assert p.pinned_blocks("r") == [] and p.stats().kv_usage == 0.0
-    d.reserve_remote_kv("x", PROMPT, params)
+    d.add_remote_kv_request("x", PROMPT, params)
     assert d.stats().kv_usage > 0
     d.abort_request("x")
     assert d.stats().kv_usage == 0.0
     with pytest.raises(InvalidRequestError, match="no KV reservation"):
-        d.commit_remote_kv("x", 5)
+        d.finish_remote_kv("x", 5)

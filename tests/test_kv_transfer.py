@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from moeserve.common.kv_compat import compat_fingerprint, fingerprint_mismatch
-from moeserve.worker.kv_leases import LeaseTable
-from moeserve.worker.kv_transfer import (
+from moeserve.worker.kv_handoff.agent import (
     KVLayout,
     KVTransferAgent,
     KVTransferError,
@@ -20,6 +19,7 @@ from moeserve.worker.kv_transfer import (
     decode_release_notif,
     encode_release_notif,
 )
+from moeserve.worker.kv_handoff.prefill import LeaseTable
 
 SHAPE = (8, 3, 4, 16)  # [num_blocks, num_layers, block_size, kv_dim]
 

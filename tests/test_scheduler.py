@@ -329,3 +329,92 @@ def test_shared_prefix_hits_blocks_of_running_requests():
     assert [r.num_cached_tokens for r in reqs] == [0, 20, 20, 20]
     assert tokens == {rid: alone(p, max_tokens=6) for rid, p in prompts.items()}
     check_scheduled_kv_clean(sched)
+
+
+# ---------------------------------------------------------------- KV computed on another worker
+
+
+def remote_kv_ready(model, req):
+    """What a KV READ does: the prompt's KV lands in the request's blocks."""
+    for pos, token in enumerate(req.prompt_token_ids):
+        model.kv.setdefault(req.block_ids[pos // BS], [None] * BS)[pos % BS] = token
+
+
+def test_request_waiting_for_remote_kv_is_not_scheduled_and_holds_its_blocks():
+    sched, model = make_sched(), FakeModel()
+    r = make_req("r", PROMPTS["b"])  # 17 tokens: 5 blocks
+    got = sched.add_remote_kv_request(r)
+    assert got.num_cached_blocks == 0 and got.block_ids == r.block_ids and len(got.block_ids) == 5
+    assert r.status is RequestStatus.WAITING_FOR_REMOTE_KV
+    assert not sched.has_unfinished_requests()  # nothing for a step to do: the engine idles
+    free = sched.kv.num_free_blocks
+
+    def never_r(sched, out):
+        assert "r" not in out.num_scheduled_tokens
+        assert all(sched.kv.pool.ref_count(b) == 1 for b in got.block_ids)
+
+    tokens, _, steps = drive(sched, [make_req("a", PROMPTS["a"])], on_step=never_r, model=model)
+    assert tokens["a"] == alone(PROMPTS["a"]) and len(steps) == 8
+    assert sched.kv.num_free_blocks == free  # a's blocks came back, r's are still held
+    assert sched.num_waiting == sched.num_running == 0 and "r" in sched.requests
+    with pytest.raises(InvalidRequestError, match="duplicate request id"):
+        sched.add_remote_kv_request(make_req("r", PROMPTS["b"]))
+
+
+def test_remote_kv_completion_makes_the_request_run_with_its_first_token():
+    ref = alone(PROMPTS["b"])
+    sched, model = make_sched(), FakeModel()
+    r = make_req("r", PROMPTS["b"])
+    sched.add_remote_kv_request(r)
+    remote_kv_ready(model, r)
+    out = sched.finish_remote_kv("r", ref[0])
+    assert (out.request_id, out.new_token_ids, out.finished) == ("r", [ref[0]], False)
+    assert r.status is RequestStatus.RUNNING and r.num_computed_tokens == len(PROMPTS["b"])
+    tokens, reasons, steps = drive(sched, [], model=model)
+    assert [ref[0]] + tokens["r"] == ref and reasons["r"] == "length"
+    # No step computed the prompt: every step was one decode token.
+    assert all(s.num_scheduled_tokens == {"r": 1} for s in steps)
+    check_scheduled_kv_clean(sched)
+
+
+def test_remote_kv_reuses_the_local_prefix_cache():
+    sched = make_sched()
+    drive(sched, [make_req("warm", PROMPTS["b"][:12] + [99, 98])])  # 3 full blocks cached
+    got = sched.add_remote_kv_request(make_req("r", PROMPTS["b"]))
+    assert got.num_cached_blocks == 3 and len(got.block_ids) == 5
+    assert sched.requests["r"].num_cached_tokens == 3 * BS
+
+
+def test_remote_kv_failure_recomputes_here_and_frees_its_blocks_once():
+    sched = make_sched()
+    r = make_req("r", PROMPTS["b"])
+    sched.add_remote_kv_request(r)
+    assert sched.kv.usage > 0
+    assert sched.finish_remote_kv("r", None) is None
+    assert sched.kv.usage == 0.0 and r.block_ids == [] and r.status is RequestStatus.WAITING
+    assert sched.num_waiting == 1
+    tokens, _, steps = drive(sched, [])
+    assert tokens["r"] == alone(PROMPTS["b"])
+    assert steps[0].num_scheduled_tokens == {"r": len(PROMPTS["b"])}  # prefilled here
+    check_scheduled_kv_clean(sched)  # a second free of its blocks would have raised
+
+
+def test_abort_while_waiting_for_remote_kv_frees_its_blocks_once():
+    sched = make_sched()
+    sched.add_remote_kv_request(make_req("r", PROMPTS["b"]))
+    (out,) = sched.abort_requests(["r"])
+    assert (out.request_id, out.finished, out.finish_reason) == ("r", True, "abort")
+    assert sched.kv.usage == 0.0 and not sched.requests
+    assert sched.abort_requests(["r"]) == []  # nothing left to free
+    with pytest.raises(InvalidRequestError, match="no KV reservation"):
+        sched.finish_remote_kv("r", 5)  # a READ that ends after the abort changes nothing
+    assert sched.kv.usage == 0.0
+    assert "r" in sched.schedule().finished_req_ids
+
+
+def test_full_pool_admits_no_remote_kv_request():
+    sched = make_sched(num_blocks=8)  # 7 usable blocks; each prompt needs 5
+    assert sched.add_remote_kv_request(make_req("q", PROMPTS["b"])) is not None
+    usage = sched.kv.usage
+    assert sched.add_remote_kv_request(make_req("r", PROMPTS["b"])) is None
+    assert list(sched.requests) == ["q"] and sched.kv.usage == usage

@@ -26,7 +26,7 @@ from moeserve.router.auth import (
     GrpcApiKeyInterceptor,
     keys_from_sources,
 )
-from moeserve.worker.kv_handles import HANDLE_REFUSED, HandleTable, KVHandleRefusedError
+from moeserve.worker.kv_handoff.prefill import HANDLE_REFUSED, HandleTable, KVHandleRefusedError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -250,7 +250,7 @@ def test_handles_are_single_use_bound_and_lease_limited() -> None:
 
 
 def test_claim_rpc_maps_refusal_to_permission_denied() -> None:
-    from moeserve.worker.kv_handles import KVHandleServicer
+    from moeserve.worker.kv_handoff.prefill import KVHandleServicer
 
     class Ctx:
         code = None

@@ -22,12 +22,13 @@ from moeserve.worker.runner import ModelRunner
 from moeserve.worker.sampler import SampledTokens
 from moeserve.worker.scheduler import (
     EngineCoreOutput,
+    RemoteKVBlocks,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
 )
 
-__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVReservation",
+__all__ = ["LLMEngine", "EngineStats", "EngineCoreOutput", "RemoteKVBlocks",
            "freeze_startup_heap"]
 
 logger = logging.getLogger(__name__)
@@ -58,18 +59,6 @@ class EngineStats:
     prompt_tokens_computed: int
     generation_tokens: int
     num_preemptions: int
-
-
-@dataclass(frozen=True)
-class RemoteKVReservation:
-    """Blocks a decode worker set aside for a prompt's KV computed elsewhere.
-
-    The first `num_cached_blocks` of `block_ids` already hold that prefix here (prefix cache),
-    so only `block_ids[num_cached_blocks:]` must be read from the prefill worker.
-    """
-
-    block_ids: list[int]
-    num_cached_blocks: int
 
 
 class LLMEngine:
@@ -112,7 +101,6 @@ class LLMEngine:
         self._prompt_computed = 0
         self._generated = 0
         self._preemptions = 0
-        self._remote: dict[str, Request] = {}  # reserved for KV arriving from a prefill worker
         self._async = parallel is None and (
             config.async_scheduling == "on"
             or (config.async_scheduling == "auto" and self.runner.device.type == "cuda")
@@ -152,7 +140,7 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> Request:
         self._validate(prompt_token_ids, params)
-        if request_id in self._remote or request_id in self.scheduler.pinned:
+        if request_id in self.scheduler.pinned:
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="id")
         return Request(
             request_id, prompt_token_ids, params, self.model_config.eos_token_id,
@@ -168,46 +156,34 @@ class LLMEngine:
     def release_pinned(self, request_id: str) -> bool:
         return self.scheduler.release_pinned(request_id)
 
-    def reserve_remote_kv(
+    def add_remote_kv_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> RemoteKVReservation | None:
-        """Set aside blocks for a prompt whose KV another worker computed; None when the pool
-        is full (then add the request normally: it is recomputed here)."""
+    ) -> RemoteKVBlocks | None:
+        """Queue a request whose prompt KV another worker computed: it waits, unscheduled,
+        while that KV is read into the blocks returned (`finish_remote_kv` ends the wait).
+        None when the pool is full; then nothing was queued (add it normally: recompute)."""
         req = self._new_request(request_id, prompt_token_ids, params)
-        if request_id in self.scheduler.requests:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="id")
-        computed, num_cached = self.kv_manager.get_computed_blocks(req)
-        blocks = self.kv_manager.allocate(req, req.num_tokens - num_cached, computed)
-        if blocks is None:
-            return None
-        req.block_ids.extend(blocks)
-        req.num_cached_tokens = num_cached
-        self._remote[request_id] = req
-        self._prefix_queries += req.num_tokens
-        self._prefix_hits += num_cached
-        return RemoteKVReservation(list(req.block_ids), len(computed))
+        blocks = self.scheduler.add_remote_kv_request(req)
+        if blocks is not None:
+            self._prefix_queries += req.num_tokens
+            self._prefix_hits += req.num_cached_tokens
+        return blocks
 
-    def commit_remote_kv(
+    def finish_remote_kv(
         self, request_id: str, first_token_id: int | None
     ) -> list[EngineCoreOutput]:
-        """Finish a reservation: with the prefill worker's first token the request joins the
-        batch as a decode; with None (transfer failed) it is recomputed here."""
-        req = self._remote.pop(request_id, None)
-        if req is None:
-            raise InvalidRequestError(f"no KV reservation for request {request_id!r}",
-                                      param="request_id")
-        if first_token_id is None or not 0 <= first_token_id < self.model_config.vocab_size:
-            self.kv_manager.free(req)
-            req.block_ids.clear()
-            req.num_cached_tokens = 0
-            self.scheduler.add_request(req)
-            if first_token_id is not None:
-                raise InvalidRequestError(
-                    f"first token id {first_token_id} is outside the vocabulary; recomputing",
-                    param="first_token_id",
-                )
+        """The READ for ``request_id`` ended: with the prefill worker's first token the request
+        joins the batch as a decode; with None (the transfer failed) it is recomputed here."""
+        vocab = self.model_config.vocab_size
+        bad = first_token_id is not None and not 0 <= first_token_id < vocab
+        out = self.scheduler.finish_remote_kv(request_id, None if bad else first_token_id)
+        if bad:
+            raise InvalidRequestError(
+                f"first token id {first_token_id} is outside the vocabulary; recomputing",
+                param="first_token_id",
+            )
+        if out is None:
             return []
-        out = self.scheduler.add_prefilled(req, first_token_id)
         self._generated += 1
         return [out]
 
@@ -237,11 +213,8 @@ class LLMEngine:
             )
 
     def abort_request(self, request_id: str) -> list[EngineCoreOutput]:
-        """Stop a request wherever it is (queued, running, reserved or pinned); frees blocks."""
-        req = self._remote.pop(request_id, None)
-        if req is not None:
-            self.kv_manager.free(req)
-            req.block_ids.clear()
+        """Stop a request wherever it is (queued, running, waiting for remote KV or pinned);
+        frees its blocks."""
         self.scheduler.release_pinned(request_id)
         return self.scheduler.abort_requests([request_id])
 

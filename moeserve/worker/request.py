@@ -17,6 +17,8 @@ _ARRIVALS = itertools.count()
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # Blocks allocated, the prompt's KV being read from a prefill worker (not schedulable).
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "finished_stopped"

@@ -12,6 +12,12 @@ scheduling): each row's input token is the one step N samples, named by its row 
 host never waits between steps. Requests that step N finishes by a stop token still compute
 one wasted row in N+1; their blocks are freed only once N+1 is done, so the wasted KV write
 cannot land in a block that was handed to someone else.
+
+A request whose prompt KV another worker computed (disaggregated serving) enters as
+``WAITING_FOR_REMOTE_KV`` (``add_remote_kv_request``): its blocks are allocated at once, as for
+any request, but it is never scheduled while the KV is read into them. ``finish_remote_kv``
+ends the wait: with the prefill worker's first token it runs as a decode; without (the READ
+failed) its blocks go back and the prompt waits to be prefilled here.
 """
 
 from __future__ import annotations
@@ -19,87 +25,21 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from moeserve.common.errors import ConfigError, InvalidRequestError
+from moeserve.common.errors import InvalidRequestError
 from moeserve.worker.kv_cache_manager import KVCacheManager
 from moeserve.worker.request import Request, RequestStatus
+from moeserve.worker.scheduler_types import (
+    EngineCoreOutput,
+    RemoteKVBlocks,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 
-__all__ = ["EngineCoreOutput", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = ["EngineCoreOutput", "RemoteKVBlocks", "Scheduler", "SchedulerConfig",
+           "SchedulerOutput"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SchedulerConfig:
-    """Limits of one engine step.
-
-    ``long_prefill_token_threshold`` caps one request's tokens per step (0 = only the budget
-    caps it). ``max_model_len`` None means limited by KV capacity alone.
-    """
-
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int = 0
-    max_model_len: int | None = None
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.long_prefill_token_threshold < 0:
-            raise ConfigError("long_prefill_token_threshold must be >= 0")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if not self.enable_chunked_prefill and (
-            self.max_model_len is None or self.max_model_len > self.max_num_batched_tokens
-        ):
-            # Without chunking a whole prompt must fit one step's budget.
-            raise ConfigError(
-                "enable_chunked_prefill=False needs max_model_len <= max_num_batched_tokens, "
-                f"got max_model_len={self.max_model_len}, "
-                f"max_num_batched_tokens={self.max_num_batched_tokens}"
-            )
-
-
-@dataclass
-class SchedulerOutput:
-    """One step's work. ``scheduled`` is in batch order: running requests, then admitted ones.
-
-    For each scheduled request the runner computes tokens
-    ``all_token_ids[num_computed_tokens : num_computed_tokens + num_scheduled_tokens[id]]``
-    into ``block_ids`` and samples a token when ``Scheduler.needs_sampling`` says so.
-    """
-
-    scheduled: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    new_req_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
-    preempted_req_ids: list[str] = field(default_factory=list)
-    finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
-    # Rows whose input token is still being sampled by the step before (schedule_ahead):
-    # request id -> its row among that step's sampled tokens. Such a row computes position
-    # num_computed_tokens + 1, as that step's token will have been applied by update time.
-    ahead_rows: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass(frozen=True)
-class EngineCoreOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_cached_tokens: int
 
 
 class Scheduler:
@@ -120,6 +60,8 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the tail is preempted first
         self._finished_req_ids: set[str] = set()
         self.pinned: dict[str, Request] = {}  # finished prefill-only requests holding blocks
+        # Blocks allocated, KV being read from a prefill worker: in `requests`, never scheduled.
+        self.waiting_for_remote_kv: dict[str, Request] = {}
         self._ahead: list[SchedulerOutput] = []  # from schedule_ahead, not applied yet
         self._free_later: list[Request] = []  # finished, but a step in `_ahead` writes their KV
 
@@ -132,7 +74,9 @@ class Scheduler:
         return len(self.waiting)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """True while a step has work; a request waiting for remote KV needs none (the READ
+        runs outside the engine step), so the engine thread does not spin on it."""
+        return len(self.requests) > len(self.waiting_for_remote_kv)
 
     @staticmethod
     def needs_sampling(req: Request, num_scheduled_tokens: int) -> bool:
@@ -140,6 +84,12 @@ class Scheduler:
         return req.num_computed_tokens + num_scheduled_tokens == req.num_tokens
 
     def add_request(self, req: Request) -> None:
+        self._check_new(req)
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def _check_new(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}", param="id")
         if req.num_tokens == 0:
@@ -150,19 +100,42 @@ class Scheduler:
                 f"max_model_len={self.max_model_len}",
                 param="prompt",
             )
-        req.status = RequestStatus.WAITING
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
 
-    def add_prefilled(self, req: Request, first_token_id: int) -> EngineCoreOutput:
-        """Admit a request whose prompt KV already sits in ``req.block_ids`` (read from a
-        prefill worker) together with the first token that worker sampled."""
-        if req.request_id in self.requests:
-            raise InvalidRequestError(f"duplicate request id {req.request_id!r}", param="id")
+    def add_remote_kv_request(self, req: Request) -> RemoteKVBlocks | None:
+        """Admit ``req`` as WAITING_FOR_REMOTE_KV with blocks for its whole prompt, reusing what
+        the prefix cache holds; None (nothing admitted) when the pool cannot hold the prompt."""
+        self._check_new(req)
+        computed, num_cached = self.kv.get_computed_blocks(req)
+        blocks = self.kv.allocate(req, req.num_tokens - num_cached, computed)
+        if blocks is None:
+            return None
+        req.block_ids.extend(blocks)
+        req.num_cached_tokens = num_cached
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.requests[req.request_id] = req
+        self.waiting_for_remote_kv[req.request_id] = req
+        return RemoteKVBlocks(list(req.block_ids), len(computed))
+
+    def finish_remote_kv(
+        self, request_id: str, first_token_id: int | None
+    ) -> EngineCoreOutput | None:
+        """End the wait for remote KV. With the first token the prefill worker sampled, the
+        request runs from its next token (its prompt KV is in its blocks); with None (the READ
+        failed) its blocks go back and it waits to be prefilled here, returning None."""
+        req = self.waiting_for_remote_kv.pop(request_id, None)
+        if req is None:
+            raise InvalidRequestError(f"no KV reservation for request {request_id!r}",
+                                      param="request_id")  # fmt: skip
+        if first_token_id is None:
+            self.kv.free(req)
+            req.block_ids.clear()
+            req.num_cached_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.append(req)
+            return None
         req.num_computed_tokens = req.num_prompt_tokens
         self.kv.cache_full_blocks(req, req.num_computed_tokens)
         req.append_output_token(first_token_id)
-        self.requests[req.request_id] = req
         status = self._check_stop(req, first_token_id)
         if status is not None:
             self._finish(req, status)
@@ -189,6 +162,8 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+                del self.waiting_for_remote_kv[request_id]
             else:
                 self.waiting.remove(req)
             self._finish(req, RequestStatus.FINISHED_ABORTED)

@@ -33,13 +33,13 @@ from moeserve.worker.env_defaults import apply_env_defaults
 from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
 from moeserve.worker.health import add_health_service, serving_state
-from moeserve.worker.kv_handles import HandleTable, KVHandleServicer
-from moeserve.worker.kv_leases import LeaseTable
-from moeserve.worker.kv_pull import KVPuller
-from moeserve.worker.kv_transfer import KVTransferAgent
+from moeserve.worker.kv_handoff.agent import KVTransferAgent
+from moeserve.worker.kv_handoff.compat import engine_fingerprint
+from moeserve.worker.kv_handoff.decode import KVPuller
+from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, PrefillHandoff
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.parallel.group import ParallelContext
-from moeserve.worker.worker_events import EventHub, engine_fingerprint
+from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]
 
@@ -95,9 +95,8 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         self.address = address
         self.agent = agent
         self.metrics = metrics
-        self.leases = LeaseTable(default_lease_s=lease_s)
-        self.handles = HandleTable()
         self.fingerprint = engine_fingerprint(engine)
+        self.kv_prefill = PrefillHandoff(agent, address, self.fingerprint, metrics, lease_s)
         self.hub = EventHub()
         self.loop: EngineLoop | None = None
         self.faults = faults or FaultPlan()
@@ -107,6 +106,10 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults, tls)
         if self.faults.active:
             logger.warning("fault injection is ON: %s", self.faults)
+
+    @property
+    def handles(self) -> HandleTable:  # what ClaimKV (KVHandleServicer) claims from
+        return self.kv_prefill.handles
 
     def serving(self) -> tuple[bool, str]:
         """(serving, why not): the one answer of this Health RPC and grpc.health.v1.Health."""
@@ -140,15 +143,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
 
     def _tick(self, engine: LLMEngine) -> None:
         """Housekeeping in the engine thread: released/expired leases, events, load, metrics."""
-        if self.agent is not None:
-            for rid in self.agent.take_released_requests():
-                if self.leases.release(rid) is not None:
-                    engine.release_pinned(rid)
-            for rid in self.leases.expired(time.monotonic()):
-                logger.warning("KV lease of %s expired uncollected; releasing its blocks", rid)
-                engine.release_pinned(rid)
-                self.metrics.expired_kv_leases.inc()
-        self.metrics.pinned_kv_leases.set(len(self.leases))
+        self.kv_prefill.sweep(engine, time.monotonic())
         events, stats = engine.take_kv_events(), engine.stats()
         m = self.metrics
         m.num_requests_running.set(stats.num_running)
@@ -187,35 +182,13 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             self.metrics.time_to_first_token.observe(time.perf_counter() - arrived)
             first = out.new_token_ids[0]
             finished = out.finish_reason == "stop" or params.max_tokens <= 1
-            lease_s = self.leases.default_lease_s
-
-            def pin(e: LLMEngine) -> list[int]:
-                if finished or self.agent is None:
-                    e.release_pinned(rid)
-                    return []
-                blocks = e.pinned_blocks(rid)
-                self.leases.add(rid, blocks, time.monotonic(), lease_s)
-                return blocks
-
-            blocks = await self.loop.call(pin)
+            blocks = await self.loop.call(lambda e: self.kv_prefill.pin(e, rid, finished))
             self.metrics.prefix_cache_queries.inc(len(prompt))
             self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
-            handle = worker_pb2.KVHandle(
-                agent_name=self.agent.name if self.agent else "",
-                request_id=rid,
-                block_ids=blocks,
-                num_tokens=len(prompt),
-                lease_ms=int(lease_s * 1000),
-                compat_fingerprint=self.fingerprint,
-                worker_address=self.address,
-                decode_agent=request.decode_agent,
-                handle_id=self.handles.issue(rid, request.decode_agent, blocks, len(prompt),
-                                             time.monotonic(), lease_s) if blocks else "",
-            )  # fmt: skip
             return worker_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=first,
-                kv_handle=handle,
+                kv_handle=self.kv_prefill.handle(rid, blocks, len(prompt), request.decode_agent),
                 num_cached_tokens=out.num_cached_tokens,
                 finished=finished,
                 finish_reason=out.finish_reason if finished else "",
@@ -224,11 +197,6 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             self.loop.close_stream(rid)
             if not done:  # cancelled or failed before the handle left: free everything
                 await asyncio.shield(self.loop.call(lambda e: e.abort_request(rid)))
-
-    def _release(self, engine: LLMEngine, rid: str) -> bool:
-        self.leases.release(rid)
-        self.handles.drop_request(rid)
-        return engine.release_pinned(rid)
 
     async def Generate(self, request, context) -> AsyncIterator:
         arrived = time.perf_counter()
@@ -305,7 +273,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             for rid in ids:
                 outs = e.abort_request(rid)
                 self.loop.emit(outs)  # an open Generate stream ends with "abort"
-                if self._release(e, rid) or outs:
+                if self.kv_prefill.release(e, rid) or outs:
                     done.append(rid)
             return done
 
@@ -344,7 +312,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
 
     async def ReleaseKV(self, request, context):
         rid = request.request_id
-        released = await self.loop.call(lambda e: self._release(e, rid))
+        released = await self.loop.call(lambda e: self.kv_prefill.release(e, rid))
         return worker_pb2.ReleaseKVResponse(released=released)
 
 
@@ -398,7 +366,8 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         await asyncio.wait([terminated, *waits], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             servicer.start_drain()
-            ok = await servicer.gate.drain(args.drain_grace_s, lambda: len(servicer.leases))
+            leases = servicer.kv_prefill.leases  # pinned KV a decode worker may still READ
+            ok = await servicer.gate.drain(args.drain_grace_s, lambda: len(leases))
             logger.warning("drained (%s); exiting", "clean" if ok else "grace period over")
         elif engine.parallel is not None and engine.parallel.stopped.is_set():
             servicer.start_drain()

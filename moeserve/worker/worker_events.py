@@ -1,4 +1,4 @@
-"""KV events and load reports a worker streams to routers, and its compatibility fingerprint.
+"""KV events and load reports a worker streams to routers.
 
 Routers may subscribe late or reconnect, so each subscription starts with a snapshot (AllCleared
 plus one BlockStored holding every cached block hash) and then follows the live events. The
@@ -8,20 +8,14 @@ worker mirrors the set of cached hashes from the engine's events to build that s
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib.metadata
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import moeserve
 from moeserve.api import worker_pb2
-from moeserve.common.kv_compat import compat_fingerprint
 from moeserve.worker.block_pool import AllBlocksCleared, BlockRemoved, BlockStored
-from moeserve.worker.engine import EngineStats, LLMEngine
-from moeserve.worker.kv_transfer import METADATA_VERSION
+from moeserve.worker.engine import EngineStats
 
-__all__ = ["EventHub", "engine_fingerprint", "to_proto_event"]
+__all__ = ["EventHub", "to_proto_event"]
 
 _HEARTBEAT_S = 0.5
 _MAX_BACKLOG = 10_000  # a subscriber this far behind is dropped and must resubscribe
@@ -122,48 +116,3 @@ class EventHub:
         finally:
             self._subs.discard(q)
 
-
-def _digest(parts: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(len(p).to_bytes(8, "big") + p)
-    return h.hexdigest()[:16]
-
-
-def _nixl_version() -> str:
-    for dist in ("nixl", "nixl-cu12", "nixl-cu13"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "none"
-
-
-def engine_fingerprint(engine: LLMEngine) -> str:
-    """What must match between a prefill and a decode worker for KV to be reused as is.
-
-    The issue's full list: model id and weights hash, dtype, KV layout and block size, parallel
-    layout, moeserve and NIXL versions. Each is its own field so a refusal names the one that
-    differs.
-    """
-    model_dir = Path(engine.config.model)
-    config = model_dir / "config.json"
-    # Names and sizes, not contents: hashing hundreds of GB at start-up is not an option.
-    shards = sorted(model_dir.glob("*.safetensors"))
-    weights = [f"{p.name}:{p.stat().st_size}".encode() for p in shards]
-    kv = engine.kv_cache
-    return compat_fingerprint(
-        {
-            "model": engine.config.model_id,
-            "config": _digest([config.read_bytes()]) if config.is_file() else "none",
-            "weights": _digest(weights),
-            "kv_layout": "x".join(str(d) for d in kv.shape[1:]),
-            "kv_dtype": str(kv.dtype).removeprefix("torch."),
-            "block_size": engine.config.block_size,
-            "parallel": f"dp{engine.config.dp}-ep{engine.config.ep}-tp1",
-            "nixl": _nixl_version(),
-            "mla": engine.config.mla_impl,
-            "moeserve": getattr(moeserve, "__version__", "0"),
-            "kv_metadata": METADATA_VERSION,
-        }
-    )

@@ -1,13 +1,11 @@
-"""KV-cache transfer between workers with NIXL (prefill -> decode, READ initiated by decode).
+"""The NIXL agent and its descriptors: KV blocks move prefill -> decode, READ by the decode side.
 
 Two halves, as in vLLM's KV connector:
 
-* Scheduler side (pure, no device, no NIXL): ``block_descs`` turns block ids into byte ranges
-  and the release notification is encoded/decoded here (``kv_leases.LeaseTable`` remembers
-  which pinned prefill blocks were handed out; ``common.kv_compat`` says whether two workers'
-  KV is interchangeable).
-* Worker side: ``KVTransferAgent`` owns one NIXL agent, registers the whole KV cache tensor once
-  and READs blocks from peers.
+* Pure (no device, no NIXL): ``block_descs`` turns block ids into byte ranges, the metadata
+  blob carries a worker's KV layout, and the release notification is encoded/decoded here.
+* ``KVTransferAgent`` owns one NIXL agent, registers the whole KV cache tensor once and READs
+  blocks from peers.
 
 The KV cache is ``[num_blocks, num_layers, block_size, kv_dim]`` and contiguous, so one block of
 every layer is one contiguous byte range: a transfer is one descriptor per block.

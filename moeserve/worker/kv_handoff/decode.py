@@ -1,14 +1,19 @@
-"""Decode side of disaggregation: take a KV handle, READ the blocks with NIXL, join the batch.
+"""Decode side of the KV hand-off: take a KV handle, READ the blocks with NIXL, join the batch.
 
 A fingerprint mismatch is refused with ``IncompatibleKVError`` naming the differing fields (the
 router then stops pairing the two workers and retries without the handle). Every other failure
-(unreachable peer, full pool, failed or slow READ) ends in the same place: the request is
-recomputed here and the prefill worker is told to release its blocks. The client never sees a
-transfer error, only a slower first token.
+(refused handle, unreachable peer, full pool, failed or slow READ) ends in the same place: the
+request is recomputed here and the prefill worker is told to release its blocks. The client
+never sees a transfer error, only a slower first token.
 
-Before any READ the handle is claimed from its issuer (moeserve.worker.kv_handles): the blocks
-read are the ones the issuer recorded for this decode worker, never the ones the handle lists, and
-a refused handle (forged, replayed, expired, foreign) is recomputed without touching the peer.
+Before any READ the handle is claimed from its issuer (``kv_handoff.prefill``): the blocks read
+are the ones the issuer recorded for this decode worker, never the ones the handle lists, and a
+refused handle (forged, replayed, expired, foreign) is recomputed without touching the peer.
+
+The engine is called twice, each a scheduler state change: the request enters as
+WAITING_FOR_REMOTE_KV with its blocks allocated (never scheduled meanwhile), and
+``finish_remote_kv`` makes it runnable with its first token, or sends it to be prefilled here.
+The READ itself runs on the event loop, outside the engine step.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from moeserve.common.errors import IncompatibleKVError
 from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, open_channel
-from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineLoop
 from moeserve.worker.faults import FaultPlan
-from moeserve.worker.kv_transfer import (
+from moeserve.worker.kv_handoff.agent import (
     KVTransferAgent,
     KVTransferError,
+    TransferHandle,
     TransferState,
     encode_release_notif,
 )
 from moeserve.worker.metrics import WorkerMetrics
+from moeserve.worker.scheduler import RemoteKVBlocks
 
 __all__ = ["KVPuller"]
 
@@ -89,6 +95,21 @@ class KVPuller:
         trusted.block_ids.extend(got.block_ids)
         return trusted
 
+    async def _claim_compatible(
+        self, handle: worker_pb2.KVHandle, fingerprint: str
+    ) -> worker_pb2.KVHandle | None:
+        """The claimed handle (None when refused); IncompatibleKVError on another fingerprint."""
+        mismatch = fingerprint_mismatch(fingerprint, handle.compat_fingerprint)
+        claimed = await self._claim(handle)
+        if not mismatch:
+            return claimed
+        self.metrics.kv_transfer_failures.inc()
+        if claimed is not None:  # an unverified handle names no blocks worth releasing
+            await self._release_remote(claimed)
+        raise IncompatibleKVError(
+            f"KV from prefill worker {handle.worker_address} refused: incompatible ({mismatch})"
+        )
+
     async def _release_remote(self, handle: worker_pb2.KVHandle) -> None:
         """Tell the prefill worker to drop the blocks (used when no READ notified it)."""
         try:
@@ -98,7 +119,7 @@ class KVPuller:
         except grpc.RpcError as e:  # its lease will expire instead
             logger.info("ReleaseKV to %s failed: %s", handle.worker_address, e.code())
 
-    async def _wait(self, xfer) -> bool:
+    async def _wait(self, xfer: TransferHandle) -> bool:
         deadline = time.monotonic() + self.timeout_s
         if self.faults.stall_transfer_s:  # injected: the READ sits unanswered
             await asyncio.sleep(min(self.faults.stall_transfer_s, self.timeout_s))
@@ -112,6 +133,10 @@ class KVPuller:
             sleep = min(sleep * 2, 2e-3)
         return True
 
+    def _failed(self, rid: str, reason: str) -> None:
+        logger.warning("request %s: %s; recomputing the prompt here", rid, reason)
+        self.metrics.kv_transfer_failures.inc()
+
     async def pull(
         self,
         loop: EngineLoop,
@@ -123,58 +148,50 @@ class KVPuller:
         fingerprint: str,
     ) -> tuple[int, int]:
         """Admit ``rid`` using the handle's KV; returns (tokens transferred, bytes)."""
-
-        async def recompute(reason: str, release: bool = True) -> tuple[int, int]:
-            logger.warning("request %s: %s; recomputing the prompt here", rid, reason)
-            self.metrics.kv_transfer_failures.inc()
-            if release:
-                await self._release_remote(handle)
+        claimed = await self._claim_compatible(handle, fingerprint)
+        reason = None
+        if claimed is None:
+            reason = "KV handle refused by its issuer"
+        elif first_token is None or claimed.num_tokens != len(prompt):
+            reason = "KV handle does not match the prompt"
+        else:
+            try:
+                peer = await self._ensure_peer(claimed)
+            except (grpc.RpcError, KVTransferError) as e:
+                reason = f"prefill peer {claimed.worker_address} unusable: {e}"
+        blocks = None
+        if reason is None:
+            blocks = await loop.call(lambda e: e.add_remote_kv_request(rid, prompt, params))
+            if blocks is None:
+                reason = "no free KV blocks for the transfer"
+        if reason is not None:  # nothing was admitted: the prompt is prefilled here
+            self._failed(rid, reason)
+            if claimed is not None:
+                await self._release_remote(claimed)
             await loop.call(lambda e: e.add_request(rid, prompt, params))
             return 0, 0
-
-        mismatch = fingerprint_mismatch(fingerprint, handle.compat_fingerprint)
-        claimed = await self._claim(handle)
-        if mismatch:
-            self.metrics.kv_transfer_failures.inc()
-            if claimed is not None:  # an unverified handle names no blocks worth releasing
-                await self._release_remote(claimed)
-            raise IncompatibleKVError(
-                f"KV from prefill worker {handle.worker_address} refused: incompatible "
-                f"({mismatch})"
-            )
-        if claimed is None:
-            return await recompute("KV handle refused by its issuer", release=False)
-        handle = claimed
-        if first_token is None or handle.num_tokens != len(prompt):
-            return await recompute("KV handle does not match the prompt")
-        try:
-            peer = await self._ensure_peer(handle)
-        except (grpc.RpcError, KVTransferError) as e:
-            return await recompute(f"prefill peer {handle.worker_address} unusable: {e}")
-        reservation = await loop.call(lambda e: e.reserve_remote_kv(rid, prompt, params))
-        if reservation is None:
-            return await recompute("no free KV blocks for the transfer")
-        skip = reservation.num_cached_blocks
-        local = reservation.block_ids[skip:]
-        remote = list(handle.block_ids[skip : len(reservation.block_ids)])
-
-        def commit(token: int | None):
-            def run(e: LLMEngine) -> None:
-                loop.emit(e.commit_remote_kv(rid, token))
-
-            return loop.call(run)
-
-        if len(remote) != len(local):
-            logger.warning("request %s: handle has %d blocks, need %d; recomputing",
-                           rid, len(handle.block_ids), len(reservation.block_ids))  # fmt: skip
-            self.metrics.kv_transfer_failures.inc()
-            await self._release_remote(handle)
-            await commit(None)
+        nbytes = await self._read(rid, peer, claimed, blocks)
+        token = first_token if nbytes is not None else None
+        await loop.call(lambda e: loop.emit(e.finish_remote_kv(rid, token)))
+        if not nbytes:  # failed, or nothing to read: everything was cached here
             return 0, 0
+        return len(prompt) - blocks.num_cached_blocks * loop.engine.config.block_size, nbytes
+
+    async def _read(self, rid: str, peer: str, handle: worker_pb2.KVHandle,
+                    blocks: RemoteKVBlocks) -> int | None:  # fmt: skip
+        """READ the blocks this worker does not cache; bytes read, or None when it failed
+        (the prefill worker has then been told to release)."""
+        skip = blocks.num_cached_blocks
+        local = blocks.block_ids[skip:]
+        remote = list(handle.block_ids[skip : len(blocks.block_ids)])
+        if len(remote) != len(local):
+            self._failed(rid, f"handle has {len(handle.block_ids)} blocks, need "
+                              f"{len(blocks.block_ids)}")  # fmt: skip
+            await self._release_remote(handle)
+            return None
         if not local:  # everything was already in this worker's prefix cache
             await self._release_remote(handle)
-            await commit(first_token)
-            return 0, 0
+            return 0
         xfer = self.agent.read_blocks(peer, remote, local, encode_release_notif(handle.request_id))
         try:
             in_time = await self._wait(xfer)
@@ -185,17 +202,13 @@ class KVPuller:
         if self.faults.fail_transfer and result.ok:
             result = dataclasses.replace(result, ok=False, error="injected fault")
         if not result.ok:
-            logger.warning("request %s: KV READ from %s failed (%s); recomputing",
-                           rid, peer, result.error)  # fmt: skip
-            self.metrics.kv_transfer_failures.inc()
+            self._failed(rid, f"KV READ from {peer} failed ({result.error})")
             self.agent.remove_peer(peer)  # refetch its metadata next time
             await self._release_remote(handle)
-            await commit(None)
-            return 0, 0
+            return None
         self.metrics.kv_transfer_bytes.inc(result.num_bytes)
         self.metrics.kv_transfer_seconds.observe(result.seconds)
-        await commit(first_token)
-        return len(prompt) - skip * loop.engine.config.block_size, result.num_bytes
+        return result.num_bytes
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -1,0 +1,98 @@
+"""What the scheduler takes and returns: its limits, one step's work, one request's output.
+
+Plain data, apart from the scheduler's logic so that the runner, the engine and the KV hand-off
+can name these types without the scheduler (and so that scheduler.py stays small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moeserve.common.errors import ConfigError
+from moeserve.worker.request import Request
+
+__all__ = ["EngineCoreOutput", "RemoteKVBlocks", "SchedulerConfig", "SchedulerOutput"]
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits of one engine step.
+
+    ``long_prefill_token_threshold`` caps one request's tokens per step (0 = only the budget
+    caps it). ``max_model_len`` None means limited by KV capacity alone.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError("long_prefill_token_threshold must be >= 0")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and (
+            self.max_model_len is None or self.max_model_len > self.max_num_batched_tokens
+        ):
+            # Without chunking a whole prompt must fit one step's budget.
+            raise ConfigError(
+                "enable_chunked_prefill=False needs max_model_len <= max_num_batched_tokens, "
+                f"got max_model_len={self.max_model_len}, "
+                f"max_num_batched_tokens={self.max_num_batched_tokens}"
+            )
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work. ``scheduled`` is in batch order: running requests, then admitted ones.
+
+    For each scheduled request the runner computes tokens
+    ``all_token_ids[num_computed_tokens : num_computed_tokens + num_scheduled_tokens[id]]``
+    into ``block_ids`` and samples a token when ``Scheduler.needs_sampling`` says so.
+    """
+
+    scheduled: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_req_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
+    preempted_req_ids: list[str] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
+    # Rows whose input token is still being sampled by the step before (schedule_ahead):
+    # request id -> its row among that step's sampled tokens. Such a row computes position
+    # num_computed_tokens + 1, as that step's token will have been applied by update time.
+    ahead_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class RemoteKVBlocks:
+    """Blocks allocated for a prompt whose KV another worker computed (WAITING_FOR_REMOTE_KV).
+
+    The first ``num_cached_blocks`` of ``block_ids`` already hold that prefix here (prefix
+    cache), so only ``block_ids[num_cached_blocks:]`` must be read from the prefill worker.
+    """
+
+    block_ids: list[int]
+    num_cached_blocks: int
