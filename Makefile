@@ -15,10 +15,10 @@ $(PY):
 
 install: $(PY)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[nixl]'
+	$(PY) -m pip install -q -e '.[worker,nixl]'
 
 install-test: install
-	$(PY) -m pip install -q -e '.[test,nixl,ray]'
+	$(PY) -m pip install -q -e '.[worker,test,nixl,ray]'
 
 test: install-test
 	$(PY) -m ruff check moeserve tests benchmarks

@@ -9,51 +9,23 @@ import logging
 import os
 import sys
 import time
-from dataclasses import fields
 from typing import Any
 
 from moeserve.common.errors import MoeServeError
 from moeserve.common.spec import ENV_LOG_LEVEL
 
-__all__ = ["main", "add_engine_args", "engine_config_from_args", "configure_logging"]
+__all__ = ["main", "configure_logging"]
 
 # Subcommands owned by other packages: (module, function that registers the parser).
 _EXTERNAL_PARSERS = [
     ("moeserve.operator.cli", "add_operator_parser"),
-    ("moeserve.worker.server", "add_worker_parser"),
+    ("moeserve.worker.cli", "add_worker_parser"),
     ("moeserve.router.server", "add_router_parser"),
     ("moeserve.deploy.local", "add_up_parser"),
     ("moeserve.deploy.ray_cli", "add_ray_parser"),
     ("moeserve.bench", "add_bench_parser"),
-    ("moeserve.operator.preflight", "add_preflight_parser"),
+    ("moeserve.worker.preflight", "add_preflight_parser"),
 ]
-
-
-def add_engine_args(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    """One flag per EngineConfig field, help and defaults taken from the dataclass."""
-    from moeserve.worker.config import EngineConfig
-
-    helps = EngineConfig.field_help()
-    for f in fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        # argparse %-formats help strings (for %(default)s): a literal % in prose must be %%.
-        text = helps[f.name].replace("%", "%%")
-        if f.name == "model":
-            parser.add_argument(flag, required=model_required, help=text)
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            if "(default:" not in text:  # model_id's docstring says what its "" means
-                text += " (default: %(default)r)"
-            parser.add_argument(flag, type=kind, default=f.default, help=text)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> Any:
-    from moeserve.worker.config import EngineConfig
-
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
 
 
 def _token_ids(text: str) -> list[int]:
@@ -66,6 +38,8 @@ def _token_ids(text: str) -> list[int]:
 
 
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    from moeserve.worker.engine_args import add_engine_args
+
     p = sub.add_parser("generate", help="offline generation on one engine")
     add_engine_args(p, model_required=False)
     src = p.add_mutually_exclusive_group(required=True)
@@ -84,6 +58,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from moeserve.common.sampling import SamplingParams
+    from moeserve.worker.cli import require_engine
+    from moeserve.worker.engine_args import engine_config_from_args
+
+    require_engine("moeserve generate")
     from moeserve.worker.checkpoint import ensure_tiny_checkpoint
     from moeserve.worker.engine import LLMEngine
 
@@ -135,7 +113,7 @@ def _load_tokenizer(model_dir: str) -> Any:
 
 
 def _add_make_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
-    from moeserve.worker.checkpoint import PRESETS
+    from moeserve.common.model_presets import PRESETS
 
     p = sub.add_parser("make-checkpoint", help="write a random checkpoint in HuggingFace layout")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny")
@@ -151,6 +129,9 @@ def _add_make_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_checkpoint(args: argparse.Namespace) -> int:
+    from moeserve.worker.cli import require_engine
+
+    require_engine("moeserve make-checkpoint")
     from moeserve.worker.checkpoint import make_checkpoint
 
     out = make_checkpoint(args.out, args.preset, layers=args.layers, experts=args.experts,

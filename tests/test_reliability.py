@@ -217,7 +217,7 @@ def test_operator_grace_periods_match_the_drain_defaults() -> None:
 
     from moeserve.operator.build_router import ROUTER_DRAIN_GRACE_S
     from moeserve.operator.build_workers import PRESTOP_SLEEP_S, WORKER_DRAIN_GRACE_S
-    from moeserve.worker.server import add_worker_parser
+    from moeserve.worker.cli import add_worker_parser
 
     worker = add_worker_parser(argparse.ArgumentParser().add_subparsers())
     assert worker.get_default("drain_grace_s") == WORKER_DRAIN_GRACE_S

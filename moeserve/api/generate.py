@@ -41,8 +41,9 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Write the generated modules for every proto under ``out_root/moeserve/v1``."""
     # protoc runs in a child process: grpc_tools bundles its own libprotobuf, and loading it
     # into a process that later loads NIXL's bindings aborts that process.
-    import grpc_tools  # build-time dependency only
     from importlib.metadata import version
+
+    import grpc_tools  # build-time dependency only
 
     found = version("grpcio-tools")
     if found != GRPCIO_TOOLS_VERSION:

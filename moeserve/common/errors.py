@@ -11,6 +11,7 @@ __all__ = [
     "UnavailableError",
     "IncompatibleKVError",
     "PayloadTooLargeError",
+    "DeadlineExceededError",
 ]
 
 
@@ -73,3 +74,11 @@ class PayloadTooLargeError(MoeServeError):
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"
     error_type = "payload_too_large"
+
+
+class DeadlineExceededError(MoeServeError):
+    """A call or phase ran past its deadline (a worker's DEADLINE_EXCEEDED, a router phase)."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    error_type = "timeout"

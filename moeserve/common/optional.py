@@ -1,9 +1,11 @@
 """Optional dependencies (pyproject extras): import one, or fail with the command that installs it.
 
-`moeserve up` needs NIXL (the ``nixl`` extra) for the KV hand-off between prefill and decode
-workers, and `moeserve up --ray` needs Ray Serve (the ``ray`` extra). Without them a bare
-ModuleNotFoundError names a module, not what to install; ``require`` turns it into a
-:class:`MissingExtraError` that the CLI prints as one line.
+The engine (`moeserve worker`, `generate`, `make-checkpoint`, `up`) needs PyTorch (the
+``worker`` extra; the router and the operator run without it), `moeserve up` needs NIXL (the
+``nixl`` extra) for the KV hand-off between prefill and decode workers, and `moeserve up --ray`
+needs Ray Serve (the ``ray`` extra). Without them a bare ModuleNotFoundError names a module,
+not what to install; ``require`` turns it into a :class:`MissingExtraError` that the CLI prints
+as one line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "install_command", "require"]
 EXTRAS: dict[str, tuple[str, str]] = {
     "nixl": ("nixl", "NIXL"),
     "ray": ("ray", "Ray Serve"),
+    "torch": ("worker", "PyTorch (the engine)"),
 }
 
 

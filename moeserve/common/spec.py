@@ -80,6 +80,9 @@ ENV_EPLB_REDUNDANT_EXPERTS = "MOESERVE_EPLB_REDUNDANT_EXPERTS"
 ENV_DBO_ENABLED = "MOESERVE_DBO_ENABLED"
 ENV_LOG_LEVEL = "MOESERVE_LOG_LEVEL"
 ENV_API_KEYS = "MOESERVE_API_KEYS"  # router: comma-separated keys from the Secret
+# Marks the JSON `moeserve preflight` (an init container) writes to its termination message,
+# where the operator reads the fabric check's numbers from.
+PREFLIGHT_RESULT_KEY = "moeservePreflight"
 
 # Labels the router discovers workers by (EndpointSlices / Pods).
 LABEL_DEPLOYMENT = "moeserve.io/deployment"
@@ -93,6 +96,8 @@ LABEL_POD_INDEX = "apps.kubernetes.io/pod-index"  # set on StatefulSet pods by K
 METRIC_NUM_REQUESTS_WAITING = "moeserve:num_requests_waiting"
 METRIC_KV_CACHE_USAGE_PERC = "moeserve:kv_cache_usage_perc"
 METRIC_TIME_TO_FIRST_TOKEN = "moeserve:time_to_first_token_seconds"
+# The router's gauge of requests held at zero workers: the operator wakes a scaled-to-zero pool.
+METRIC_REQUESTS_HELD = "moeserve:router_requests_held"
 HPA_METRIC_NUM_REQUESTS_WAITING = "moeserve_num_requests_waiting"
 HPA_METRIC_KV_CACHE_USAGE_PERC = "moeserve_kv_cache_usage_perc"
 HPA_METRIC_TIME_TO_FIRST_TOKEN_P90 = "moeserve_time_to_first_token_seconds_p90"

@@ -181,7 +181,9 @@ class LocalCluster:
     def start(self) -> None:
         spec = self.spec
         deadline = time.monotonic() + spec.startup_timeout_s
-        if _uses_nixl(spec):  # before any child starts: one clear line, not a child's traceback
+        # Before any child starts: one clear line, not a child's traceback.
+        require("torch", "the workers `moeserve up` starts")
+        if _uses_nixl(spec):
             require("nixl._api", "the KV hand-off between prefill and decode workers")
         model = spec.model or str(_ensure_tiny_checkpoint())
         self.model = model

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from moeserve.common.model_config import ModelConfig
+from moeserve.ops import append_shared, route
 
 __all__ = ["route_topk", "route_topk_ref", "moe_route_kernel"]
 
@@ -162,9 +163,7 @@ def route_topk_ref(
     correction_bias: torch.Tensor | None = None,
     num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch `route_topk`: `moe.route` with the shared-expert columns appended."""
-    from moeserve.worker.model.moe import append_shared, route  # lazy: no import cycle
-
+    """Plain-torch `route_topk`: `ops.route` with the shared-expert columns appended."""
     _check(logits, config, correction_bias, num_shared)
     weights, ids = route(logits, config, correction_bias)
     return append_shared(weights, ids, logits.shape[1], num_shared)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.worker.model.rotary import rotate
+from moeserve.ops import rotate
 
 __all__ = ["rope_cache_write", "rope_cache_write_ref", "rope_cache_write_kernel"]
 

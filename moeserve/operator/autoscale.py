@@ -20,7 +20,13 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from moeserve.common.spec import API_GROUP, API_VERSION, KIND_WORKER_POOL, MoEDeployment
+from moeserve.common.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND_WORKER_POOL,
+    METRIC_REQUESTS_HELD,
+    MoEDeployment,
+)
 from moeserve.operator.build_workers import pool_name
 from moeserve.operator.kube import Kube
 from moeserve.operator.planner import (
@@ -38,7 +44,6 @@ __all__ = ["MetricsSource", "PrometheusSource", "Autoscaler", "STATE_ANNOTATION"
 logger = logging.getLogger(__name__)
 OWN_API = f"{API_GROUP}/{API_VERSION}"
 STATE_ANNOTATION = "moeserve.io/planner-state"
-METRIC_REQUESTS_HELD = "moeserve:router_requests_held"
 # The target labels the chart's ServiceMonitor relabels every scraped series with
 # (charts/moeserve/templates/servicemonitor.yaml); the planner, the prometheus-adapter rules and
 # the Grafana dashboard select on exactly these, and tests/test_dashboard.py holds the chart to

@@ -15,7 +15,6 @@ from typing import Any
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, Role
-from moeserve.operator.preflight import RESULT_KEY
 from moeserve.operator.render import security_context
 
 __all__ = ["add_preflight", "fabric_condition", "PREFLIGHT_CONTAINER"]
@@ -53,7 +52,7 @@ def _result(terminated: Mapping[str, Any] | None) -> tuple[int, dict[str, Any] |
         return None
     data = None
     try:
-        data = json.loads(terminated.get("message") or "").get(RESULT_KEY)
+        data = json.loads(terminated.get("message") or "").get(s.PREFLIGHT_RESULT_KEY)
     except (ValueError, AttributeError):
         pass
     return int(terminated.get("exitCode", 1)), data

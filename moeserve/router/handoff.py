@@ -16,10 +16,10 @@ from collections.abc import Callable
 import grpc
 
 from moeserve.api import worker_pb2
+from moeserve.api.wire import error_from_rpc, sampling_to_proto
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.metrics import RouterMetrics
-from moeserve.router.rpc import rpc_error, to_proto_sampling
 from moeserve.router.workers import WorkerClient, WorkerPool
 
 __all__ = ["PrefillOutcome", "run_prefill"]
@@ -47,7 +47,7 @@ async def run_prefill(
     """
     tried: set[str] = {decode.address}
     req = worker_pb2.PrefillRequest(
-        request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params),
+        request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params),
         # The handle is issued to this decode worker only (moeserve.worker.kv_handles).
         decode_agent=decode.info.nixl_agent_name if decode.info is not None else "",
     )
@@ -86,5 +86,5 @@ async def run_prefill(
 
 def _classify(e: BaseException, p: WorkerClient) -> MoeServeError:
     if isinstance(e, grpc.RpcError):
-        return rpc_error(e, f"prefill on {p.address}")
+        return error_from_rpc(e, f"prefill on {p.address}")
     return UnavailableError(f"prefill on {p.address} overran its deadline")

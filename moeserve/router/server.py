@@ -14,6 +14,7 @@ import grpc
 import uvicorn
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
+from moeserve.api.wire import abort_with, sampling_from_proto
 from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
@@ -29,7 +30,6 @@ from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.serving import Router, RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.router.workers import WorkerPool
-from moeserve.worker.server import abort_with, sampling_from_proto
 
 __all__ = ["RouterServicer", "add_router_parser", "serve_router"]
 

@@ -26,22 +26,18 @@ from dataclasses import dataclass
 import grpc
 
 from moeserve.api import worker_pb2
+from moeserve.api.wire import error_from_rpc, sampling_to_proto
 from moeserve.common.block_hash import hash_blocks
-from moeserve.common.errors import ResourceExhaustedError, UnavailableError
+from moeserve.common.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
-from moeserve.router.rpc import (
-    DeadlineExceededError,
-    MigrationLimitError,
-    rpc_error,
-    to_proto_sampling,
-)
+from moeserve.router.rpc import MigrationLimitError
 from moeserve.router.wake import WakeGate
 from moeserve.router.workers import WorkerClient, WorkerPool
 
-__all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings", "to_proto_sampling"]
+__all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +321,7 @@ class Router:
     ) -> AsyncIterator[Chunk]:  # fmt: skip
         resp = handoff.response if handoff is not None else None
         req = worker_pb2.WorkerGenerateRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=to_proto_sampling(params)
+            request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params)
         )
         if resp is not None:
             req.kv_handle.CopyFrom(resp.kv_handle)
@@ -373,7 +369,7 @@ class Router:
 
     def _classify(self, e: grpc.RpcError, d: WorkerClient, got: bool, had_kv: bool) -> Exception:
         code = e.code()
-        err = rpc_error(e, f"generate on {d.address}")
+        err = error_from_rpc(e, f"generate on {d.address}")
         if code == grpc.StatusCode.FAILED_PRECONDITION and had_kv and not got:
             logger.error("decode worker %s refused KV: %s", d.address, e.details())
             return _Refused(str(err))

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from moeserve.common.spec import METRIC_REQUESTS_HELD
+
 __all__ = ["WakeGate", "METRIC_REQUESTS_HELD"]
 
-METRIC_REQUESTS_HELD = "moeserve:router_requests_held"
 
 
 class WakeGate:

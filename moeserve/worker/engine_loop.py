@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from moeserve.common.errors import UnavailableError
 from moeserve.worker.engine import EngineCoreOutput, LLMEngine
 
 __all__ = ["EngineLoop", "EngineDied"]
@@ -23,8 +24,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EngineDied(RuntimeError):
-    """The engine raised inside step(); every open stream receives this and ends."""
+class EngineDied(UnavailableError, RuntimeError):
+    """The engine raised inside step(); every open stream receives this and ends (UNAVAILABLE:
+    the router retries the request elsewhere)."""
 
 
 class EngineLoop:

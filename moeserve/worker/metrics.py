@@ -13,7 +13,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from moeserve.router.metrics import ITL_BUCKETS, LATENCY_BUCKETS, KVTransferMetrics
+from moeserve.common.metrics import ITL_BUCKETS, LATENCY_BUCKETS, KVTransferMetrics
 
 __all__ = ["WorkerMetrics", "StreamTiming"]
 

@@ -25,7 +25,7 @@ from moeserve.common import spec as s
 
 __all__ = ["PreflightResult", "run_preflight", "add_preflight_parser", "RESULT_KEY"]
 
-RESULT_KEY = "moeservePreflight"  # marks our JSON in a termination message
+RESULT_KEY = s.PREFLIGHT_RESULT_KEY  # marks our JSON in a termination message
 
 
 @dataclass

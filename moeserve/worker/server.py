@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 import uuid
@@ -21,16 +20,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
-from moeserve.common import aio
+from moeserve.api.wire import abort_with, sampling_from_proto
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.optional import require
-from moeserve.common.sampling import SamplingParams
-from moeserve.common.tls import TlsConfig, add_port, add_tls_arguments, tls_from_args
+from moeserve.common.tls import TlsConfig, add_port, tls_from_args
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 from moeserve.worker.engine_loop import EngineDied, EngineLoop
-from moeserve.worker.env_defaults import apply_env_defaults
-from moeserve.worker.faults import ENV_VAR, FaultPlan, parse_faults
+from moeserve.worker.faults import FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate
 from moeserve.worker.health import add_health_service, serving_state
 from moeserve.worker.kv_handoff.agent import KVTransferAgent
@@ -41,39 +38,12 @@ from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.worker_events import EventHub
 
-__all__ = ["WorkerServicer", "add_worker_parser", "serve_worker", "sampling_from_proto"]
+__all__ = ["WorkerServicer", "serve_worker"]
 
 logger = logging.getLogger(__name__)
-ROLES = ("prefill", "decode", "both")
 # A peer rank takes one engine-loop iteration to see a stop vote; past this it is gone or stuck.
 _GROUP_STOP_WAIT_S = 10.0
 _NIXL_NEEDED_FOR = "the KV hand-off between prefill and decode workers; --no-nixl runs without it"
-
-
-def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
-    """SamplingParams from the wire; unset optionals take the OpenAI defaults."""
-    return SamplingParams(
-        max_tokens=p.max_tokens or 16,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k if p.HasField("top_k") else -1,
-        seed=p.seed if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-    )
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """End the RPC with the status code the error names (INVALID_ARGUMENT, ...)."""
-    if isinstance(exc, MoeServeError):
-        code = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
-    elif isinstance(exc, EngineDied):
-        code = grpc.StatusCode.UNAVAILABLE
-    else:
-        code = grpc.StatusCode.INTERNAL
-    param = getattr(exc, "param", None)
-    # The router turns the param back into the OpenAI error's "param" field.
-    await context.abort(code, str(exc), trailing_metadata=(("moeserve-param", param or ""),))
 
 
 class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
@@ -318,7 +288,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
 
 async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = None) -> None:
     """Build the engine, start NIXL and gRPC, serve until cancelled."""
-    from moeserve.cli import engine_config_from_args
+    from moeserve.worker.engine_args import engine_config_from_args
 
     if args.nixl:  # before loading the model: minutes on a real checkpoint
         require("nixl._api", _NIXL_NEEDED_FOR)
@@ -346,7 +316,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     add_health_service(server, servicer.serving)  # the kubelet's gRPC probes
     if args.metrics_port is not None:
-        from moeserve.router.metrics import start_metrics_server
+        from moeserve.common.metrics import start_metrics_server
 
         httpd = start_metrics_server(args.metrics_port, args.host, metrics.registry)
         metrics_note = f" metrics http://{args.host}:{httpd.server_port}/metrics"
@@ -413,43 +383,3 @@ def _on_stop_signals(stop: asyncio.Event) -> None:
 async def _wait_group_stopped(group: ParallelContext) -> None:
     while not group.stopped.is_set():
         await asyncio.sleep(0.2)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from moeserve.cli import add_engine_args
-
-    p = subparsers.add_parser("worker", help="serve one engine over gRPC (prefill/decode/both)")
-    add_engine_args(p, model_required=True)
-    p.add_argument("--role", choices=ROLES, default="both")
-    add_tls_arguments(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
-    p.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    p.add_argument("--nixl", action=argparse.BooleanOptionalAction, default=True,
-                   help="register the KV cache with NIXL for disaggregated transfer")
-    p.add_argument("--nixl-threads", type=_non_negative_int, default=4,
-                   help="UCX backend threads that split a large KV READ (0: one)")
-    p.add_argument("--kv-lease-s", type=float, default=30.0,
-                   help="release pinned prefill KV not collected within this time")
-    p.add_argument("--kv-timeout-s", type=float, default=10.0,
-                   help="give up a KV READ after this long and recompute")
-    p.add_argument("--max-queued", type=int, default=1024,
-                   help="requests held at once (running or waiting); more get RESOURCE_EXHAUSTED")
-    p.add_argument("--drain-grace-s", type=float, default=25.0,
-                   help="on SIGTERM, finish held requests within this time, then exit")
-    p.add_argument("--faults", default=None,
-                   help=f"test fault injection, e.g. stall_prefill_s=30 (default ${ENV_VAR})")
-    p.set_defaults(func=lambda args: aio.run(serve_worker(args)) or 0)
-    apply_env_defaults(p, os.environ)  # last: the operator's MOESERVE_* env; flags still win
-    return p  # fmt: skip

@@ -18,8 +18,8 @@ import yaml
 
 from moeserve.common.spec import parse_manifest
 from moeserve.operator.build_preflight import fabric_condition
-from moeserve.operator.preflight import RESULT_KEY
 from moeserve.operator.render import render
+from moeserve.worker.preflight import RESULT_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 API = "moeserve.io/v1alpha1"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeserve.common.errors import ConfigError
-from moeserve.worker.model.layers import kernels_run_on
+from moeserve.ops import kernels_run_on
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "check_block_supported", "dequantize_blocks",

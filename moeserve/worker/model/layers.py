@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.ops import kernels_run_on
+
 __all__ = ["RMSNorm", "MLP", "linear", "make_linear", "kernels_run_on"]
-
-
-def kernels_run_on(x: torch.Tensor) -> bool:
-    """Whether a module with use_kernels set takes its Triton path for x: CUDA tensors, or
-    CPU tensors under Triton's interpreter (how CI checks the kernel path of the whole model)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
@@ -55,7 +49,7 @@ def make_linear(in_features: int, out_features: int, bias: bool = False,
     block scales (same parameter names plus ``weight_scale_inv``)."""
     if fp8_block is None:
         return linear(in_features, out_features, bias)
-    from moeserve.worker.model.fp8_linear import Fp8Linear  # (it imports this module)
+    from moeserve.worker.model.fp8_linear import Fp8Linear
 
     return Fp8Linear(in_features, out_features, fp8_block, bias=bias)
 

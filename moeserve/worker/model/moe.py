@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.common.model_config import ModelConfig
+from moeserve.ops import append_shared, route
 from moeserve.worker.model.fp8_linear import (
     FP8_DTYPE,
     Fp8Linear,
@@ -18,61 +19,6 @@ from moeserve.worker.model.fp8_linear import (
 from moeserve.worker.model.layers import MLP, kernels_run_on
 
 __all__ = ["Gate", "Experts", "MoE", "route", "append_shared", "fp8_experts_supported"]
-
-
-def route(
-    logits: torch.Tensor,
-    config: ModelConfig,
-    correction_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick experts for each token. logits: [T, E] float32.
-
-    Returns (weights [T, k] float32, expert ids [T, k] int64). softmax scoring with greedy or
-    group_limited_greedy (V2) or sigmoid scoring with noaux_tc and a score-correction bias
-    that steers selection only (V3).
-    """
-    c = config
-    n_experts, k = logits.shape[-1], c.num_experts_per_tok
-    if c.scoring_func == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif c.scoring_func == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        raise ValueError(f"unsupported scoring_func {c.scoring_func!r}")
-    choice = scores if correction_bias is None else scores + correction_bias
-    if c.group_limited_routing:
-        grouped = choice.view(-1, c.n_group, n_experts // c.n_group)
-        if c.topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        top_groups = group_scores.topk(c.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1).bool()
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, n_experts)
-        # V2 zeroes masked scores; V3 excludes them with -inf (its biased scores can be < 0).
-        fill = float("-inf") if c.topk_method == "noaux_tc" else 0.0
-        choice = choice.masked_fill(~expert_mask, fill)
-    ids = choice.topk(k, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, ids)
-    if c.norm_topk_prob and k > 1:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if c.scoring_func == "sigmoid":
-            weights = weights * c.routed_scaling_factor
-    else:
-        weights = weights * c.routed_scaling_factor
-    return weights, ids
-
-
-def append_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
-                  num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing of the shared experts stacked after the routed ones (slots num_experts...):
-    every token takes each of them with weight 1 (MoE adds shared experts unscaled)."""
-    if not num_shared:
-        return weights, ids
-    t = ids.shape[0]
-    shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device)
-    return (torch.cat([weights, weights.new_ones(t, num_shared)], dim=1),
-            torch.cat([ids, shared.to(ids.dtype).expand(t, -1)], dim=1))
 
 
 class Gate(nn.Module):

@@ -7,27 +7,9 @@ import math
 import torch
 
 from moeserve.common.model_config import RopeConfig
+from moeserve.ops import rotate
 
 __all__ = ["RotaryEmbedding", "rotate"]
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
-           ) -> torch.Tensor:  # fmt: skip
-    """Rotate x [T, ..., dim] by per-token cos/sin [T, dim/2] in float32, back in x's dtype.
-
-    interleave=True rotates adjacent pairs (x0, x1), (x2, x3)... as DeepSeek's checkpoints
-    expect; False rotates halves (x_i, x_{i+dim/2}) as NeoX-style checkpoints do.
-    """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    xf = x.float()
-    if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
 
 
 def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
