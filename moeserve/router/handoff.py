@@ -48,7 +48,7 @@ async def run_prefill(
     tried: set[str] = {decode.address}
     req = worker_pb2.PrefillRequest(
         request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params),
-        # The handle is issued to this decode worker only (moeserve.worker.kv_handles).
+        # The handle is issued to this decode worker only (moeserve.worker.kv_handoff.prefill).
         decode_agent=decode.info.nixl_agent_name if decode.info is not None else "",
     )
     for attempt in range(retries + 1):
