@@ -88,7 +88,7 @@ class EngineLoop:
         return await fut
 
     def emit(self, outputs: list[EngineCoreOutput]) -> None:
-        """From the engine thread: send outputs a command produced (commit, abort) to their
+        """From the engine thread: send outputs a command produced (remote KV ready, abort) to their
         streams, ordered before any later step's outputs."""
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, list(outputs))
