@@ -180,6 +180,40 @@ def test_arrivals_and_remote_kv_join_a_running_batch(tiny_v3):
     assert engine.stats().kv_usage == 0.0
 
 
+def test_a_request_waiting_for_remote_kv_does_not_stall_the_steps_ahead(tiny_v3):
+    """While its KV is read (WAITING_FOR_REMOTE_KV) the request holds its blocks, is never
+    scheduled and does not stop the running batch from being launched a step ahead."""
+    prompts = _prompts((5, 11, 23), seed=9)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    ref = _engine(tiny_v3, "off").generate(prompts, params)
+    prefill = _engine(tiny_v3, "off")
+    prefill.add_request("2", prompts[2], params, prefill_only=True)
+    (first,) = [o for _ in range(4) for o in prefill.step()]
+    engine = _engine(tiny_v3, "on")
+    ahead = _spy_ahead(engine)
+    waited: list[int] = []
+
+    def remote(engine, step, got):
+        if step == 2:
+            blocks = engine.add_remote_kv_request("2", prompts[2], params)
+            assert blocks is not None and engine.has_unfinished_requests()
+            remote.blocks = blocks
+            remote.ahead_before = len(ahead)
+        elif 2 < step < 6:
+            assert "2" not in got  # not scheduled while its KV is in flight
+            waited.append(step)
+        elif step == 6:
+            assert len(ahead) > remote.ahead_before  # the batch kept running ahead meanwhile
+            engine.kv_cache[remote.blocks.block_ids] = prefill.kv_cache[
+                prefill.pinned_blocks("2")]
+            got["2"] = engine.finish_remote_kv("2", first.new_token_ids[0])
+
+    got = _run(engine, [(str(i), p, params) for i, p in enumerate(prompts[:2])], remote)
+    assert waited == [3, 4, 5]
+    assert [_tokens(got[str(i)]) for i in range(3)] == ref
+    assert engine.stats().kv_usage == 0.0
+
+
 def test_async_scheduling_setting_is_checked(tiny_v3):
     with pytest.raises(ValueError, match="async_scheduling must be auto, on or off"):
         EngineConfig(model=str(tiny_v3), async_scheduling="yes")
