@@ -1,4 +1,5 @@
-"""Gang scheduling of EP groups: PodGroups, pod labels / scheduler, and why a group is unplaced.
+"""Gang scheduling of EP groups: PodGroups, pod labels and scheduler (why a group is unplaced is
+read from the cluster by ``conditions.gang_problem``).
 
 An EP group is all-or-nothing: ranks block at the rendezvous until every pod of the group runs,
 so a half-placed group holds GPUs and serves nothing. Each group (one StatefulSet) gets its own
@@ -16,31 +17,21 @@ PodGroups carry the deployment's controller ownerReference, so they go with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, Role, pods_per_group
-from moeserve.operator.render import child_labels, object_meta
+from moeserve.operator.meta import POD_GROUP_API, child_labels, group_name, object_meta
 
-__all__ = ["POD_GROUP_API", "decorate_pod_template", "build_pod_group", "gang_problem",
+__all__ = ["POD_GROUP_API", "decorate_pod_template", "build_pod_group",
            "COSCHEDULING_LABEL", "VOLCANO_ANNOTATION", "KUEUE_GROUP_LABEL", "KUEUE_QUEUE_LABEL",
            "KUEUE_TOTAL_ANNOTATION"]
 
-# gang kind -> (apiVersion, kind) of the PodGroup it needs; kueue makes its own Workload.
-POD_GROUP_API: dict[str, tuple[str, str]] = {
-    "coscheduling": ("scheduling.x-k8s.io/v1alpha1", "PodGroup"),
-    "volcano": ("scheduling.volcano.sh/v1beta1", "PodGroup"),
-}
 COSCHEDULING_LABEL = "scheduling.x-k8s.io/pod-group"
 VOLCANO_ANNOTATION = "scheduling.k8s.io/group-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
-
-
-def _gang_name(dep: MoEDeployment, role: Role, group: int) -> str:
-    return f"{dep.name}-{role}-{group}"
 
 
 def decorate_pod_template(template: dict[str, Any], dep: MoEDeployment, role: Role,
@@ -50,7 +41,7 @@ def decorate_pod_template(template: dict[str, Any], dep: MoEDeployment, role: Ro
     meta = template.setdefault("metadata", {})
     labels: dict[str, str] = meta.setdefault("labels", {})
     annotations: dict[str, str] = {}
-    name = _gang_name(dep, role, group)
+    name = group_name(dep, role, group)
     if scheduling.gang == "coscheduling":
         labels[COSCHEDULING_LABEL] = name
     elif scheduling.gang == "volcano":
@@ -84,45 +75,4 @@ def build_pod_group(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any
         if scheduling.priority_class_name:
             spec["priorityClassName"] = scheduling.priority_class_name
     return {"apiVersion": api_version, "kind": kind,
-            "metadata": object_meta(dep, _gang_name(dep, role, group), labels), "spec": spec}
-
-
-def _pod_group_problem(pod_group: Mapping[str, Any] | None) -> str | None:
-    status = (pod_group or {}).get("status") or {}
-    for cond in status.get("conditions") or ():
-        # Volcano: type Unschedulable with the scheduler's reason and message.
-        if cond.get("type") == "Unschedulable" and cond.get("status") == "True":
-            return f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}".strip()
-    phase = status.get("phase")
-    if phase in ("Pending", "PreScheduling", "Scheduling", "Inqueue"):
-        placed = status.get("scheduled", status.get("running", 0))
-        want = ((pod_group or {}).get("spec") or {}).get("minMember", "?")
-        return f"PodGroup {phase}: {placed}/{want} members scheduled"
-    return None
-
-
-def _pod_problem(pod: Mapping[str, Any]) -> str | None:
-    spec, status = pod.get("spec") or {}, pod.get("status") or {}
-    name = (pod.get("metadata") or {}).get("name", "?")
-    if spec.get("schedulingGates"):
-        gates = ", ".join(g.get("name", "?") for g in spec["schedulingGates"])
-        return f"pod {name} gated ({gates})"
-    for cond in status.get("conditions") or ():
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return f"pod {name}: {cond.get('reason', 'Unschedulable')}: " \
-                   f"{cond.get('message', '')}".strip()
-    return None
-
-
-def gang_problem(pod_group: Mapping[str, Any] | None,
-                 pods: Iterable[Mapping[str, Any]]) -> str | None:
-    """The scheduler's reason a group is not placed: its PodGroup's status first (it speaks
-    for the whole gang), else the first pod that says PodScheduled=False or is gated."""
-    found = _pod_group_problem(pod_group)
-    if found:
-        return found
-    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
-        found = _pod_problem(pod)
-        if found:
-            return found
-    return None
+            "metadata": object_meta(dep, group_name(dep, role, group), labels), "spec": spec}

@@ -1,32 +1,44 @@
 """A pool's objects group by group, as a roll plan says: revision labels, gangs, slots.
 
 :func:`build_workers.build_group_statefulset` renders one group from the spec; here that group
-is decorated with its gang and labelled with the revision (a hash of the pod template), and only
-the slots the :class:`~moeserve.operator.rollout.PoolPlan` applies are rendered: groups still at
-an old revision are left as the cluster has them until the plan replaces them.
+is decorated with its gang and preflight and labelled with the revision (a hash of the pod
+template, :class:`PoolTemplate`, rendered once per reconcile), and only the slots the
+:class:`~moeserve.operator.rollout.PoolPlan` applies are rendered: groups still at an old
+revision are left as the cluster has them until the plan replaces them.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common import spec as s
-from moeserve.common.spec import MoEDeployment, Role, pods_per_group
+from moeserve.common.spec import MoEDeployment, Role
 from moeserve.operator import build_workers as bw
 from moeserve.operator.build_gang import build_pod_group, decorate_pod_template
 from moeserve.operator.build_lws import build_leader_worker_set
 from moeserve.operator.build_preflight import add_preflight
-from moeserve.operator.rollout import GroupState, PoolPlan
+from moeserve.operator.meta import COMPAT_LABEL, REVISION_LABEL, pool_name
+from moeserve.operator.rollout import PoolPlan
 
-__all__ = ["REVISION_LABEL", "COMPAT_LABEL", "compat_key", "pool_revision", "build_group",
-           "build_pool_objects",
-           "group_states"]
+__all__ = ["REVISION_LABEL", "COMPAT_LABEL", "PoolTemplate", "pool_template", "pool_templates",
+           "compat_key", "pool_revision", "build_group", "build_pool_objects"]
 
-REVISION_LABEL = "moeserve.io/revision"
-COMPAT_LABEL = "moeserve.io/compat"
+
+@dataclass(frozen=True)
+class PoolTemplate:
+    """A pool's group as rendered once per reconcile: slot 0's StatefulSet (gang and preflight
+    added), the compatibility key, and the revision (a hash of both). The roll planner takes
+    the revision from it and the builders the rendered group, so the pod template that decides
+    the revision is the one applied."""
+
+    role: Role
+    slot0: dict[str, Any]
+    compat: str
+    revision: str
 
 
 def _decorated(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
@@ -56,33 +68,50 @@ def compat_key(dep: MoEDeployment) -> str:
     })
 
 
-def pool_revision(dep: MoEDeployment, role: Role) -> str:
-    """Hash of the pool's pod template (rendered for slot 0, so the group index and the
+def pool_template(dep: MoEDeployment, role: Role, compat: str | None = None) -> PoolTemplate:
+    """The revision hashes the pod template rendered for slot 0 (so the group index and the
     rendezvous address, which differ per slot, do not make every slot its own revision) and
-    of the compatibility key. Replicas are not in it: scaling is not a roll."""
-    template = _decorated(dep, role, 0)["spec"]["template"]
-    return _digest({"template": template, "compat": compat_key(dep)})
+    the compatibility key. Replicas are not in it: scaling is not a roll."""
+    compat = compat_key(dep) if compat is None else compat
+    slot0 = _decorated(dep, role, 0)
+    revision = _digest({"template": slot0["spec"]["template"], "compat": compat})
+    return PoolTemplate(role=role, slot0=slot0, compat=compat, revision=revision)
 
 
-def build_group(dep: MoEDeployment, role: Role, group: int, revision: str) -> dict[str, Any]:
-    sts = _decorated(dep, role, group)
-    stamp = {REVISION_LABEL: revision, COMPAT_LABEL: compat_key(dep)}
+def pool_templates(dep: MoEDeployment) -> dict[Role, PoolTemplate]:
+    compat = compat_key(dep)
+    return {role: pool_template(dep, role, compat) for role in s.ROLES}
+
+
+def pool_revision(dep: MoEDeployment, role: Role) -> str:
+    return pool_template(dep, role).revision
+
+
+def build_group(dep: MoEDeployment, pool: PoolTemplate, group: int,
+                revision: str) -> dict[str, Any]:
+    """One EP group's StatefulSet, stamped with its revision and compatibility key. Slot 0 is
+    the template itself; other slots differ in group index and rendezvous, so they are
+    rendered for their slot."""
+    sts = copy.deepcopy(pool.slot0) if group == 0 else _decorated(dep, pool.role, group)
+    stamp = {REVISION_LABEL: revision, COMPAT_LABEL: pool.compat}
     sts["metadata"]["labels"].update(stamp)
     sts["spec"]["template"]["metadata"]["labels"].update(stamp)
     return sts
 
 
-def build_pool_objects(dep: MoEDeployment, role: Role, groups: int,
+def build_pool_objects(dep: MoEDeployment, role: Role, groups: int, pool: PoolTemplate,
                        plan: PoolPlan | None = None) -> list[dict[str, Any]]:
     """MoEWorkerPool, NetworkPolicy, per live slot a Service (+ PodGroup), per applied slot
     the StatefulSet, and the HPA. Without a plan every slot 0..groups-1 is applied."""
-    pool = dep.spec.pool(role)
-    revision = plan.revision if plan else pool_revision(dep, role)
+    spec = dep.spec.pool(role)
+    revision = plan.revision if plan else pool.revision
     applied = plan.apply if plan else tuple(range(groups))
     live = sorted(set(applied) | set(plan.keep if plan else ()))
     out = [bw.build_worker_pool(dep, role, groups), bw.build_network_policy(dep, role)]
-    if pool.workload == "lws":
-        out += [build_leader_worker_set(dep, role, groups, revision), _lws_service(dep, role)]
+    if spec.workload == "lws":
+        out += [build_leader_worker_set(dep, role, groups, revision,
+                                        pool.slot0["spec"]["template"]),
+                _lws_service(dep, role)]
         live = []  # LWS owns the groups and their roll
     for group in live:
         out.append(bw.build_group_service(dep, role, group))
@@ -90,8 +119,8 @@ def build_pool_objects(dep: MoEDeployment, role: Role, groups: int,
         if pod_group is not None:
             out.append(pod_group)
         if group in applied:
-            out.append(build_group(dep, role, group, revision))
-    if pool.autoscaling.enabled:
+            out.append(build_group(dep, pool, group, revision))
+    if spec.autoscaling.enabled:
         out.append(bw.build_hpa(dep, role))
     return out
 
@@ -100,25 +129,7 @@ def _lws_service(dep: MoEDeployment, role: Role) -> dict[str, Any]:
     """The pool's discovery Service: its EndpointSlices carry the worker labels the router
     watches (LWS's own headless Service, named like the set, does not)."""
     svc = bw.build_group_service(dep, role, 0)
-    svc["metadata"]["name"] = f"{bw.pool_name(dep, role)}-workers"
+    svc["metadata"]["name"] = f"{pool_name(dep, role)}-workers"
     del svc["metadata"]["labels"][s.LABEL_GROUP]
     del svc["spec"]["selector"][s.LABEL_GROUP]
     return svc
-
-
-def group_states(dep: MoEDeployment, role: Role,
-                 statefulsets: Iterable[Mapping[str, Any]]) -> list[GroupState]:
-    """What the planner needs from the cluster's StatefulSets of one pool."""
-    pods = pods_per_group(dep.spec.pool(role))
-    out = []
-    for sts in statefulsets:
-        meta = sts.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        if labels.get(s.LABEL_ROLE) != role or not str(labels.get(s.LABEL_GROUP, "")).isdigit():
-            continue
-        ready = int((sts.get("status") or {}).get("readyReplicas") or 0) >= pods
-        out.append(GroupState(index=int(labels[s.LABEL_GROUP]),
-                              revision=labels.get(REVISION_LABEL, ""), ready=ready,
-                              terminating=bool(meta.get("deletionTimestamp")),
-                              compat=labels.get(COMPAT_LABEL, "")))
-    return sorted(out, key=lambda g: g.index)

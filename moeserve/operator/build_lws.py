@@ -12,20 +12,25 @@ roll across the prefill and decode pools; that needs the default StatefulSet wor
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 from moeserve.common import spec as s
 from moeserve.common.spec import MoEDeployment, Role, pods_per_group
-from moeserve.operator import build_workers as bw
 from moeserve.operator.build_gang import decorate_pod_template
-from moeserve.operator.build_preflight import add_preflight
-from moeserve.operator.render import child_labels, object_meta
+from moeserve.operator.build_preflight import PREFLIGHT_CONTAINER
+from moeserve.operator.meta import (
+    LWS_API,
+    LWS_KIND,
+    REVISION_LABEL,
+    child_labels,
+    object_meta,
+    pool_name,
+)
 
-__all__ = ["LWS_API", "LWS_KIND", "LWS_WORKER_INDEX", "LWS_GROUP_INDEX", "build_leader_worker_set",
-           "lws_ready_groups"]
+__all__ = ["LWS_API", "LWS_KIND", "LWS_WORKER_INDEX", "LWS_GROUP_INDEX", "build_leader_worker_set"]
 
-LWS_API = "leaderworkerset.x-k8s.io/v1"
-LWS_KIND = "LeaderWorkerSet"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
 
@@ -38,7 +43,7 @@ def _lws_env(env: list[dict[str, Any]], dep: MoEDeployment, role: Role) -> list[
     """The StatefulSet env with rank, group and rendezvous taken from LWS's labels. The group
     index goes first: the rendezvous refers to it as $(MOESERVE_GROUP), which Kubernetes expands
     only from variables defined earlier in the list."""
-    name = bw.pool_name(dep, role)
+    name = pool_name(dep, role)
     leader = f"{name}-$({s.ENV_GROUP}).{name}.{dep.namespace}.svc.{dep.spec.cluster_domain}"
     replaced = {
         s.ENV_RANK: {"name": s.ENV_RANK, "valueFrom": _field(LWS_WORKER_INDEX)},
@@ -54,21 +59,25 @@ def _lws_env(env: list[dict[str, Any]], dep: MoEDeployment, role: Role) -> list[
     return out
 
 
-def build_leader_worker_set(dep: MoEDeployment, role: Role, groups: int,
-                            revision: str) -> dict[str, Any]:
+def build_leader_worker_set(dep: MoEDeployment, role: Role, groups: int, revision: str,
+                            group_template: Mapping[str, Any]) -> dict[str, Any]:
+    """``group_template``: the pool's pod template as slot 0's StatefulSet has it (preflight
+    included, whose env is the worker's); the group's labels and env become LWS's."""
     pool = dep.spec.pool(role)
-    template = bw.build_group_statefulset(dep, role, 0)["spec"]["template"]
+    template = copy.deepcopy(dict(group_template))
     labels = child_labels(dep, "worker", **{s.LABEL_ROLE: role})
-    template["metadata"]["labels"] = {**labels, "moeserve.io/revision": revision}
+    template["metadata"]["labels"] = {**labels, REVISION_LABEL: revision}
     pod = template["spec"]
     for container in pod["containers"]:
         container["env"] = _lws_env(container["env"], dep, role)
+    for init in pod.get("initContainers", ()):
+        if init["name"] == PREFLIGHT_CONTAINER:
+            init["env"] = list(pod["containers"][0]["env"])  # as add_preflight gives it
     decorate_pod_template(template, dep, role, 0)  # scheduler / priority (gang is none here)
-    add_preflight(pod, dep, role)
     return {
         "apiVersion": LWS_API,
         "kind": LWS_KIND,
-        "metadata": object_meta(dep, bw.pool_name(dep, role), labels),
+        "metadata": object_meta(dep, pool_name(dep, role), labels),
         "spec": {
             "replicas": groups,
             "startupPolicy": "LeaderCreated",
@@ -83,6 +92,3 @@ def build_leader_worker_set(dep: MoEDeployment, role: Role, groups: int,
         },
     }
 
-
-def lws_ready_groups(lws: dict[str, Any] | None) -> int:
-    return int(((lws or {}).get("status") or {}).get("readyReplicas") or 0)

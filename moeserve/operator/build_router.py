@@ -33,14 +33,15 @@ from moeserve.operator.build_workers import (
     preset_init_containers,
     prestop_hook,
 )
-from moeserve.operator.render import (
+from moeserve.operator.meta import (
     child_labels,
     object_meta,
     pod_security_context,
+    router_name,
     security_context,
 )
 
-__all__ = ["build_router", "router_name", "router_config", "router_endpoint"]
+__all__ = ["build_router", "router_config"]
 
 CONFIG_PATH = "/etc/moeserve/router.yaml"
 
@@ -48,14 +49,6 @@ ROUTER_STARTUP_TIMEOUT_S = 3600
 
 # Equal to RouterSettings.drain_grace_s (the router's --drain-grace-s default); a test pins it.
 ROUTER_DRAIN_GRACE_S = 25
-
-
-def router_name(dep: MoEDeployment) -> str:
-    return f"{dep.name}-router"
-
-
-def router_endpoint(dep: MoEDeployment) -> str:
-    return f"http://{router_name(dep)}.{dep.namespace}.svc:{s.PORT_ROUTER_HTTP}"
 
 
 def build_router(dep: MoEDeployment) -> list[dict[str, Any]]:

@@ -20,40 +20,20 @@ from moeserve.operator.build_security import (
     tls_probe,
     tls_volumes,
 )
-from moeserve.operator.render import (
+from moeserve.operator.meta import (
     child_labels,
+    group_name,
     object_meta,
     pod_security_context,
+    pool_name,
+    pool_selector,
     security_context,
 )
 
-__all__ = ["build_pool", "build_worker_pool", "build_group_statefulset", "build_group_service",
-           "build_network_policy", "build_hpa", "build_worker_service_account", "pool_name",
-           "group_name", "worker_command", "prestop_hook", "PRESTOP_SLEEP_S",
-           "WORKER_DRAIN_GRACE_S"]
-
-
-def pool_name(dep: MoEDeployment, role: Role) -> str:
-    return f"{dep.name}-{role}"
-
-
-def group_name(dep: MoEDeployment, role: Role, group: int) -> str:
-    return f"{dep.name}-{role}-{group}"
-
-
-def pool_selector(dep: MoEDeployment, role: Role) -> dict[str, str]:
-    return {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_ROLE: role}
-
-
-def build_pool(dep: MoEDeployment, role: Role, groups: int) -> list[dict[str, Any]]:
-    pool = dep.spec.pool(role)
-    out = [build_worker_pool(dep, role, groups), build_network_policy(dep, role)]
-    for group in range(groups):
-        out.append(build_group_service(dep, role, group))
-        out.append(build_group_statefulset(dep, role, group))
-    if pool.autoscaling.enabled:
-        out.append(build_hpa(dep, role))
-    return out
+__all__ = ["build_worker_pool", "build_group_statefulset", "build_group_service",
+           "build_network_policy", "build_hpa", "build_worker_service_account",
+           "worker_launch", "prestop_hook", "model_volume", "preset_init_containers",
+           "PRESTOP_SLEEP_S", "WORKER_DRAIN_GRACE_S"]
 
 
 def build_worker_service_account(dep: MoEDeployment) -> dict[str, Any]:
@@ -117,20 +97,19 @@ WORKER_DRAIN_GRACE_S = 25
 WORKER_TERMINATION_GRACE_S = PRESTOP_SLEEP_S + WORKER_DRAIN_GRACE_S + 5
 
 
-def worker_command(dep: MoEDeployment, role: Role) -> list[str]:
-    pool = dep.spec.pool(role)
-    par = pool.parallelism
-    return ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
-            "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
-            *tls_args(dep), *pool.extra_args]
-
-
 def prestop_hook() -> dict[str, Any]:
     return {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}}
 
 
-def _env(dep: MoEDeployment, role: Role, group: int) -> list[dict[str, Any]]:
+def worker_launch(dep: MoEDeployment, role: Role,
+                  group: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """The worker container's command and environment for one group of ``role``: the one
+    place a pool spec becomes `moeserve worker` flags and the pod's env contract."""
     pool = dep.spec.pool(role)
+    par = pool.parallelism
+    command = ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
+               "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
+               *tls_args(dep), *pool.extra_args]
     name = group_name(dep, role, group)
     rendezvous = (f"{name}-0.{name}.{dep.namespace}.svc.{dep.spec.cluster_domain}:"
                   f"{s.PORT_WORKER_RENDEZVOUS}")
@@ -165,7 +144,7 @@ def _env(dep: MoEDeployment, role: Role, group: int) -> list[dict[str, Any]]:
     ]
     env.extend({"name": k, "value": str(v)} for k, v in plain.items())
     env.extend({"name": e.name, "value": e.value} for e in pool.env)
-    return env
+    return command, env
 
 
 def _resources(pool: PoolSpec) -> dict[str, Any]:
@@ -212,13 +191,14 @@ def preset_init_containers(dep: MoEDeployment, image: str) -> list[dict[str, Any
 def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
     pool = dep.spec.pool(role)
     image = pool.image or dep.spec.image
+    command, env = worker_launch(dep, role, group)
     container = {
         "name": "worker",
         "image": image,
         "imagePullPolicy": dep.spec.image_pull_policy,
-        "command": worker_command(dep, role),
+        "command": command,
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _worker_ports()],
-        "env": _env(dep, role, group),
+        "env": env,
         "resources": _resources(pool),
         "securityContext": security_context(),
         # Loading a DeepSeek checkpoint and capturing CUDA graphs takes minutes.

@@ -17,8 +17,8 @@ import kopf
 from moeserve.common.spec import API_GROUP, API_VERSION, SpecError, parse_manifest
 from moeserve.operator.autoscale import Autoscaler, MetricsSource, PrometheusSource
 from moeserve.operator.kube import Kube, KubeError, load_config
+from moeserve.operator.meta import MANAGED_BY
 from moeserve.operator.reconcile import Outcome, Reconciler
-from moeserve.operator.render import MANAGED_BY
 
 __all__ = ["OperatorConfig", "build_registry"]
 
@@ -54,20 +54,41 @@ def _finish(outcome: Outcome | None, raise_on_retry: bool) -> None:
         raise kopf.TemporaryError(outcome.error or "reconcile failed", delay=15)
 
 
+def _login(**_: Any) -> kopf.ConnectionInfo:
+    # kopf's own client login reads $KUBECONFIG as it was at import; ours reads it now.
+    client = load_config()
+    header = client.get_api_key_with_prefix("BearerToken") or \
+        client.get_api_key_with_prefix("authorization") or ""
+    scheme, _, token = header.rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=client.host, ca_path=client.ssl_ca_cert, insecure=not client.verify_ssl,
+        scheme=scheme or None, token=token or None, certificate_path=client.cert_file,
+        private_key_path=client.key_file)
+
+
+def _autoscale(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> None:
+    """One SLA-planner pass for a deployment, at its own spec.autoscaling.intervalSeconds."""
+    try:
+        dep = parse_manifest(body)
+    except SpecError:
+        return  # the reconciler reports it
+    key, now = (dep.namespace, dep.name), time.monotonic()
+    if dep.spec.autoscaling.mode != "sla" or \
+            now - memo.planned.get(key, -1e9) < dep.spec.autoscaling.interval_seconds:
+        return
+    memo.planned[key] = now
+    try:
+        reason = memo.autoscaler.tick(dep)
+    except (KubeError, OSError, ValueError) as exc:
+        logger.warning(f"SLA autoscaler: {exc}")  # metrics down: keep the sizes
+        return
+    if reason:
+        kopf.event(dict(body), type="Normal", reason="Scaled", message=reason)
+
+
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        # kopf's own client login reads $KUBECONFIG as it was at import; ours reads it now.
-        client = load_config()
-        header = client.get_api_key_with_prefix("BearerToken") or \
-            client.get_api_key_with_prefix("authorization") or ""
-        scheme, _, token = header.rpartition(" ")
-        return kopf.ConnectionInfo(
-            server=client.host, ca_path=client.ssl_ca_cert, insecure=not client.verify_ssl,
-            scheme=scheme or None, token=token or None, certificate_path=client.cert_file,
-            private_key_path=client.key_file)
+    kopf.on.login(registry=registry)(_login)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -101,22 +122,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.timer(*DEPLOYMENTS, interval=config.autoscale_seconds, registry=registry,
                 id="sla-autoscaler")
     def autoscale(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-        try:
-            dep = parse_manifest(body)
-        except SpecError:
-            return  # the reconciler reports it
-        key, now = (dep.namespace, dep.name), time.monotonic()
-        if dep.spec.autoscaling.mode != "sla" or \
-                now - memo.planned.get(key, -1e9) < dep.spec.autoscaling.interval_seconds:
-            return
-        memo.planned[key] = now
-        try:
-            reason = memo.autoscaler.tick(dep)
-        except (KubeError, OSError, ValueError) as exc:
-            logger.warning(f"SLA autoscaler: {exc}")  # metrics down: keep the sizes
-            return
-        if reason:
-            kopf.event(dict(body), type="Normal", reason="Scaled", message=reason)
+        _autoscale(body, memo, logger)
 
     @kopf.on.delete(*DEPLOYMENTS, optional=True, registry=registry)
     def deleted(logger: kopf.Logger, **_: Any) -> None:

@@ -17,7 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from moeserve.common.spec import API_GROUP, API_VERSION, KIND_DEPLOYMENT, KIND_WORKER_POOL
-from moeserve.operator.render import FIELD_MANAGER
+from moeserve.operator.meta import FIELD_MANAGER
 
 __all__ = ["Kube", "KubeError", "PLURALS", "load_config"]
 

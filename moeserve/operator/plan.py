@@ -1,24 +1,21 @@
-"""Day-2 state of one deployment, read from the cluster: roll plans, progress deadlines and
-unplaced gangs. The decisions are the pure functions of ``rollout`` and ``build_gang``; this
-module gathers their inputs (StatefulSets, the previous status, pods of late groups) and turns
-their outputs into the status and conditions the reconciler reports."""
+"""Plan: what to run now, decided from the observed state and the spec. Pure functions.
+
+The second stage of the reconcile (observe -> plan -> render -> apply -> status). Two decisions:
+each pool's size in EP groups (:func:`desired_groups`: the spec's, or what an HPA or the SLA
+planner wrote, within bounds; the SLA planner itself is ``planner``/``autoscale``), and the roll
+plan (``rollout.plan_rollout``, group by group, decode first) with its progress deadline: a roll
+that made no progress for ``progressDeadlineSeconds`` is frozen and reported as Degraded.
+"""
 
 from __future__ import annotations
 
-import calendar
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moeserve.common import spec as s
 from moeserve.common.spec import ROLES, MoEDeployment, Role
-from moeserve.operator.build_gang import POD_GROUP_API, gang_problem
-from moeserve.operator.build_groups import compat_key, group_states, pool_revision
-from moeserve.operator.build_lws import LWS_API, LWS_KIND, lws_ready_groups
-from moeserve.operator.build_preflight import fabric_condition
-from moeserve.operator.build_workers import pool_name
-from moeserve.operator.kube import Kube, KubeError
+from moeserve.operator.meta import parse_time
+from moeserve.operator.observe import group_states
 from moeserve.operator.rollout import (
     GroupState,
     PoolPlan,
@@ -26,30 +23,47 @@ from moeserve.operator.rollout import (
     plan_rollout,
     track_progress,
 )
-from moeserve.operator.status import Day2, PoolStatus
 
-__all__ = ["Observed", "observe", "parse_time", "format_time"]
+if TYPE_CHECKING:
+    from moeserve.operator.build_groups import PoolTemplate
+    from moeserve.operator.observe import Observed
 
-
-def parse_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
+__all__ = ["Plan", "desired_groups", "make_plan"]
 
 
-def format_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+def desired_groups(dep: MoEDeployment, role: Role, observed: Mapping[str, int] | None) -> int:
+    """EP groups to run: the spec's, or the HPA's or SLA planner's (clamped to its bounds)."""
+    pool = dep.spec.pool(role)
+    scaling = pool.autoscaling
+    sla = dep.spec.autoscaling
+    if sla.mode == "sla":
+        # The SLA planner owns the size through the MoEWorkerPool (0 when scaled to zero).
+        low, high = (sla.min_prefill, sla.max_prefill) if role == "prefill" else \
+            (sla.min_decode, sla.max_decode)
+        low = 0 if sla.scale_to_zero.enabled else low
+        current = (observed or {}).get(role, pool.replicas)
+        return min(max(current, low), high)
+    if not scaling.enabled:
+        return pool.replicas
+    current = (observed or {}).get(role, pool.replicas)
+    return min(max(current, scaling.min_replicas), scaling.max_replicas)
 
 
 @dataclass(frozen=True)
-class Observed:
-    plans: dict[Role, PoolPlan]
-    day2: Day2
-    # (type, reason, message) when a new Degraded reason appears (posted once as an Event).
-    warning: tuple[str, str, str] | None = None
+class Plan:
+    """The decisions of one reconcile, per role: groups to run, the roll plan, the groups as
+    the planner saw them and the roll's progress; ``degraded`` is (reason, message) when a
+    roll is past its progress deadline."""
+
+    groups: dict[str, int]
+    pools: dict[str, PoolPlan]
+    states: dict[str, list[GroupState]]
+    progress: dict[str, Progress]
+    degraded: tuple[str, str] | None = None
+
+    @property
+    def rolling(self) -> bool:
+        return any(p.rolling for p in self.pools.values())
 
 
 def _previous_progress(previous: Mapping[str, Any], role: Role) -> Progress | None:
@@ -61,109 +75,32 @@ def _previous_progress(previous: Mapping[str, Any], role: Role) -> Progress | No
     return Progress(pool["revision"], since, marker)
 
 
-def _pool_status(plan: PoolPlan, desired: int, states: Sequence[GroupState],
-                 progress: Progress) -> PoolStatus:
-    live = [g for g in states if not g.terminating]
-    updated = [g for g in live if g.revision == plan.revision]
-    return PoolStatus(
-        desired_groups=desired, ready_groups=sum(g.ready for g in live),
-        revision=plan.revision, updated_groups=len(updated),
-        updated_ready_groups=sum(g.ready for g in updated),
-        current_groups=sum(g.revision != plan.revision for g in states),
-        progress_time=format_time(progress.progress_time))
-
-
-def observe(kube: Kube, dep: MoEDeployment, desired: Mapping[Role, int],
-            workers: Sequence[Mapping[str, Any]], previous: Mapping[str, Any],
-            now: float | None = None) -> Observed:
-    now = time.time() if now is None else now
-    states = {role: group_states(dep, role, workers) for role in ROLES}
-    revisions = {role: pool_revision(dep, role) for role in ROLES}
+def make_plan(dep: MoEDeployment, observed: Observed,
+              templates: Mapping[str, PoolTemplate]) -> Plan:
+    """``templates`` (``build_groups.pool_templates``) give each pool's target revision and
+    the compatibility key."""
+    revisions = {role: templates[role].revision for role in ROLES}
+    groups = {role: desired_groups(dep, role, observed.pool_replicas) for role in ROLES}
+    states = {role: group_states(dep, role, observed.workers) for role in ROLES}
     lws = [role for role in ROLES if dep.spec.pool(role).workload == "lws"]
     for role in lws:  # LWS rolls its groups itself: the planner only sees them for pairing
-        ready = lws_ready_groups(kube.get(LWS_API, LWS_KIND, dep.namespace,
-                                          pool_name(dep, role)))
-        states[role] = [GroupState(i, revisions[role], i < ready, compat=compat_key(dep))
-                        for i in range(desired[role])]
+        ready = observed.lws_ready.get(role, 0)
+        states[role] = [GroupState(i, revisions[role], i < ready,
+                                   compat=templates[role].compat)
+                        for i in range(groups[role])]
     specs = {role: dep.spec.pool(role).rollout for role in ROLES}
-    plans = plan_rollout(desired, revisions, states, specs)
-    progress = {role: track_progress(_previous_progress(previous, role), plans[role],
-                                     states[role], now,
+    plans = plan_rollout(groups, revisions, states, specs)
+    progress = {role: track_progress(_previous_progress(observed.previous, role), plans[role],
+                                     states[role], observed.now,
                                      specs[role].progress_deadline_seconds) for role in ROLES}
     stalled = [role for role in ROLES if progress[role].stalled]
     degraded = None
     if stalled:
-        plans = plan_rollout(desired, revisions, states, specs, frozen=stalled)
+        plans = plan_rollout(groups, revisions, states, specs, frozen=stalled)
         degraded = ("ProgressDeadlineExceeded", "; ".join(
             f"{role}: roll to revision {plans[role].revision} made no progress for "
             f"{specs[role].progress_deadline_seconds}s ({plans[role].waiting or 'stalled'})"
             for role in stalled))
     for role in lws:
         plans[role] = PoolPlan(role=role, revision=revisions[role], apply=())
-    pools = {role: _pool_status(plans[role], desired[role], states[role], progress[role])
-             for role in ROLES}
-    conditions = [_scheduled_condition(kube, dep, workers, now)]
-    if any(dep.spec.pool(role).preflight.enabled for role in ROLES):
-        pods = kube.list("v1", "Pod", dep.namespace, {s.LABEL_DEPLOYMENT: dep.name})
-        fabric = fabric_condition(dep, pods)
-        if fabric is not None:
-            conditions.append(fabric)
-    prior = _degraded_reason(previous)
-    warning = ("Warning", *degraded) if degraded and prior != degraded[0] else None
-    return Observed(plans=plans, day2=Day2(
-        pools=pools, conditions=tuple(conditions), degraded=degraded,
-        rolling=any(p.rolling for p in plans.values())), warning=warning)
-
-
-def _degraded_reason(previous: Mapping[str, Any]) -> str | None:
-    for cond in previous.get("conditions") or ():
-        if cond.get("type") == "Degraded" and cond.get("status") == "True":
-            return cond.get("reason")
-    return None
-
-
-def _late_groups(dep: MoEDeployment, workers: Sequence[Mapping[str, Any]],
-                 now: float) -> list[tuple[Role, str, float]]:
-    late = []
-    for sts in workers:
-        meta = sts.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        role = labels.get(s.LABEL_ROLE)
-        if role not in ROLES or meta.get("deletionTimestamp"):
-            continue
-        pool = dep.spec.pool(role)
-        ready = int((sts.get("status") or {}).get("readyReplicas") or 0)
-        created = parse_time(meta.get("creationTimestamp")) or now
-        age = now - created
-        if ready < s.pods_per_group(pool) and age > pool.scheduling.schedule_timeout_seconds:
-            late.append((role, meta.get("name", ""), age))
-    return late
-
-
-def _scheduled_condition(kube: Kube, dep: MoEDeployment, workers: Sequence[Mapping[str, Any]],
-                         now: float) -> tuple[str, bool, str, str]:
-    """GroupsScheduled: False with the scheduler's reason for every group that is still not
-    ready past its pool's scheduleTimeoutSeconds and whose pods the scheduler has not placed."""
-    late = _late_groups(dep, workers, now)
-    if not late:
-        return ("GroupsScheduled", True, "AllPlaced", "")
-    pods = kube.list("v1", "Pod", dep.namespace, {s.LABEL_DEPLOYMENT: dep.name})
-    problems = []
-    for role, name, _age in late:
-        pod_group = None
-        gang = dep.spec.pool(role).scheduling.gang
-        if gang in POD_GROUP_API:
-            try:
-                pod_group = kube.get(*POD_GROUP_API[gang], dep.namespace, name)
-            except KubeError:
-                pod_group = None  # the PodGroup CRD may be missing: pods still tell why
-        mine = [p for p in pods if (p.get("metadata") or {}).get("name", "").rsplit("-", 1)[0]
-                == name]
-        reason = gang_problem(pod_group, mine)
-        if reason:
-            # The timeout, not the age: a message that changes every pass rewrites status.
-            timeout = dep.spec.pool(role).scheduling.schedule_timeout_seconds
-            problems.append(f"group {name} not placed within {timeout}s: {reason}")
-    if not problems:
-        return ("GroupsScheduled", True, "AllPlaced", "")
-    return ("GroupsScheduled", False, "Unschedulable", "; ".join(problems))
+    return Plan(groups=groups, pools=plans, states=states, progress=progress, degraded=degraded)

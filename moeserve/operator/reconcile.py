@@ -1,4 +1,8 @@
-"""One level-based reconcile for a MoEDeployment: parse, render, apply, prune, report status.
+"""One level-based reconcile for a MoEDeployment: the stages, in order, and their triggers.
+
+observe (``observe``: the cluster's state, read once) -> plan (``plan``: sizes and the roll) ->
+render (``render``: pure builders) -> apply (``apply``: server-side apply, replace, prune) ->
+status (``status``: computed, then written by ``apply``).
 
 Every trigger (create, update, resume, the resync timer, a child deleted or changed) ends here
 and recomputes the desired state from the whole object, never from the edge that fired. Nothing
@@ -10,47 +14,47 @@ InsufficientGPUMemory); a spec that fits reports its plan in the MemoryFits cond
 
 from __future__ import annotations
 
-import datetime
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common.spec import (
-    API_GROUP,
-    API_VERSION,
-    KIND_DEPLOYMENT,
-    KIND_WORKER_POOL,
-    LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
-    LABEL_ROLE,
     ROLES,
     MoEDeployment,
     SpecError,
     parse_manifest,
 )
-from moeserve.operator.build_router import router_endpoint, router_name
-from moeserve.operator.build_workers import group_name, pool_name
-from moeserve.operator.day2 import Observed, observe
+from moeserve.operator.apply import apply_children, write_pool_status, write_status
+from moeserve.operator.build_groups import pool_templates
+from moeserve.operator.conditions import (
+    fabric_condition,
+    memory_condition,
+    scheduled_condition,
+)
 from moeserve.operator.kube import Kube, KubeError
 from moeserve.operator.memory_check import MemoryPlanError, PoolMemory, check_memory
-from moeserve.operator.render import (
-    MANAGED_BY,
-    OPTIONAL_KINDS,
-    PRUNABLE_KINDS,
-    desired_groups,
-    render,
+from moeserve.operator.meta import format_time, router_endpoint, router_name
+from moeserve.operator.observe import Observed, observe
+from moeserve.operator.plan import Plan, make_plan
+from moeserve.operator.render import render
+from moeserve.operator.status import (
+    day2_status,
+    degraded_condition,
+    degraded_status,
+    deployment_status,
+    reconcile_event,
+    worker_pool_status,
 )
-from moeserve.operator.status import degraded_status, deployment_status, worker_pool_status
 
 __all__ = ["Outcome", "Reconciler", "utc_now"]
 
-OWN_API = f"{API_GROUP}/{API_VERSION}"
-
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(time.time())
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,6 @@ class Outcome:
     event: tuple[str, str, str] | None = None
     retry: bool = False
     error: str | None = None
-
-
-def _degraded(status: Mapping[str, Any]) -> tuple[str, str] | None:
-    for cond in status.get("conditions") or ():
-        if cond.get("type") == "Degraded" and cond.get("status") == "True":
-            return cond.get("reason", ""), cond.get("message", "")
-    return None
 
 
 class Reconciler:
@@ -135,88 +132,42 @@ class Reconciler:
     def _reconcile(self, body: Mapping[str, Any], apply: bool) -> Outcome:
         try:
             dep = parse_manifest(body)
-            plans = check_memory(dep)
+            memory = check_memory(dep)
         except MemoryPlanError as exc:
             return self._degrade(body, "InsufficientGPUMemory", str(exc), retry=False)
         except SpecError as exc:
             return self._degrade(body, "InvalidSpec", str(exc), retry=False)
         try:
-            groups = self._groups(dep)
-            workers = self.kube.list("apps/v1", "StatefulSet", dep.namespace,
-                                     {LABEL_DEPLOYMENT: dep.name, LABEL_COMPONENT: "worker"})
-            seen = observe(self.kube, dep, groups, workers, body.get("status") or {})
-            seen = _with_memory_condition(seen, plans)
+            seen = observe(self.kube, dep, body.get("status") or {})
+            # The pod templates are rendered once: the plan takes their revisions, the
+            # render the groups themselves.
+            templates = pool_templates(dep)
+            plan = make_plan(dep, seen, templates)
             if apply:
-                children = render(dep, groups, seen.plans)
-                for child in children:
-                    self.kube.apply(child)
-                self._replace_groups(dep, seen)
-                kept = {("StatefulSet", group_name(dep, role, i))
-                        for role, plan in seen.plans.items() for i in plan.keep}
-                self._prune(dep, children, kept)
-            return self._report(dep, body, groups, workers, seen)
+                children = render(dep, plan.groups, plan.pools, templates)
+                apply_children(self.kube, dep, children, plan.pools)
+            return self._report(dep, body, seen, plan, memory)
         except KubeError as exc:
             return self._degrade(body, "ApplyFailed", str(exc), retry=True)
 
-    def _groups(self, dep: MoEDeployment) -> dict[str, int]:
-        """Desired groups per role; autoscaled pools follow their MoEWorkerPool's replicas."""
-        pools = self.kube.list(OWN_API, KIND_WORKER_POOL, dep.namespace,
-                               {LABEL_DEPLOYMENT: dep.name})
-        observed = {}
-        for pool in pools:
-            role = (pool.get("metadata", {}).get("labels") or {}).get(LABEL_ROLE)
-            replicas = (pool.get("spec") or {}).get("replicas")
-            if role in ROLES and isinstance(replicas, int):
-                observed[role] = replicas
-        return {role: desired_groups(dep, role, observed) for role in ROLES}
-
-    def _replace_groups(self, dep: MoEDeployment, seen: Observed) -> None:
-        """Groups a roll removes go in the foreground: the StatefulSet stays (terminating,
-        holding its slot) until its pods are gone, so a new group of that name never meets
-        the old one's pods, and those pods drain on SIGTERM."""
-        for role, plan in seen.plans.items():
-            for index in plan.delete:
-                self.kube.delete("apps/v1", "StatefulSet", dep.namespace,
-                                 group_name(dep, role, index), propagation="Foreground")
-
-    def _prune(self, dep: MoEDeployment, children: list[dict[str, Any]],
-               kept: set[tuple[str, str]]) -> None:
-        keep = {(c["kind"], c["metadata"]["name"]) for c in children} | kept
-        labels = {LABEL_DEPLOYMENT: dep.name, "app.kubernetes.io/managed-by": MANAGED_BY}
-        for api_version, kind in PRUNABLE_KINDS:
-            try:
-                found = self.kube.list(api_version, kind, dep.namespace, labels)
-            except KubeError as exc:
-                if exc.status == 404 and kind in OPTIONAL_KINDS:
-                    continue  # that CRD is not installed: nothing to prune
-                raise
-            for obj in found:
-                name = obj["metadata"]["name"]
-                if (kind, name) not in keep:
-                    self.kube.delete(api_version, kind, dep.namespace, name)
-
-    def _report(self, dep: MoEDeployment, body: Mapping[str, Any], groups: Mapping[str, int],
-                workers: list[dict[str, Any]], seen: Observed) -> Outcome:
+    def _report(self, dep: MoEDeployment, body: Mapping[str, Any], seen: Observed, plan: Plan,
+                memory: Mapping[str, PoolMemory]) -> Outcome:
         previous = body.get("status") or {}
+        preflight = any(dep.spec.pool(role).preflight.enabled for role in ROLES)
+        day2 = day2_status(plan, (scheduled_condition(dep, seen),
+                                  fabric_condition(dep, seen.pods) if preflight else None,
+                                  memory_condition(memory)))
+        # Read after apply: on the first pass the router Deployment and the pools exist only now.
         router = self.kube.get("apps/v1", "Deployment", dep.namespace, router_name(dep))
         status = deployment_status(
-            dep, groups, workers, router, router_endpoint(dep),
-            previous.get("conditions"), utc_now(), seen.day2,
+            dep, plan.groups, seen.workers, router, router_endpoint(dep),
+            previous.get("conditions"), utc_now(), day2,
         ).model_dump(by_alias=True, exclude_none=True)
         for role in ROLES:
-            pool_status = worker_pool_status(dep, role, groups[role], workers)
-            current = self.kube.get(OWN_API, KIND_WORKER_POOL, dep.namespace,
-                                    pool_name(dep, role))
-            wanted = pool_status.model_dump(by_alias=True)
-            if current is not None and (current.get("status") or {}) != wanted:
-                self.kube.patch_status(OWN_API, KIND_WORKER_POOL, dep.namespace,
-                                       pool_name(dep, role), wanted)
-        if _changed(previous, status):
-            self.kube.patch_status(OWN_API, KIND_DEPLOYMENT, dep.namespace, dep.name, status)
-        event = seen.warning
-        if event is None and _degraded(previous) and seen.day2.degraded is None:
-            event = ("Normal", "Reconciled", "the spec is valid again and was applied")
-        return Outcome(body=body, status=status, event=event)
+            write_pool_status(self.kube, dep, role,
+                              worker_pool_status(dep, role, plan.groups[role], seen.workers))
+        write_status(self.kube, dep.namespace, dep.name, previous, status)
+        return Outcome(body=body, status=status, event=reconcile_event(previous, day2.degraded))
 
     def _degrade(self, body: Mapping[str, Any], reason: str, message: str,
                  retry: bool) -> Outcome:
@@ -224,27 +175,11 @@ class Reconciler:
         previous = body.get("status") or {}
         status = {**previous, **degraded_status(previous, meta.get("generation"), reason,
                                                 message, utc_now())}
-        if _changed(previous, status):
-            try:
-                self.kube.patch_status(OWN_API, KIND_DEPLOYMENT, meta.get("namespace", ""),
-                                       meta.get("name", ""), status)
-            except KubeError:
-                retry = True  # the status itself could not be written; try again later
-        event = None if _degraded(previous) == (reason, message) else \
+        try:
+            write_status(self.kube, meta.get("namespace", ""), meta.get("name", ""), previous,
+                         status)
+        except KubeError:
+            retry = True  # the status itself could not be written; try again later
+        event = None if degraded_condition(previous) == (reason, message) else \
             ("Warning", reason, message)
         return Outcome(body=body, status=status, event=event, retry=retry, error=message)
-
-
-def _with_memory_condition(seen: Observed, plans: Mapping[str, PoolMemory]) -> Observed:
-    """MemoryFits: each planned pool's numbers (none when no pool could be planned)."""
-    if all(p.plan is None for p in plans.values()):
-        return seen
-    text = "; ".join(f"{role}: {p.plan.summary()}" if p.plan else f"{role}: {p.unknown}"
-                     for role, p in plans.items())
-    day2 = replace(seen.day2, conditions=(*seen.day2.conditions,
-                                          ("MemoryFits", True, "Fits", text)))
-    return replace(seen, day2=day2)
-
-
-def _changed(previous: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
-    return any(previous.get(k) != v for k, v in status.items())

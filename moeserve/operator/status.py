@@ -1,33 +1,40 @@
-"""Status of a MoEDeployment and its MoEWorkerPools, computed from the observed children.
+"""Status of a MoEDeployment and its MoEWorkerPools, computed from what was observed and planned.
 
-Pure functions over plain dicts: the reconciler lists the children and calls
-:func:`deployment_status`; tests call it directly. The pydantic models also generate the status
-schemas of the CRDs, so the stored shape and the computed shape cannot drift apart.
+The last stage of the reconcile (observe -> plan -> render -> apply -> status). Pure functions
+over plain values: :func:`day2_status` sums up the plan and the observed conditions,
+:func:`deployment_status` adds the groups' and the router's readiness; the reconciler writes the
+result, tests call them directly. The pydantic models also generate the status schemas of the
+CRDs, so the stored shape and the computed shape cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from moeserve.common.spec import (
     LABEL_DEPLOYMENT,
-    LABEL_GROUP,
     LABEL_ROLE,
     ROLES,
     MoEDeployment,
     Role,
-    pods_per_group,
 )
+from moeserve.operator.meta import format_time
+from moeserve.operator.observe import ready_groups, ready_replicas
+from moeserve.operator.rollout import GroupState, PoolPlan, Progress
+
+if TYPE_CHECKING:
+    from moeserve.operator.conditions import ConditionTuple
+    from moeserve.operator.plan import Plan
 
 __all__ = ["Day2", "Condition", "PoolStatus",
-           "RouterStatus", "DeploymentStatus", "WorkerPoolStatus",
-           "deployment_status", "degraded_status", "worker_pool_status", "ready_groups",
-           "pool_selector_string"]
+           "RouterStatus", "DeploymentStatus", "WorkerPoolStatus", "day2_status",
+           "deployment_status", "degraded_status", "worker_pool_status", "degraded_condition",
+           "reconcile_event", "pool_selector_string"]
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded"]
 
@@ -100,23 +107,45 @@ def pool_selector_string(deployment: str, role: Role) -> str:
     return f"{LABEL_DEPLOYMENT}={deployment},{LABEL_ROLE}={role}"
 
 
-def _group_ready(sts: Mapping[str, Any], pods: int) -> bool:
-    status = sts.get("status") or {}
-    return int(status.get("readyReplicas") or 0) >= pods
+def _pool_status(plan: PoolPlan, desired: int, states: Sequence[GroupState],
+                 progress: Progress) -> PoolStatus:
+    live = [g for g in states if not g.terminating]
+    updated = [g for g in live if g.revision == plan.revision]
+    return PoolStatus(
+        desired_groups=desired, ready_groups=sum(g.ready for g in live),
+        revision=plan.revision, updated_groups=len(updated),
+        updated_ready_groups=sum(g.ready for g in updated),
+        current_groups=sum(g.revision != plan.revision for g in states),
+        progress_time=format_time(progress.progress_time))
 
 
-def ready_groups(dep: MoEDeployment, role: Role, statefulsets: Iterable[Mapping[str, Any]],
-                 groups: int) -> int:
-    """Groups of ``role`` whose every pod is ready (a partial EP group serves nothing)."""
-    pods = pods_per_group(dep.spec.pool(role))
-    count = 0
-    for sts in statefulsets:
-        labels = sts.get("metadata", {}).get("labels") or {}
-        if labels.get(LABEL_ROLE) != role:
-            continue
-        if int(labels.get(LABEL_GROUP, groups)) < groups and _group_ready(sts, pods):
-            count += 1
-    return count
+def day2_status(plan: Plan, conditions: Iterable[ConditionTuple | None]) -> Day2:
+    """The roll state of each pool, the stalled roll's Degraded reason, and the conditions
+    computed from the cluster (``conditions``: None entries are left out)."""
+    pools = {role: _pool_status(plan.pools[role], plan.groups[role], plan.states[role],
+                                plan.progress[role]) for role in ROLES}
+    return Day2(pools=pools, conditions=tuple(c for c in conditions if c is not None),
+                degraded=plan.degraded, rolling=plan.rolling)
+
+
+def degraded_condition(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a status whose Degraded condition is True."""
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "Degraded" and cond.get("status") == "True":
+            return cond.get("reason", ""), cond.get("message", "")
+    return None
+
+
+def reconcile_event(previous: Mapping[str, Any],
+                    degraded: tuple[str, str] | None) -> tuple[str, str, str] | None:
+    """The Event a reconcile posts: a Warning when a new Degraded reason appears, a Normal one
+    when a deployment that was Degraded no longer is; None otherwise, so resyncs do not spam."""
+    prior = degraded_condition(previous)
+    if degraded is not None:
+        return None if prior is not None and prior[0] == degraded[0] else ("Warning", *degraded)
+    if prior is not None:
+        return ("Normal", "Reconciled", "the spec is valid again and was applied")
+    return None
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int | None,
@@ -144,7 +173,7 @@ def deployment_status(dep: MoEDeployment, groups: Mapping[str, int],
              for role in ROLES}
     if day2 is not None:
         pools = {role: day2.pools.get(role, pools[role]) for role in ROLES}
-    router_ready = int(((router or {}).get("status") or {}).get("readyReplicas") or 0)
+    router_ready = ready_replicas(router)
     router_status = RouterStatus(desired_replicas=dep.spec.router.replicas,
                                  ready_replicas=router_ready)
     all_ready = router_ready >= 1 and all(

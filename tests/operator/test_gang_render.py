@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from moeserve.common.spec import SpecError, parse_manifest
-from moeserve.operator.build_gang import gang_problem
 from moeserve.operator.build_groups import COMPAT_LABEL, REVISION_LABEL, pool_revision
+from moeserve.operator.conditions import gang_problem
 from moeserve.operator.render import render
 
 REPO = Path(__file__).resolve().parents[2]

@@ -95,7 +95,8 @@ def _static_calls() -> set[tuple[str, str, str]]:
     import importlib
 
     from moeserve.common.spec import parse_manifest
-    from moeserve.operator.render import PRUNABLE_KINDS, render
+    from moeserve.operator.meta import PRUNABLE_KINDS
+    from moeserve.operator.render import render
 
     out: set[tuple[str, str, str]] = set()
     for path in sorted((REPO / "moeserve/operator").glob("*.py")):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from moeserve.common.spec import parse_manifest
-from moeserve.operator.build_preflight import fabric_condition
+from moeserve.operator.conditions import fabric_condition
 from moeserve.operator.render import render
 from moeserve.worker.preflight import RESULT_KEY
 
