@@ -21,14 +21,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from moeserve.common.spec import (
-    API_GROUP,
-    API_VERSION,
     KIND_WORKER_POOL,
     METRIC_REQUESTS_HELD,
     MoEDeployment,
 )
-from moeserve.operator.build_workers import pool_name
 from moeserve.operator.kube import Kube
+from moeserve.operator.meta import OWN_API, pool_name
 from moeserve.operator.planner import (
     GroupCapacity,
     LoadSample,
@@ -42,7 +40,6 @@ __all__ = ["MetricsSource", "PrometheusSource", "Autoscaler", "STATE_ANNOTATION"
            "METRIC_REQUESTS_HELD", "PROM_LABEL_DEPLOYMENT", "PROM_LABEL_POOL", "POOL_ROUTER"]
 
 logger = logging.getLogger(__name__)
-OWN_API = f"{API_GROUP}/{API_VERSION}"
 STATE_ANNOTATION = "moeserve.io/planner-state"
 # The target labels the chart's ServiceMonitor relabels every scraped series with
 # (charts/moeserve/templates/servicemonitor.yaml); the planner, the prometheus-adapter rules and

@@ -46,6 +46,8 @@ __all__ = ["build_router", "router_config"]
 CONFIG_PATH = "/etc/moeserve/router.yaml"
 
 ROUTER_STARTUP_TIMEOUT_S = 3600
+_PORTS = (("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
+          ("metrics", s.PORT_ROUTER_METRICS))
 
 # Equal to RouterSettings.drain_grace_s (the router's --drain-grace-s default); a test pins it.
 ROUTER_DRAIN_GRACE_S = 25
@@ -139,15 +141,13 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         resources["requests"] = dict(router.resources.requests)
     if router.resources.limits:
         resources["limits"] = dict(router.resources.limits)
-    ports = [("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
-             ("metrics", s.PORT_ROUTER_METRICS)]
     return {
         "name": "router",
         "image": image,
         "imagePullPolicy": dep.spec.image_pull_policy,
         # The TLS flags make the router's calls to workers present its certificate.
         "command": ["moeserve", "router", "--config", CONFIG_PATH, *tls_args(dep)],
-        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports],
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _PORTS],
         "env": env,
         "resources": resources,
         "securityContext": security_context(),
@@ -220,8 +220,6 @@ def _digest(text: str) -> str:
 
 
 def build_service(dep: MoEDeployment) -> dict[str, Any]:
-    ports = [("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
-             ("metrics", s.PORT_ROUTER_METRICS)]
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -230,6 +228,6 @@ def build_service(dep: MoEDeployment) -> dict[str, Any]:
             "type": dep.spec.router.service_type,
             "selector": {s.LABEL_DEPLOYMENT: dep.name, s.LABEL_COMPONENT: "router"},
             "ports": [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"}
-                      for n, p in ports],
+                      for n, p in _PORTS],
         },
     }

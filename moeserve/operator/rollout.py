@@ -115,23 +115,26 @@ def _step(pools: dict[Role, _Pool], role: Role, may_start: bool, frozen: bool,
         pool.created.append(slot)
         budget -= 1
     had_pair = pair_ready(pools["prefill"].revisions_ready(), pools["decode"].revisions_ready())
-    # Old groups out: unready ones first (they serve nothing), then from the highest slot.
-    for g in sorted(pool.old(), key=lambda g: (g.ready, -g.index)):
-        if g.ready and pool.ready() - 1 < n - spec.max_unavailable:
+    _remove(pools, role, pool.old(), had_pair)
+    # Surge groups out once no old group is left.
+    if not pool.old():
+        _remove(pools, role, [g for g in pool.live() if g.index >= n and not g.terminating],
+                had_pair)
+
+
+def _remove(pools: dict[Role, _Pool], role: Role, candidates: Sequence[GroupState],
+            had_pair: bool) -> None:
+    """Delete ``candidates``, unready ones first (they serve nothing), then from the highest
+    slot, never dropping below desired - maxUnavailable ready groups or losing the last ready
+    prefill/decode pair."""
+    pool = pools[role]
+    floor = pool.desired - pool.spec.max_unavailable
+    for g in sorted(candidates, key=lambda g: (g.ready, -g.index)):
+        if g.ready and pool.ready() - 1 < floor:
             continue
         if had_pair and not _pair_after(pools, role, g.index):
             continue
         pool.deleted.append(g.index)
-    # Surge groups out once no old group is left, without dropping below desired - unavailable.
-    if not pool.old():
-        for g in sorted(pool.live(), key=lambda g: (g.ready, -g.index)):
-            if g.index < n or g.terminating:
-                continue
-            if g.ready and pool.ready() - 1 < n - spec.max_unavailable:
-                continue
-            if had_pair and not _pair_after(pools, role, g.index):
-                continue
-            pool.deleted.append(g.index)
 
 
 def plan_rollout(desired: Mapping[Role, int], revisions: Mapping[Role, str],
