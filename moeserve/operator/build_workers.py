@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from moeserve.common import spec as s
-from moeserve.common.served_name import served_model_name
+from moeserve.common.launch_plan import WORKER_DRAIN_GRACE_S, Placement, pool_launch
+from moeserve.common.launch_plan import worker_launch as plan_worker
 from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, ranks_per_pod
 from moeserve.operator.build_security import (
     monitoring_selector,
@@ -92,8 +93,6 @@ def _port(name: str, port: int) -> dict[str, Any]:
 # worker then finishes what it holds within its drain grace, and the kubelet's
 # terminationGracePeriodSeconds covers both plus a margin before SIGKILL.
 PRESTOP_SLEEP_S = 5
-# Equal to the worker's --drain-grace-s default (moeserve.worker.server); a test pins it.
-WORKER_DRAIN_GRACE_S = 25
 WORKER_TERMINATION_GRACE_S = PRESTOP_SLEEP_S + WORKER_DRAIN_GRACE_S + 5
 
 
@@ -103,48 +102,33 @@ def prestop_hook() -> dict[str, Any]:
 
 def worker_launch(dep: MoEDeployment, role: Role,
                   group: int) -> tuple[list[str], list[dict[str, Any]]]:
-    """The worker container's command and environment for one group of ``role``: the one
-    place a pool spec becomes `moeserve worker` flags and the pod's env contract."""
+    """The worker container's command and environment for one group of ``role``: the launch
+    plan (moeserve.common.launch_plan) placed in a pod of a StatefulSet."""
     pool = dep.spec.pool(role)
-    par = pool.parallelism
-    command = ["moeserve", "worker", "--role", role, "--model", dep.spec.model.container_path(),
-               "--port", str(s.PORT_WORKER_GRPC), "--dp", str(par.dp), "--ep", str(par.ep),
-               *tls_args(dep), *pool.extra_args]
     name = group_name(dep, role, group)
     rendezvous = (f"{name}-0.{name}.{dep.namespace}.svc.{dep.spec.cluster_domain}:"
                   f"{s.PORT_WORKER_RENDEZVOUS}")
-    plain = {
-        s.ENV_WORLD_SIZE: pool.parallelism.ep,
-        s.ENV_RANKS_PER_POD: ranks_per_pod(pool),
-        s.ENV_NUM_PODS: pods_per_group(pool),
-        s.ENV_GROUP: group,
-        s.ENV_RENDEZVOUS: rendezvous,
-        s.ENV_ROLE: role,
-        s.ENV_MODEL: served_model_name(manifest=dep),  # the workers' --model-id
-        s.ENV_DEPLOYMENT: dep.name,
-        s.ENV_TP: pool.parallelism.tp,
-        s.ENV_BLOCK_SIZE: dep.spec.model.block_size,
-        s.ENV_METRICS_PORT: s.PORT_WORKER_METRICS,
-        s.ENV_NIXL_PORT: s.PORT_WORKER_NIXL,
-        s.ENV_EPLB_ENABLED: int(pool.eplb.enabled),
-        s.ENV_EPLB_REDUNDANT_EXPERTS: pool.eplb.redundant_experts,
-        s.ENV_DBO_ENABLED: int(pool.dbo.enabled),
-        s.ENV_LOG_LEVEL: dep.spec.log_level,
+    where = Placement(
+        ranks_per_process=ranks_per_pod(pool), group=group, rendezvous=rendezvous,
+        address_args=("--port", str(s.PORT_WORKER_GRPC)),
+        address_env=((s.ENV_METRICS_PORT, str(s.PORT_WORKER_METRICS)),
+                     (s.ENV_NIXL_PORT, str(s.PORT_WORKER_NIXL))),
+        target_args=tuple(tls_args(dep)),
         # Caches (Triton, torch inductor, HF) go to the writable emptyDir, not the read-only root.
-        "HOME": "/cache",
-        "XDG_CACHE_HOME": "/cache",
-        "TRITON_CACHE_DIR": "/cache/triton",
-    }
+        target_env=(("HOME", "/cache"), ("XDG_CACHE_HOME", "/cache"),
+                    ("TRITON_CACHE_DIR", "/cache/triton")),
+    )  # fmt: skip
+    launch = plan_worker(pool_launch(dep, role, dep.spec.model.container_path()), where)
     env: list[dict[str, Any]] = [
+        # The pod's index in its group: the StatefulSet ordinal, from the downward API.
         {"name": s.ENV_RANK, "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.labels['{s.LABEL_POD_INDEX}']"}}},
         {"name": s.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": s.ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": s.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    env.extend({"name": k, "value": str(v)} for k, v in plain.items())
-    env.extend({"name": e.name, "value": e.value} for e in pool.env)
-    return command, env
+    env.extend({"name": k, "value": v} for k, v in launch.env.items())
+    return ["moeserve", *launch.argv], env
 
 
 def _resources(pool: PoolSpec) -> dict[str, Any]:
