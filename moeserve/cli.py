@@ -21,7 +21,7 @@ _EXTERNAL_PARSERS = [
     ("moeserve.operator.cli", "add_operator_parser"),
     ("moeserve.worker.cli", "add_worker_parser"),
     ("moeserve.router.server", "add_router_parser"),
-    ("moeserve.deploy.local", "add_up_parser"),
+    ("moeserve.deploy.up_cli", "add_up_parser"),
     ("moeserve.deploy.ray_cli", "add_ray_parser"),
     ("moeserve.bench", "add_bench_parser"),
     ("moeserve.worker.preflight", "add_preflight_parser"),

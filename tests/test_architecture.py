@@ -56,9 +56,6 @@ FORBIDDEN_FOR_CONTROL_PLANE = ("moeserve.worker", "moeserve.kernels", "moeserve.
 # Import edges that close a known cycle, each removed by a named piece of work. The cycle test
 # ignores exactly these edges; an entry whose edge is gone fails, so the list only shrinks.
 KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("moeserve.deploy.manifest_local", "moeserve.deploy.local"):
-        "issue 20 item 3 (one launch plan: pool -> argv, env) removes deploy/local.py <-> "
-        "deploy/manifest_local.py",
     **{("moeserve.operator.render", f"moeserve.operator.{builder}"):
        "issue 20 item 4 (the operator as a pipeline, pure builders with shared metadata "
        "helpers) removes render.py <-> build_*.py"

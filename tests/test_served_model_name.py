@@ -77,7 +77,7 @@ def test_every_target_serves_the_same_name_for_a_manifest(tmp_path: Path, explic
     assert local.served_model_name == want
     # Ray (`up --ray -f FILE`): the rank plans' model id, i.e. the workers' --model-id.
     ray_dep = with_served_name(load_deployment(str(MANIFEST)), explicit)
-    assert {pool_plan(ray_dep, r, "/m").model_id for r in s.ROLES} == {want}
+    assert {pool_plan(ray_dep, r, "/m").launch.served_name for r in s.ROLES} == {want}
     # Kubernetes: the router's ConfigMap (model.name is its --served-model-name) and the
     # workers' MOESERVE_MODEL, both resolved as the processes resolve them.
     objs = render(dep)

@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from moeserve.cli import build_parser
+from moeserve.common import spec as s
 from moeserve.common.errors import ConfigError
 from moeserve.common.spec import SpecError
+from moeserve.deploy.local import local_launch
 from moeserve.deploy.manifest_local import cluster_spec_from_manifest, load_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -26,9 +28,11 @@ def test_tiny_manifest_becomes_pools_with_their_parallelism():
     assert (spec.prefill, spec.decode) == (1, 1)
     assert spec.role_ranks == {"prefill": 1, "decode": 2}
     assert spec.model is None  # preset tiny: the embedded model
-    for role, args in spec.role_args.items():  # every flag exists on the real CLI
-        ns = build_parser().parse_args(["worker", "--role", role, "--model", "m", *args])
-        assert ns.ep == spec.role_ranks[role]
+    for role in ("prefill", "decode"):  # every flag exists on the real CLI
+        launch = local_launch(spec, role, 0, "m")
+        ns = build_parser().parse_args(launch.argv)
+        assert ns.ep == spec.role_ranks[role] and ns.role == role
+        assert launch.env[s.ENV_RANKS_PER_POD] == str(ns.ep)  # the whole group in one child
 
 
 def test_cluster_volume_needs_a_local_model(tmp_path):

@@ -17,6 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
+from moeserve.common.truth import FALSE_WORDS, TRUE_WORDS
+
 __all__ = ["ENV_PROGRESS", "LOG_INTERVAL_S", "Progress", "progress", "track"]
 
 ENV_PROGRESS = "MOESERVE_PROGRESS"
@@ -86,11 +88,11 @@ def progress(total: int | None, desc: str, *, unit: str = "it", unit_scale: bool
     """
     log = logger or logging.getLogger("moeserve")
     forced = os.environ.get(ENV_PROGRESS, "").strip().lower()
-    if not enabled or forced in ("0", "false", "off", "no"):
+    if not enabled or (forced and forced in FALSE_WORDS):
         return _NoProgress()
     bar = dict(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
                mininterval=0.5)
-    if forced in ("1", "true", "on", "yes"):
+    if forced in TRUE_WORDS:
         return tqdm(**bar)
     if not log.isEnabledFor(logging.INFO):
         return _NoProgress()

@@ -1,4 +1,4 @@
-"""`moeserve up`: router + prefill + decode workers as local child processes.
+"""`moeserve up`'s cluster: router + prefill + decode workers as local child processes.
 
 Every child binds port 0 (or the router's ``--port``) and prints the address it got, so two
 clusters on one machine never collide. Each child's command line names it (``moeserve worker
@@ -10,7 +10,6 @@ process is killed outright.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import os
@@ -26,11 +25,26 @@ from pathlib import Path
 import httpx
 
 from moeserve.common.errors import MoeServeError
+from moeserve.common.launch_plan import (
+    STARTUP_TIMEOUT_S,
+    Placement,
+    WorkerLaunch,
+    pool_launch,
+    worker_launch,
+)
 from moeserve.common.optional import require
-from moeserve.common.served_name import TINY_MODEL_NAME, served_model_name
+from moeserve.common.served_name import served_model_name
+from moeserve.common.spec import MoEDeployment, Role
 from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
 
-__all__ = ["LocalCluster", "add_up_parser", "ClusterSpec", "StartupError", "Interrupted"]
+__all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_launch",
+           "LAPTOP_DISAGG_THRESHOLD"]
+
+# A named override of the spec's default (spec.router.disaggThreshold, 256) for `moeserve up`
+# without a manifest: it runs the embedded tiny model, whose prompts are a few tokens, so with
+# the cluster default no prompt would ever reach the prefill worker `up` starts beside the
+# decode worker. A manifest (`up -f`) keeps its own value.
+LAPTOP_DISAGG_THRESHOLD = 0
 
 _LISTEN = re.compile(
     r"moeserve (worker|router) listening on (\S+)(?: grpc (\S+))?(?: metrics (\S+))?"
@@ -53,6 +67,10 @@ def _die_with_parent() -> None:
 
 @dataclass
 class ClusterSpec:
+    """A local topology. With ``deployment`` (every `moeserve up`), workers are launched from
+    its pools through the launch plan; without it (tests), from the flags below."""
+
+    deployment: MoEDeployment | None = None
     model: str | None = None
     # None: the rule of moeserve.common.served_name for ``model``; passed to the workers as
     # --model-id (prefix-cache keys) and to the router.
@@ -62,17 +80,17 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "prefix"
-    disagg_threshold: int = 0
+    disagg_threshold: int = LAPTOP_DISAGG_THRESHOLD
     num_kv_blocks: int = 0
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
-    startup_timeout_s: float = 120.0
+    startup_timeout_s: float = STARTUP_TIMEOUT_S
     metrics: bool = True
     # Per child name ("prefill-1", "decode-0", "router"): extra flags and environment, e.g.
     # a fault-injection switch or a different block size for one worker.
     child_args: dict[str, list[str]] = field(default_factory=dict)
-    # Per role ("prefill", "decode"): flags for every worker of the pool (a manifest's
-    # parallelism, block size) and how many DP ranks, each its own address, one child starts.
+    # Per role ("prefill", "decode"): flags for every worker of the pool (without a
+    # deployment) and how many DP ranks, each its own address, one child starts.
     role_args: dict[str, list[str]] = field(default_factory=dict)
     role_ranks: dict[str, int] = field(default_factory=dict)
     child_env: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -126,9 +144,10 @@ class LocalCluster:
             text=True, env=env, preexec_fn=_die_with_parent,
         )  # fmt: skip
 
-    def _spawn(self, name: str, args: list[str], expected: int = 1) -> _Child:
+    def _spawn(self, name: str, args: list[str], expected: int = 1,
+               env: dict[str, str] | None = None) -> _Child:  # fmt: skip
         args = [*args, *self.spec.child_args.get(name, [])]
-        env = dict(self.spec.child_env.get(name, {}))
+        env = {**(env or {}), **self.spec.child_env.get(name, {})}
         child = _Child(name, self._popen(args, env), args, env, expected=expected)
         self._start_pump(child)
         self.children.append(child)
@@ -178,30 +197,46 @@ class LocalCluster:
                 why = f"exit code {code}" if code is not None else "no address in time"
                 raise StartupError(f"{c.name} did not start ({why})")
 
-    def start(self) -> None:
+    def _worker_launches(self, model: str) -> list[tuple[str, WorkerLaunch, int]]:
+        """(child name, launch, DP ranks it serves) of every worker child."""
         spec = self.spec
-        deadline = time.monotonic() + spec.startup_timeout_s
-        # Before any child starts: one clear line, not a child's traceback.
-        require("torch", "the workers `moeserve up` starts")
-        if _uses_nixl(spec):
-            require("nixl._api", "the KV hand-off between prefill and decode workers")
-        model = spec.model or str(_ensure_tiny_checkpoint())
-        self.model = model
-        self.served_model_name = spec.served_model_name or served_model_name(model=spec.model)
+        out = []
+        for role, n in (("prefill", spec.prefill), ("decode", spec.decode)):
+            for i in range(n):
+                if spec.deployment is not None:
+                    launch = local_launch(spec, role, i, model)
+                else:
+                    launch = WorkerLaunch(["worker", "--role", role, *self._common_args(model),
+                                           *spec.role_args.get(role, []), *spec.worker_args],
+                                          {})  # fmt: skip
+                out.append((f"{role}-{i}", launch, spec.role_ranks.get(role, 1)))
+        return out
+
+    def _common_args(self, model: str) -> list[str]:
+        spec = self.spec
         common = ["--model", model, "--model-id", self.served_model_name, "--host", spec.host,
                   "--port", "0"]  # fmt: skip
         if spec.num_kv_blocks:
             common += ["--num-kv-blocks", str(spec.num_kv_blocks)]
         if spec.metrics:
             common += ["--metrics-port", "0"]
+        return common
+
+    def start(self) -> None:
+        spec = self.spec
+        deadline = time.monotonic() + spec.startup_timeout_s
+        # Before any child starts: one clear line, not a child's traceback.
+        require("torch", "the workers `moeserve up` starts")
+        model = spec.model or str(_ensure_tiny_checkpoint())
+        self.model = model
+        self.served_model_name = spec.served_model_name or served_model_name(model=spec.model)
+        launches = self._worker_launches(model)
+        # Workers register their KV cache with NIXL unless told --no-nixl.
+        if any("--no-nixl" not in launch.argv for _, launch, _ in launches):
+            require("nixl._api", "the KV hand-off between prefill and decode workers")
         try:
-            workers = [
-                self._spawn(f"{role}-{i}", ["worker", "--role", role, *common,
-                                            *spec.role_args.get(role, []), *spec.worker_args],
-                            expected=spec.role_ranks.get(role, 1))  # fmt: skip
-                for role, n in (("prefill", spec.prefill), ("decode", spec.decode))
-                for i in range(n)
-            ]
+            workers = [self._spawn(name, launch.argv, expected, launch.env)
+                       for name, launch, expected in launches]  # fmt: skip
             self._wait(workers, deadline)
             addrs = {r: ",".join(a for c in workers if c.name.startswith(r) for a in c.addresses)
                      for r in ("prefill", "decode")}  # fmt: skip
@@ -274,99 +309,21 @@ def _port(address: str | None) -> str:
     return m.group(1) if m else ""
 
 
-def _uses_nixl(spec: ClusterSpec) -> bool:
-    """Workers register their KV cache with NIXL unless told --no-nixl."""
-    if "--no-nixl" in spec.worker_args:
-        return False
-    return any("--no-nixl" not in spec.role_args.get(role, []) for role in ("prefill", "decode"))
-
-
 def _ensure_tiny_checkpoint() -> Path:
     from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
 
-def _run_up(args: argparse.Namespace) -> int:
-    if args.ray:  # the same topology as a Ray Serve application (moeserve.deploy.ray_cli)
-        from moeserve.deploy.ray_cli import run_up_ray
-
-        return run_up_ray(args)
-    if args.address:
-        raise ValueError("--address needs --ray")
-    if args.file:  # the manifest's topology as local processes
-        from moeserve.deploy.manifest_local import cluster_spec_from_manifest, load_manifest
-
-        spec = cluster_spec_from_manifest(
-            load_manifest(args.file), args.model, served_name=args.served_model_name,
-            host=args.host, port=args.port, policy=args.policy, num_kv_blocks=args.num_kv_blocks,
-        )  # fmt: skip
-    else:
-        spec = ClusterSpec(
-            model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
-            port=args.port, policy=args.policy, disagg_threshold=args.disagg_threshold,
-            num_kv_blocks=args.num_kv_blocks,
-            served_model_name=served_model_name(args.served_model_name, model=args.model),
-        )  # fmt: skip
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    cluster = LocalCluster(spec, stop=stop)
-    try:
-        cluster.start()
-        print(f"\nmoeserve is up: {cluster.url}  (gRPC {cluster.grpc_address})")
-        print(f"model {cluster.served_model_name} ({cluster.model})")
-        print(f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"prompt\": \"Hello, MoE world\", \"max_tokens\": 16}}'")  # fmt: skip
-        print("Ctrl-C stops everything.", flush=True)
-        while not stop.wait(0.5):
-            dead = cluster.failed_child()
-            if dead is not None:
-                print(f"{dead.name} exited with {dead.proc.returncode}; stopping", file=sys.stderr)
-                return 1
-        return 0
-    except Exception:  # Interrupted, StartupError, or one the stop itself caused
-        if stop.is_set():  # stopped during start-up: children exiting early is expected
-            return 0
-        raise
-    finally:
-        cluster.stop()
-        if stop.is_set():  # a late second signal must not kill the interpreter's teardown
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
-
-
-def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    d = ClusterSpec()
-    p = subparsers.add_parser("up", help="run router + prefill + decode workers locally")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send and /v1/models lists (default: the "
-                        "manifest's spec.model.name, else the checkpoint directory's name, "
-                        f"else {TINY_MODEL_NAME!r})")
-    p.add_argument("--prefill", type=int, default=d.prefill, help="prefill workers")
-    p.add_argument("--decode", type=int, default=d.decode, help="decode workers")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port, help="router HTTP port (0: any)")
-    p.add_argument("--policy", default=d.policy, choices=["prefix", "round_robin", "random"])
-    p.add_argument("--disagg-threshold", type=int, default=d.disagg_threshold)
-    p.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=d.num_kv_blocks,
-        help="KV blocks per worker (0: engine default)",
-    )
-    p.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
-    p.add_argument("-f", "--file", default=None,
-                   help="MoEDeployment manifest: its topology as local processes, or on Ray "
-                        "with --ray")
-    p.add_argument("--local", action="store_true",
-                   help="run as local processes (the default without --ray)")
-    p.add_argument("--address", default=None, help="Ray cluster (with --ray; default: start one)")
-    p.add_argument("--route-prefix", default="/", help="HTTP route of the app (with --ray)")
-    p.set_defaults(func=_run_up)
-    return p  # fmt: skip
+def local_launch(spec: ClusterSpec, role: Role, group: int, model: str) -> WorkerLaunch:
+    """The launch plan placed in one child process: the whole EP group (all its ranks) in the
+    child, the rendezvous on a free local port, any free ports for gRPC and metrics."""
+    assert spec.deployment is not None
+    pool = spec.deployment.spec.pool(role)
+    address = ["--host", spec.host, "--port", "0"]
+    if spec.metrics:
+        address += ["--metrics-port", "0"]
+    where = Placement(ranks_per_process=pool.parallelism.ep, group=group, rank=0,
+                      address_args=tuple(address))  # fmt: skip
+    launch = worker_launch(pool_launch(spec.deployment, role, model, spec.num_kv_blocks), where)
+    return WorkerLaunch([*launch.argv, *spec.worker_args], launch.env)

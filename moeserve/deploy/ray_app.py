@@ -27,8 +27,10 @@ from typing import Any
 import yaml
 
 from moeserve.common import spec as s
-from moeserve.common.served_name import served_model_name, with_served_name
+from moeserve.common.launch_plan import STARTUP_TIMEOUT_S, pool_launch
+from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment, PoolSpec, SpecError
+from moeserve.deploy.manifest_local import model_deployment
 
 __all__ = [
     "app_builder", "build_app", "load_deployment", "model_directory", "pool_plan",
@@ -46,30 +48,7 @@ def load_deployment(manifest: str | None = None, model: str | None = None, prefi
         if not path.is_file():
             raise SpecError([("-f", f"no such manifest file: {manifest}")])
         return s.parse_manifest(yaml.safe_load(path.read_text()))
-    name = served_model_name(model=model)
-    if model is None:
-        from moeserve.worker.checkpoint import ensure_tiny_checkpoint
-
-        model = str(ensure_tiny_checkpoint())
-    model_dir = Path(model).resolve()
-    if not (model_dir / "config.json").is_file():
-        raise SpecError([("--model", f"{model} is not a checkpoint directory (no config.json)")])
-    if gpus is None:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    pool = {"gpusPerPod": gpus, "parallelism": {"dp": 1, "ep": 1, "tp": 1}}
-    return s.parse_manifest({
-        "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}", "kind": s.KIND_DEPLOYMENT,
-        "metadata": {"name": "moeserve"},
-        "spec": {
-            # The served name by the one rule of moeserve.common.served_name.
-            "model": {"name": name, "source": {"hostPath": {"path": str(model_dir)}}},
-            "router": {"disaggThreshold": 0},
-            "prefill": {**pool, "replicas": prefill},
-            "decode": {**pool, "replicas": decode},
-        },
-    })  # fmt: skip
+    return model_deployment(model, prefill, decode, gpus)
 
 
 def model_directory(dep: MoEDeployment) -> str:
@@ -97,20 +76,12 @@ def _cpus(pool: PoolSpec) -> float:
 
 def pool_plan(dep: MoEDeployment, role: s.Role, model_dir: str, num_kv_blocks: int = 0
               ) -> Any:  # fmt: skip
+    """The launch plan of ``role``'s ranks and what one rank holds (a GPU, or CPUs)."""
     from moeserve.deploy.ray_workers import RankPlan
 
     pool = dep.spec.pool(role)
-    par = pool.parallelism
-    return RankPlan(
-        deployment=dep.name, role=role, model_dir=model_dir,
-        model_id=served_model_name(manifest=dep),
-        block_size=dep.spec.model.block_size, dp=par.dp, ep=par.ep, tp=par.tp,
-        gpus_per_rank=1 if pool.gpus_per_pod else 0, cpus_per_rank=_cpus(pool),
-        eplb_enabled=pool.eplb.enabled, eplb_redundant_experts=pool.eplb.redundant_experts,
-        dbo_enabled=pool.dbo.enabled, log_level=dep.spec.log_level,
-        extra_args=tuple(pool.extra_args), env=tuple((e.name, e.value) for e in pool.env),
-        num_kv_blocks=num_kv_blocks,
-    )  # fmt: skip
+    return RankPlan(launch=pool_launch(dep, role, model_dir, num_kv_blocks),
+                    gpus_per_rank=1 if pool.gpus_per_pod else 0, cpus_per_rank=_cpus(pool))
 
 
 def _strategy(bundle: dict[str, float], ranks: int) -> str:
@@ -200,7 +171,7 @@ def required_cpus(dep: MoEDeployment, spare_groups: int = 1) -> float:
 
 
 def build_app(dep: MoEDeployment, num_kv_blocks: int = 0,
-              startup_timeout_s: float = 300.0) -> Any:  # fmt: skip
+              startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Any:  # fmt: skip
     """The Serve application of one MoEDeployment (needs ray[serve])."""
     from ray import serve
 

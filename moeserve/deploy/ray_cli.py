@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from moeserve.common.errors import UnavailableError
+from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.optional import require
 from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment
@@ -53,7 +54,7 @@ class RayClusterSpec:
     num_cpus: float | None = None  # local instance only; default from the spec's groups
     num_kv_blocks: int = 0
     route_prefix: str = "/"  # another prefix lets two deployments share one Serve proxy
-    startup_timeout_s: float = 300.0
+    startup_timeout_s: float = STARTUP_TIMEOUT_S
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 

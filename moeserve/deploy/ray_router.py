@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moeserve.common.errors import UnavailableError
+from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.workers import WorkerPool
@@ -102,7 +103,7 @@ class RouterDeployment:
     serves the same FastAPI app as `moeserve router` (see ray_app for the Serve options)."""
 
     async def __init__(self, deployment: str, model_dir: str, settings: dict[str, Any],
-                 startup_timeout_s: float = 300.0, **pools: Any):  # fmt: skip
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, **pools: Any):  # fmt: skip
         from moeserve.router.frontend import Frontend
         from moeserve.router.policy import Policy
         from moeserve.router.serving import Router, RouterSettings

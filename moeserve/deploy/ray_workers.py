@@ -3,10 +3,11 @@
 A pool is a Serve deployment whose replicas are EP groups. Serve gives each replica its own
 placement group with one bundle per rank (see ``ray_app.pool_options``); the replica (``EPGroup``)
 starts one ``WorkerRank`` actor in each bundle. A rank actor runs the same ``moeserve worker``
-code (``serve_worker``) in a thread of its own process, with the environment the operator
-renders for a worker pod (``rank_env``), so the engine joins its EP group exactly as on
-Kubernetes. Rank actors are named ``<deployment>/<role>/<replica>/<rank>`` in the ``moeserve``
-namespace: that name is how the router finds them (``list_rank_actors``).
+code (``serve_worker``) in a thread of its own process, with the argv and environment of the
+one launch plan (``moeserve.common.launch_plan``, placed by ``rank_launch``), so the engine joins
+its EP group exactly as on Kubernetes. Rank actors are named
+``<deployment>/<role>/<replica>/<rank>`` in the ``moeserve`` namespace: that name
+is how the router finds them (``list_rank_actors``).
 
 Faults: a single-rank group's actor is restarted by Ray (``max_restarts=-1``); it comes back on
 a new port and the router picks up the new address. A multi-rank group cannot heal one rank (the
@@ -30,40 +31,45 @@ from typing import Any
 import httpx
 
 from moeserve.common import spec as s
+from moeserve.common.launch_plan import (
+    STARTUP_TIMEOUT_S,
+    Placement,
+    PoolLaunch,
+    WorkerLaunch,
+    worker_launch,
+)
 
 __all__ = [
-    "NAMESPACE", "RankPlan", "RankInfo", "rank_env", "WorkerRank", "EPGroup",
+    "NAMESPACE", "RankPlan", "RankInfo", "rank_launch", "WorkerRank", "EPGroup",
     "list_rank_actors", "scrape_metric",
 ]
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "moeserve"  # Ray namespace of the rank actors (Serve's own actors live in "serve")
-_START_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """What every rank of a pool needs; the same for all groups, so scaling a pool leaves its
-    Serve deployment's arguments unchanged (Serve then only adds or removes replicas)."""
+    """What every rank of a pool needs: the pool's launch plan and the resources of one rank.
+    The same for all groups and pool sizes, so scaling a pool leaves its Serve deployment's
+    arguments unchanged (Serve then only adds or removes replicas)."""
 
-    deployment: str  # MoEDeployment name
-    role: str
-    model_dir: str
-    model_id: str
-    block_size: int
-    dp: int
-    ep: int
-    tp: int
+    launch: PoolLaunch
     gpus_per_rank: int
     cpus_per_rank: float
-    eplb_enabled: bool = False
-    eplb_redundant_experts: int = 0
-    dbo_enabled: bool = False
-    log_level: str = "info"
-    extra_args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    num_kv_blocks: int = 0
+
+    @property
+    def deployment(self) -> str:
+        return self.launch.deployment
+
+    @property
+    def role(self) -> str:
+        return self.launch.role
+
+    @property
+    def ep(self) -> int:
+        return self.launch.ep
 
 
 @dataclass(frozen=True)
@@ -77,53 +83,21 @@ class RankInfo:
     pid: int
 
 
-def rank_env(plan: RankPlan, group: int, rank: int, rendezvous: str) -> dict[str, str]:
-    """The worker pod environment of moeserve.operator.build_workers, for one rank per bundle.
-
-    Each bundle holds one rank, so a rank actor is a "pod" of one rank: MOESERVE_RANK is the
-    rank itself and the engine's local rank is 0 (global rank = pod index * ranks per pod + 0).
-    """
+def rank_launch(plan: RankPlan, group: int, rank: int, rendezvous: str, host: str, port: int,
+                metrics_port: int) -> WorkerLaunch:  # fmt: skip
+    """The launch plan placed in one rank actor. Each bundle holds one rank, so an actor is a
+    "pod" of one rank: MOESERVE_RANK is the rank itself and the engine's local rank is 0."""
     from moeserve.worker.parallel.group import ENV_LOCAL_RANK
 
-    env = {
-        **dict(plan.env),
-        s.ENV_RANK: str(rank),
-        s.ENV_WORLD_SIZE: str(plan.ep),
-        s.ENV_RANKS_PER_POD: "1",
-        s.ENV_NUM_PODS: str(plan.ep),
-        s.ENV_GROUP: str(group),
-        s.ENV_RENDEZVOUS: rendezvous,
-        s.ENV_ROLE: plan.role,
-        s.ENV_MODEL: plan.model_id,
-        s.ENV_DEPLOYMENT: plan.deployment,
-        s.ENV_TP: str(plan.tp),
-        s.ENV_BLOCK_SIZE: str(plan.block_size),
-        s.ENV_EPLB_ENABLED: str(int(plan.eplb_enabled)),
-        s.ENV_EPLB_REDUNDANT_EXPERTS: str(plan.eplb_redundant_experts),
-        s.ENV_DBO_ENABLED: str(int(plan.dbo_enabled)),
-        s.ENV_LOG_LEVEL: plan.log_level,
-        ENV_LOCAL_RANK: "0",
-    }
-    if not plan.gpus_per_rank:
-        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")  # shared CPU: no oversubscription
-    return env
-
-
-def worker_argv(plan: RankPlan, host: str, port: int, metrics_port: int) -> list[str]:
-    """`moeserve worker` flags, as the operator's worker_command gives them plus our ports."""
-    argv = ["worker", "--role", plan.role, "--model", plan.model_dir, "--model-id",
-            plan.model_id, "--block-size", str(plan.block_size), "--host", host,
-            "--port", str(port), "--metrics-port", str(metrics_port), "--dp", str(plan.dp),
-            "--ep", str(plan.ep)]  # fmt: skip
-    if not plan.gpus_per_rank:
-        argv += ["--device", "cpu"]
-    if plan.num_kv_blocks:
-        argv += ["--num-kv-blocks", str(plan.num_kv_blocks)]
-    if plan.eplb_enabled:
-        argv += ["--enable-eplb", "--eplb-redundant-experts", str(plan.eplb_redundant_experts)]
-    if plan.dbo_enabled:
-        argv += ["--enable-dbo"]
-    return [*argv, *plan.extra_args]
+    target_env = [(ENV_LOCAL_RANK, "0")]
+    if not plan.gpus_per_rank:  # ranks share the node's CPUs: no oversubscription
+        target_env.append(("OMP_NUM_THREADS", "1"))
+    where = Placement(
+        ranks_per_process=1, group=group, rank=rank, rendezvous=rendezvous or None,
+        address_args=("--host", host, "--port", str(port), "--metrics-port", str(metrics_port)),
+        target_env=tuple(target_env),
+    )  # fmt: skip
+    return worker_launch(plan.launch, where)
 
 
 def _free_port(host: str) -> int:
@@ -144,19 +118,21 @@ def scrape_metric(url: str, name: str) -> float:
 class WorkerRank:
     """One rank of one EP group: `moeserve worker` inside a Ray actor (see module doc)."""
 
-    def __init__(self, plan: RankPlan, name: str, group: str, rank: int, env: dict[str, str]):
+    def __init__(self, plan: RankPlan, name: str, replica: str, group: int, rank: int,
+                 rendezvous: str):  # fmt: skip
         import ray
 
         from moeserve.cli import build_parser
 
-        os.environ.update(env)  # this actor's process is this rank's "pod"
         self.host = ray.util.get_node_ip_address()
-        self.plan, self.name, self.group, self.rank = plan, name, group, rank
+        self.plan, self.name, self.group, self.rank = plan, name, replica, rank
         self.error: BaseException | None = None
         for _attempt in range(3):
             port, mport = _free_port(self.host), _free_port(self.host)
-            args = build_parser().parse_args(worker_argv(plan, self.host, port, mport))
-            if self._start(args):
+            launch = rank_launch(plan, group, rank, rendezvous, self.host, port, mport)
+            os.environ.update(launch.env)  # this actor's process is this rank's "pod"
+            # The parser reads the environment as its flags' defaults: build it after.
+            if self._start(build_parser().parse_args(launch.argv)):
                 break
         else:
             raise RuntimeError(f"rank {name} did not start: {self.error}")
@@ -188,7 +164,7 @@ class WorkerRank:
 
         self.thread = threading.Thread(target=run, name=f"worker {self.name}", daemon=True)
         self.thread.start()
-        ready.wait(_START_TIMEOUT_S)
+        ready.wait(STARTUP_TIMEOUT_S)
         return self.error is None and self.thread.is_alive()
 
     def info(self) -> RankInfo:
@@ -239,9 +215,9 @@ class EPGroup:
                 num_gpus=plan.gpus_per_rank, max_restarts=-1 if plan.ep == 1 else 0,
                 max_task_retries=0,
                 scheduling_strategy=bundle(pg, placement_group_bundle_index=rank),
-            ).remote(plan, name, self.replica, rank, rank_env(plan, group, rank, rendezvous)))
+            ).remote(plan, name, self.replica, group, rank, rendezvous))
         # Constructors run concurrently (the ranks rendezvous with each other); wait for all.
-        ray.get([r.info.remote() for r in self.ranks], timeout=_START_TIMEOUT_S)
+        ray.get([r.info.remote() for r in self.ranks], timeout=STARTUP_TIMEOUT_S)
         self._restarting_since: float | None = None
 
     async def check_health(self) -> None:
@@ -255,7 +231,7 @@ class EPGroup:
                 raise RuntimeError(f"EP group {self.replica} lost a rank: {e}") from e
             now = time.monotonic()
             self._restarting_since = self._restarting_since or now
-            if now - self._restarting_since > _START_TIMEOUT_S:
+            if now - self._restarting_since > STARTUP_TIMEOUT_S:
                 raise RuntimeError(f"rank of {self.replica} did not come back: {e}") from e
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

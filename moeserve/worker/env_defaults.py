@@ -1,8 +1,9 @@
-"""The operator's worker environment as defaults of `moeserve worker`'s flags.
+"""The worker environment as defaults of `moeserve worker`'s flags: the one parser from the
+environment contract to flags (rank processes and Ray rank actors parse it the same way).
 
-The operator renders the engine settings as environment variables only (the container command
-stays `moeserve worker --role R --model M --port P --dp N --ep N`, see
-``moeserve/operator/build_workers.py``). Here each variable becomes the default of its flag, so a
+The launch plan (``moeserve/common/launch_plan.py``) renders the engine settings as environment
+variables only, for every target (the command stays `moeserve worker --role R --model M --dp N
+--ep N` plus the target's addresses). Here each variable becomes the default of its flag, so a
 flag given on the command line (or in ``extraArgs``) still wins. A value that does not parse
 fails the worker with the variable's name, before anything is loaded.
 """
@@ -15,21 +16,9 @@ from typing import Any
 
 from moeserve.common import spec as s
 from moeserve.common.errors import ConfigError
+from moeserve.common.truth import parse_bool
 
 __all__ = ["ENV_FLAGS", "env_defaults", "apply_env_defaults"]
-
-_FALSE = ("", "0", "false", "no", "off")
-_TRUE = ("1", "true", "yes", "on")
-
-
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError("expected 1/0, true/false, yes/no or on/off")
-
 
 def _int(text: str) -> int:
     try:
@@ -48,9 +37,9 @@ ENV_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     s.ENV_MODEL: ("model_id", _str),
     s.ENV_BLOCK_SIZE: ("block_size", _int),
     s.ENV_METRICS_PORT: ("metrics_port", _int),
-    s.ENV_EPLB_ENABLED: ("enable_eplb", _bool),
+    s.ENV_EPLB_ENABLED: ("enable_eplb", parse_bool),
     s.ENV_EPLB_REDUNDANT_EXPERTS: ("eplb_redundant_experts", _int),
-    s.ENV_DBO_ENABLED: ("enable_dbo", _bool),
+    s.ENV_DBO_ENABLED: ("enable_dbo", parse_bool),
 }
 
 

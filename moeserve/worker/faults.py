@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.truth import parse_bool
 
 __all__ = ["ENV_VAR", "FaultPlan", "parse_faults"]
 
@@ -54,9 +55,7 @@ def parse_faults(spec: str | None = None) -> FaultPlan:
         kind = type(getattr(FaultPlan(), key))
         try:
             if kind is bool:
-                if raw.strip().lower() not in ("", "1", "true", "0", "false"):
-                    raise ValueError(raw)
-                values[key] = not sep or raw.strip().lower() in ("1", "true")
+                values[key] = not sep or parse_bool(raw)
             else:
                 values[key] = kind(raw)
         except ValueError:

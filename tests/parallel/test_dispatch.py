@@ -62,18 +62,18 @@ def test_dp_must_equal_ep(tmp_path):
 
 
 def test_rank_environment_and_operator_switches():
-    import argparse
-
     from moeserve.common import spec
+    from moeserve.worker.env_defaults import env_defaults
     from moeserve.worker.parallel.group import ENV_LOCAL_RANK, RankInfo
-    from moeserve.worker.parallel.launch import apply_operator_env, rank_environments
+    from moeserve.worker.parallel.launch import rank_environments
 
     envs = rank_environments(4, {spec.ENV_RANK: "1", spec.ENV_RANKS_PER_POD: "2",
                                  spec.ENV_RENDEZVOUS: "w-0.w:8103"})
     assert [e[ENV_LOCAL_RANK] for e in envs] == ["0", "1"]
     info = RankInfo.from_env(4, envs[1])
     assert (info.rank, info.num_nodes, info.rendezvous) == (3, 2, "w-0.w:8103")
-    args = argparse.Namespace(enable_eplb=False, eplb_redundant_experts=0, enable_dbo=False)
-    apply_operator_env(args, {spec.ENV_EPLB_ENABLED: "1", spec.ENV_EPLB_REDUNDANT_EXPERTS: "32",
-                              spec.ENV_DBO_ENABLED: "0"})
-    assert (args.enable_eplb, args.eplb_redundant_experts, args.enable_dbo) == (True, 32, False)
+    # The pool's switches reach a rank process through the one env parser (flag defaults).
+    got = env_defaults({spec.ENV_EPLB_ENABLED: "1", spec.ENV_EPLB_REDUNDANT_EXPERTS: "32",
+                        spec.ENV_DBO_ENABLED: "off"})
+    switches = (got["enable_eplb"], got["eplb_redundant_experts"], got["enable_dbo"])
+    assert switches == (True, 32, False)

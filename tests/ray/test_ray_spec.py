@@ -21,7 +21,7 @@ from moeserve.deploy.ray_app import (  # noqa: E402
     pool_plan,
     required_cpus,
 )
-from moeserve.deploy.ray_workers import rank_env, worker_argv  # noqa: E402
+from moeserve.deploy.ray_workers import rank_launch  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -55,15 +55,17 @@ def test_tiny_manifest_gives_one_bundle_per_rank() -> None:
 def test_rank_env_mirrors_the_operator() -> None:
     dep = load_deployment(str(TINY))
     plan = pool_plan(dep, "decode", "/m")
-    env = rank_env(plan, group=3, rank=1, rendezvous="10.0.0.1:1234")
+    launch = rank_launch(plan, group=3, rank=1, rendezvous="10.0.0.1:1234", host="10.0.0.2",
+                         port=5000, metrics_port=5001)  # fmt: skip
+    env, argv = launch.env, launch.argv
     assert env[s.ENV_RANK] == "1" and env[s.ENV_WORLD_SIZE] == "2"
     assert env[s.ENV_RANKS_PER_POD] == "1" and env[s.ENV_NUM_PODS] == "2"
     assert env[s.ENV_GROUP] == "3" and env[s.ENV_RENDEZVOUS] == "10.0.0.1:1234"
     assert env[s.ENV_ROLE] == "decode" and env[s.ENV_MODEL] == "moeserve/tiny-deepseek"
     assert env[s.ENV_BLOCK_SIZE] == str(dep.spec.model.block_size)
-    argv = worker_argv(plan, "10.0.0.2", 5000, 5001)
     assert argv[:3] == ["worker", "--role", "decode"]
     assert ["--ep", "2"] == argv[argv.index("--ep"):argv.index("--ep") + 2]
+    assert ["--port", "5000"] == argv[argv.index("--port"):argv.index("--port") + 2]
     assert "--device" in argv  # gpusPerPod 0: the CPU
 
 

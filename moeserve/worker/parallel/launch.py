@@ -36,7 +36,7 @@ from moeserve.worker.parallel.group import (
 
 __all__ = [
     "join_group_from_env", "is_rank_process", "rank_environments", "spawn_local_ranks",
-    "maybe_spawn_ranks", "apply_operator_env", "generate_sharded",
+    "maybe_spawn_ranks", "generate_sharded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,25 +146,14 @@ def maybe_spawn_ranks(args: argparse.Namespace, argv: Sequence[str]) -> int | No
         return None
     if not is_rank_process():
         return spawn_local_ranks(argv, ep)
-    apply_operator_env(args, os.environ)
+    # The pool's switches (MOESERVE_EPLB_ENABLED, ...) reached ``args`` already: this process
+    # built its parser from the same environment (moeserve.worker.env_defaults, the one parser).
     local = int(os.environ[ENV_LOCAL_RANK])
     for name in ("port", "metrics_port"):
         base = getattr(args, name, None)
         if base:  # 0 / None: each rank asks the OS for a free port anyway
             setattr(args, name, base + local)
     return None
-
-
-def apply_operator_env(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    """The pool's EPLB / DBO switches, rendered by the operator as environment variables,
-    switch the features on (flags on the command line still do so without them)."""
-    if env.get(spec.ENV_EPLB_ENABLED, "0") not in ("", "0", "false"):
-        args.enable_eplb = True
-    redundant = env.get(spec.ENV_EPLB_REDUNDANT_EXPERTS)
-    if redundant:
-        args.eplb_redundant_experts = int(redundant)
-    if env.get(spec.ENV_DBO_ENABLED, "0") not in ("", "0", "false"):
-        args.enable_dbo = True
 
 
 def generate_sharded(engine, prompts: list[list[int]],
