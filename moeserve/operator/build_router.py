@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from moeserve.common import spec as s
+from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, ranks_per_pod
 from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
@@ -49,8 +50,6 @@ ROUTER_STARTUP_TIMEOUT_S = 3600
 _PORTS = (("http", s.PORT_ROUTER_HTTP), ("grpc", s.PORT_ROUTER_GRPC),
           ("metrics", s.PORT_ROUTER_METRICS))
 
-# Equal to RouterSettings.drain_grace_s (the router's --drain-grace-s default); a test pins it.
-ROUTER_DRAIN_GRACE_S = 25
 
 
 def build_router(dep: MoEDeployment) -> list[dict[str, Any]]:

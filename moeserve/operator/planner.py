@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from moeserve.common.spec_ops import ScaleToZeroSpec, SlaAutoscalingSpec
+
 __all__ = ["SlaTargets", "GroupCapacity", "LoadSample", "PlannerConfig", "PlannerState",
            "Decision", "plan_groups", "needed_groups", "fixed_ratio_groups", "predicted_latency"]
 
@@ -53,15 +55,17 @@ class LoadSample:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    min_prefill: int = 0
-    max_prefill: int = 16
-    min_decode: int = 1
-    max_decode: int = 16
+    # Group bounds default to the spec's (spec.autoscaling), the one place they are set.
+    min_prefill: int = SlaAutoscalingSpec.model_fields["min_prefill"].default
+    max_prefill: int = SlaAutoscalingSpec.model_fields["max_prefill"].default
+    min_decode: int = SlaAutoscalingSpec.model_fields["min_decode"].default
+    max_decode: int = SlaAutoscalingSpec.model_fields["max_decode"].default
     down_utilisation: float = 0.7
-    down_delay_s: float = 300.0
-    scale_to_zero: bool = False
-    idle_s: float = 900.0
-    wake_prefill: bool = True  # wake a prefill group along with the decode group
+    down_delay_s: float = SlaAutoscalingSpec.model_fields["scale_down_delay_seconds"].default
+    scale_to_zero: bool = ScaleToZeroSpec.model_fields["enabled"].default
+    idle_s: float = ScaleToZeroSpec.model_fields["idle_seconds"].default
+    # wake a prefill group along with the decode group
+    wake_prefill: bool = ScaleToZeroSpec.model_fields["wake_prefill"].default
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from moeserve.api.wire import abort_with, sampling_from_proto
 from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
+from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
 from moeserve.router.config import resolve_router_config, track_explicit_flags
@@ -251,7 +252,9 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--eject-base-s", type=float, default=1.0,
                    help="first ejection after a failed call; doubles per repeat")
     p.add_argument("--eject-max-s", type=float, default=30.0)
-    p.add_argument("--startup-timeout-s", type=float, default=60.0)
+    p.add_argument("--startup-timeout-s", type=float, default=STARTUP_TIMEOUT_S,
+                   help="how long to wait for a worker (a decode worker under discovery) "
+                        "before serving or giving up")
     p.add_argument("--api-key", action="append", default=[],
                    help="accepted bearer key (repeatable; also $MOESERVE_API_KEY(S))")
     p.add_argument("--api-key-metrics", action="store_true",

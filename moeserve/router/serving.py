@@ -29,6 +29,7 @@ from moeserve.api import worker_pb2
 from moeserve.api.wire import error_from_rpc, sampling_to_proto
 from moeserve.common.block_hash import hash_blocks
 from moeserve.common.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
@@ -69,7 +70,7 @@ class RouterSettings:
     """with no decode worker known (scaled to zero), how long a request is held while one
     wakes (0: off); see moeserve/router/wake.py"""
     retry_after_s: int = 1
-    drain_grace_s: float = 25.0
+    drain_grace_s: float = float(ROUTER_DRAIN_GRACE_S)  # the operator's grace period adds to it
     queue_weight: float = 1.0
     kv_weight: float = 4.0
     seed: int = 0

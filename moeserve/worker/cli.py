@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from moeserve.common.launch_plan import WORKER_DRAIN_GRACE_S
 from moeserve.common.optional import require
 from moeserve.common.tls import add_tls_arguments
 from moeserve.worker.engine_args import add_engine_args
@@ -54,7 +55,7 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="give up a KV READ after this long and recompute")
     p.add_argument("--max-queued", type=int, default=1024,
                    help="requests held at once (running or waiting); more get RESOURCE_EXHAUSTED")
-    p.add_argument("--drain-grace-s", type=float, default=25.0,
+    p.add_argument("--drain-grace-s", type=float, default=float(WORKER_DRAIN_GRACE_S),
                    help="on SIGTERM, finish held requests within this time, then exit")
     p.add_argument("--faults", default=None,
                    help=f"test fault injection, e.g. stall_prefill_s=30 (default ${ENV_VAR})")
