@@ -76,13 +76,18 @@ def per_token_group_quant_ref(
 @triton.jit
 def w8a8_block_fp8_matmul_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, m_rows, n_out, k_in,
-    stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_cm, k_per_split, stride_split,
     W_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """c[m, n] = sum_k a[m, k] a_s[m, k // BK] w[n, k] w_s[n // W_BLOCK_N, k // BK]."""
+    """c[m, n] = sum_k a[m, k] a_s[m, k // BK] w[n, k] w_s[n // W_BLOCK_N, k // BK].
+
+    Split K (a third grid axis): program z sums K in [z * k_per_split, (z + 1) *
+    k_per_split) into c + z * stride_split (float32 partials the caller adds up)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    c_ptr += pid_k.to(tl.int64) * stride_split
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -93,8 +98,9 @@ def w8a8_block_fp8_matmul_kernel(
     a_s_rows = a_s_ptr + offs_m * stride_asm
     w_s_rows = w_s_ptr + (offs_n // W_BLOCK_N) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, k_in, BLOCK_K):
-        k_ok = (k0 + offs_k) < k_in
+    k_end = tl.minimum(k_in, (pid_k + 1) * k_per_split)
+    for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_end
         a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
@@ -124,11 +130,13 @@ def w8a8_block_fp8_matmul(
     out_dtype: torch.dtype = torch.bfloat16,
     block_size: tuple[int, int] = (128, 128),
     tiles: tuple[int, int, int, int] | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """a_q: [M, K] float8_e4m3fn; a_scales: [M, ceil(K / bk)] float32; weight: [N, K]
     float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32, with
     (bn, bk) = block_size (the checkpoint's `weight_block_size`; bk a power of two).
-    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `_tiles` (benchmarks).
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `_tiles`; split_k: K splits
+    in place of `_split_k` (benchmarks; 1 = none). Split launches add float32 partials.
     Returns a @ weight^T, dequantized, [M, N] in out_dtype."""
     m, k = a_q.shape
     n, w_k = weight.shape
@@ -142,16 +150,38 @@ def w8a8_block_fp8_matmul(
         raise ValueError(f"the K block must be a power of two, got {block_k}")
     if a_q.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
         raise ValueError("a_q, weight and weight_scale_inv need a contiguous last dim")
-    out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
     bm, bn, warps, stages = tiles or _tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    w8a8_block_fp8_matmul_kernel[grid](
+    splits = _split_k(grid[0] * grid[1], sk) if split_k is None else split_k
+    k_per_split = triton.cdiv(sk, splits) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    if splits > 1:
+        out = torch.empty(splits, m, n, dtype=torch.float32, device=a_q.device)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
+    w8a8_block_fp8_matmul_kernel[(*grid, splits)](
         a_q, a_scales, weight, weight_scale_inv, out, m, n, k,
         a_q.stride(0), a_scales.stride(0), weight.stride(0), weight_scale_inv.stride(0),
-        out.stride(0), W_BLOCK_N=block_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
+        out.stride(-2), k_per_split, out.stride(0) if splits > 1 else 0,
+        W_BLOCK_N=block_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
-    return out
+    return out.sum(0).to(out_dtype) if splits > 1 else out
+
+
+# Programs below which a GEMM's K is split: two waves of the H200's 132 SMs. Decode-sized GEMMs
+# with few output tiles (V3's q_a + kv_a_proj_with_mqa at batch 1: 33 programs of 56 K steps)
+# otherwise stream their weight through a quarter of the SMs (benchmarks/fp8_roofline.py
+# --gemm-sweep: 40 us against a 3.6 us floor).
+SPLIT_K_MIN_PROGRAMS = 264
+
+
+def _split_k(programs: int, k_blocks: int) -> int:
+    """K splits for a launch of `programs` output tiles over `k_blocks` K steps: enough for
+    SPLIT_K_MIN_PROGRAMS programs, each keeping at least 4 K steps."""
+    if programs >= SPLIT_K_MIN_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(SPLIT_K_MIN_PROGRAMS, programs), k_blocks // 4, 16))
 
 
 def fp8_gemm(
