@@ -55,14 +55,6 @@ FORBIDDEN_FOR_CONTROL_PLANE = ("moeserve.worker", "moeserve.kernels", "moeserve.
 
 # Import edges that close a known cycle, each removed by a named piece of work. The cycle test
 # ignores exactly these edges; an entry whose edge is gone fails, so the list only shrinks.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    **{("moeserve.operator.render", f"moeserve.operator.{builder}"):
-       "issue 20 item 4 (the operator as a pipeline, pure builders with shared metadata "
-       "helpers) removes render.py <-> build_*.py"
-       for builder in ("build_groups", "build_router", "build_workers")},
-}
-
-
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -229,8 +221,7 @@ def test_building_the_command_line_imports_no_torch() -> None:
 
 def _cycle_graph() -> dict[str, set[str]]:
     graph = import_graph()
-    return {module: {t for t in edges if t in graph and (module, t) not in KNOWN_CYCLE_EDGES}
-            for module, edges in graph.items()}
+    return {module: {t for t in edges if t in graph} for module, edges in graph.items()}
 
 
 def test_no_import_cycle_between_files() -> None:
@@ -241,13 +232,6 @@ def test_no_import_cycle_between_files() -> None:
         cycle = e.args[1][::-1]  # graphlib lists it against the import direction
         steps = [f"{a}:{graph[a][b]} imports {b}" for a, b in zip(cycle, cycle[1:], strict=False)]
         pytest.fail("import cycle:\n  " + "\n  ".join(steps))
-
-
-def test_known_cycle_edges_still_exist() -> None:
-    graph = import_graph()
-    gone = [f"{a} -> {b} ({why})" for (a, b), why in KNOWN_CYCLE_EDGES.items()
-            if b not in graph.get(a, {})]
-    assert not gone, "fixed, remove from KNOWN_CYCLE_EDGES:\n" + "\n".join(gone)
 
 
 # Made unimportable for the subprocess tests below, as if the worker extra were not installed.
