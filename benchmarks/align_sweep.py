@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench_cudagraph
 
-from moeserve.kernels.fused_moe import (
+from moeserve.kernels.moe_align import (
     moe_align_block_size,
     moe_align_block_size_chunked,
     moe_align_block_size_ref,

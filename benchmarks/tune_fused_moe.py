@@ -28,15 +28,10 @@ import json
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-from moeserve.kernels.fused_moe import (
-    MoeConfig,
-    fused_moe,
-    fused_moe_ref,
-    moe_config,
-    moe_config_fp8,
-)
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from moeserve.kernels.mla_prefill import mla_prefill
 from moeserve.kernels.mla_prefill_mha import gather_latents, mla_prefill_mha
+from moeserve.kernels.moe_config import MoeConfig, moe_config, moe_config_fp8
 
 HEADS, KV_LORA, ROPE, NOPE, V_DIM = 16, 512, 64, 128, 128
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1408, 64, 6

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import triton
 
 from moeserve.kernels.fp8_gemm import per_token_group_quant
-from moeserve.kernels.fused_moe import _combine, check_fp8_moe_args, moe_align_block_size
+from moeserve.kernels.fused_moe_fp8 import check_fp8_moe_args
+from moeserve.kernels.moe_align import moe_align_block_size, moe_combine
 
 __all__ = ["deep_gemm_fused_moe", "MASKED_MAX_TOKENS"]
 
@@ -63,7 +64,7 @@ def deep_gemm_fused_moe(deep_gemm: ModuleType, x: torch.Tensor, w13: torch.Tenso
     else:
         y = _contiguous(deep_gemm, contiguous, is_v1, x_q, x_s, w13, w2, topk_ids, num_shared,
                         w13_scale, w2_scale)
-    return _combine(y, topk_weights, topk_ids, torch.empty_like(x))
+    return moe_combine(y, topk_weights, topk_ids, torch.empty_like(x))
 
 
 def _contiguous(deep_gemm: ModuleType, gemm, is_v1: bool, x_q: torch.Tensor,

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.kernels.fused_moe import (
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from moeserve.kernels.moe_align import (
     ALIGN_KERNEL_MAX_COPIES,
-    SHARED_MEMORY_BUDGET,
-    MoeConfig,
-    fit_shared_memory,
-    fused_moe,
-    fused_moe_ref,
     moe_align_block_size,
     moe_align_block_size_chunked,
     moe_align_block_size_ref,
+)
+from moeserve.kernels.moe_config import (
+    SHARED_MEMORY_BUDGET,
+    MoeConfig,
+    fit_shared_memory,
     moe_config,
 )
 from tests.kernels.helpers import TF32_TOL, rel_err, tolerance

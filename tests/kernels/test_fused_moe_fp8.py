@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_ref
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from moeserve.kernels.moe_config import MoeConfig
 from tests.kernels.helpers import rel_err
 
 E4M3 = torch.float8_e4m3fn
@@ -299,7 +300,7 @@ def test_deep_gemm_absent_is_reported(device, monkeypatch):
 def test_fp8_tiles_keep_the_gated_launch_out_of_spills(copies):
     """The gated fp8 launch holds four [BLOCK_M, gate N] float32 tiles; past 128 registers a
     thread they spill (8k tokens on the H200: 34 ms instead of 14.8)."""
-    from moeserve.kernels.fused_moe import moe_config_fp8
+    from moeserve.kernels.moe_config import moe_config_fp8
 
     cfg = moe_config_fp8(copies, 257)
     assert cfg.block_k == 128
