@@ -18,9 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moeserve.common.errors import ConfigError
-from moeserve.common.model_config import ModelConfig
-from moeserve.common.model_presets import ModelShape, planned_model_config
 from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
+from moeserve.common.spec_model import ModelSource, ModelSpec, Parallelism
 from moeserve.common.spec_ops import (
     AutoscalingSpec,
     PreflightSpec,
@@ -104,7 +103,6 @@ HPA_METRIC_TIME_TO_FIRST_TOKEN_P90 = "moeserve_time_to_first_token_seconds_p90"
 
 DEFAULT_IMAGE = "ghcr.io/moeserve/moeserve:0.1.0"
 DEFAULT_WORKER_IMAGE = "ghcr.io/moeserve/moeserve-worker:0.1.0"
-MODELS_DIR = "/models"
 # StatefulSet pod names carry a controller-revision-hash label "<sts>-<10 chars>" (<= 63), and
 # the StatefulSet is "<name>-<role>-<group>", so the deployment name must leave room for both.
 MAX_NAME_LENGTH = 40
@@ -120,87 +118,6 @@ class SpecError(ConfigError):
         self.problems = problems
         self.fields = [field for field, _ in problems]
         super().__init__("\n".join(f"{field}: {message}" for field, message in problems))
-
-
-class Parallelism(_Model):
-    """Layout of one EP group: attention data-parallel x tensor-parallel ranks = expert ranks."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("self.dp * self.tp == self.ep", "dp * tp must equal ep", ".ep"),
-    ]})
-
-    dp: int = Field(1, ge=1, le=1024, description="Attention data-parallel ranks.")
-    ep: int = Field(1, ge=1, le=1024, description="Expert-parallel ranks (GPUs) in one group.")
-    tp: int = Field(1, ge=1, le=16, description="Attention tensor-parallel ranks.")
-
-    @model_validator(mode="after")
-    def _layout(self) -> Parallelism:
-        if self.dp * self.tp != self.ep:
-            raise FieldRuleError("ep", f"dp ({self.dp}) * tp ({self.tp}) must equal ep ({self.ep})")
-        return self
-
-
-class PvcSource(_Model):
-    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
-
-
-class HostPathSource(_Model):
-    path: str = Field(pattern=r"^/", description="Directory on the node holding the model.")
-
-
-class ModelSource(_Model):
-    """Where the checkpoint comes from: exactly one of pvc, hostPath, preset."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("[has(self.pvc), has(self.hostPath), has(self.preset)].filter(x, x).size() == 1",
-             "exactly one of pvc, hostPath, preset must be set"),
-    ]})
-
-    pvc: PvcSource | None = None
-    host_path: HostPathSource | None = None
-    preset: Literal["tiny"] | None = Field(
-        None, description="Generate a random checkpoint of this preset in an init container.")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ModelSource:
-        chosen = [name for name, value in (("pvc", self.pvc), ("hostPath", self.host_path),
-                                           ("preset", self.preset)) if value]
-        if len(chosen) != 1:
-            raise FieldRuleError("", f"exactly one of pvc, hostPath, preset must be set, got "
-                                     f"{chosen or 'none'}")
-        return self
-
-
-class ModelSpec(_Model):
-    name: str = Field(min_length=1, max_length=253,
-                      description="Served model id (OpenAI `model`), also keys block hashes.")
-    source: ModelSource
-    path: str = Field("", pattern=r"^([^/].*)?$",
-                      description="Checkpoint directory inside the volume (relative).")
-    num_experts: int | None = Field(None, ge=1, description="Routed experts per MoE layer; when "
-                                    "set, each pool's ep must divide experts + redundant experts.")
-    block_size: int = Field(64, ge=1, le=1024, description="KV block size in tokens.")
-    shape: ModelShape | None = Field(None, description="Known model shape for the memory plan "
-                                     "(default: from a known HuggingFace name or the preset).")
-    config: dict[str, Any] = Field(default_factory=dict, description="config.json fields for "
-                                   "the memory plan: the whole file, or overrides of `shape`.")
-
-    @model_validator(mode="after")
-    def _plannable(self) -> ModelSpec:
-        try:
-            self.model_config_for_plan()
-        except ConfigError as exc:
-            raise FieldRuleError("shape" if self.shape and not self.config else "config",
-                                 str(exc)) from None
-        return self
-
-    def model_config_for_plan(self) -> ModelConfig | None:
-        """The checkpoint's shape as far as the manifest tells (None: it does not)."""
-        return planned_model_config(self.shape, self.config, self.name, self.source.preset)
-
-    def container_path(self) -> str:
-        leaf = self.path or (self.source.preset or "")
-        return f"{MODELS_DIR}/{leaf}".rstrip("/")
 
 
 class EplbSpec(_Model):

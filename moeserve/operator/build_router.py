@@ -27,6 +27,7 @@ from moeserve.common import spec as s
 from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, ranks_per_pod
+from moeserve.common.spec_model import MODELS_DIR
 from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
 from moeserve.operator.build_workers import (
     PRESTOP_SLEEP_S,
@@ -160,7 +161,7 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/moeserve", "readOnly": True},
             # The router owns the tokenizer, which it reads from the model directory.
-            {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
             *tls_mounts(dep),

@@ -14,6 +14,7 @@ from moeserve.common import spec as s
 from moeserve.common.launch_plan import WORKER_DRAIN_GRACE_S, Placement, pool_launch
 from moeserve.common.launch_plan import worker_launch as plan_worker
 from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, ranks_per_pod
+from moeserve.common.spec_model import MODELS_DIR
 from moeserve.operator.build_security import (
     monitoring_selector,
     tls_args,
@@ -167,7 +168,7 @@ def preset_init_containers(dep: MoEDeployment, image: str) -> list[dict[str, Any
         "command": ["moeserve", "make-checkpoint", "--preset", preset,
                     "--out", dep.spec.model.container_path()],
         "securityContext": security_context(),
-        "volumeMounts": [{"name": "models", "mountPath": s.MODELS_DIR},
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR},
                          {"name": "tmp", "mountPath": "/tmp"}],
     }]
 
@@ -194,7 +195,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
                                          "periodSeconds": 15, "failureThreshold": 4}),
         "lifecycle": prestop_hook(),
         "volumeMounts": [
-            {"name": "models", "mountPath": s.MODELS_DIR, "readOnly": True},
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "dshm", "mountPath": "/dev/shm"},
