@@ -8,18 +8,20 @@ worker's in moeserve.worker.metrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
 )
 
-__all__ = ["KVTransferMetrics", "render", "start_metrics_server",
+__all__ = ["KVTransferMetrics", "ServingMetrics", "render", "start_metrics_server",
            "LATENCY_BUCKETS", "ITL_BUCKETS", "TRANSFER_BUCKETS"]
 
 LATENCY_BUCKETS = (
@@ -54,6 +56,46 @@ class KVTransferMetrics:
             registry=registry,
         )
 
+
+class ServingMetrics(KVTransferMetrics):
+    """The series the router and every worker both export: one definition of their names,
+    types, labels and buckets, so a dashboard or HPA query reads either pool the same way.
+
+    ``docs`` gives each series' help text by attribute name where the two count different
+    things (the router per chosen worker, a worker its own batch). ``per_worker``: label names
+    of the load gauges and prefix-cache counters (the router labels them by worker and role, a
+    worker exports its own, unlabelled).
+    """
+
+    def __init__(self, registry: CollectorRegistry, docs: Mapping[str, str],
+                 per_worker: Sequence[str] = ()):
+        super().__init__(registry)
+        self.registry = registry
+        r = registry
+
+        def load(name: str) -> Gauge:
+            return Gauge(f"moeserve:{name}", docs[name], per_worker, registry=r)
+
+        def cache(name: str) -> Counter:
+            return Counter(f"moeserve:{name}", docs[name], per_worker, registry=r)
+
+        self.num_requests_running = load("num_requests_running")
+        self.num_requests_waiting = load("num_requests_waiting")
+        self.kv_cache_usage_perc = load("kv_cache_usage_perc")
+        self.prefix_cache_queries = cache("prefix_cache_queries")
+        self.prefix_cache_hits = cache("prefix_cache_hits")
+        self.prompt_tokens = Counter("moeserve:prompt_tokens", "Prompt tokens received.",
+                                     registry=r)
+        self.generation_tokens = Counter("moeserve:generation_tokens", "Tokens generated.",
+                                         registry=r)
+        self.request_success = Counter("moeserve:request_success", "Finished requests by reason.",
+                                       ["finished_reason"], registry=r)
+        self.time_to_first_token = Histogram(
+            "moeserve:time_to_first_token_seconds", docs["time_to_first_token"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "moeserve:inter_token_latency_seconds", docs["inter_token_latency"],
+            buckets=ITL_BUCKETS, registry=r)
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -14,9 +14,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moeserve.common.metrics import (
-    ITL_BUCKETS,
     LATENCY_BUCKETS,
-    KVTransferMetrics,
+    ServingMetrics,
     render,
     start_metrics_server,
 )
@@ -24,76 +23,42 @@ from moeserve.common.metrics import (
 # render and start_metrics_server are re-exported: the router's HTTP app and server use them.
 __all__ = ["RouterMetrics", "render", "start_metrics_server"]
 
+WORKER = ("worker", "role")
+_DOCS = {
+    "num_requests_running": "Requests running, per worker.",
+    "num_requests_waiting": "Requests waiting, per worker.",
+    "kv_cache_usage_perc": "KV usage (0..1), per worker.",
+    "prefix_cache_queries": "Prompt tokens routed, per chosen worker (the denominator of the "
+                            "hit rate).",
+    "prefix_cache_hits": "Prompt tokens the chosen worker already cached, per worker.",
+    "time_to_first_token": "Time to first token.",
+    "inter_token_latency": "Time between streamed tokens.",
+}
 
-class RouterMetrics(KVTransferMetrics):
+
+class RouterMetrics(ServingMetrics):
     """Metrics of one router replica; per-worker gauges come from the workers' load reports."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        super().__init__(self.registry)
-        r = self.registry
-        worker = ["worker", "role"]
-        self.num_requests_running = Gauge(
-            "moeserve:num_requests_running", "Requests running, per worker.", worker, registry=r
-        )
-        self.num_requests_waiting = Gauge(
-            "moeserve:num_requests_waiting", "Requests waiting, per worker.", worker, registry=r
-        )
-        self.kv_cache_usage_perc = Gauge(
-            "moeserve:kv_cache_usage_perc", "KV usage (0..1), per worker.", worker, registry=r
-        )
-        self.prefix_cache_queries = Counter(
-            "moeserve:prefix_cache_queries",
-            "Prompt tokens routed, per chosen worker (the denominator of the hit rate).",
-            worker,
-            registry=r,
-        )
-        self.prefix_cache_hits = Counter(
-            "moeserve:prefix_cache_hits",
-            "Prompt tokens the chosen worker already cached, per worker.",
-            worker,
-            registry=r,
-        )
+        super().__init__(registry or CollectorRegistry(), _DOCS, per_worker=WORKER)
+        self._routing_series(self.registry)
+        self._reliability_series(self.registry)
+
+    def _routing_series(self, r: CollectorRegistry) -> None:
         self.requests_in_flight = Gauge(
             "moeserve:router_requests_in_flight", "Requests this router is serving.", registry=r
         )
         self.requests_rejected = Counter(
-            "moeserve:router_requests_rejected",
-            "Requests refused, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        self.request_success = Counter(
-            "moeserve:request_success",
-            "Finished requests by reason.",
-            ["finished_reason"],
+            "moeserve:router_requests_rejected", "Requests refused, by reason.", ["reason"],
             registry=r,
         )
         self.routed = Counter(
-            "moeserve:router_routed_requests", "Routing decisions.", worker, registry=r
+            "moeserve:router_routed_requests", "Routing decisions.", WORKER, registry=r
         )
         self.disaggregated = Counter(
             "moeserve:router_disaggregated_requests",
             "Requests by prefill placement: remote (prefill worker) or local (decode worker).",
             ["mode"],
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "moeserve:prompt_tokens", "Prompt tokens received.", registry=r
-        )
-        self.generation_tokens = Counter(
-            "moeserve:generation_tokens", "Tokens generated.", registry=r
-        )
-        self.time_to_first_token = Histogram(
-            "moeserve:time_to_first_token_seconds",
-            "Time to first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inter_token_latency = Histogram(
-            "moeserve:inter_token_latency_seconds",
-            "Time between streamed tokens.",
-            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.e2e_request_latency = Histogram(
@@ -103,7 +68,8 @@ class RouterMetrics(KVTransferMetrics):
             registry=r,
         )
 
-        # Reliability: what the failure paths did, so a dashboard shows faults being absorbed.
+    def _reliability_series(self, r: CollectorRegistry) -> None:
+        """What the failure paths did, so a dashboard shows faults being absorbed."""
         self.migrations = Counter(
             "moeserve:router_migrations",
             "Requests moved to another decode worker, by when (before_first_token, mid_stream).",
@@ -136,13 +102,13 @@ class RouterMetrics(KVTransferMetrics):
         self.worker_available = Gauge(
             "moeserve:router_worker_available",
             "1 when the router routes to the worker (healthy, not ejected, not draining).",
-            worker,
+            WORKER,
             registry=r,
         )
         self.worker_ejections = Counter(
             "moeserve:router_worker_ejections",
             "Passive-health ejections (errors, timeouts), per worker.",
-            worker,
+            WORKER,
             registry=r,
         )
         self.incompatible_pairs = Gauge(

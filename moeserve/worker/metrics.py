@@ -13,47 +13,29 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from moeserve.common.metrics import ITL_BUCKETS, LATENCY_BUCKETS, KVTransferMetrics
+from moeserve.common.metrics import ITL_BUCKETS, ServingMetrics
 
 __all__ = ["WorkerMetrics", "StreamTiming"]
 
+_DOCS = {
+    "num_requests_running": "Requests in the running batch.",
+    "num_requests_waiting": "Requests waiting to be scheduled.",
+    "kv_cache_usage_perc": "Fraction of KV blocks in use (0..1).",
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
+    "time_to_first_token": "Time from a request's arrival at this worker to the first token it "
+                           "produced (prefill: the token handed back with the KV handle; decode: "
+                           "the first streamed).",
+    "inter_token_latency": "Time between tokens this worker streamed.",
+}
 
-class WorkerMetrics(KVTransferMetrics):
+
+class WorkerMetrics(ServingMetrics):
     """Metrics one worker process exports on its /metrics port."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        super().__init__(self.registry)
+        super().__init__(registry or CollectorRegistry(), _DOCS)
         r = self.registry
-        self.num_requests_running = Gauge(
-            "moeserve:num_requests_running", "Requests in the running batch.", registry=r
-        )
-        self.num_requests_waiting = Gauge(
-            "moeserve:num_requests_waiting", "Requests waiting to be scheduled.", registry=r
-        )
-        self.kv_cache_usage_perc = Gauge(
-            "moeserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", registry=r
-        )
-        self.prefix_cache_queries = Counter(
-            "moeserve:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            registry=r,
-        )
-        self.prefix_cache_hits = Counter(
-            "moeserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
-        )
-        self.prompt_tokens = Counter(
-            "moeserve:prompt_tokens", "Prompt tokens received.", registry=r
-        )
-        self.generation_tokens = Counter(
-            "moeserve:generation_tokens", "Tokens generated.", registry=r
-        )
-        self.request_success = Counter(
-            "moeserve:request_success",
-            "Finished requests by reason.",
-            ["finished_reason"],
-            registry=r,
-        )
         self.prompt_tokens_computed = Gauge(
             "moeserve:prompt_tokens_computed",
             "Prompt tokens this worker ran through the model (not cached, not transferred).",
@@ -67,19 +49,6 @@ class WorkerMetrics(KVTransferMetrics):
         self.expired_kv_leases = Counter(
             "moeserve:kv_expired_leases",
             "Pinned KV released because no decode collected it.",
-            registry=r,
-        )
-        self.time_to_first_token = Histogram(
-            "moeserve:time_to_first_token_seconds",
-            "Time from a request's arrival at this worker to the first token it produced "
-            "(prefill: the token handed back with the KV handle; decode: the first streamed).",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inter_token_latency = Histogram(
-            "moeserve:inter_token_latency_seconds",
-            "Time between tokens this worker streamed.",
-            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.time_per_output_token = Histogram(
