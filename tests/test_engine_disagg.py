@@ -81,7 +81,10 @@ def test_abort_releases_reserved_and_pinned_blocks(tiny_v3):
     assert p.pinned_blocks("r") == [] and p.stats().kv_usage == 0.0
     d.add_remote_kv_request("x", PROMPT, params)
     assert d.stats().kv_usage > 0
-    d.abort_request("x")
+    (out,) = d.abort_request("x")
+    assert out.finish_reason == "abort"
+    assert d.stats().kv_usage > 0  # the READ may still write into them: held until it ends
+    assert d.finish_remote_kv("x", 5) == []
     assert d.stats().kv_usage == 0.0
     with pytest.raises(InvalidRequestError, match="no KV reservation"):
         d.finish_remote_kv("x", 5)

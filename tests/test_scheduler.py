@@ -369,7 +369,8 @@ def test_remote_kv_completion_makes_the_request_run_with_its_first_token():
     remote_kv_ready(model, r)
     out = sched.finish_remote_kv("r", ref[0])
     assert (out.request_id, out.new_token_ids, out.finished) == ("r", [ref[0]], False)
-    assert r.status is RequestStatus.RUNNING and r.num_computed_tokens == len(PROMPTS["b"])
+    # First in line with its blocks: admitted by the next step, within max_num_seqs.
+    assert r.status is RequestStatus.WAITING and r.num_computed_tokens == len(PROMPTS["b"])
     tokens, reasons, steps = drive(sched, [], model=model)
     assert [ref[0]] + tokens["r"] == ref and reasons["r"] == "length"
     # No step computed the prompt: every step was one decode token.
@@ -404,10 +405,12 @@ def test_abort_while_waiting_for_remote_kv_frees_its_blocks_once():
     sched.add_remote_kv_request(make_req("r", PROMPTS["b"]))
     (out,) = sched.abort_requests(["r"])
     assert (out.request_id, out.finished, out.finish_reason) == ("r", True, "abort")
-    assert sched.kv.usage == 0.0 and not sched.requests
+    assert sched.kv.usage > 0 and not sched.requests  # held while the READ may still write
     assert sched.abort_requests(["r"]) == []  # nothing left to free
+    assert sched.finish_remote_kv("r", 5) is None  # the READ is over: the blocks go back
+    assert sched.kv.usage == 0.0
     with pytest.raises(InvalidRequestError, match="no KV reservation"):
-        sched.finish_remote_kv("r", 5)  # a READ that ends after the abort changes nothing
+        sched.finish_remote_kv("r", 5)  # once only
     assert sched.kv.usage == 0.0
     assert "r" in sched.schedule().finished_req_ids
 

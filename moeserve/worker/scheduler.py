@@ -16,8 +16,11 @@ cannot land in a block that was handed to someone else.
 A request whose prompt KV another worker computed (disaggregated serving) enters as
 ``WAITING_FOR_REMOTE_KV`` (``add_remote_kv_request``): its blocks are allocated at once, as for
 any request, but it is never scheduled while the KV is read into them. ``finish_remote_kv``
-ends the wait: with the prefill worker's first token it runs as a decode; without (the READ
-failed) its blocks go back and the prompt waits to be prefilled here.
+ends the wait: with the prefill worker's first token it waits first in line, holding its blocks,
+and is admitted like any request, so ``max_num_seqs`` (which sizes the runner's buffers) holds;
+without (the READ failed) its blocks go back and the prompt waits to be prefilled here. An abort
+during the READ finishes the request but keeps its blocks until ``finish_remote_kv`` says the
+READ is over, so no block the READ may still write is handed to another request.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class Scheduler:
         self.pinned: dict[str, Request] = {}  # finished prefill-only requests holding blocks
         # Blocks allocated, KV being read from a prefill worker: in `requests`, never scheduled.
         self.waiting_for_remote_kv: dict[str, Request] = {}
+        # Aborted while their READ runs: finished, blocks held until finish_remote_kv.
+        self._aborted_reading: dict[str, Request] = {}
         self._ahead: list[SchedulerOutput] = []  # from schedule_ahead, not applied yet
         self._free_later: list[Request] = []  # finished, but a step in `_ahead` writes their KV
 
@@ -90,7 +95,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def _check_new(self, req: Request) -> None:
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or req.request_id in self._aborted_reading:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}", param="id")
         if req.num_tokens == 0:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
@@ -119,9 +124,13 @@ class Scheduler:
     def finish_remote_kv(
         self, request_id: str, first_token_id: int | None
     ) -> EngineCoreOutput | None:
-        """End the wait for remote KV. With the first token the prefill worker sampled, the
-        request runs from its next token (its prompt KV is in its blocks); with None (the READ
-        failed) its blocks go back and it waits to be prefilled here, returning None."""
+        """The READ is over (done, failed or cancelled). With the prefill worker's first token
+        the request waits, first in line, to run from its next token; with None its blocks go
+        back and it waits to be prefilled here (None). Aborted meanwhile: blocks freed (None)."""
+        if (aborted := self._aborted_reading.pop(request_id, None)) is not None:
+            self.kv.free(aborted)
+            aborted.block_ids.clear()
+            return None
         req = self.waiting_for_remote_kv.pop(request_id, None)
         if req is None:
             raise InvalidRequestError(f"no KV reservation for request {request_id!r}",
@@ -140,8 +149,9 @@ class Scheduler:
         if status is not None:
             self._finish(req, status)
         else:
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            # Admitted by _schedule_waiting like any request: max_num_seqs holds for it too.
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
         return self._output(req, [first_token_id])
 
     def release_pinned(self, request_id: str) -> bool:
@@ -164,6 +174,7 @@ class Scheduler:
                 self.running.remove(req)
             elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
                 del self.waiting_for_remote_kv[request_id]
+                self._aborted_reading[request_id] = req
             else:
                 self.waiting.remove(req)
             self._finish(req, RequestStatus.FINISHED_ABORTED)
@@ -261,6 +272,11 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.block_ids:  # its prompt KV arrived from a prefill worker: a decode
+                if not self._admit_with_kv(out, req):
+                    break
+                budget -= 1
+                continue
             computed_blocks, num_cached = self.kv.get_computed_blocks(req)
             num_new = self._chunk(req, num_cached, budget)
             if not self.config.enable_chunked_prefill and num_new < req.num_tokens - num_cached:
@@ -278,6 +294,17 @@ class Scheduler:
             out.new_req_ids.append(req.request_id)
             self._add_to_batch(out, req, num_new)
             budget -= num_new
+
+    def _admit_with_kv(self, out: SchedulerOutput, req: Request) -> bool:
+        """Admit a request whose prompt KV is in its blocks already; False: no block free."""
+        num_new = req.num_tokens - req.num_computed_tokens
+        if (new_blocks := self.kv.allocate(req, num_new)) is None:
+            return False
+        req.block_ids.extend(new_blocks)
+        req.status = RequestStatus.RUNNING
+        self.running.append(self.waiting.popleft())
+        self._add_to_batch(out, req, num_new)
+        return True
 
     @staticmethod
     def _add_to_batch(out: SchedulerOutput, req: Request, num_new: int) -> None:
@@ -348,6 +375,8 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         if req.pin_on_finish and status != RequestStatus.FINISHED_ABORTED:
             self.pinned[req.request_id] = req
+        elif req.request_id in self._aborted_reading:
+            pass  # its READ may still write into its blocks: freed by finish_remote_kv
         elif self._in_ahead_step(req):
             self._free_later.append(req)
         else:

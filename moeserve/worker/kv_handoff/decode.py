@@ -13,7 +13,9 @@ refused handle (forged, replayed, expired, foreign) is recomputed without touchi
 The engine is called twice, each a scheduler state change: the request enters as
 WAITING_FOR_REMOTE_KV with its blocks allocated (never scheduled meanwhile), and
 ``finish_remote_kv`` makes it runnable with its first token, or sends it to be prefilled here.
-The READ itself runs on the event loop, outside the engine step.
+The READ itself runs on the event loop, outside the engine step. ``finish_remote_kv`` is called
+however the READ ends (cancelled too): an abort meanwhile keeps the blocks until then, and the
+stream ends with the abort's "abort" output.
 """
 
 from __future__ import annotations
@@ -170,7 +172,17 @@ class KVPuller:
                 await self._release_remote(claimed)
             await loop.call(lambda e: e.add_request(rid, prompt, params))
             return 0, 0
-        nbytes = await self._read(rid, peer, claimed, blocks)
+        try:
+            nbytes = await self._read(rid, peer, claimed, blocks)
+        except asyncio.CancelledError:
+            # The READ is stopped (_read): only now may the blocks go back. An abort during the
+            # READ held them; finish_remote_kv frees them either way.
+            def release(e) -> None:
+                e.abort_request(rid)
+                e.finish_remote_kv(rid, None)
+
+            await asyncio.shield(loop.call(release))
+            raise
         token = first_token if nbytes is not None else None
         await loop.call(lambda e: loop.emit(e.finish_remote_kv(rid, token)))
         if not nbytes:  # failed, or nothing to read: everything was cached here
