@@ -69,71 +69,86 @@ async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
 
 def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="moeserve router", docs_url=None, redoc_url=None)
-    model_id = frontend.model_id
-    router = frontend.router
-    limit = router.settings.max_body_bytes
-    _RETRY_AFTER["value"] = str(router.settings.retry_after_s)
+    limit = frontend.router.settings.max_body_bytes
+    _RETRY_AFTER["value"] = str(frontend.router.settings.retry_after_s)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         return _error(exc)
 
-    def check_model(name: str | None) -> JSONResponse | None:
-        if name is not None and name != model_id:
-            msg = f"The model `{name}` does not exist; this router serves `{model_id}`."
-            return JSONResponse(P.error_body(msg, "NotFoundError", "model", 404), 404)
-        return None
-
-    async def serve(
-        request: Request, req: P._GenerationRequest, prompt: list[int], kind: str
-    ) -> Response:
-        params = req.sampling_params(
-            16 if kind == "completion" else frontend.default_max_tokens(prompt)
-        )
-        frontend.check_length(prompt, params, "prompt" if kind == "completion" else "messages")
-        if req.stop_strings and not frontend.tokenizer.available:
-            frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
-        rid = P.new_request_id("cmpl" if kind == "completion" else "chatcmpl")
-        usage = Usage()
-        deltas = frontend.run(rid, prompt, params, req.stop_strings, usage, req.timeout)
-        ids = req.return_token_ids
-        if req.stream:
-            first = await _first_or_error(deltas)  # errors before the first token stay HTTP
-            gen = _stream(rid, model_id, kind, first, deltas, usage, ids, req.include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
-        work = asyncio.ensure_future(_collect(deltas))
-        watcher = asyncio.ensure_future(_until_disconnect(request, work))
+    async def generate(request: Request, model: type[P._GenerationRequest], kind: str) -> Response:
         try:
-            text, token_ids, reason = await work
-        except asyncio.CancelledError:
-            return Response(status_code=499)
-        finally:
-            watcher.cancel()
-        u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        build = P.completion_response if kind == "completion" else P.chat_response
-        return JSONResponse(build(rid, model_id, text, reason, u, token_ids if ids else None))
+            req = model.model_validate(await _body(request, limit))
+            if (bad := _unknown_model(req.model, frontend.model_id)) is not None:
+                return bad
+            return await _serve(frontend, request, req, kind)
+        except (ValidationError, P.MoeServeError) as e:
+            return _error(e)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        try:
-            req = P.CompletionRequest.model_validate(await _body(request, limit))
-            if (bad := check_model(req.model)) is not None:
-                return bad
-            return await serve(request, req, frontend.prompt_ids(req.prompt), "completion")
-        except (ValidationError, P.MoeServeError) as e:
-            return _error(e)
+        return await generate(request, P.CompletionRequest, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        try:
-            req = P.ChatCompletionRequest.model_validate(await _body(request, limit))
-            if (bad := check_model(req.model)) is not None:
-                return bad
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            prompt = frontend.chat_ids(messages, req.add_generation_prompt)
-            return await serve(request, req, prompt, "chat")
-        except (ValidationError, P.MoeServeError) as e:
-            return _error(e)
+        return await generate(request, P.ChatCompletionRequest, "chat")
+
+    _add_info_routes(app, frontend, is_healthy, limit)
+    return app
+
+
+def _unknown_model(name: str | None, model_id: str) -> JSONResponse | None:
+    if name is not None and name != model_id:
+        msg = f"The model `{name}` does not exist; this router serves `{model_id}`."
+        return JSONResponse(P.error_body(msg, "NotFoundError", "model", 404), 404)
+    return None
+
+
+def _prompt_ids(frontend: Frontend, req: P._GenerationRequest) -> list[int]:
+    if isinstance(req, P.CompletionRequest):
+        return frontend.prompt_ids(req.prompt)
+    assert isinstance(req, P.ChatCompletionRequest)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    return frontend.chat_ids(messages, req.add_generation_prompt)
+
+
+async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest,
+                 kind: str) -> Response:
+    """One completion or chat request: streamed (SSE) or collected into one JSON response."""
+    model_id = frontend.model_id
+    prompt = _prompt_ids(frontend, req)
+    params = req.sampling_params(
+        16 if kind == "completion" else frontend.default_max_tokens(prompt)
+    )
+    frontend.check_length(prompt, params, "prompt" if kind == "completion" else "messages")
+    if req.stop_strings and not frontend.tokenizer.available:
+        frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
+    rid = P.new_request_id("cmpl" if kind == "completion" else "chatcmpl")
+    usage = Usage()
+    deltas = frontend.run(rid, prompt, params, req.stop_strings, usage, req.timeout)
+    ids = req.return_token_ids
+    if req.stream:
+        first = await _first_or_error(deltas)  # errors before the first token stay HTTP
+        gen = _stream(rid, model_id, kind, first, deltas, usage, ids, req.include_usage)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    work = asyncio.ensure_future(_collect(deltas))
+    watcher = asyncio.ensure_future(_until_disconnect(request, work))
+    try:
+        text, token_ids, reason = await work
+    except asyncio.CancelledError:
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+    u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    build = P.completion_response if kind == "completion" else P.chat_response
+    return JSONResponse(build(rid, model_id, text, reason, u, token_ids if ids else None))
+
+
+def _add_info_routes(app: FastAPI, frontend: Frontend, is_healthy: Callable[[], bool],
+                     limit: int) -> None:
+    """/v1/models, /health, /v1/status, /v1/route and /metrics."""
+    model_id = frontend.model_id
+    router = frontend.router
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -169,8 +184,6 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     async def metrics() -> Response:
         body, content_type = render(frontend.metrics.registry)
         return Response(body, media_type=content_type)
-
-    return app
 
 
 async def _first_or_error(deltas: AsyncIterator[Delta]) -> Delta:

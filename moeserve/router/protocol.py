@@ -258,7 +258,11 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     }
 
 
-def _choice_extras(choice: dict, token_ids: list[int] | None) -> dict:
+def _choice(field: str, content: object, finish_reason: str | None,
+            token_ids: list[int] | None) -> dict:
+    """The one choice of a response or chunk, its content under ``field`` (text, message or
+    delta); ``token_ids`` only when asked for."""
+    choice = {"index": 0, field: content, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return choice
@@ -272,9 +276,8 @@ def completion_response(
     usage: dict,
     token_ids: list[int] | None = None,
 ) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(request_id, "text_completion", model, [_choice_extras(choice, token_ids)],
-                     usage)
+    choice = _choice("text", text, finish_reason, token_ids)
+    return _envelope(request_id, "text_completion", model, [choice], usage)
 
 
 def completion_chunk(
@@ -286,10 +289,7 @@ def completion_chunk(
     usage: dict | None = None,
 ) -> dict:
     """One SSE chunk; ``text`` None gives the usage-only final chunk (empty choices)."""
-    choices = []
-    if text is not None:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        choices.append(_choice_extras(choice, token_ids))
+    choices = [] if text is None else [_choice("text", text, finish_reason, token_ids)]
     return _envelope(request_id, "text_completion", model, choices, usage)
 
 
@@ -301,14 +301,9 @@ def chat_response(
     usage: dict,
     token_ids: list[int] | None = None,
 ) -> dict:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    return _envelope(request_id, "chat.completion", model, [_choice_extras(choice, token_ids)],
-                     usage)
+    message = {"role": "assistant", "content": text}
+    choice = _choice("message", message, finish_reason, token_ids)
+    return _envelope(request_id, "chat.completion", model, [choice], usage)
 
 
 def chat_chunk(
@@ -320,10 +315,7 @@ def chat_chunk(
     usage: dict | None = None,
 ) -> dict:
     """One SSE chunk; ``delta`` None gives the usage-only final chunk (empty choices)."""
-    choices = []
-    if delta is not None:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        choices.append(_choice_extras(choice, token_ids))
+    choices = [] if delta is None else [_choice("delta", delta, finish_reason, token_ids)]
     return _envelope(request_id, "chat.completion.chunk", model, choices, usage)
 
 
