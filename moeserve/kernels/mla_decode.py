@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
+from moeserve.kernels.mla_prefill_mha import gather_latents
+
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel",
            "default_num_splits", "default_tiles"]
-
-_LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -63,22 +63,12 @@ def mla_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        # A tile may straddle pages: look up every key's page (cheap, the table row is in L1).
-        page = tl.load(block_tables_ptr + seq * stride_bts + offs_n // block_size, mask=n_ok,
-                       other=0)
-        rows = cache_ptr + page.to(tl.int64) * stride_cb + (offs_n % block_size) * stride_ct
-        kv = tl.load(rows[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                     other=0.0)
-        k_pe = tl.load(rows[:, None] + KV_LORA + offs_pe[None, :],
-                       mask=n_ok[:, None] & pe_ok[None, :], other=0.0)
+        kv, k_pe = load_latent_tile(cache_ptr, block_tables_ptr + seq * stride_bts, offs_n, n_ok,
+                                    block_size, stride_cb, stride_ct, offs_r, r_ok, offs_pe,
+                                    pe_ok, KV_LORA)
         s = tl.dot(q_nope, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, kv)
 
     # Splits past a short sequence's end store nothing: the merge reads only the splits a
     # sequence of this length uses (from `_split_len`), so their partials are never read.
@@ -174,26 +164,10 @@ def mla_decode(
     block_n / num_warps / num_stages: tiles (benchmarks/tune_mla_decode.py sweeps them).
     Returns [S, H, R] in q's dtype.
     """
-    if q_pe is None:
-        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
-    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
-        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [S, H, "
-                         f"{kv_lora_rank}] / [S, H, rope]")
+    q, q_pe = _split_query(q, q_pe, layer_cache, block_tables, seq_lens, kv_lora_rank)
     num_seqs, num_heads = q.shape[:2]
-    kv_dim = q.shape[2] + q_pe.shape[2]
-    num_blocks, block_size, cache_dim = layer_cache.shape
-    rope = kv_dim - kv_lora_rank
-    if cache_dim != kv_dim or rope <= 0:
-        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
-                         f"with kv_lora_rank={kv_lora_rank}")
-    if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
-                         f"{tuple(seq_lens.shape)} do not match {num_seqs} sequences")
-    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
-            or block_tables.stride(-1) != 1):
-        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
-    if not q.dtype == q_pe.dtype == layer_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
+    block_size = layer_cache.shape[1]
+    rope = q_pe.shape[2]
     block_h = 16  # tl.dot needs M >= 16; V2-Lite's 16 heads fill one block
     splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
     tiles = default_tiles(num_seqs)
@@ -209,7 +183,7 @@ def mla_decode(
     # the [16, 512] float32 accumulator in registers.
     mla_decode_kernel[grid](
         q, q_pe, layer_cache, block_tables, seq_lens, o_part, lse,
-        num_heads, block_size, scale * _LOG2E,
+        num_heads, block_size, scale * LOG2E,
         q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), layer_cache.stride(0),
         layer_cache.stride(1),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
@@ -231,6 +205,31 @@ def mla_decode(
     return out
 
 
+def _split_query(q: torch.Tensor, q_pe: torch.Tensor | None, layer_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent query, q_pe) of `mla_decode`'s arguments; ValueError naming what does not fit."""
+    if q_pe is None:
+        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [S, H, "
+                         f"{kv_lora_rank}] / [S, H, rope]")
+    num_seqs = q.shape[0]
+    kv_dim = q.shape[2] + q_pe.shape[2]
+    if layer_cache.dim() != 3 or layer_cache.shape[2] != kv_dim or kv_dim <= kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
+                         f"with kv_lora_rank={kv_lora_rank}")
+    if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} do not match {num_seqs} sequences")
+    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
+            or block_tables.stride(-1) != 1):
+        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
+    if not q.dtype == q_pe.dtype == layer_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
+    return q, q_pe
+
+
 def mla_decode_ref(
     q: torch.Tensor,
     layer_cache: torch.Tensor,
@@ -241,11 +240,9 @@ def mla_decode_ref(
 ) -> torch.Tensor:
     """Plain-torch `mla_decode` (same arguments, float32 math): one sequence at a time."""
     out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
-    block_size = layer_cache.shape[1]
     for s in range(q.shape[0]):
         n = int(seq_lens[s])
-        pages = block_tables[s, : -(-n // block_size)].long()
-        keys = layer_cache[pages].flatten(0, 1)[:n].float()  # [n, kv_dim]
+        keys = gather_latents(layer_cache, block_tables[s].long(), n).float()  # [n, kv_dim]
         probs = (q[s].float() @ keys.T * scale).softmax(dim=-1)  # [H, n]
         out[s] = (probs @ keys[:, :kv_lora_rank]).to(q.dtype)
     return out

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
+from moeserve.kernels.mla_prefill_mha import gather_latents
+
 __all__ = ["mla_prefill", "mla_prefill_ref", "mla_prefill_kernel", "PrefillConfig"]
-
-_LOG2E = 1.4426950408889634
-
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -75,23 +75,14 @@ def mla_prefill_kernel(
     for n0 in range(0, kv_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_end
-        page = tl.load(block_tables_ptr + seq * stride_bts + offs_n // block_size, mask=n_ok,
-                       other=0)
-        key_rows = cache_ptr + page.to(tl.int64) * stride_cb + (offs_n % block_size) * stride_ct
-        kv = tl.load(key_rows[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                     other=0.0)
-        k_pe = tl.load(key_rows[:, None] + KV_LORA + offs_pe[None, :],
-                       mask=n_ok[:, None] & pe_ok[None, :], other=0.0)
+        kv, k_pe = load_latent_tile(cache_ptr, block_tables_ptr + seq * stride_bts, offs_n, n_ok,
+                                    block_size, stride_cb, stride_ct, offs_r, r_ok, offs_pe,
+                                    pe_ok, KV_LORA)
         s = tl.dot(q_nope, tl.trans(kv)) + tl.dot(q_pe, tl.trans(k_pe))
         visible = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
-        # Every row saw key 0 in the first tile, so m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
-        m_i = m_new
+        # Every row saw key 0 in the first tile, so the running max is finite from then on.
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, kv)
 
     out = acc / l_i[:, None]
     o_ptrs = (o_ptr + (q_start + token).to(tl.int64)[:, None] * stride_ot
@@ -141,7 +132,7 @@ def mla_prefill(
     grid = (num_seqs, triton.cdiv(max_query_len * num_heads, cfg.block_m))
     mla_prefill_kernel[grid](
         q, layer_cache, block_tables, seq_lens, query_start_loc, out,
-        num_heads, layer_cache.shape[1], scale * _LOG2E,
+        num_heads, layer_cache.shape[1], scale * LOG2E,
         q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=triton.next_power_of_2(kv_lora_rank),
@@ -163,14 +154,12 @@ def mla_prefill_ref(
 ) -> torch.Tensor:
     """Plain-torch `mla_prefill` (same arguments), one sequence at a time in float32."""
     out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
-    block_size = layer_cache.shape[1]
     for s in range(seq_lens.shape[0]):
         n = int(seq_lens[s])
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
         if end == start:
             continue
-        pages = block_tables[s, : -(-n // block_size)].long()
-        keys = layer_cache[pages].flatten(0, 1)[:n].float()  # [n, kv_dim]
+        keys = gather_latents(layer_cache, block_tables[s].long(), n).float()  # [n, kv_dim]
         pos = torch.arange(n - (end - start), n, device=q.device)
         visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [Q, n]
         scores = torch.einsum("qhd,kd->hqk", q[start:end].float(), keys) * scale
