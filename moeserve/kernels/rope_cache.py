@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.rmsnorm import rmsnorm_ref
 from moeserve.ops import rotate
 
 __all__ = ["rope_cache_write", "rope_cache_write_ref", "rope_cache_write_kernel"]
@@ -148,9 +149,7 @@ def rope_cache_write_ref(
 ) -> None:
     """Plain-torch `rope_cache_write` (same arguments), mla.py's norm/rotary/write_latents."""
     if norm_weight is not None:
-        cf = c_kv.float()
-        normed = (cf * torch.rsqrt(cf.pow(2).mean(-1, keepdim=True) + eps)).to(c_kv.dtype)
-        c_kv = (norm_weight.float() * normed.float()).to(c_kv.dtype)
+        c_kv = rmsnorm_ref(c_kv, norm_weight, eps)
     cos, sin = cos_cache[positions], sin_cache[positions]
     if q_pe is not None:
         q_pe.copy_(rotate(q_pe, cos, sin, interleave))
