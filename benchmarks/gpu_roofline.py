@@ -35,27 +35,10 @@ from moeserve.worker.checkpoint import make_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
 
-
-def measure_peaks() -> dict[str, float]:
-    n = 1 << 30  # 1 GiB of bf16 per buffer
-    src = torch.randn(n // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-
-    def timed(fn, reps):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / reps
-
-    copy_s = timed(lambda: dst.copy_(src), 20)
-    mm_s = timed(lambda: a @ b, 20)
-    return {"copy_GBps": 2 * n / copy_s / 1e9, "bf16_TFLOPs": 2 * 8192**3 / mm_s / 1e12}
+try:  # python -m benchmarks.gpu_roofline, or imported by another benchmark
+    from benchmarks.device_timing import elapsed, measure_peaks
+except ModuleNotFoundError:  # python benchmarks/gpu_roofline.py
+    from device_timing import elapsed, measure_peaks  # type: ignore[no-redef]
 
 
 def _param_bytes(model: torch.nn.Module, pred) -> int:
@@ -138,26 +121,49 @@ def release(engine: LLMEngine, ids: list[str]) -> None:
         engine.step()
 
 
+def timed_decode(engine: LLMEngine, steps: int) -> tuple[float, list[int]]:
+    """(seconds per step over ``steps`` after two warm-up steps, distinct routed experts hit
+    per MoE layer in one more step) of the sequences running in ``engine``."""
+    for _ in range(2):
+        engine.step()
+
+    def run() -> None:
+        for _ in range(steps):
+            engine.step()
+
+    step = elapsed(run) / steps
+    # Forward hooks do not fire inside a CUDA-graph replay: count the experts on one eager
+    # step right after the timed ones (same sequences, same token diversity).
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    hits, handles = count_experts_hit(engine)
+    engine.step()
+    for h in handles:
+        h.remove()
+    engine.runner.graphs = graphs
+    return step, hits
+
+
+def timed_prefills(engine: LLMEngine, tag: str, prompt: list[int], reps: int) -> list[float]:
+    """Seconds of ``reps`` prefills of ``prompt`` (one token each), after one untimed run
+    that compiles the kernel variants of its length."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    def run() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    times = []
+    for rep in range(1 + reps):
+        engine.add_request(f"{tag}-{rep}", prompt, params)
+        times.append(elapsed(run))
+    return times[1:]
+
+
 def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
     for context in args.contexts:
         for batch in args.batch_sizes:
             ids = inject(engine, batch, context, f"{label}-{batch}-{context}", args.steps)
-            for _ in range(2):
-                engine.step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            torch.cuda.synchronize()
-            step = (time.perf_counter() - t) / args.steps
-            # Forward hooks do not fire inside a CUDA-graph replay: count the experts on one
-            # eager step right after the timed ones (same sequences, same token diversity).
-            graphs, engine.runner.graphs = engine.runner.graphs, None
-            hits, handles = count_experts_hit(engine)
-            engine.step()
-            for h in handles:
-                h.remove()
-            engine.runner.graphs = graphs
+            step, hits = timed_decode(engine, args.steps)
             release(engine, ids)
             floor = decode_bytes(engine, batch, context, hits) / (peaks["copy_GBps"] * 1e9)
             rows.append({"path": label, "phase": "decode", "batch": batch, "context": context,
@@ -168,25 +174,15 @@ def bench_decode(engine: LLMEngine, label: str, args, peaks, rows) -> None:
 
 
 def bench_prefill(engine: LLMEngine, label: str, args, peaks, rows) -> None:
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     flops_active = active_params(engine)
     for n in args.prefill_lens:
         prompt = [(13 * j) % 20000 + 10 for j in range(n)]
-        times = []
-        # The first run of each length compiles its kernel variants; then the median of
-        # five, since Python's launching of ~2000 kernels varies from run to run.
-        for rep in range(1 + args.prefill_reps):
-            engine.add_request(f"{label}-p{n}-{rep}", prompt, params)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            while engine.has_unfinished_requests():
-                engine.step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        dt = statistics.median(times[1:])
+        # The median of five: Python's launching of ~2000 kernels varies from run to run.
+        times = timed_prefills(engine, f"{label}-p{n}", prompt, args.prefill_reps)
+        dt = statistics.median(times)
         flops = prefill_flops(engine.model_config, flops_active, n)
         rows.append({"path": label, "phase": "prefill", "tokens": n, "seconds": dt,
-                     "seconds_min": min(times[1:]), "seconds_max": max(times[1:]),
+                     "seconds_min": min(times), "seconds_max": max(times),
                      "tokens_per_s": n / dt, "TFLOPs": flops / dt / 1e12,
                      "frac_of_matmul_peak": flops / dt / 1e12 / peaks["bf16_TFLOPs"]})
         print(rows[-1], flush=True)
@@ -199,14 +195,10 @@ def bench_hf(model_dir: str, args, rows) -> None:
     for batch in args.hf_batch_sizes:
         ids = torch.randint(10, 20000, (batch, args.hf_context), device="cuda")
 
+        @torch.no_grad()
         def gen(n: int, ids=ids) -> float:
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=0)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t
+            return elapsed(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                               do_sample=False, pad_token_id=0))
 
         gen(2)
         step = (gen(1 + args.steps) - gen(1)) / args.steps
@@ -218,11 +210,7 @@ def bench_hf(model_dir: str, args, rows) -> None:
         ids = torch.randint(10, 20000, (1, n), device="cuda")
         with torch.no_grad():
             hf(ids[:, :128])
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            hf(ids)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
+            dt = elapsed(lambda ids=ids: hf(ids))
         rows.append({"path": "transformers", "phase": "prefill", "tokens": n, "seconds": dt,
                      "tokens_per_s": n / dt})
         print(rows[-1], flush=True)
