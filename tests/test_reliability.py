@@ -121,7 +121,9 @@ def test_mid_stream_failure_migrates_without_missing_or_repeated_tokens() -> Non
     resumed = good.calls[-1]
     assert list(resumed.prompt_token_ids) == prompt + got[:3]
     assert resumed.sampling.max_tokens == 9
-    assert resumed.request_id == "r1.m1"
+    # Workers see the router's own id for the request (never the client's), per attempt.
+    first_id = broken.calls[0].request_id
+    assert first_id != "r1" and resumed.request_id == f"{first_id}.m1"
     text = render(metrics.registry)[0].decode()
     assert 'moeserve:router_migrations_total{when="mid_stream"} 1.0' in text
     assert pool.clients["127.0.0.1:9001"].ejections == 1 and len(broken.calls) == 1
@@ -187,13 +189,15 @@ def test_ejection_backoff_doubles_and_incompatible_pairs_are_named() -> None:
                           eject_max_s=3.0)  # fmt: skip
         d, p = pool.clients["d:1"], pool.clients["p:1"]
         d.healthy = p.healthy = True
-        for want in (1.0, 2.0, 3.0):  # doubles, capped at eject_max_s
+        for want in (1.0, 2.0, 3.0):  # doubles per fault, capped at eject_max_s
             pool.report_failure(d, "timeout")
+            pool.report_failure(d, "timeout")  # the same fault: counts once
             assert not d.available()
             assert d.ejected_until - time.monotonic() == pytest.approx(want, abs=0.2)
-        assert d.consecutive_ejections == 3 and d.ejections == 3
+            d.ejection.until = 0.0  # the ejection is over; the next failure is a new fault
+        assert d.ejection.consecutive == 3 and d.ejections == 3
         pool.report_success(d)
-        assert d.consecutive_ejections == 0
+        assert d.ejection.consecutive == 0
         fp = {"model": "m", "block_size": 64, "kv_dtype": "float32"}
         d.info = common_pb2.HealthResponse(compat_fingerprint=compat_fingerprint(fp))
         p.info = common_pb2.HealthResponse(

@@ -9,6 +9,11 @@ streamed messages. A decode worker that dies, breaks its stream or stalls is eje
 request migrates: it resumes on another decode worker with prompt + the tokens already sent, so
 the client's stream goes on with no token missing or repeated (greedy output equals the
 uninterrupted run). Past ``max_migrations`` the request ends with a retryable error.
+
+Workers never see a client's request id: each request gets its own internal id (a UUID,
+``<id>.m<n>`` per migration), so no id a client picks can reach another request; the client's
+is a label in logs and responses. A stream whose worker the health probe finds gone migrates at
+once, without waiting out the stall timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import logging
 import random
 import time
+import uuid
 from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,9 +40,9 @@ from moeserve.common.sampling import SamplingParams
 from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
-from moeserve.router.rpc import MigrationLimitError
+from moeserve.router.rpc import AttemptFailed, KVRefused, MigrationLimitError
 from moeserve.router.wake import WakeGate
-from moeserve.router.workers import WorkerClient, WorkerPool
+from moeserve.router.workers import LostWatch, WorkerClient, WorkerPool
 
 __all__ = ["Chunk", "DeadlineExceededError", "Router", "RouterSettings"]
 
@@ -83,16 +89,6 @@ class Chunk:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     kv_transfer_bytes: int = 0
-
-
-class _AttemptFailed(Exception):
-    """One decode attempt failed in a way another decode worker can recover from."""
-
-    def __init__(self, worker: WorkerClient, reason: str, eject: bool):
-        super().__init__(reason)
-        self.worker = worker
-        self.reason = reason
-        self.eject = eject
 
 
 def _stable_key(prompt: list[int]) -> int:
@@ -190,8 +186,9 @@ class Router:
         deadline = time.monotonic() + (min(limit, timeout_s) if timeout_s else limit)
         involved: list[tuple[WorkerClient, str]] = []
         finished = False
+        internal = uuid.uuid4().hex  # the id workers see; ``rid`` is the client's label
         try:
-            async for chunk in self._generate(rid, prompt, params, deadline, involved):
+            async for chunk in self._generate(rid, internal, prompt, params, deadline, involved):
                 finished = chunk.finished
                 yield chunk
         finally:
@@ -217,14 +214,14 @@ class Router:
             return False
 
     async def _generate(
-        self, rid: str, prompt: list[int], params: SamplingParams, deadline: float,
-        involved: list[tuple[WorkerClient, str]],
+        self, rid: str, internal: str, prompt: list[int], params: SamplingParams,
+        deadline: float, involved: list[tuple[WorkerClient, str]],
     ) -> AsyncIterator[Chunk]:  # fmt: skip
         generated: list[int] = []
         migrations = 0
         avoid: set[str] = set()
         while True:
-            attempt_rid = rid if migrations == 0 else f"{rid}.m{migrations}"
+            attempt_rid = internal if migrations == 0 else f"{internal}.m{migrations}"
             rest = dataclasses.replace(
                 params, max_tokens=params.max_tokens - len(generated),
                 min_tokens=max(params.min_tokens - len(generated), 0),
@@ -237,7 +234,7 @@ class Router:
                     yield chunk
                     if chunk.finished:
                         return
-            except _AttemptFailed as f:
+            except AttemptFailed as f:
                 avoid.add(f.worker.address)
                 self._abort(attempt_rid, [f.worker])
                 if f.eject:
@@ -252,8 +249,9 @@ class Router:
                     ) from None
                 when = "mid_stream" if generated else "before_first_token"
                 self.metrics.migrations.labels(when).inc()
-                logger.warning("request %s: %s; migrating (%s, %d tokens sent, attempt %d)",
-                               rid, f.reason, when, len(generated), migrations + 1)  # fmt: skip
+                logger.warning("request %s (%s): %s; migrating (%s, %d tokens sent, attempt %d)",
+                               rid, internal, f.reason, when, len(generated),
+                               migrations + 1)  # fmt: skip
 
     async def _decoders(self, avoid: set[str], deadline: float) -> list[WorkerClient]:
         """Available decode workers, preferring ones not in ``avoid``; waits a little for one."""
@@ -309,7 +307,7 @@ class Router:
         try:
             async for chunk in self._decode(d, rid, prompt, params, handoff, deadline):
                 yield chunk
-        except _Refused:
+        except KVRefused:
             # The decode worker refused the prefill worker's KV by name: it prefills instead.
             self.pool.mark_incompatible(handoff.worker, d, "refused by the decode worker")
             self.metrics.handoff_fallbacks.labels("compatibility").inc()
@@ -328,62 +326,73 @@ class Router:
             req.kv_handle.CopyFrom(resp.kv_handle)
             req.first_token_id = resp.first_token_id
         prefill_cached = resp.num_cached_tokens if resp is not None else 0
-        s = self.settings
         call = d.stub.Generate(req, timeout=max(deadline - time.monotonic(), 0.001))
         stream = call.__aiter__()
+        watch = LostWatch()
         got = False
         try:
-            while True:
-                phase = "stream_stall" if got else "first_token"
-                wait = s.stall_timeout_s if got else s.first_token_timeout_s
-                remaining = deadline - time.monotonic()
-                # Decided before waiting: the loop's clock (uvloop's is the millisecond libuv
-                # clock) may fire a hair before time.monotonic() reaches the deadline, and a
-                # request's own timeout must never read as a stalled worker (ejection).
-                by_deadline = remaining <= wait
-                try:
-                    # asyncio.timeout, not wait_for: no extra task per streamed message.
-                    async with asyncio.timeout(max(min(wait, remaining), 0.001)):
-                        msg = await anext(stream)
-                except StopAsyncIteration:
-                    raise _AttemptFailed(d, f"{d.address} ended the stream early", True) from None
-                except TimeoutError:
-                    if by_deadline:
-                        raise DeadlineExceededError("request exceeded its timeout") from None
-                    self.metrics.phase_timeouts.labels(phase).inc()
-                    raise _AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s "
-                                            f"({phase})", True) from None  # fmt: skip
-                got = True
-                if msg.kv_transfer_bytes:
-                    self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
-                yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
-                            max(msg.num_cached_tokens, prefill_cached),
-                            msg.kv_transfer_bytes)  # fmt: skip
-                if msg.finished:
-                    self.pool.report_success(d)
-                    return
+            with d.watching_lost(watch.fire):
+                while True:
+                    msg = await self._next(d, stream, got, deadline, watch)
+                    got = True
+                    if msg.kv_transfer_bytes:
+                        self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
+                    yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
+                                max(msg.num_cached_tokens, prefill_cached),
+                                msg.kv_transfer_bytes)  # fmt: skip
+                    if msg.finished:
+                        self.pool.report_success(d)
+                        return
         except grpc.RpcError as e:
             raise self._classify(e, d, got, resp is not None) from None
         finally:
             if not call.done():  # a finished call has nothing to cancel; skip the C call
                 call.cancel()
 
+    async def _next(self, d: WorkerClient, stream, got: bool, deadline: float,
+                    watch: LostWatch) -> worker_pb2.WorkerGenerateResponse:  # fmt: skip
+        """The stream's next message within the first-token or stall timeout; a worker the
+        health probe found gone (``watch``) ends the wait at once."""
+        s = self.settings
+        phase = "stream_stall" if got else "first_token"
+        wait = s.stall_timeout_s if got else s.first_token_timeout_s
+        remaining = deadline - time.monotonic()
+        # Decided before waiting: the loop's clock (uvloop's is the millisecond libuv clock)
+        # may fire a hair before time.monotonic() reaches the deadline, and a request's own
+        # timeout must never read as a stalled worker (ejection).
+        by_deadline = remaining <= wait
+        try:
+            if watch.reason is None:
+                # asyncio.timeout, not wait_for: no extra task per streamed message.
+                async with asyncio.timeout(max(min(wait, remaining), 0.001)) as scope:
+                    watch.scope = scope
+                    try:
+                        return await anext(stream)
+                    finally:
+                        watch.scope = None
+        except StopAsyncIteration:
+            raise AttemptFailed(d, f"{d.address} ended the stream early", True) from None
+        except TimeoutError:
+            if watch.reason is None:
+                if by_deadline:
+                    raise DeadlineExceededError("request exceeded its timeout") from None
+                self.metrics.phase_timeouts.labels(phase).inc()
+                raise AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s "
+                                        f"({phase})", True) from None  # fmt: skip
+        raise AttemptFailed(d, f"{d.address} is gone ({watch.reason})", True)
+
     def _classify(self, e: grpc.RpcError, d: WorkerClient, got: bool, had_kv: bool) -> Exception:
         code = e.code()
         err = error_from_rpc(e, f"generate on {d.address}")
         if code == grpc.StatusCode.FAILED_PRECONDITION and had_kv and not got:
             logger.error("decode worker %s refused KV: %s", d.address, e.details())
-            return _Refused(str(err))
+            return KVRefused(str(err))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceededError("request exceeded its timeout")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             if len(self.pool.healthy("decode")) <= 1:
                 return err  # 429 with Retry-After: nowhere else to go
-            return _AttemptFailed(d, f"{d.address} is full", False)
+            return AttemptFailed(d, f"{d.address} is full", False)
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return err
-        return _AttemptFailed(d, f"{d.address}: {code.name} {e.details() or ''}".strip(), True)
-
-
-class _Refused(Exception):
-    """The decode worker refused the handoff's KV (compatibility fingerprint mismatch)."""
+        return AttemptFailed(d, f"{d.address}: {code.name} {e.details() or ''}".strip(), True)

@@ -3,9 +3,11 @@
 Each worker gets one gRPC channel and two tasks. The watcher: Health, then StreamEvents until
 the stream breaks; then the worker is marked down, its blocks leave the prefix index, and the
 watcher retries with backoff. The prober (active health): Health every ``probe_interval_s``, so
-a worker that hangs without closing its stream is noticed too. Passive health: a failed or timed
-out call ejects the worker for a backoff that doubles per consecutive ejection; it is re-admitted
-once the backoff is over and it answers Health. A draining worker (SIGTERM) is dropped at once.
+a worker that hangs without closing its stream is noticed too, and its streams in flight are told
+at once (``WorkerClient.watching_lost``: they migrate without waiting for the stall timeout).
+Passive health: a failed or timed out call ejects the worker for a backoff that doubles per
+fault, not per failed call (``moeserve.router.ejection``); it is re-admitted once the backoff is
+over and it answers Health. A draining worker (SIGTERM) is dropped at once.
 Everything the router knows comes from the workers, so router replicas agree and may die freely.
 """
 
@@ -15,19 +17,35 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.tls import TlsConfig, open_channel
+from moeserve.router.ejection import Ejection
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
 from moeserve.router.prefix_index import PrefixIndex
 
-__all__ = ["WorkerClient", "WorkerPool"]
+__all__ = ["LostWatch", "WorkerClient", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
+
+
+class LostWatch:
+    """A stream's view of ``WorkerClient.lost``: ``reason`` once the health probe found the
+    worker gone; the wait under way (``scope``) then expires at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.scope: asyncio.Timeout | None = None
+
+    def fire(self, reason: str) -> None:
+        self.reason = reason
+        if self.scope is not None and not self.scope.expired():
+            self.scope.reschedule(0)  # in the past: the wait raises TimeoutError now
 
 
 class WorkerClient:
@@ -48,15 +66,36 @@ class WorkerClient:
         self.probe_task: asyncio.Task | None = None
         self.epoch = 0
         self.draining = False
-        self.ejected_until = 0.0
-        self.consecutive_ejections = 0
-        self.ejections = 0
+        self.ejection = Ejection()
         self.last_error = ""
+        self._lost: set[Callable[[str], None]] = set()
+
+    @property
+    def ejected_until(self) -> float:
+        return self.ejection.until
+
+    @property
+    def ejections(self) -> int:
+        return self.ejection.count
 
     def available(self, now: float | None = None) -> bool:
         """Routable: connected and serving, not draining, not ejected."""
         now = time.monotonic() if now is None else now
-        return self.healthy and not self.draining and now >= self.ejected_until
+        return self.healthy and not self.draining and not self.ejection.ejected(now)
+
+    @contextlib.contextmanager
+    def watching_lost(self, callback: Callable[[str], None]) -> Iterator[None]:
+        """Within the block ``callback(reason)`` is called if the health probe finds the worker
+        gone (a stream in flight then migrates instead of waiting out its stall timeout)."""
+        self._lost.add(callback)
+        try:
+            yield
+        finally:
+            self._lost.discard(callback)
+
+    def lost(self, reason: str) -> None:
+        for callback in list(self._lost):
+            callback(reason)
 
     @property
     def fingerprint(self) -> str:
@@ -146,18 +185,19 @@ class WorkerPool:
         self.metrics.incompatible_pairs.set(len(self.incompatible))
 
     def report_failure(self, client: WorkerClient, reason: str) -> None:
-        """Passive health: a call failed or timed out; eject for a doubling backoff."""
-        backoff = min(self.eject_base_s * 2**client.consecutive_ejections, self.eject_max_s)
-        client.consecutive_ejections += 1
-        client.ejections += 1
-        client.ejected_until = time.monotonic() + backoff
+        """Passive health: a call failed or timed out; eject for a backoff that doubles per
+        fault (failures while already ejected are the same fault: see ejection.py)."""
         client.last_error = reason
+        backoff = client.ejection.fail(time.monotonic(), self.eject_base_s, self.eject_max_s)
+        if backoff is None:
+            logger.info("worker %s (ejected already): %s", client.address, reason)
+            return
         self.metrics.worker_ejections.labels(client.address, client.role_label).inc()
         self.metrics.worker_available.labels(client.address, client.role_label).set(0)
         logger.warning("ejecting worker %s for %.1f s: %s", client.address, backoff, reason)
 
     def report_success(self, client: WorkerClient) -> None:
-        client.consecutive_ejections = 0
+        client.ejection.succeed()
 
     def candidates(self, clients: list[WorkerClient], hashes: list[int]) -> list[Candidate]:
         return [
@@ -291,7 +331,9 @@ class WorkerPool:
             except grpc.RpcError as e:
                 missed += 1
                 if missed >= 2:
-                    self.mark_down(client, f"health probe: {e.code().name}")
+                    reason = f"health probe: {e.code().name}"
+                    self.mark_down(client, reason)
+                    client.lost(reason)  # its streams migrate now, not after the stall timeout
                     self._changed.set()
                 continue
             if info.draining:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from moeserve.common.errors import UnavailableError
+from moeserve.common.errors import InvalidRequestError, UnavailableError
 from moeserve.worker.engine import EngineCoreOutput, LLMEngine
 
 __all__ = ["EngineLoop", "EngineDied"]
@@ -71,7 +71,13 @@ class EngineLoop:
     # -------------------------------------------------------------- event-loop side
 
     def open_stream(self, request_id: str) -> asyncio.Queue:
-        """Queue that will receive the request's EngineCoreOutputs (or an EngineDied)."""
+        """Queue that will receive the request's EngineCoreOutputs (or an EngineDied).
+
+        An id already in flight is refused here, before the caller holds anything: the
+        caller's cleanup (close_stream, abort) would otherwise hit the other request."""
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight here",
+                                      param="request_id")  # fmt: skip
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         return q
