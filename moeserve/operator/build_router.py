@@ -38,6 +38,7 @@ from moeserve.operator.build_workers import (
 from moeserve.operator.meta import (
     child_labels,
     object_meta,
+    place_pod,
     pod_security_context,
     router_name,
     security_context,
@@ -189,14 +190,7 @@ def build_deployment(dep: MoEDeployment) -> dict[str, Any]:
             *tls_volumes(dep),
         ],
     }
-    if not pod["initContainers"]:
-        del pod["initContainers"]
-    if router.node_selector:
-        pod["nodeSelector"] = dict(router.node_selector)
-    if router.tolerations:
-        pod["tolerations"] = [dict(t) for t in router.tolerations]
-    if dep.spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in dep.spec.image_pull_secrets]
+    place_pod(pod, dep, router.node_selector, router.tolerations)
     # A config change must roll the pods: the checksum of the rendered config goes on the pod.
     checksum = _digest(yaml.safe_dump(router_config(dep), sort_keys=True))
     return {

@@ -26,6 +26,7 @@ from moeserve.operator.meta import (
     child_labels,
     group_name,
     object_meta,
+    place_pod,
     pod_security_context,
     pool_name,
     pool_selector,
@@ -219,16 +220,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
             *tls_volumes(dep),
         ],
     }
-    if not spec["initContainers"]:
-        del spec["initContainers"]
-    if pool.node_selector:
-        spec["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        spec["tolerations"] = [dict(t) for t in pool.tolerations]
-    if pool.affinity:
-        spec["affinity"] = dict(pool.affinity)
-    if dep.spec.image_pull_secrets:
-        spec["imagePullSecrets"] = [{"name": n} for n in dep.spec.image_pull_secrets]
+    place_pod(spec, dep, pool.node_selector, pool.tolerations, pool.affinity)
     return spec
 
 

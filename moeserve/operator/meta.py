@@ -111,6 +111,22 @@ def object_meta(dep: MoEDeployment, name: str, labels: Mapping[str, str]) -> dic
     return meta
 
 
+def place_pod(pod: dict[str, Any], dep: MoEDeployment, node_selector: Mapping[str, str],
+              tolerations: list[dict[str, Any]], affinity: Mapping[str, Any] | None = None) -> None:
+    """Finish a pod spec in place: drop an empty initContainers, add the placement a spec
+    asks for (node selector, tolerations, affinity) and the image pull secrets."""
+    if not pod["initContainers"]:
+        del pod["initContainers"]
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [dict(t) for t in tolerations]
+    if affinity:
+        pod["affinity"] = dict(affinity)
+    if dep.spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in dep.spec.image_pull_secrets]
+
+
 def pod_security_context() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
