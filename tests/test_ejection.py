@@ -83,3 +83,46 @@ async def _collect(router, prompt: list[int], n: int) -> list[int]:
     async for chunk in router.generate("r1", prompt, params):
         out.extend(chunk.token_ids)
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigstopped_worker_streams_migrate_when_the_probe_marks_it_down(model_dir) -> None:
+    """A frozen decode worker: its streams move once the health probe marks it down (about
+    2 probe intervals + the health timeout), not after the 20 s stall timeout, and the
+    worker is ejected once for the one fault."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+
+    from moeserve.deploy.local import ClusterSpec, LocalCluster
+    from tests.reliability_helpers import classify, prompt_ids, reference_tokens, stream_tokens
+
+    n = 160
+    prompts = [prompt_ids(500 + i, 40) for i in range(2)]
+    want = reference_tokens(str(model_dir), prompts, n)
+    spec = ClusterSpec(model=str(model_dir), prefill=0, decode=2, port=0, num_kv_blocks=96,
+                       policy="round_robin", metrics=False, restart=False)  # fmt: skip
+    with LocalCluster(spec, log=None) as cluster:
+        frozen = cluster.worker("decode-0")
+        outs: dict[int, object] = {}
+        threads = [threading.Thread(target=lambda i=i: outs.__setitem__(
+            i, stream_tokens(cluster.url, prompts[i], n, timeout_s=60))) for i in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both streams under way, one on each worker
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(60)
+            status = httpx.get(f"{cluster.url}/v1/status", timeout=5).json()
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+    for i in range(2):
+        assert classify(outs[i], want[i]) == "ok", outs[i].error
+    slowest = max(outs[i].max_gap_s for i in range(2))
+    assert 2.0 < slowest < 12.0  # one stream waited for the probe, not the 20 s stall timeout
+    w = next(w for w in status["workers"] if w["address"] == frozen.address)
+    assert w["ejections"] == 1, w
