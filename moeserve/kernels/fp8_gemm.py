@@ -152,7 +152,9 @@ def w8a8_block_fp8_matmul(
         raise ValueError("a_q, weight and weight_scale_inv need a contiguous last dim")
     bm, bn, warps, stages = tiles or _tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    splits = _split_k(grid[0] * grid[1], sk) if split_k is None else split_k
+    if split_k is None:  # measured a gain at M <= 16 only (64 rows: q_a + kv_a 40 -> 62 us)
+        split_k = _split_k(grid[0] * grid[1], sk) if m <= 16 else 1
+    splits = split_k
     k_per_split = triton.cdiv(sk, splits) * block_k
     splits = triton.cdiv(k, k_per_split)
     if splits > 1:
@@ -172,7 +174,7 @@ def w8a8_block_fp8_matmul(
 # Programs below which a GEMM's K is split: two waves of the H200's 132 SMs. Decode-sized GEMMs
 # with few output tiles (V3's q_a + kv_a_proj_with_mqa at batch 1: 33 programs of 56 K steps)
 # otherwise stream their weight through a quarter of the SMs (benchmarks/fp8_roofline.py
-# --gemm-sweep: 40 us against a 3.6 us floor).
+# --gemm-sweep, H200, batch 1: q_a + kv_a 40 -> 28 us, o_proj 64 -> 49, V3's dense 74 -> 48).
 SPLIT_K_MIN_PROGRAMS = 264
 
 
