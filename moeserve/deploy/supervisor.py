@@ -36,11 +36,19 @@ class _State:
 
 
 def fixed_port_args(args: list[str], ports: dict[str, str]) -> list[str]:
-    """``args`` with each ``--flag 0`` in ``ports`` replaced by the port the child got."""
+    """``args`` with each ``--flag 0`` in ``ports`` replaced by the port the child got.
+
+    A flag the child was not given but whose port it printed (the router's ``--grpc-port``,
+    0 by default) is appended, so the restart binds that port again instead of a new one.
+    """
     out = list(args)
     for i, a in enumerate(out[:-1]):
         if a in ports and out[i + 1] == "0" and ports[a]:
             out[i + 1] = ports[a]
+    for flag, port in ports.items():
+        given = any(a == flag or a.startswith(flag + "=") for a in out)
+        if port and not given:
+            out += [flag, port]
     return out
 
 
