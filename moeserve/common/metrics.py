@@ -8,6 +8,7 @@ worker's in moeserve.worker.metrics.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
@@ -21,7 +22,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-__all__ = ["KVTransferMetrics", "ServingMetrics", "render", "start_metrics_server",
+__all__ = ["KVTransferMetrics", "ServingMetrics", "bearer_ok", "render", "start_metrics_server",
            "LATENCY_BUCKETS", "ITL_BUCKETS", "TRANSFER_BUCKETS"]
 
 LATENCY_BUCKETS = (
@@ -103,19 +104,48 @@ def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+def bearer_ok(header: str | bytes | None, keys: Sequence[bytes]) -> bool:
+    """``Authorization: Bearer <key>`` names one of ``keys``; every key is compared, each in
+    constant time (``hmac.compare_digest``), so the answer time tells nothing of a guess."""
+    if header is None:
+        return False
+    text = header.decode("latin-1") if isinstance(header, bytes) else header
+    scheme, _, token = text.strip().partition(" ")
+    raw = token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(raw, key)
+    return ok and bool(raw)
+
+
+_DENIED = b"Invalid or missing API key: send 'Authorization: Bearer <key>'.\n"
+
+
+def start_metrics_server(port: int, host: str, registry: CollectorRegistry,
+                         keys: Sequence[str] = ()) -> WSGIServer:
     """/metrics on its own port (a thread), always in the classic text format.
 
     prometheus_client's server answers a scraper that prefers OpenMetrics, as Prometheus does,
     with every ``:`` escaped to ``_`` (``moeserve:num_requests_waiting`` is stored as
     ``moeserve_num_requests_waiting``), so no moeserve query would find the series. Without the
     Accept header it serves the text format, names as written, like the router's HTTP port.
+
+    ``keys``: when given, every path but ``/health`` answers 401 without a bearer key among
+    them. ``/health`` then answers a bare 200 (a liveness probe cannot send a key) and no series.
     """
     httpd, _ = start_http_server(port, addr=host, registry=registry)
     negotiating = httpd.get_app()
+    secrets = [k.encode() for k in keys]
 
     def text_format(environ: dict, start_response):  # noqa: ANN202 (WSGI)
         environ.pop("HTTP_ACCEPT", None)
+        if secrets and environ.get("PATH_INFO") == "/health":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if secrets and not bearer_ok(environ.get("HTTP_AUTHORIZATION"), secrets):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", 'Bearer realm="moeserve"')])
+            return [_DENIED]
         return negotiating(environ, start_response)
 
     httpd.set_app(text_format)

@@ -193,7 +193,15 @@ class PoolSpec(_Model):
         return self
 
 
+_METRICS_KEYS = "router.apiKeyMetrics needs router.apiKeySecret (the keys it checks)"
+
+
 class RouterSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!has(self.apiKeyMetrics) || !self.apiKeyMetrics || has(self.apiKeySecret)",
+             _METRICS_KEYS, ".apiKeyMetrics"),
+    ]})
+
     replicas: int = Field(1, ge=1, le=100)
     image: str | None = Field(None, min_length=1, description="Defaults to the operator image.")
     resources: Resources = Field(default_factory=Resources)
@@ -202,8 +210,16 @@ class RouterSpec(_Model):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     api_key_secret: str | None = Field(None, min_length=1, description="Secret with key "
                                        "`api-keys` (comma-separated); unset means no auth.")
+    api_key_metrics: bool = Field(False, description="Put the router's /metrics (HTTP and "
+                                  "metrics ports) behind apiKeySecret's keys too.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _metrics_keys(self) -> RouterSpec:
+        if self.api_key_metrics and not self.api_key_secret:
+            raise FieldRuleError("apiKeyMetrics", _METRICS_KEYS)
+        return self
 
 
 _SLA_HPA_MESSAGE = "a pool's HPA must be off when spec.autoscaling.mode is sla"

@@ -147,7 +147,8 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         "image": image,
         "imagePullPolicy": dep.spec.image_pull_policy,
         # The TLS flags make the router's calls to workers present its certificate.
-        "command": ["moeserve", "router", "--config", CONFIG_PATH, *tls_args(dep)],
+        "command": ["moeserve", "router", "--config", CONFIG_PATH, *tls_args(dep),
+                    *(["--api-key-metrics"] if router.api_key_metrics else [])],
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _PORTS],
         "env": env,
         "resources": resources,
@@ -156,7 +157,9 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
                            "periodSeconds": 5, "failureThreshold": 3},
         # /health is 503 while no decode worker serves (readiness); the metrics port answers
         # as long as the process does, workers or not, so only a hung router is restarted.
-        "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"},
+        # With metrics auth the kubelet (no key) reads that port's open /health instead.
+        "livenessProbe": {"httpGet": {"path": "/health" if router.api_key_metrics else "/metrics",
+                                      "port": "metrics"},
                           "periodSeconds": 15, "failureThreshold": 4},
         "lifecycle": prestop_hook(),
         "volumeMounts": [

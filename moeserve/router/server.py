@@ -20,6 +20,7 @@ from moeserve.common.errors import InvalidRequestError, MoeServeError, Unavailab
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
+from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
 from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
@@ -32,7 +33,7 @@ from moeserve.router.serving import Router, RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.router.workers import WorkerPool
 
-__all__ = ["RouterServicer", "add_router_parser", "serve_router"]
+__all__ = ["RouterServicer", "add_router_parser", "metrics_port_keys", "serve_router"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +126,29 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def metrics_port_keys(args: argparse.Namespace, keys: list[str]) -> list[str]:
+    """Keys the separate metrics port checks: the API keys under --api-key-metrics, as on the
+    HTTP port's /metrics; none (open) otherwise."""
+    return list(keys) if getattr(args, "api_key_metrics", False) else []
+
+
 async def serve_router(args: argparse.Namespace) -> None:
     cfg = resolve_router_config(args)  # flags > --config file > defaults, into args too
     metrics = RouterMetrics()
     index = PrefixIndex()
     tls = tls_from_args(args)
-    keys = ApiKeys(keys_from_sources(args.api_key))
+    auth = worker_auth_from_env("router", args.insecure_worker_plane)
+    key_list = keys_from_sources(args.api_key)
+    keys = ApiKeys(key_list)
     if cfg.metrics_port is not None:
         from moeserve.router.metrics import start_metrics_server
 
         # Up before any worker is: on Kubernetes the liveness probe reads this port while the
         # router still waits for its first decode worker (minutes for a DeepSeek checkpoint).
-        start_metrics_server(cfg.metrics_port, cfg.host, metrics.registry)
+        start_metrics_server(cfg.metrics_port, cfg.host, metrics.registry,
+                             keys=metrics_port_keys(args, key_list))
     pool_kw = dict(probe_interval_s=args.probe_interval_s, eject_base_s=args.eject_base_s,
-                   eject_max_s=args.eject_max_s, tls=tls)  # fmt: skip
+                   eject_max_s=args.eject_max_s, tls=tls, auth=auth)  # fmt: skip
     if cfg.discovery is not None:
         from moeserve.router.discovery_k8s import K8sWorkerPool
 
@@ -258,8 +268,10 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--api-key", action="append", default=[],
                    help="accepted bearer key (repeatable; also $MOESERVE_API_KEY(S))")
     p.add_argument("--api-key-metrics", action="store_true",
-                   help="put /metrics behind the API key too (/health stays open)")
+                   help="put /metrics (HTTP and --metrics-port) behind the API key too "
+                        "(/health stays open)")
     add_tls_arguments(p)
+    add_worker_auth_arguments(p)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port (it is always on the HTTP port)")
     p.set_defaults(func=lambda args: aio.run(serve_router(args)) or 0)

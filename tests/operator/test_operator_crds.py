@@ -173,6 +173,8 @@ CEL_CASES = {
         {"decode": {"autoscaling": {"enabled": True}}},
         "spec.decode.autoscaling",
     ),
+    "metrics auth without keys": ({"router": {"apiKeyMetrics": True}},
+                                  "spec.router.apiKeyMetrics"),
     "two sources": (
         {"model": {"source": {"preset": "tiny", "hostPath": {"path": "/x"}}}},
         "spec.model.source",

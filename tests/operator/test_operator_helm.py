@@ -168,3 +168,14 @@ def test_notes_render(helm: Path, tmp_path: Path) -> None:
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "watching: llm" in notes and "kubectl get moedeployments" in notes
     assert "moeserve-adapter-rules" in notes
+
+
+def test_service_monitor_sends_a_bearer_token_only_when_given(helm: Path) -> None:
+    def endpoint(extra: list[str]) -> dict[str, Any]:
+        docs = template(helm, ["--set", "serviceMonitor.enabled=true", *extra])
+        sm = next(d for d in docs if d["kind"] == "ServiceMonitor")
+        return sm["spec"]["endpoints"][0]
+
+    assert "bearerTokenSecret" not in endpoint([])
+    got = endpoint(["--set", "serviceMonitor.bearerTokenSecret.name=metrics-key"])
+    assert got["bearerTokenSecret"] == {"name": "metrics-key", "key": "api-key"}
