@@ -16,7 +16,7 @@ from moeserve.deploy.ray_cli import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a clean stop never prints.
-DIRTY = ("Traceback", "terminate called", " ERROR ", "exited with")
+DIRTY = ("Traceback", "terminate called", " ERROR ", " WARNING ", "exited with")
 
 
 @dataclass

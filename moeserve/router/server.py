@@ -99,6 +99,7 @@ class _DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.router.draining = True
+        self.router.pool.stopping = True
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._start_drain)
 
@@ -107,9 +108,10 @@ class _DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         n = self.router.inflight
-        logger.warning("router draining: %d requests in flight, grace %.1f s", n, self.grace_s)
+        logger.info("router draining: %d requests in flight, grace %.1f s", n, self.grace_s)
         clean = await self.router.wait_idle(self.grace_s)
-        logger.warning("router drained (%s); exiting", "clean" if clean else "grace period over")
+        logger.log(logging.INFO if clean else logging.WARNING, "router drained (%s); exiting",
+                   "clean" if clean else "grace period over")
         self.should_exit = True
 
 

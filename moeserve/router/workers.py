@@ -149,6 +149,7 @@ class WorkerPool:
             client.probe_task = asyncio.create_task(
                 self._probe(client), name=f"probe {client.address}"
             )
+        self.stopping = False  # the router itself drains: workers leaving are the stop, not faults
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -213,7 +214,8 @@ class WorkerPool:
     def mark_down(self, client: WorkerClient, reason: str) -> None:
         """A call to the worker failed: stop routing to it until its watcher reconnects."""
         if client.healthy:
-            logger.warning("worker %s is down: %s", client.address, reason)
+            level = logging.INFO if self.stopping else logging.WARNING
+            logger.log(level, "worker %s is down: %s", client.address, reason)
         client.healthy = False
         client.epoch += 1  # the watcher resubscribes: the index needs a fresh snapshot
         client.last_error = reason

@@ -53,7 +53,8 @@ class WorkerGate:
 
     def start_drain(self) -> None:
         if not self.draining:
-            logger.warning("draining: no new requests; finishing %d held", self.active)
+            # A requested stop is routine: INFO, so a clean Ctrl-C prints nothing at WARNING.
+            logger.info("draining: no new requests; finishing %d held", self.active)
         self.draining = True
 
     async def drain(self, grace_s: float, pending: Callable[[], int] = lambda: 0) -> bool:

@@ -338,7 +338,8 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
             servicer.start_drain()
             leases = servicer.kv_prefill.leases  # pinned KV a decode worker may still READ
             ok = await servicer.gate.drain(args.drain_grace_s, lambda: len(leases))
-            logger.warning("drained (%s); exiting", "clean" if ok else "grace period over")
+            logger.log(logging.INFO if ok else logging.WARNING, "drained (%s); exiting",
+                       "clean" if ok else "grace period over")
         elif engine.parallel is not None and engine.parallel.stopped.is_set():
             servicer.start_drain()
             logger.warning("the EP group stopped; exiting")
