@@ -177,7 +177,8 @@ def all_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     bs = runner.block_size
     blocks = list(range(1, -(-len(ids) // bs) + 1))
     meta, pos = AttentionMetadata.build([blocks], [0], [len(ids)], bs, runner.device)
-    hidden = runner.model(torch.tensor(ids, device=runner.device), pos, runner.kv_cache, meta)
+    hidden = runner.model(torch.tensor(ids, device=runner.device), pos, runner.kv_cache, meta,
+                          runner.backend)
     return runner.model.compute_logits(hidden).cpu()
 
 

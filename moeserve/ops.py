@@ -93,6 +93,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
 
 
 def kernels_run_on(x: torch.Tensor) -> bool:
-    """Whether a module with use_kernels set takes its Triton path for x: CUDA tensors, or
-    CPU tensors under Triton's interpreter (how CI checks the kernel path of the whole model)."""
+    """Whether an op of a step on the triton backend (`forward_context.kernels_on`) takes its
+    Triton path for x: CUDA tensors, or CPU tensors under Triton's interpreter (how CI
+    checks the kernel path of the whole model)."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -42,7 +42,7 @@ def test_fp8_checkpoint_close_to_full_precision(tmp_path):
 
         meta, pos = AttentionMetadata.build([out.scheduled[0].block_ids], [0], [len(prompt)], 8)
         with torch.no_grad():
-            h = runner.model(torch.tensor(prompt), pos, runner.kv_cache, meta)
+            h = runner.model(torch.tensor(prompt), pos, runner.kv_cache, meta, runner.backend)
             logits.append(runner.model.compute_logits(h))
     cos = torch.nn.functional.cosine_similarity(logits[0].flatten(), logits[1].flatten(), dim=0)
     assert cos > 0.99  # e4m3 keeps ~3 significant bits per weight

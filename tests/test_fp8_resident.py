@@ -43,8 +43,7 @@ def _model(path: Path, fp8: bool, fused: bool = False) -> DeepseekForCausalLM:
     model = DeepseekForCausalLM(load_model_config(path), max_positions=512, fp8=fp8)
     load_checkpoint(model, path)
     if fused:  # the kernel path's weight merges (stacked scales), run here by the torch path
-        model.use_kernels(True)
-        model.use_kernels(False)
+        model.fuse_weights()
     return model.eval()
 
 
@@ -193,14 +192,16 @@ def test_kernel_path_matches_torch_path_on_cuda(aligned_fp8):
         finally:
             torch.set_default_dtype(torch.float32)
         load_checkpoint(model, aligned_fp8)
-        model.use_kernels(kernel)
+        if kernel:
+            model.fuse_weights()
         ids = torch.tensor(_prompt(64), device="cuda")
         cfg = model.config
         cache = torch.zeros(9, cfg.num_hidden_layers, 8, cfg.kv_dim, device="cuda",
                             dtype=torch.bfloat16)
         meta, pos = AttentionMetadata.build([list(range(1, 9))], [0], [64], 8, "cuda")
         with torch.no_grad():
-            return model.compute_logits(model(ids, pos, cache, meta))
+            return model.compute_logits(model(ids, pos, cache, meta,
+                                              "triton" if kernel else "torch"))
 
     fast, ref = run(True), run(False)
     assert kernels.last_path("fp8_gemm") in ("triton", "deep_gemm")

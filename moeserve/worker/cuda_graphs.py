@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.sampler import feed_back
 
 __all__ = ["DecodeGraphs", "graph_batch_sizes"]
@@ -38,8 +39,10 @@ class DecodeGraphs:
         block_size: int,
         max_batch: int,
         max_context: int,
+        backend: KernelBackend,
     ):
         self.model = model
+        self.backend = backend  # the eager steps' backend: captured graphs run the same ops
         self.kv_cache = kv_cache
         self.last_sampled = last_sampled  # inputs of rows scheduled ahead come from here
         self.block_size = block_size
@@ -89,7 +92,7 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         ids, positions = self._inputs(bs)[:2]
         ids = feed_back(ids, self.last_sampled)
-        hidden = self.model(ids, positions, self.kv_cache, self._meta(bs))
+        hidden = self.model(ids, positions, self.kv_cache, self._meta(bs), self.backend)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
+from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.sampler import (
     SampledTokens,
@@ -104,13 +105,17 @@ class ModelRunner:
         load_checkpoint(self.model, config.model)
         if config.kernel_backend not in ("auto", "torch"):
             raise ValueError(f"kernel_backend must be auto or torch, got {config.kernel_backend!r}")
-        use_kernels = config.kernel_backend == "auto" and self.device.type == "cuda"
-        self.model.use_kernels(use_kernels)
-        if use_kernels:  # the weight merges left the old tensors in the allocator's cache,
-            torch.cuda.empty_cache()  # and the KV budget below is read from free memory
+        # Every step runs on this backend (passed down each forward, never set on modules).
+        self.backend: KernelBackend = ("triton" if config.kernel_backend == "auto"
+                                       and self.device.type == "cuda" else "torch")
+        if self.backend == "triton":
+            self.model.fuse_weights()
+            # the weight merges left the old tensors in the allocator's cache, and the KV
+            # budget below is read from free memory
+            torch.cuda.empty_cache()
         if model_config.fp8_block_size is not None:
             logger.info("fp8 checkpoint (%dx%d blocks): %s", *model_config.fp8_block_size,
-                        self._fp8_paths(use_kernels))
+                        self._fp8_paths())
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -143,8 +148,9 @@ class ModelRunner:
                 max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
                 # the kernels read the block table directly; the torch path gathers a padded
                 # context of this length every step, so it keeps a bound
-                max_context=max_model_len if use_kernels else min(
+                max_context=max_model_len if self.backend == "triton" else min(
                     config.cuda_graph_max_context, max_model_len),
+                backend=self.backend,
             )
             try:
                 self.graphs.capture()
@@ -153,12 +159,12 @@ class ModelRunner:
                                exc_info=logger.isEnabledFor(logging.DEBUG))
                 self.graphs = None
 
-    def _fp8_paths(self, use_kernels: bool) -> str:
+    def _fp8_paths(self) -> str:
         """How the fp8 weights are computed, for the start-up log (the ops then record the
         path each call took: moeserve.kernels.last_path)."""
         if not self.fp8:
             return f"dequantized at load to {str(self.dtype).removeprefix('torch.')}"
-        if not use_kernels:
+        if self.backend == "torch":
             return "fp8 resident, W8A8 in plain torch"
         from moeserve.kernels import select_backend
 
@@ -217,7 +223,7 @@ class ModelRunner:
 
             batch = StepBatch(token_ids, tables, context_lens, query_lens)
             hidden = forward_step(self.expert_parallel, self.model, self.kv_cache, batch,
-                                  self.block_size, self.device)
+                                  self.block_size, self.device, self.backend)
             if not sample_reqs:  # also an idle rank, which only relayed other ranks' tokens
                 return SampledTokens([], None)
             rows = to_device(sample_rows, self.device, torch.int64)
@@ -231,7 +237,7 @@ class ModelRunner:
             input_ids = to_device(token_ids, self.device, torch.int64)
             if out.ahead_rows:
                 input_ids = feed_back(input_ids, self.last_sampled)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
             if not sample_reqs:
                 return SampledTokens([], None)
             rows = to_device(sample_rows, self.device, torch.int64)

@@ -49,7 +49,7 @@ def test_graph_logits_equal_eager(tiny_v3, dtype, backend):
     with torch.inference_mode():
         model = engine.runner.model
         eager = model.compute_logits(model(torch.tensor(tokens, device="cuda"), pos,
-                                           engine.kv_cache, meta))
+                                           engine.kv_cache, meta, engine.runner.backend))
     err = (graph_logits - eager).norm() / eager.norm()
     assert err < (1e-2 if dtype == "bfloat16" else 5e-3)
     assert (graph_logits.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.8

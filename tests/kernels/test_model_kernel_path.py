@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeserve import kernels
 from moeserve.common.model_config import load_model_config
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM, moe
 from moeserve.worker.model.moe import MoE
@@ -19,8 +20,17 @@ def _model(path, device: str, kernels: bool) -> DeepseekForCausalLM:
     model = DeepseekForCausalLM(load_model_config(path), max_positions=256)
     load_checkpoint(model, path)
     model = model.to(device).eval()
-    model.use_kernels(kernels)
+    if kernels:
+        model.fuse_weights()
     return model
+
+
+def _counted(fn, op: str, calls: dict[str, int]):
+    def wrapper(*args, **kwargs):
+        calls[op] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @pytest.fixture
@@ -49,6 +59,11 @@ def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, mon
     request.getfixturevalue("tf32_matmul")
     path = request.getfixturevalue(ckpt)
     ref, fast = _model(path, device, False), _model(path, device, True)
+    # The backend reaches the leaves through the step, not module flags: count the fused
+    # norm and the paged MLA kernels, which only the triton step may call.
+    calls = {"rmsnorm": 0, "mla_prefill": 0, "mla_decode": 0}
+    for op in calls:
+        monkeypatch.setattr(kernels, op, _counted(getattr(kernels, op), op, calls))
     moe_layers = [layer.mlp for layer in fast.model.layers if isinstance(layer.mlp, MoE)]
     assert moe_layers and all(m.shared_experts is None and m.experts.num_shared_slots > 0
                               for m in moe_layers)
@@ -67,9 +82,12 @@ def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, mon
         ids = torch.tensor(tokens, device=device)
         with torch.inference_mode():
             want = ref.compute_logits(ref(ids, pos, caches[0], meta))
-            got = fast.compute_logits(fast(ids, pos, caches[1], meta))
+            assert not any(calls.values()), "the torch step called a kernel"
+            got = fast.compute_logits(fast(ids, pos, caches[1], meta, backend="triton"))
         assert rel_err(got, want) < TF32_TOL, f"step {step}"
         assert rel_err(caches[1], caches[0]) < TF32_TOL, f"step {step}"
         ends = meta.query_start_loc[1:].cpu() - 1
         tokens = want[ends].argmax(-1).tolist()
         ctx, qlens = [c + q for c, q in zip(ctx, qlens, strict=True)], [1, 1, 1]
+        assert calls["rmsnorm"] and calls["mla_prefill" if step == 0 else "mla_decode"]
+        calls.update(dict.fromkeys(calls, 0))

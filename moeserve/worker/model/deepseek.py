@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 
 import torch
 from torch import nn
@@ -16,6 +16,12 @@ from torch import nn
 from moeserve.common.errors import CheckpointError, ConfigError
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.model.attention_metadata import AttentionMetadata
+from moeserve.worker.model.forward_context import (
+    ForwardContext,
+    KernelBackend,
+    Stages,
+    run_stages,
+)
 from moeserve.worker.model.fp8_linear import FP8_DTYPE, check_block_supported
 from moeserve.worker.model.layers import MLP, RMSNorm
 from moeserve.worker.model.mla import MLAttention
@@ -37,8 +43,12 @@ logger = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer, the only definition of its forward: eager steps, CUDA graph capture
+    and DBO micro-batches all run `stages` (see DeepseekForCausalLM.stages)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, mla_impl: str, fp8: bool = False):
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLAttention(config, impl=mla_impl, fp8=fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -48,17 +58,22 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size,
                            fp8_block=config.fp8_block_size if fp8 else None)
 
-    def forward(self, x, residual, positions, rotary, layer_cache, meta
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def stages(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+               ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
         """(x, residual) -> (mlp output, residual): the residual stream is carried beside the
-        layer output so each add happens inside the next RMSNorm (one kernel on CUDA). The
-        first layer gets residual None; the sum x + residual is the usual hidden state."""
+        layer output so each add happens inside the next RMSNorm (one kernel on the triton
+        backend). The first layer gets residual None; the sum x + residual is the usual
+        hidden state. Yields while an expert-parallel all-to-all is in flight."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, layer_cache, meta)
+        if ctx.meta is not None:  # an idle EP rank's empty batch has no attention to run
+            h = self.self_attn(h, ctx.positions, ctx.rotary, ctx.layer_cache(self.layer_idx),
+                               ctx.meta)
         h, residual = self.post_attention_layernorm(h, residual)
+        if isinstance(self.mlp, MoE):
+            return (yield from self.mlp.stages(h)), residual
         return self.mlp(h), residual
 
 
@@ -111,34 +126,40 @@ class DeepseekForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        backend: KernelBackend = "torch",
     ) -> torch.Tensor:
         """input_ids/positions: [T]; kv_cache: [num_blocks, num_layers, block_size, kv_dim].
 
         Returns final hidden states [T, hidden]; `compute_logits` turns chosen rows into logits.
+        backend "triton" runs attention, routing, experts, norms and fp8 GEMMs through
+        moeserve.kernels where they can (`kernels_on`); call `fuse_weights` first.
         """
+        ctx = ForwardContext(positions, kv_cache, meta, self.rotary)
+        return run_stages([self.stages(input_ids, ctx)], backend)[0]
+
+    def stages(self, input_ids: torch.Tensor, ctx: ForwardContext) -> Stages:
+        """The forward of one batch as a generator (the one layer loop): run alone by
+        `forward`, interleaved with a second micro-batch's by dual-batch overlap."""
         x, residual = self.model.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache[:, i], meta)
+        for layer in self.model.layers:
+            x, residual = yield from layer.stages(x, residual, ctx)
+        if residual is None:  # no layers
+            return self.model.norm(x)
         return self.model.norm(x, residual)[0]
 
-    def use_kernels(self, enabled: bool) -> None:
-        """Route attention, routing and experts through moeserve.kernels on CUDA tensors.
-
-        Enabling also merges weights for fewer launches per step (call it after loading):
-        both input projections of attention into one GEMM, the shared experts into the
-        fused-MoE launch. The merged layouts compute the same function on either path."""
-        for module in self.modules():
-            if hasattr(module, "use_kernels") and module is not self:
-                module.use_kernels = enabled
-        if enabled:
-            for layer in self.model.layers:
-                layer.self_attn.fuse_input_projections()
-                if isinstance(layer.mlp, MoE):
-                    layer.mlp.fuse_shared_experts()
-                    if layer.mlp.shared_experts is not None:
-                        layer.mlp.shared_experts.fuse_gate_up()
-                else:
-                    layer.mlp.fuse_gate_up()
+    def fuse_weights(self) -> None:
+        """Merge weights for fewer launches per step on the triton backend (call it after
+        loading): both input projections of attention into one GEMM, the shared experts into
+        the fused-MoE launch, fp8 gate and up into one GEMM. The merged layouts compute the
+        same function on either backend."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_input_projections()
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.fuse_shared_experts()
+                if layer.mlp.shared_experts is not None:
+                    layer.mlp.shared_experts.fuse_gate_up()
+            else:
+                layer.mlp.fuse_gate_up()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""

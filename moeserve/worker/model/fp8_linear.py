@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeserve.common.errors import ConfigError
-from moeserve.ops import kernels_run_on
+from moeserve.worker.model.forward_context import kernels_on
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "Fp8Linear", "check_block_supported", "dequantize_blocks",
@@ -94,7 +94,6 @@ class Fp8Linear(nn.Module):
                         dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias \
             else None
-        self.use_kernels = False  # set by the runner: the fp8 GEMM kernels on CUDA
 
     @classmethod
     def stacked(cls, first: Fp8Linear, second: Fp8Linear) -> Fp8Linear | None:
@@ -120,13 +119,12 @@ class Fp8Linear(nn.Module):
                                                    requires_grad=False)
             if both.bias is not None:
                 module.bias = nn.Parameter(both.bias.data[part], requires_grad=False)
-        both.use_kernels = first.use_kernels
         return both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.use_kernels and kernels_run_on(x):
+        if kernels_on(x):
             from moeserve import kernels  # imports triton: only on the kernel path
 
             if x2.stride(-1) != 1:

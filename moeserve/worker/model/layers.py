@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.ops import kernels_run_on
+from moeserve.worker.model.forward_context import kernels_on
 
-__all__ = ["RMSNorm", "MLP", "linear", "make_linear", "kernels_run_on"]
+__all__ = ["RMSNorm", "MLP", "linear", "make_linear"]
 
 
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
@@ -21,14 +21,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.use_kernels = False  # set by the runner: one Triton kernel instead of ~7 ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with ``residual`` the pair (norm(x + residual), x + residual): the
-        decoder's residual add, fused into the same kernel on the CUDA path."""
-        if self.use_kernels and kernels_run_on(x):
+        decoder's residual add, fused into the same kernel on the triton backend (one kernel
+        instead of ~7 ops)."""
+        if kernels_on(x):
             from moeserve import kernels  # imports triton: only on the CUDA path
 
             return kernels.rmsnorm(x, self.weight, self.eps, residual=residual)
@@ -79,8 +79,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            joint = self.gate_up[0]
-            joint.use_kernels = self.gate_proj.use_kernels  # the runner sets the parts' flags
-            gate, up = joint(x).chunk(2, dim=-1)
+            gate, up = self.gate_up[0](x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

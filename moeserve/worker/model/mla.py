@@ -18,8 +18,9 @@ from torch import nn
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model.attention_metadata import AttentionMetadata
+from moeserve.worker.model.forward_context import kernels_on
 from moeserve.worker.model.fp8_linear import Fp8Linear
-from moeserve.worker.model.layers import RMSNorm, kernels_run_on, linear, make_linear
+from moeserve.worker.model.layers import RMSNorm, linear, make_linear
 from moeserve.worker.model.rotary import RotaryEmbedding
 
 __all__ = ["MLAttention", "write_latents", "gather_context", "pad_queries", "causal_mask"]
@@ -73,8 +74,6 @@ class MLAttention(nn.Module):
         self.v_head_dim = c.v_head_dim
         self.softmax_scale = c.softmax_scale
         self.impl = impl
-        # Set by the runner (EngineConfig.kernel_backend); the torch path is the reference.
-        self.use_kernels = False
         h, nh = c.hidden_size, c.num_attention_heads
         block = c.fp8_block_size if fp8 else None
         if c.q_lora_rank is None:
@@ -130,7 +129,7 @@ class MLAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x: [T, hidden]; layer_cache: [num_blocks, block_size, kv_dim]. Returns [T, hidden]."""
-        if self.use_kernels and kernels_run_on(x):
+        if kernels_on(x):  # the step's backend; the torch path is the reference
             return self.o_proj(self._kernel_path(x, positions, rotary, layer_cache, meta)
                                .flatten(1))
         num_tokens = x.shape[0]

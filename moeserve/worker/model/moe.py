@@ -8,6 +8,7 @@ from torch import nn
 
 from moeserve.common.model_config import ModelConfig
 from moeserve.ops import append_shared, route
+from moeserve.worker.model.forward_context import Stages, kernels_on
 from moeserve.worker.model.fp8_linear import (
     FP8_DTYPE,
     Fp8Linear,
@@ -16,7 +17,7 @@ from moeserve.worker.model.fp8_linear import (
     scale_shape,
     w8a8_linear,
 )
-from moeserve.worker.model.layers import MLP, kernels_run_on
+from moeserve.worker.model.layers import MLP
 
 __all__ = ["Gate", "Experts", "MoE", "route", "append_shared", "fp8_experts_supported"]
 
@@ -36,7 +37,6 @@ class Gate(nn.Module):
             )
         else:
             self.e_score_correction_bias = None
-        self.use_kernels = False  # set by the runner: routing in one Triton launch
 
     def forward(self, x: torch.Tensor, num_shared: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -45,7 +45,7 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight)
         bias = self.e_score_correction_bias
         bias = None if bias is None else bias.float()
-        if self.use_kernels and kernels_run_on(x):
+        if kernels_on(x):
             from moeserve import kernels  # imports triton: only on the kernel path
 
             return kernels.route_topk(logits, self.config, bias, num_shared)
@@ -89,7 +89,6 @@ class Experts(nn.Module):
                 requires_grad=False)
         self.expert_ids = list(ids)
         self.num_logical_experts = config.n_routed_experts
-        self.use_kernels = False  # set by the runner (EngineConfig.kernel_backend)
         self.local_slot = {g: i for i, g in enumerate(ids)}
         # Shared experts stacked after the routed ones by MoE.fuse_shared_experts.
         self.num_shared_slots = 0
@@ -151,14 +150,14 @@ class Experts(nn.Module):
         if self.fp8_block:
             h = _fp8_linear(x, self.w13[n:].reshape(-1, hidden),
                             self.w13_scale[n:].reshape(-1, self.w13_scale.shape[2]),
-                            self.fp8_block, self.use_kernels)
+                            self.fp8_block)
             h = h.view(-1, shared, 2, inter)
             act = F.silu(h[:, :, 0]) * h[:, :, 1]
             out = _fp8_linear(act[:, 0].contiguous(), self.w2[n], self.w2_scale[n],
-                              self.fp8_block, self.use_kernels)
+                              self.fp8_block)
             for s in range(1, shared):
                 out = out + _fp8_linear(act[:, s].contiguous(), self.w2[n + s],
-                                        self.w2_scale[n + s], self.fp8_block, self.use_kernels)
+                                        self.w2_scale[n + s], self.fp8_block)
             return out
         h = F.linear(x, self.w13[n:].reshape(-1, hidden)).view(-1, shared, 2, inter)
         act = (F.silu(h[:, :, 0]) * h[:, :, 1]).flatten(1)
@@ -177,7 +176,7 @@ class Experts(nn.Module):
         fp8: activations quantized per token and group of bk channels before each projection
         (in the kernel on CUDA; here quantized and dequantized, the weight dequantized).
         """
-        if self.use_kernels and kernels_run_on(x):
+        if kernels_on(x):
             from moeserve import kernels  # imports triton: only on the kernel path
 
             if self.fp8_block:
@@ -218,10 +217,10 @@ def fp8_experts_supported(config: ModelConfig) -> bool:
 
 
 def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                block: tuple[int, int], use_kernels: bool) -> torch.Tensor:
+                block: tuple[int, int]) -> torch.Tensor:
     """x [M, K] @ dequant(weight [N, K])^T in x's dtype: the fp8 GEMM kernel on the kernel
     path, the same W8A8 arithmetic in torch elsewhere."""
-    if use_kernels and kernels_run_on(x):
+    if kernels_on(x):
         from moeserve import kernels
 
         return kernels.fp8_gemm(x, weight, scale, x.dtype, block)
@@ -325,6 +324,13 @@ class MoE(nn.Module):
         experts.w2.data = torch.cat([experts.w2.data[:n], down])
         experts.num_shared_slots = shared
         self.shared_experts = None
+
+    def stages(self, x: torch.Tensor) -> Stages:
+        """`forward` as a generator: with expert parallelism it yields while its all-to-all
+        is in flight (so DBO can run the other micro-batch meanwhile); else it never yields."""
+        if self.expert_parallel is not None:
+            return (yield from self.expert_parallel.stages(self, x))
+        return self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel is not None:

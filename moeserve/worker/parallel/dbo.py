@@ -1,23 +1,24 @@
 """One expert-parallel forward step, optionally as two overlapped micro-batches (DBO).
 
-Each micro-batch runs the decoder as a generator that yields whenever its all-to-all is in
-flight. Alternating between two such generators puts micro-batch A's dispatch/combine on the
-wire while micro-batch B computes attention or experts, and the other way round. Every rank runs
-the same number of micro-batches (empty ones on an idle rank) so collectives pair up.
+Each micro-batch runs the model's one layer loop (`DeepseekForCausalLM.stages`), a generator
+that yields whenever its all-to-all is in flight. Alternating between two such generators
+(`run_stages`) puts micro-batch A's dispatch/combine on the wire while micro-batch B computes
+attention or experts, and the other way round. Every rank runs the same number of
+micro-batches (empty ones on an idle rank) so collectives pair up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
-from moeserve.worker.model.moe import MoE
+from moeserve.worker.model.forward_context import ForwardContext, KernelBackend, run_stages
 from moeserve.worker.parallel.expert_parallel import ExpertParallel
 
-__all__ = ["MicroBatch", "StepBatch", "split_point", "forward_step", "run_interleaved"]
+__all__ = ["MicroBatch", "StepBatch", "split_point", "forward_step"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class MicroBatch:
             block_size, device)
         return cls(ids, positions, meta)
 
+    def context(self, kv_cache: torch.Tensor, model: DeepseekForCausalLM) -> ForwardContext:
+        return ForwardContext(self.positions, kv_cache, self.meta, model.rotary)
+
 
 def split_point(query_lens: Sequence[int]) -> int:
     """Request index splitting the batch into two halves of near-equal tokens."""
@@ -63,40 +67,9 @@ def split_point(query_lens: Sequence[int]) -> int:
     return best
 
 
-def layer_stages(model: DeepseekForCausalLM, kv_cache: torch.Tensor,
-                 mb: MicroBatch) -> Generator[None, None, torch.Tensor]:
-    """DeepseekForCausalLM.forward for one micro-batch, yielding at each all-to-all."""
-    x = model.model.embed_tokens(mb.input_ids)
-    for i, layer in enumerate(model.model.layers):
-        if mb.meta is not None:  # an idle rank has no attention to run, only collectives
-            x = x + layer.self_attn(layer.input_layernorm(x), mb.positions, model.rotary,
-                                    kv_cache[:, i], mb.meta)
-        h = layer.post_attention_layernorm(x)
-        mlp = layer.mlp
-        if isinstance(mlp, MoE) and mlp.expert_parallel is not None:
-            out = yield from mlp.expert_parallel.stages(mlp, h)
-        else:
-            out = mlp(h)
-        x = x + out
-    return model.model.norm(x)
-
-
-def run_interleaved(gens: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
-    """Advance the generators round-robin until all return; their results in order."""
-    results: list[torch.Tensor | None] = [None] * len(gens)
-    live = list(range(len(gens)))
-    while live:
-        for i in list(live):
-            try:
-                next(gens[i])
-            except StopIteration as stop:
-                results[i] = stop.value
-                live.remove(i)
-    return results  # type: ignore[return-value]
-
-
 def forward_step(ep: ExpertParallel, model: DeepseekForCausalLM, kv_cache: torch.Tensor,
-                 batch: StepBatch, block_size: int, device: torch.device) -> torch.Tensor:
+                 batch: StepBatch, block_size: int, device: torch.device,
+                 backend: KernelBackend) -> torch.Tensor:
     """Hidden states [T, H] of this rank's batch (T may be 0: the rank only relays experts).
 
     Every rank of the group must call this once per step.
@@ -112,5 +85,6 @@ def forward_step(ep: ExpertParallel, model: DeepseekForCausalLM, kv_cache: torch
     bounds = [0, split_point(batch.query_lens), n] if use_dbo else [0, n]
     mbs = [MicroBatch.build(batch, lo, hi, block_size, device)
            for lo, hi in zip(bounds, bounds[1:], strict=False)]
-    outs = run_interleaved([layer_stages(model, kv_cache, mb) for mb in mbs])
+    outs = run_stages([model.stages(mb.input_ids, mb.context(kv_cache, model))
+                       for mb in mbs], backend)
     return torch.cat(outs) if len(outs) > 1 else outs[0]
