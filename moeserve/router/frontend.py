@@ -6,8 +6,11 @@ the client's field, detokenizes incrementally, applies stop strings, and records
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +20,11 @@ from moeserve.router.metrics import RouterMetrics
 from moeserve.router.serving import Router
 from moeserve.router.tokenizer import ModelTokenizer
 
-__all__ = ["Delta", "Frontend", "Usage"]
+__all__ = ["Delta", "Frontend", "TOKENIZE_THREADS", "Usage"]
+
+# Tokenizing runs beside the event loop; more threads than cores would only queue in the GIL.
+TOKENIZE_THREADS = max(1, min(4, os.cpu_count() or 1))
+_INLINE_IDS = 4096  # token-id prompts shorter than this are checked on the loop (microseconds)
 
 
 @dataclass
@@ -51,6 +58,20 @@ class Frontend:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.metrics = metrics
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+
+    async def prompt_ids_async(self, prompt: str | list[int]) -> list[int]:
+        """``prompt_ids`` on the tokenizer threads: the event loop keeps serving meanwhile."""
+        if isinstance(prompt, list) and len(prompt) < _INLINE_IDS:
+            return self.prompt_ids(prompt)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.prompt_ids, prompt)
+
+    async def chat_ids_async(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
+    ) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.chat_ids, messages, add_generation_prompt)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

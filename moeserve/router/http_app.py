@@ -12,20 +12,21 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from moeserve.common.errors import PayloadTooLargeError
+from moeserve.common.errors import UnavailableError
 from moeserve.router import protocol as P
 from moeserve.router.frontend import Delta, Frontend, Usage
+from moeserve.router.limits import BodyBudget, HttpLimits, check_stop, read_json_body
 from moeserve.router.metrics import render
 from moeserve.router.status import snapshot
 
-__all__ = ["create_app"]
+__all__ = ["OpenStreams", "create_app"]
 
 
 _RETRY_AFTER = {"value": "1"}
@@ -41,23 +42,6 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body of {declared} bytes is over {limit} bytes")
-    parts, size = [], 0
-    async for part in request.stream():  # chunked bodies carry no length: count as they come
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over {limit} bytes")
-        parts.append(part)
-    raw = b"".join(parts)
-    try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise P.InvalidRequestError(f"request body is not valid JSON: {e}") from None
-
-
 async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
     """Non-streaming requests: cancel the work when the client goes away."""
     while not work.done():
@@ -67,10 +51,19 @@ async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
         await asyncio.sleep(0.1)
 
 
-def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
+def create_app(frontend: Frontend, is_healthy: Callable[[], bool],
+               limits: HttpLimits | None = None) -> FastAPI:
+    """``app.state.streams.close()`` ends every open stream with an in-band error (shutdown)."""
     app = FastAPI(title="moeserve router", docs_url=None, redoc_url=None)
-    limit = frontend.router.settings.max_body_bytes
+    limits = limits or HttpLimits()
+    size_limit = frontend.router.settings.max_body_bytes
+    budget = BodyBudget(limits.max_buffered_bytes)
+    app.state.body_budget = budget
+    app.state.streams = streams = OpenStreams()
     _RETRY_AFTER["value"] = str(frontend.router.settings.retry_after_s)
+
+    async def body(request: Request) -> Any:
+        return await read_json_body(request, size_limit, budget, limits.body_timeout_s)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -78,10 +71,11 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
 
     async def generate(request: Request, model: type[P._GenerationRequest], kind: str) -> Response:
         try:
-            req = model.model_validate(await _body(request, limit))
+            req = model.model_validate(await body(request))
             if (bad := _unknown_model(req.model, frontend.model_id)) is not None:
                 return bad
-            return await _serve(frontend, request, req, kind)
+            check_stop(req.stop_strings, limits)
+            return await _serve(frontend, request, req, kind, streams)
         except (ValidationError, P.MoeServeError) as e:
             return _error(e)
 
@@ -93,7 +87,7 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool]) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await generate(request, P.ChatCompletionRequest, "chat")
 
-    _add_info_routes(app, frontend, is_healthy, limit)
+    _add_info_routes(app, frontend, is_healthy, body)
     return app
 
 
@@ -104,19 +98,19 @@ def _unknown_model(name: str | None, model_id: str) -> JSONResponse | None:
     return None
 
 
-def _prompt_ids(frontend: Frontend, req: P._GenerationRequest) -> list[int]:
+async def _prompt_ids(frontend: Frontend, req: P._GenerationRequest) -> list[int]:
     if isinstance(req, P.CompletionRequest):
-        return frontend.prompt_ids(req.prompt)
+        return await frontend.prompt_ids_async(req.prompt)
     assert isinstance(req, P.ChatCompletionRequest)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return frontend.chat_ids(messages, req.add_generation_prompt)
+    return await frontend.chat_ids_async(messages, req.add_generation_prompt)
 
 
 async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest,
-                 kind: str) -> Response:
+                 kind: str, streams: OpenStreams) -> Response:
     """One completion or chat request: streamed (SSE) or collected into one JSON response."""
     model_id = frontend.model_id
-    prompt = _prompt_ids(frontend, req)
+    prompt = await _prompt_ids(frontend, req)
     params = req.sampling_params(
         16 if kind == "completion" else frontend.default_max_tokens(prompt)
     )
@@ -129,7 +123,8 @@ async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest
     ids = req.return_token_ids
     if req.stream:
         first = await _first_or_error(deltas)  # errors before the first token stay HTTP
-        gen = _stream(rid, model_id, kind, first, deltas, usage, ids, req.include_usage)
+        gen = _stream(rid, model_id, kind, first, _until_closing(deltas, streams), usage, ids,
+                      req.include_usage)  # fmt: skip
         return StreamingResponse(gen, media_type="text/event-stream")
     work = asyncio.ensure_future(_collect(deltas))
     watcher = asyncio.ensure_future(_until_disconnect(request, work))
@@ -145,7 +140,7 @@ async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest
 
 
 def _add_info_routes(app: FastAPI, frontend: Frontend, is_healthy: Callable[[], bool],
-                     limit: int) -> None:
+                     body: Callable[[Request], Awaitable[Any]]) -> None:
     """/v1/models, /health, /v1/status, /v1/route and /metrics."""
     model_id = frontend.model_id
     router = frontend.router
@@ -172,11 +167,11 @@ def _add_info_routes(app: FastAPI, frontend: Frontend, is_healthy: Callable[[], 
     async def route(request: Request) -> Response:
         """Dry run: which workers the policy picks for ``{"prompt": [token ids]}`` now."""
         try:
-            body = await _body(request, limit)
-            prompt = body.get("prompt") if isinstance(body, dict) else None
+            doc = await body(request)
+            prompt = doc.get("prompt") if isinstance(doc, dict) else None
             if not isinstance(prompt, str | list):
                 raise P.InvalidRequestError("prompt must be text or token ids", param="prompt")
-            return JSONResponse(router.explain(frontend.prompt_ids(prompt)))
+            return JSONResponse(router.explain(await frontend.prompt_ids_async(prompt)))
         except P.MoeServeError as e:
             return _error(e)
 
@@ -192,6 +187,55 @@ async def _first_or_error(deltas: AsyncIterator[Delta]) -> Delta:
     except BaseException:
         await deltas.aclose()
         raise
+
+
+class OpenStreams:
+    """The SSE streams in flight; ``close()`` ends each with an in-band error (shutdown)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._cuts: set[Callable[[], None]] = set()
+
+    def close(self) -> None:
+        self.closing = True
+        for cut in list(self._cuts):
+            cut()
+
+
+_CUT = "the router shut down during this request; retry it"
+
+
+async def _until_closing(deltas: AsyncIterator[Delta], streams: OpenStreams
+                         ) -> AsyncIterator[Delta]:  # fmt: skip
+    """``deltas`` until ``streams.close()``; then an UnavailableError that the stream reports
+    in-band. A stream waiting for its next token is woken by cancelling its task there (only
+    there: a cancel landing in Starlette's send would end the response silently)."""
+    task = asyncio.current_task()
+    waiting = [False]
+
+    def cut() -> None:
+        if waiting[0] and task is not None:
+            task.cancel()
+
+    streams._cuts.add(cut)
+    try:
+        while not streams.closing:
+            waiting[0] = True
+            try:
+                d = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not streams.closing or task is None:
+                    raise
+                task.uncancel()
+                break
+            finally:
+                waiting[0] = False
+            yield d
+        raise UnavailableError(_CUT)
+    finally:
+        streams._cuts.discard(cut)
 
 
 async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str | None]:

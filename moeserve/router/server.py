@@ -24,7 +24,8 @@ from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_f
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
 from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
-from moeserve.router.http_app import create_app
+from moeserve.router.http_app import OpenStreams, create_app
+from moeserve.router.limits import HttpLimits, check_stop, header_timeout_protocol
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.openapi import install_openapi
 from moeserve.router.policy import Policy
@@ -39,9 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, frontend: Frontend, pool: WorkerPool):
+    def __init__(self, frontend: Frontend, pool: WorkerPool, limits: HttpLimits | None = None):
         self.frontend = frontend
         self.pool = pool
+        self.limits = limits or HttpLimits()
 
     async def Generate(self, request, context):
         f = self.frontend
@@ -49,7 +51,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise InvalidRequestError("set prompt.text or prompt.token_ids", param="prompt")
-            prompt = f.prompt_ids(request.text if kind == "text" else list(request.token_ids.ids))
+            check_stop(request.stop, self.limits)
+            prompt = await f.prompt_ids_async(
+                request.text if kind == "text" else list(request.token_ids.ids))
             params = sampling_from_proto(request.sampling)
             f.check_length(prompt, params, "prompt")
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -88,14 +92,18 @@ class _DrainingServer(uvicorn.Server):
     new requests get 503, requests in flight finish within the grace period; then uvicorn
     stops. A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, router: Router, grace_s: float):
+    def __init__(self, config: uvicorn.Config, router: Router, grace_s: float,
+                 streams: OpenStreams | None = None):
         super().__init__(config)
         self.router = router
         self.grace_s = grace_s
+        self.streams = streams or OpenStreams()
         self._drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if self.router.draining:
+            # Streams still open end with an error event, not a silently closed connection.
+            self.streams.close()
             super().handle_exit(sig, frame)
             return
         self.router.draining = True
@@ -112,6 +120,9 @@ class _DrainingServer(uvicorn.Server):
         clean = await self.router.wait_idle(self.grace_s)
         logger.log(logging.INFO if clean else logging.WARNING, "router drained (%s); exiting",
                    "clean" if clean else "grace period over")
+        if not clean:
+            self.streams.close()
+            await asyncio.sleep(0.2)  # let the error events go out before the sockets close
         self.should_exit = True
 
 
@@ -126,6 +137,14 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def http_limits(args: argparse.Namespace) -> HttpLimits:
+    return HttpLimits(
+        max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s, max_stop_strings=args.max_stop_strings,
+        max_stop_length=args.max_stop_length,
+    )  # fmt: skip
 
 
 def metrics_port_keys(args: argparse.Namespace, keys: list[str]) -> list[str]:
@@ -187,20 +206,22 @@ async def serve_router(args: argparse.Namespace) -> None:
             options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
             interceptors=[GrpcApiKeyInterceptor(keys), MalformedRequestInterceptor()],
         )
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(frontend, pool), grpc_server)
+        servicer = RouterServicer(frontend, pool, http_limits(args))
+        router_pb2_grpc.add_RouterServicer_to_server(servicer, grpc_server)
         # Clients reach the router's gRPC API like its HTTP one (keys, no client certificate).
         grpc_port = add_port(grpc_server, f"{args.host}:{args.grpc_port}", None)
         await grpc_server.start()
         # Holding for a wake-up needs the router to stay in its Service while at zero.
         app = create_app(frontend, lambda: (bool(pool.healthy("decode")) or router.wake.enabled)
-                         and not router.draining)
+                         and not router.draining, http_limits(args))
         app.add_middleware(ApiKeyMiddleware, keys=keys, protect_metrics=args.api_key_metrics)
         install_openapi(app, auth=keys.enabled)
         sock = _bind(args.host, args.port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)  # fmt: skip
-        server = _DrainingServer(config, router, settings.drain_grace_s)
+                                timeout_graceful_shutdown=2,
+                                http=header_timeout_protocol(args.header_timeout_s))
+        server = _DrainingServer(config, router, settings.drain_grace_s, app.state.streams)
         # Parsed by `moeserve up` and tests: the real ports when 0 was asked for.
         print(f"moeserve router listening on http://{args.host}:{http_port} "
               f"grpc {args.host}:{grpc_port}", flush=True)  # fmt: skip
@@ -256,6 +277,17 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="largest max_tokens accepted (0: what fits the context)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                    help="HTTP bodies (and gRPC messages) above this get 413")
+    h = HttpLimits()
+    p.add_argument("--max-buffered-bytes", type=int, default=h.max_buffered_bytes,
+                   help="request-body bytes buffered across all requests before new ones get 503")
+    p.add_argument("--header-timeout-s", type=float, default=h.header_timeout_s,
+                   help="close a connection whose request headers take longer than this")
+    p.add_argument("--body-timeout-s", type=float, default=h.body_timeout_s,
+                   help="a request body not received within this gets 408")
+    p.add_argument("--max-stop-strings", type=int, default=h.max_stop_strings,
+                   help="stop strings one request may give (more: 400 naming stop)")
+    p.add_argument("--max-stop-length", type=int, default=h.max_stop_length,
+                   help="characters of one stop string (longer: 400 naming stop)")
     p.add_argument("--wake-hold-s", type=float, default=d.wake_hold_s,
                    help="at zero decode workers, hold a request this long while one wakes")
     p.add_argument("--drain-grace-s", type=float, default=d.drain_grace_s,

@@ -69,7 +69,9 @@ class ModelTokenizer:
         """
         tok = self._require(param)
         try:
-            return tok.encode(text, add_special_tokens=add_special_tokens).ids
+            # encode_batch lets go of the GIL while it works (encode does not), so the event
+            # loop keeps answering while a thread tokenizes a multi-megabyte prompt.
+            return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except TypeError:  # the Rust tokenizer refuses text that is not valid UTF-8
             raise InvalidRequestError(
                 f"{param} is not valid Unicode text (a lone surrogate escape such as \\ud800?)",
@@ -163,6 +165,8 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._stop = [s for s in stop if s]
+        self._firsts = {s[0] for s in self._stop}
+        self._max_hold = max((len(s) - 1 for s in self._stop), default=0)
         self._pending = ""
         self.stopped = False
 
@@ -209,11 +213,15 @@ class IncrementalDetokenizer:
             self.stopped = True
             self._pending = ""
             return text[:idx]
-        hold = 0
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
+        hold = self._hold(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
+
+    def _hold(self, text: str) -> int:
+        """How much of the end of ``text`` to hold back: from the first character, among the
+        last (longest stop - 1), that begins some stop string. That covers every suffix that
+        could grow into a stop string, and costs one C-level scan per distinct first
+        character: testing each stop's every prefix was quadratic in the stop's length."""
+        tail_start = max(len(text) - self._max_hold, 0)
+        hits = [i for i in (text.find(c, tail_start) for c in self._firsts) if i >= 0]
+        return len(text) - min(hits) if hits else 0
