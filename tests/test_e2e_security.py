@@ -3,11 +3,14 @@
 API keys on HTTP and gRPC, the 413 / context-limit 400 bounds, KV handles refused by a real
 prefill worker (foreign, made up, replayed) and by a real decode worker (forged: recomputed,
 nothing read), schemathesis on /openapi.json, and hypothesis-generated gRPC messages.
+Worker-plane tokens (on by default): no call without one, router-only RPCs refused to a peer,
+token ids in StreamEvents for the router only, a forged handle's address never contacted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import httpx
@@ -16,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moeserve.common.worker_auth import HEADER
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 from moeserve.worker.kv_handoff.prefill import HANDLE_REFUSED
 
@@ -46,9 +50,10 @@ def _worker(cluster: LocalCluster, role: str) -> str:
     return next(c.address for c in cluster.children if c.name.startswith(role))
 
 
-def _health(address: str) -> common_pb2.HealthResponse:
+def _health(cluster: LocalCluster, address: str) -> common_pb2.HealthResponse:
     with grpc.insecure_channel(address) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Health(common_pb2.HealthRequest(), timeout=10)
+        return worker_pb2_grpc.WorkerStub(ch).Health(
+            common_pb2.HealthRequest(), metadata=cluster.auth_metadata(), timeout=10)
 
 
 def test_http_keys_body_bound_and_context_limit(cluster) -> None:
@@ -103,12 +108,12 @@ def test_prefill_worker_refuses_foreign_made_up_and_replayed_handles(cluster) ->
                                     decode_agent="decode-A")  # fmt: skip
     with grpc.insecure_channel(prefill) as ch:
         stub = worker_pb2_grpc.WorkerStub(ch)
-        handle = stub.Prefill(req, timeout=60).kv_handle
+        handle = stub.Prefill(req, metadata=cluster.auth_metadata(), timeout=60).kv_handle
         assert len(handle.handle_id) >= 40 and handle.decode_agent == "decode-A"
 
         def claim(handle_id: str, agent: str) -> worker_pb2.ClaimKVResponse:
             msg = worker_pb2.ClaimKVRequest(handle_id=handle_id, decode_agent=agent)
-            return stub.ClaimKV(msg, timeout=10)
+            return stub.ClaimKV(msg, metadata=cluster.auth_metadata("peer"), timeout=10)
 
         refusals = []
         for hid, agent in ((handle.handle_id, "decode-B"), (handle.handle_id, ""),
@@ -123,12 +128,13 @@ def test_prefill_worker_refuses_foreign_made_up_and_replayed_handles(cluster) ->
         refusals.append((e.value.code(), e.value.details()))
         # Every refusal looks the same: nothing tells a prober which case it hit.
         assert set(refusals) == {(grpc.StatusCode.PERMISSION_DENIED, HANDLE_REFUSED)}
-        stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="sec-claim"), timeout=10)
+        stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="sec-claim"),
+                       metadata=cluster.auth_metadata(), timeout=10)
 
 
 def test_decode_worker_reads_nothing_for_a_forged_handle(cluster) -> None:
     prefill, decode = _worker(cluster, "prefill"), _worker(cluster, "decode")
-    p_info, d_info = _health(prefill), _health(decode)
+    p_info, d_info = _health(cluster, prefill), _health(cluster, decode)
     params = common_pb2.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     forged = worker_pb2.KVHandle(
         agent_name=p_info.nixl_agent_name, request_id="victim", block_ids=list(range(3)),
@@ -140,7 +146,7 @@ def test_decode_worker_reads_nothing_for_a_forged_handle(cluster) -> None:
 
         def run(**kw) -> tuple[list[int], int]:
             msg = worker_pb2.WorkerGenerateRequest(prompt_token_ids=PROMPT, sampling=params, **kw)
-            out = list(stub.Generate(msg, timeout=60))
+            out = list(stub.Generate(msg, metadata=cluster.auth_metadata(), timeout=60))
             return [t for m in out for t in m.token_ids], out[0].num_transferred_tokens
 
         plain, _ = run(request_id="sec-plain")
@@ -204,6 +210,7 @@ def _call_status(fn) -> grpc.StatusCode:
 
 def test_fuzzed_grpc_messages_get_proper_statuses(cluster) -> None:
     meta = (("authorization", f"Bearer {KEY}"),)
+    wmeta = cluster.auth_metadata()
     seen: list[tuple[str, grpc.StatusCode, object]] = []
     with grpc.insecure_channel(cluster.grpc_address) as rch, \
             grpc.insecure_channel(_worker(cluster, "decode")) as wch:  # fmt: skip
@@ -223,13 +230,14 @@ def test_fuzzed_grpc_messages_get_proper_statuses(cluster) -> None:
             p = worker_pb2.PrefillRequest(prompt_token_ids=ids, sampling=sampling)
             calls = {
                 "router.Generate": lambda: list(router.Generate(r, metadata=meta, timeout=30)),
-                "worker.Generate": lambda: list(worker.Generate(w, timeout=30)),
-                "worker.Prefill": lambda: worker.Prefill(p, timeout=30),
+                "worker.Generate": lambda: list(worker.Generate(w, metadata=wmeta, timeout=30)),
+                "worker.Prefill": lambda: worker.Prefill(p, metadata=wmeta, timeout=30),
                 "worker.ClaimKV": lambda: worker.ClaimKV(
-                    worker_pb2.ClaimKVRequest(handle_id=text, decode_agent=text), timeout=10),
+                    worker_pb2.ClaimKVRequest(handle_id=text, decode_agent=text),
+                    metadata=wmeta, timeout=10),
                 # Bytes that are not a valid message at all.
                 "worker.raw": lambda: wch.unary_unary("/moeserve.v1.Worker/Prefill")(
-                    raw, timeout=10),
+                    raw, metadata=wmeta, timeout=10),
             }  # fmt: skip
             for name, fn in calls.items():
                 seen.append((name, _call_status(fn), ids or text))
@@ -259,7 +267,8 @@ def test_mtls_worker_plane_end_to_end(tmp_path_factory: pytest.TempPathFactory) 
     with LocalCluster(spec, log=None) as c:
         decode = _worker(c, "decode")
         with grpc.insecure_channel(decode) as ch, pytest.raises(grpc.RpcError) as e:
-            worker_pb2_grpc.WorkerStub(ch).Health(common_pb2.HealthRequest(), timeout=5)
+            worker_pb2_grpc.WorkerStub(ch).Health(common_pb2.HealthRequest(),
+                                                  metadata=c.auth_metadata(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
         r = httpx.post(f"{c.url}/v1/completions", json=body, timeout=60)
@@ -268,6 +277,110 @@ def test_mtls_worker_plane_end_to_end(tmp_path_factory: pytest.TempPathFactory) 
         async def health() -> int:
             async with open_channel(decode, TlsConfig.from_files(cert, key, ca_file)) as ch:
                 stub = worker_pb2_grpc.WorkerStub(ch)
-                return (await stub.Health(common_pb2.HealthRequest(), timeout=5)).status
+                return (await stub.Health(common_pb2.HealthRequest(),
+                                          metadata=c.auth_metadata(), timeout=5)).status
 
         assert asyncio.run(health()) == common_pb2.HealthResponse.SERVING
+
+
+# --------------------------------------------------------------------------- worker-plane tokens
+
+
+def _status(call, meta: tuple) -> grpc.StatusCode:
+    try:
+        call(meta)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_worker_rpcs_need_the_deployment_token(cluster) -> None:
+    """Reachable port, no token: nothing (was: Generate without key or limits, Abort and
+    ReleaseKV of other requests, their prompts from StreamEvents). A peer's token opens only
+    the hand-off RPCs; the kubelet's grpc.health.v1 stays open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    decode, prefill = _worker(cluster, "decode"), _worker(cluster, "prefill")
+    gen = worker_pb2.WorkerGenerateRequest(request_id="sec-auth", prompt_token_ids=PROMPT,
+                                           sampling=common_pb2.SamplingParams(max_tokens=2))
+    with grpc.insecure_channel(decode) as dch, grpc.insecure_channel(prefill) as pch:
+        d, p = worker_pb2_grpc.WorkerStub(dch), worker_pb2_grpc.WorkerStub(pch)
+        calls = {
+            "Generate": lambda m: list(d.Generate(gen, metadata=m, timeout=30)),
+            "Prefill": lambda m: p.Prefill(worker_pb2.PrefillRequest(
+                prompt_token_ids=PROMPT, sampling=gen.sampling), metadata=m, timeout=30),
+            "Abort": lambda m: d.Abort(worker_pb2.AbortRequest(request_ids=["sec-auth"]),
+                                       metadata=m, timeout=10),
+            "ReleaseKV": lambda m: p.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="x"),
+                                               metadata=m, timeout=10),
+            "StreamEvents": lambda m: next(iter(d.StreamEvents(
+                worker_pb2.StreamEventsRequest(), metadata=m, timeout=10))),
+            "Health": lambda m: d.Health(common_pb2.HealthRequest(), metadata=m, timeout=10),
+        }  # fmt: skip
+        for name, call in calls.items():
+            for meta in ((), ((HEADER, "not-the-token"),), (("authorization", f"Bearer {KEY}"),)):
+                assert _status(call, meta) == grpc.StatusCode.UNAUTHENTICATED, (name, meta)
+        peer, router = cluster.auth_metadata("peer"), cluster.auth_metadata("router")
+        for name in ("Generate", "Prefill", "Abort"):
+            assert _status(calls[name], peer) == grpc.StatusCode.PERMISSION_DENIED, name
+        for name in ("ReleaseKV", "StreamEvents", "Health"):
+            assert _status(calls[name], peer) == grpc.StatusCode.OK, name
+        for name, call in calls.items():
+            assert _status(call, router) == grpc.StatusCode.OK, name
+        probe = health_pb2_grpc.HealthStub(dch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert probe.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _first_stored(cluster: LocalCluster, role: str, prompt: list[int]) -> worker_pb2.BlockStored:
+    """Subscribe as ``role``, run ``prompt`` on the decode worker, return its BlockStored."""
+    decode = _worker(cluster, "decode")
+    with grpc.insecure_channel(decode) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        stream = stub.StreamEvents(worker_pb2.StreamEventsRequest(),
+                                   metadata=cluster.auth_metadata(role), timeout=60)
+        next(stream)  # the snapshot: hashes only, for everyone
+        msg = worker_pb2.WorkerGenerateRequest(prompt_token_ids=prompt,
+                                               sampling=common_pb2.SamplingParams(max_tokens=1))
+        list(stub.Generate(msg, metadata=cluster.auth_metadata(), timeout=60))
+        try:
+            for event in stream:
+                for kv in event.kv_events:
+                    if kv.HasField("stored") and kv.stored.block_hashes:
+                        return kv.stored
+        finally:
+            stream.cancel()
+    raise AssertionError("no BlockStored event")
+
+
+def test_stream_events_give_token_ids_to_the_router_only(cluster) -> None:
+    """A prompt was recoverable from any subscriber's BlockStored.token_ids."""
+    as_peer = _first_stored(cluster, "peer", [(i * 31) % 400 + 3 for i in range(48)])
+    as_router = _first_stored(cluster, "router", [(i * 37) % 400 + 5 for i in range(48)])
+    assert as_peer.block_hashes and not as_peer.token_ids
+    assert list(as_router.token_ids[:8]) == [(i * 37) % 400 + 5 for i in range(8)]
+
+
+def test_forged_handle_address_is_never_contacted(cluster) -> None:
+    """Server-side request forgery: a kv_handle naming any address made the decode worker
+    open a connection there (ClaimKV). Unsigned by a deployment worker, it is refused before."""
+    decode = _worker(cluster, "decode")
+    info = _health(cluster, decode)
+    with socket.socket() as victim:
+        victim.bind(("127.0.0.1", 0))
+        victim.listen(8)
+        forged = worker_pb2.KVHandle(
+            agent_name="elsewhere", request_id="r", block_ids=[0, 1], num_tokens=len(PROMPT),
+            compat_fingerprint=info.compat_fingerprint, handle_id="h" * 43,
+            worker_address=f"127.0.0.1:{victim.getsockname()[1]}",
+            decode_agent=info.nixl_agent_name, signature=b"\0" * 32,
+        )  # fmt: skip
+        msg = worker_pb2.WorkerGenerateRequest(
+            request_id="sec-ssrf", prompt_token_ids=PROMPT, kv_handle=forged, first_token_id=7,
+            sampling=common_pb2.SamplingParams(max_tokens=3, ignore_eos=True))  # fmt: skip
+        with grpc.insecure_channel(decode) as ch:
+            out = list(worker_pb2_grpc.WorkerStub(ch).Generate(
+                msg, metadata=cluster.auth_metadata(), timeout=60))
+        assert out[-1].finished and out[0].num_transferred_tokens == 0  # recomputed here
+        victim.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            victim.accept()  # nobody connected

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from moeserve.common import spec as s
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, Role
+from moeserve.common.worker_auth import WORKER_SECRET_ENV
 
 __all__ = ["PoolLaunch", "Placement", "WorkerLaunch", "pool_launch", "worker_launch",
            "WORKER_DRAIN_GRACE_S", "ROUTER_DRAIN_GRACE_S", "STARTUP_TIMEOUT_S"]
@@ -73,6 +74,10 @@ class Placement:
 class WorkerLaunch:
     argv: list[str]  # after the program name: ["worker", "--role", ...]
     env: dict[str, str]
+    # Variables the worker takes from the deployment's worker-plane secret (its tokens:
+    # moeserve.common.worker_auth). Each target supplies them its own way, never in argv:
+    # values it generated (`moeserve up`, Ray) or a secretKeyRef (the operator).
+    secret_env: tuple[str, ...] = WORKER_SECRET_ENV
 
 
 def pool_launch(dep: MoEDeployment, role: Role, model_dir: str,

@@ -88,9 +88,13 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> in
 
 
 def open_channel(address: str, tls: TlsConfig | None,
-                 options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:  # fmt: skip
+                 options: list[tuple[str, object]] | None = None,
+                 interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+                 ) -> grpc.aio.Channel:  # fmt: skip
+    """``interceptors``: e.g. moeserve.common.worker_auth.client_interceptors (the token)."""
     opts = list(options or [])
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=opts)
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
     return grpc.aio.secure_channel(address, tls.channel_credentials(),
-                                   options=opts + tls.channel_options())  # fmt: skip
+                                   options=opts + tls.channel_options(),
+                                   interceptors=interceptors)  # fmt: skip

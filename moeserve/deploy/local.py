@@ -35,6 +35,12 @@ from moeserve.common.launch_plan import (
 from moeserve.common.optional import require
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, Role
+from moeserve.common.worker_auth import (
+    ENV_INSECURE,
+    HEADER,
+    ROUTER_SECRET_ENV,
+    PlaneSecret,
+)
 from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
 
 __all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_launch",
@@ -96,6 +102,8 @@ class ClusterSpec:
     child_env: dict[str, dict[str, str]] = field(default_factory=dict)
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # Development only: no worker-plane tokens (`up --insecure-worker-plane`).
+    insecure_worker_plane: bool = False
 
 
 @dataclass
@@ -126,6 +134,8 @@ class LocalCluster:
         self.grpc_address = ""
         self.stopping = False
         self.supervisor: Supervisor | None = None
+        # One secret per start, handed to the children in their environment (not argv).
+        self.plane = None if spec.insecure_worker_plane else PlaneSecret.generate()
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -182,6 +192,17 @@ class LocalCluster:
                 self.log.write(f"[{child.name}] {line}")
         child.ready.set()  # exited: wake waiters
 
+    def secret_env(self, names: tuple[str, ...]) -> dict[str, str]:
+        """A child's worker-plane variables: its tokens, or the development opt-out."""
+        return {ENV_INSECURE: "1"} if self.plane is None else self.plane.env(names)
+
+    def auth_metadata(self, role: str = "router") -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that lets a test call the workers as the router (or as a peer)."""
+        if self.plane is None:
+            return ()
+        return ((HEADER, self.plane.router_token if role == "router"
+                 else self.plane.worker_token),)  # fmt: skip
+
     def _interrupted(self) -> bool:
         return self.stop_requested is not None and self.stop_requested.is_set()
 
@@ -235,7 +256,8 @@ class LocalCluster:
         if any("--no-nixl" not in launch.argv for _, launch, _ in launches):
             require("nixl._api", "the KV hand-off between prefill and decode workers")
         try:
-            workers = [self._spawn(name, launch.argv, expected, launch.env)
+            workers = [self._spawn(name, launch.argv, expected,
+                                   {**launch.env, **self.secret_env(launch.secret_env)})
                        for name, launch, expected in launches]  # fmt: skip
             self._wait(workers, deadline)
             addrs = {r: ",".join(a for c in workers if c.name.startswith(r) for a in c.addresses)
@@ -246,7 +268,7 @@ class LocalCluster:
                 "--served-model-name", self.served_model_name,
                 "--policy", spec.policy, "--disagg-threshold", str(spec.disagg_threshold),
                 *spec.router_args,
-            ])  # fmt: skip
+            ], env=self.secret_env(ROUTER_SECRET_ENV))  # fmt: skip
             self._wait([router], deadline)
             self.url, self.grpc_address = router.address, router.grpc
             self._wait_healthy(deadline)

@@ -33,6 +33,7 @@ def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     return cluster_spec_from_manifest(
         dep, args.model, served_name=args.served_model_name, host=args.host, port=args.port,
         policy=args.policy, num_kv_blocks=args.num_kv_blocks,
+        insecure_worker_plane=args.insecure_worker_plane,
     )  # fmt: skip
 
 
@@ -99,6 +100,9 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="KV blocks per worker (0: engine default)",
     )
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve application")
+    p.add_argument("--insecure-worker-plane", action="store_true",
+                   help="development only: start router and workers without worker-plane "
+                        "tokens (default: a fresh secret per start, passed in their env)")
     p.add_argument("-f", "--file", default=None,
                    help="MoEDeployment manifest: its topology as local processes, or on Ray "
                         "with --ray")

@@ -24,6 +24,7 @@ import grpc
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.tls import TlsConfig, open_channel
+from moeserve.common.worker_auth import WorkerAuth, client_interceptors
 from moeserve.router.ejection import Ejection
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
@@ -51,11 +52,14 @@ class LostWatch:
 class WorkerClient:
     """One worker address, usable for the roles it was listed under."""
 
-    def __init__(self, address: str, roles: set[str], tls: TlsConfig | None = None):
+    def __init__(self, address: str, roles: set[str], tls: TlsConfig | None = None,
+                 auth: WorkerAuth | None = None):  # fmt: skip
         self.address = address
         self.roles = roles
+        # The router's worker-plane token rides on every call (common.worker_auth).
         self.channel = open_channel(
-            address, tls, options=[("grpc.max_receive_message_length", 64 << 20)]
+            address, tls, options=[("grpc.max_receive_message_length", 64 << 20)],
+            interceptors=client_interceptors(auth),
         )
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.healthy = False
@@ -126,8 +130,10 @@ class WorkerPool:
         eject_base_s: float = 1.0,
         eject_max_s: float = 30.0,
         tls: TlsConfig | None = None,
+        auth: WorkerAuth | None = None,
     ):
         self.tls = tls
+        self.auth = auth
         self.index = index
         self.metrics = metrics
         self.health_timeout_s = health_timeout_s
@@ -139,9 +145,11 @@ class WorkerPool:
         self.clients: dict[str, WorkerClient] = {}
         for role, addresses in (("prefill", prefill), ("decode", decode)):
             for address in addresses:
-                client = self.clients.setdefault(address, WorkerClient(address, set(), self.tls))
+                client = self.clients.setdefault(address, WorkerClient(address, set(), self.tls,
+                                                                       self.auth))
                 client.roles.add(role)
         self._changed = asyncio.Event()
+        self.stopping = False  # the router itself drains: workers leaving are the stop, not faults
 
     def start(self) -> None:
         for client in self.clients.values():
@@ -149,7 +157,6 @@ class WorkerPool:
             client.probe_task = asyncio.create_task(
                 self._probe(client), name=f"probe {client.address}"
             )
-        self.stopping = False  # the router itself drains: workers leaving are the stop, not faults
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -252,7 +259,7 @@ class WorkerPool:
                 logger.info("worker %s left the pool", address)
         for address, role in wanted.items():
             if address not in self.clients:
-                client = WorkerClient(address, {role}, self.tls)
+                client = WorkerClient(address, {role}, self.tls, self.auth)
                 self.clients[address] = client
                 client.task = asyncio.create_task(self._watch(client), name=f"watch {address}")
                 client.probe_task = asyncio.create_task(self._probe(client),

@@ -12,6 +12,7 @@ import os
 from moeserve.common.launch_plan import WORKER_DRAIN_GRACE_S
 from moeserve.common.optional import require
 from moeserve.common.tls import add_tls_arguments
+from moeserve.common.worker_auth import add_worker_auth_arguments
 from moeserve.worker.engine_args import add_engine_args
 from moeserve.worker.env_defaults import apply_env_defaults
 from moeserve.worker.faults import ENV_VAR
@@ -41,6 +42,7 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     add_engine_args(p, model_required=True)
     p.add_argument("--role", choices=ROLES, default="both")
     add_tls_arguments(p)
+    add_worker_auth_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")

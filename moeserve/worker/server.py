@@ -21,6 +21,7 @@ import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.api.wire import abort_with, sampling_from_proto
+from moeserve.common import worker_auth
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.optional import require
@@ -59,21 +60,24 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         max_queued: int = 1024,
         faults: FaultPlan | None = None,
         tls: TlsConfig | None = None,
+        auth: worker_auth.WorkerAuth | None = None,
     ):
         self.engine = engine
+        self.auth = auth  # None: --insecure-worker-plane
         self.role = role
         self.address = address
         self.agent = agent
         self.metrics = metrics
         self.fingerprint = engine_fingerprint(engine)
-        self.kv_prefill = PrefillHandoff(agent, address, self.fingerprint, metrics, lease_s)
+        self.kv_prefill = PrefillHandoff(agent, address, self.fingerprint, metrics, lease_s,
+                                         auth)
         self.hub = EventHub()
         self.loop: EngineLoop | None = None
         self.faults = faults or FaultPlan()
         self.gate = WorkerGate(max_queued)
         self.puller = None
         if agent is not None:
-            self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults, tls)
+            self.puller = KVPuller(agent, metrics, kv_timeout_s, self.faults, tls, auth)
         if self.faults.active:
             logger.warning("fault injection is ON: %s", self.faults)
 
@@ -268,7 +272,10 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         )
 
     async def StreamEvents(self, request, context):
-        async for message in self.hub.subscribe():
+        # The interceptor let the caller in; only a router's stream carries token ids.
+        router = self.auth is None or self.auth.role_of(
+            context.invocation_metadata()) == worker_auth.ROLE_ROUTER
+        async for message in self.hub.subscribe(tokens=router):
             yield message
 
     async def GetNixlMetadata(self, request, context):
@@ -290,12 +297,16 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     """Build the engine, start NIXL and gRPC, serve until cancelled."""
     from moeserve.worker.engine_args import engine_config_from_args
 
-    if args.nixl:  # before loading the model: minutes on a real checkpoint
+    # Both before loading the model: minutes on a real checkpoint.
+    auth = worker_auth.worker_auth_from_env("worker", args.insecure_worker_plane)
+    if args.nixl:
         require("nixl._api", _NIXL_NEEDED_FOR)
     engine = LLMEngine(engine_config_from_args(args))
     freeze_startup_heap()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
-                             interceptors=[MalformedRequestInterceptor()])
+    interceptors = [MalformedRequestInterceptor()]
+    if auth is not None:  # first: an unauthenticated call is refused before its bytes are parsed
+        interceptors.insert(0, worker_auth.WorkerAuthInterceptor(auth))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     tls = tls_from_args(args)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     if port == 0:
@@ -308,7 +319,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     metrics = WorkerMetrics()
     servicer = WorkerServicer(
         engine, args.role, address, agent, metrics, args.kv_lease_s, args.kv_timeout_s,
-        args.max_queued, parse_faults(args.faults), tls,
+        args.max_queued, parse_faults(args.faults), tls, auth,
     )  # fmt: skip
     servicer.start()
     stop = asyncio.Event()

@@ -3,6 +3,9 @@
 Routers may subscribe late or reconnect, so each subscription starts with a snapshot (AllCleared
 plus one BlockStored holding every cached block hash) and then follows the live events. The
 worker mirrors the set of cached hashes from the engine's events to build that snapshot.
+
+A block's token ids are the prompt's text in all but name, so only a router's subscription
+gets them; a peer worker's (``tokens=False``) gets block hashes only (common.worker_auth).
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ def to_proto_event(event: object) -> worker_pb2.KVEvent:
     raise TypeError(f"unknown KV event {event!r}")
 
 
+def _hashes_only(event: worker_pb2.KVEvent) -> worker_pb2.KVEvent:
+    if not event.HasField("stored") or not event.stored.token_ids:
+        return event
+    out = worker_pb2.KVEvent()
+    out.CopyFrom(event)
+    out.stored.ClearField("token_ids")
+    return out
+
+
 def _load(stats: EngineStats) -> worker_pb2.LoadReport:
     return worker_pb2.LoadReport(
         num_running=stats.num_running, num_waiting=stats.num_waiting, kv_usage=stats.kv_usage
@@ -49,7 +61,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._cached: set[int] = set()
-        self._subs: set[asyncio.Queue] = set()
+        self._subs: dict[asyncio.Queue, bool] = {}  # queue -> gets token ids
         self._load = worker_pb2.LoadReport()
         self._last_sent = 0.0
         # Set by the drain on SIGTERM; the next tick tells every router at once.
@@ -78,12 +90,17 @@ class EventHub:
             elif isinstance(event, AllBlocksCleared):
                 self._cached.clear()
         protos = [to_proto_event(e) for e in events]
-        for q in list(self._subs):
+        hashes = None
+        for q, tokens in list(self._subs.items()):
             if q.qsize() > _MAX_BACKLOG:
-                self._subs.discard(q)
+                self._subs.pop(q, None)
                 q.put_nowait(None)  # ends that stream
-            else:
+            elif tokens:
                 q.put_nowait((protos, load))
+            else:
+                if hashes is None:
+                    hashes = [_hashes_only(p) for p in protos]
+                q.put_nowait((hashes, load))
 
     def close(self) -> None:
         """End every stream now and refuse new ones (the worker is stopping)."""
@@ -92,11 +109,12 @@ class EventHub:
             q.put_nowait(None)
         self._subs.clear()
 
-    async def subscribe(self) -> AsyncIterator[worker_pb2.WorkerEvent]:
+    async def subscribe(self, tokens: bool = True) -> AsyncIterator[worker_pb2.WorkerEvent]:
+        """The snapshot, then live events; ``tokens=False``: BlockStored without token ids."""
         if self._closed:
             return
         q: asyncio.Queue = asyncio.Queue()
-        self._subs.add(q)
+        self._subs[q] = tokens
         try:
             snapshot = [
                 worker_pb2.KVEvent(cleared=worker_pb2.AllCleared()),
@@ -114,5 +132,5 @@ class EventHub:
                 yield worker_pb2.WorkerEvent(sequence=seq, kv_events=events, load=load)
                 seq += 1
         finally:
-            self._subs.discard(q)
+            self._subs.pop(q, None)
 

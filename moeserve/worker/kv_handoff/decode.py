@@ -9,6 +9,8 @@ never sees a transfer error, only a slower first token.
 Before any READ the handle is claimed from its issuer (``kv_handoff.prefill``): the blocks read
 are the ones the issuer recorded for this decode worker, never the ones the handle lists, and a
 refused handle (forged, replayed, expired, foreign) is recomputed without touching the peer.
+A handle whose issuer's signature does not verify (``kv_handoff.signing``) is refused before
+any connection: a kv_handle cannot point this worker at an address outside its deployment.
 
 The engine is called twice, each a scheduler state change: the request enters as
 WAITING_FOR_REMOTE_KV with its blocks allocated (never scheduled meanwhile), and
@@ -32,6 +34,7 @@ from moeserve.common.errors import IncompatibleKVError
 from moeserve.common.kv_compat import fingerprint_mismatch
 from moeserve.common.sampling import SamplingParams
 from moeserve.common.tls import TlsConfig, open_channel
+from moeserve.common.worker_auth import WorkerAuth, client_interceptors
 from moeserve.worker.engine_loop import EngineLoop
 from moeserve.worker.faults import FaultPlan
 from moeserve.worker.kv_handoff.agent import (
@@ -41,6 +44,7 @@ from moeserve.worker.kv_handoff.agent import (
     TransferState,
     encode_release_notif,
 )
+from moeserve.worker.kv_handoff.signing import handle_verifies
 from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.scheduler import RemoteKVBlocks
 
@@ -53,8 +57,10 @@ class KVPuller:
     def __init__(
         self, agent: KVTransferAgent, metrics: WorkerMetrics, timeout_s: float = 10.0,
         faults: FaultPlan | None = None, tls: TlsConfig | None = None,
+        auth: WorkerAuth | None = None,
     ):  # fmt: skip
         self.tls = tls
+        self.auth = auth
         self.agent = agent
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -64,7 +70,8 @@ class KVPuller:
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self.tls)
+            channel = self._channels[address] = open_channel(
+                address, self.tls, interceptors=client_interceptors(self.auth))
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def _ensure_peer(self, handle: worker_pb2.KVHandle) -> str:
@@ -83,6 +90,10 @@ class KVPuller:
         """The handle as its issuer recorded it for this worker, or None when refused."""
         if not handle.handle_id or handle.decode_agent != self.agent.name:
             return None  # not ours: no need to ask
+        if not handle_verifies(self.auth, handle):
+            logger.warning("KV handle naming %s is not signed by a worker of this deployment; "
+                           "refused without contacting it", handle.worker_address)
+            return None
         try:
             got = await self._stub(handle.worker_address).ClaimKV(
                 worker_pb2.ClaimKVRequest(handle_id=handle.handle_id,

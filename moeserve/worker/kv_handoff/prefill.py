@@ -28,6 +28,8 @@ import grpc
 
 from moeserve.api import worker_pb2
 from moeserve.common.errors import MoeServeError
+from moeserve.common.worker_auth import WorkerAuth
+from moeserve.worker.kv_handoff.signing import sign_handle
 
 if TYPE_CHECKING:
     from moeserve.worker.engine import LLMEngine
@@ -172,8 +174,10 @@ class PrefillHandoff:
     """
 
     def __init__(self, agent: KVTransferAgent | None, address: str, fingerprint: str,
-                 metrics: WorkerMetrics, lease_s: float = 30.0):  # fmt: skip
+                 metrics: WorkerMetrics, lease_s: float = 30.0,
+                 auth: WorkerAuth | None = None):  # fmt: skip
         self.agent = agent
+        self.auth = auth  # signs handles (kv_handoff.signing)
         self.address = address
         self.fingerprint = fingerprint
         self.metrics = metrics
@@ -198,7 +202,7 @@ class PrefillHandoff:
         if blocks:
             handle_id = self.handles.issue(request_id, decode_agent, blocks, num_tokens,
                                            time.monotonic(), lease_s)  # fmt: skip
-        return worker_pb2.KVHandle(
+        return sign_handle(self.auth, worker_pb2.KVHandle(
             agent_name=self.agent.name if self.agent else "",
             request_id=request_id,
             block_ids=blocks,
@@ -208,7 +212,7 @@ class PrefillHandoff:
             worker_address=self.address,
             decode_agent=decode_agent,
             handle_id=handle_id,
-        )
+        ))
 
     def release(self, engine: LLMEngine, request_id: str) -> bool:
         """End the lease, void unclaimed handles, free the blocks; False when none were pinned."""

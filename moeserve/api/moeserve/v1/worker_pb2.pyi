@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVHandle(_message.Message):
-    __slots__ = ("agent_name", "request_id", "block_ids", "num_tokens", "lease_ms", "compat_fingerprint", "worker_address", "handle_id", "decode_agent")
+    __slots__ = ("agent_name", "request_id", "block_ids", "num_tokens", "lease_ms", "compat_fingerprint", "worker_address", "handle_id", "decode_agent", "signature")
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class KVHandle(_message.Message):
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_AGENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     agent_name: str
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -27,7 +28,8 @@ class KVHandle(_message.Message):
     worker_address: str
     handle_id: str
     decode_agent: str
-    def __init__(self, agent_name: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., worker_address: _Optional[str] = ..., handle_id: _Optional[str] = ..., decode_agent: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, agent_name: _Optional[str] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., compat_fingerprint: _Optional[str] = ..., worker_address: _Optional[str] = ..., handle_id: _Optional[str] = ..., decode_agent: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_agent")
