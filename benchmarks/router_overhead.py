@@ -25,6 +25,7 @@ import grpc
 import httpx
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from moeserve.common.worker_auth import WorkerAuth, client_interceptors
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 
 PROMPT = list(range(10, 26))
@@ -86,7 +87,10 @@ async def measure(
     cluster: LocalCluster, n: int, concurrency: int, rounds: int
 ) -> dict[str, list[float]]:
     sampling = common_pb2.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    worker = grpc.aio.insecure_channel(cluster.worker("decode-0").address)
+    # The router's worker-plane token, so the direct worker calls are the router's calls.
+    worker = grpc.aio.insecure_channel(
+        cluster.worker("decode-0").address,
+        interceptors=client_interceptors(WorkerAuth(tuple(v for _, v in cluster.auth_metadata()))))
     router = grpc.aio.insecure_channel(cluster.grpc_address)
     wstub, rstub = worker_pb2_grpc.WorkerStub(worker), router_pb2_grpc.RouterStub(router)
     # Without TCP_NODELAY the client's header/body writes meet delayed ACKs: +40 ms per call.

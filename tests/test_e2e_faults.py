@@ -67,21 +67,22 @@ def test_mismatched_pair_refused_by_name(cluster, model_dir) -> None:
     pairs = {(p["prefill"], p["decode"]): p["reason"] for p in status["incompatible_pairs"]}
     assert "block_size: ours=64 theirs=32" in pairs[(bad, decode)]
     # The decode worker itself refuses the KV by name when handed it anyway.
+    meta = cluster.auth_metadata()  # the router's worker-plane token
     with grpc.insecure_channel(bad) as pc, grpc.insecure_channel(decode) as dc:
         sampling = common_pb2.SamplingParams(max_tokens=4, temperature=0.0)
         # Issued to this decode worker, as the router does: a handle for anyone else is
         # foreign there (refused without a claim, and so never released by it).
         agent = worker_pb2_grpc.WorkerStub(dc).GetNixlMetadata(
-            worker_pb2.GetNixlMetadataRequest(), timeout=10).agent_name
+            worker_pb2.GetNixlMetadataRequest(), metadata=meta, timeout=10).agent_name
         pre = worker_pb2_grpc.WorkerStub(pc).Prefill(worker_pb2.PrefillRequest(
             request_id="mismatch-1", prompt_token_ids=prompt, sampling=sampling,
-            decode_agent=agent), timeout=30)
+            decode_agent=agent), metadata=meta, timeout=30)
         req = worker_pb2.WorkerGenerateRequest(
             request_id="mismatch-1", prompt_token_ids=prompt, sampling=sampling,
             kv_handle=pre.kv_handle, first_token_id=pre.first_token_id,
         )  # fmt: skip
         with pytest.raises(grpc.RpcError) as info:
-            list(worker_pb2_grpc.WorkerStub(dc).Generate(req, timeout=30))
+            list(worker_pb2_grpc.WorkerStub(dc).Generate(req, metadata=meta, timeout=30))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "block_size: ours=64 theirs=32" in info.value.details()
     # The refusal released the prefill worker's pinned blocks (no lease left to expire).

@@ -354,8 +354,9 @@ def _first_stored(cluster: LocalCluster, role: str, prompt: list[int]) -> worker
 
 def test_stream_events_give_token_ids_to_the_router_only(cluster) -> None:
     """A prompt was recoverable from any subscriber's BlockStored.token_ids."""
-    as_peer = _first_stored(cluster, "peer", [(i * 31) % 400 + 3 for i in range(48)])
-    as_router = _first_stored(cluster, "router", [(i * 37) % 400 + 5 for i in range(48)])
+    # 130 tokens: two full blocks of 64 (the tiny model's block size) get cached.
+    as_peer = _first_stored(cluster, "peer", [(i * 31) % 400 + 3 for i in range(130)])
+    as_router = _first_stored(cluster, "router", [(i * 37) % 400 + 5 for i in range(130)])
     assert as_peer.block_hashes and not as_peer.token_ids
     assert list(as_router.token_ids[:8]) == [(i * 37) % 400 + 5 for i in range(8)]
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moeserve.api import common_pb2, worker_pb2_grpc
 from moeserve.common import spec as s
+from moeserve.common.worker_auth import HEADER, PlaneSecret
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -59,8 +60,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_worker_env_and_router_config(tiny_v3: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOESERVE_")}
+    plane = PlaneSecret.generate()  # what the operator's Secret puts in each pod's env
     worker_env = {**env, s.ENV_BLOCK_SIZE: "32", s.ENV_MODEL: "served/tiny", s.ENV_ROLE: "both",
-                  s.ENV_LOG_LEVEL: "warning", s.ENV_METRICS_PORT: "0"}  # fmt: skip
+                  s.ENV_LOG_LEVEL: "warning", s.ENV_METRICS_PORT: "0", **plane.worker_env()}
     worker, m = _start(["worker", "--model", str(tiny_v3), "--port", "0", "--no-nixl",
                         "--num-kv-blocks", "64"], worker_env,
                        r"listening on (\S+) metrics http://\S+:(\d+)/metrics")  # fmt: skip
@@ -72,7 +74,8 @@ def test_worker_env_and_router_config(tiny_v3: Path, tmp_path: Path) -> None:
             check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                          timeout=10)  # fmt: skip
             assert check.status == health_pb2.HealthCheckResponse.SERVING
-            info = worker_pb2_grpc.WorkerStub(ch).Health(common_pb2.HealthRequest(), timeout=10)
+            info = worker_pb2_grpc.WorkerStub(ch).Health(
+                common_pb2.HealthRequest(), metadata=((HEADER, plane.router_token),), timeout=10)
         assert (info.block_size, info.model_id, info.role) == (32, "served/tiny", "both")
 
         config = tmp_path / "router.yaml"
@@ -84,7 +87,7 @@ def test_worker_env_and_router_config(tiny_v3: Path, tmp_path: Path) -> None:
             "startupTimeoutS: 60\n"
         )  # fmt: skip
         router, rm = _start(["router", "--config", str(config), "--max-inflight", "8"],
-                            env, r"listening on (http://\S+)")  # fmt: skip
+                            {**env, **plane.router_env()}, r"listening on (http://\S+)")
         url = rm.group(1)
         with httpx.Client(timeout=30) as client:
             models = client.get(f"{url}/v1/models").json()

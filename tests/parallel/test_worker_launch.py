@@ -13,9 +13,11 @@ import grpc
 import pytest
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.common.worker_auth import HEADER, PlaneSecret
 from tests.parallel import ep_harness as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+PLANE = PlaneSecret.generate()  # every rank process gets the tokens from the environment
 
 
 def _generate(port: int, prompt: list[int], max_tokens: int) -> list[int]:
@@ -26,7 +28,8 @@ def _generate(port: int, prompt: list[int], max_tokens: int) -> list[int]:
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                ignore_eos=True))
         tokens: list[int] = []
-        for resp in stub.Generate(req, timeout=60):
+        meta = ((HEADER, PLANE.router_token),)
+        for resp in stub.Generate(req, metadata=meta, timeout=60):
             tokens.extend(resp.token_ids)
         return tokens
 
@@ -37,7 +40,7 @@ def test_worker_ranks_serve_on_their_own_ports(tiny_v3):
            "--dp", "2", "--ep", "2", "--port", str(port), "--no-nixl",
            "--num-kv-blocks", "64", "--block-size", "16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            env={**os.environ, **PLANE.worker_env()}, start_new_session=True)
     try:
         listening = []
         deadline = time.monotonic() + 60
