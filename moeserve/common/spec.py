@@ -283,6 +283,7 @@ class MoEDeployment(BaseModel):
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 def parse_spec(data: Any, prefix: str = "spec") -> MoEDeploymentSpec:
@@ -323,7 +324,7 @@ def parse_manifest(doc: Any, default_namespace: str = "default") -> MoEDeploymen
     return MoEDeployment(
         name=name, namespace=meta.get("namespace") or default_namespace, spec=spec,
         uid=meta.get("uid"), generation=meta.get("generation"),
-        labels=dict(meta.get("labels") or {}),
+        labels=dict(meta.get("labels") or {}), annotations=dict(meta.get("annotations") or {}),
     )
 
 

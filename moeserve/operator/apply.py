@@ -13,6 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from moeserve.common.spec import KIND_DEPLOYMENT, KIND_WORKER_POOL, LABEL_DEPLOYMENT, MoEDeployment
+from moeserve.common.worker_auth import PlaneSecret
+from moeserve.operator.build_security import (
+    build_plane_secret,
+    plane_generation,
+    plane_secret_name,
+)
 from moeserve.operator.kube import Kube, KubeError
 from moeserve.operator.meta import (
     MANAGED_BY,
@@ -25,11 +31,27 @@ from moeserve.operator.meta import (
 from moeserve.operator.rollout import PoolPlan
 from moeserve.operator.status import WorkerPoolStatus
 
-__all__ = ["apply_children", "write_status", "write_pool_status", "status_changed"]
+__all__ = ["apply_children", "ensure_plane_secret", "write_status", "write_pool_status",
+           "status_changed"]
+
+# Generations older than the previous one are deleted; looking this far back covers an
+# annotation bumped by more than one between two reconciles.
+_OLD_GENERATIONS = 4
+
+
+def ensure_plane_secret(kube: Kube, dep: MoEDeployment) -> None:
+    """This generation's worker-plane Secret exists (created with fresh tokens if not: a
+    create that finds it leaves it alone, so no read permission is needed); generations
+    before the previous one are gone."""
+    kube.create("v1", "Secret", dep.namespace, build_plane_secret(dep, PlaneSecret.generate()))
+    gen = plane_generation(dep)
+    for old in range(max(gen - 1 - _OLD_GENERATIONS, 0), gen - 1):
+        kube.delete("v1", "Secret", dep.namespace, plane_secret_name(dep, old))
 
 
 def apply_children(kube: Kube, dep: MoEDeployment, children: list[dict[str, Any]],
                    plans: Mapping[str, PoolPlan]) -> None:
+    ensure_plane_secret(kube, dep)  # before the pods that read it
     for child in children:
         kube.apply(child)
     _replace_groups(kube, dep, plans)

@@ -28,7 +28,8 @@ from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import MoEDeployment, ranks_per_pod
 from moeserve.common.spec_model import MODELS_DIR
-from moeserve.operator.build_security import tls_args, tls_mounts, tls_volumes
+from moeserve.common.worker_auth import ROUTER_SECRET_ENV
+from moeserve.operator.build_security import plane_secret_env, tls_args, tls_mounts, tls_volumes
 from moeserve.operator.build_workers import (
     PRESTOP_SLEEP_S,
     model_volume,
@@ -137,6 +138,7 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
     if router.api_key_secret:
         env.append({"name": s.ENV_API_KEYS, "valueFrom": {"secretKeyRef": {
             "name": router.api_key_secret, "key": "api-keys"}}})
+    env.extend(plane_secret_env(dep, ROUTER_SECRET_ENV))  # its worker-plane token
     resources: dict[str, Any] = {}
     if router.resources.requests:
         resources["requests"] = dict(router.resources.requests)

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeserve.common.spec import MoEDeployment
+from moeserve.common.spec import MoEDeployment, SpecError
 from moeserve.common.spec_security import TLS_MOUNT
+from moeserve.common.worker_auth import PREVIOUS, SECRET_KEYS, PlaneSecret
+from moeserve.operator.meta import child_labels, object_meta
 
-__all__ = ["tls_args", "tls_volumes", "tls_mounts", "tls_probe", "monitoring_selector"]
+__all__ = ["tls_args", "tls_volumes", "tls_mounts", "tls_probe", "monitoring_selector",
+           "ROTATION_ANNOTATION", "plane_generation", "plane_secret_name", "plane_secret_env",
+           "build_plane_secret"]
+
+# Worker-plane tokens (moeserve.common.worker_auth): one Secret per generation, named
+# <deployment>-worker-plane-<n>, created by the operator (never read back: it holds no read
+# permission on Secrets). Bumping this annotation to n+1 creates generation n+1 and rolls the
+# pods, which present and accept both n+1 and n while they roll; generation n-1 is deleted.
+ROTATION_ANNOTATION = "moeserve.io/worker-token-rotation"
 
 _VOLUME = "tls"
 
@@ -55,3 +65,41 @@ def tls_probe(dep: MoEDeployment, probe: dict[str, Any]) -> dict[str, Any]:
 
 def monitoring_selector(dep: MoEDeployment) -> dict[str, str]:
     return dict(dep.spec.security.monitoring_namespace_selector)
+
+
+def plane_generation(dep: MoEDeployment) -> int:
+    raw = dep.annotations.get(ROTATION_ANNOTATION, "0")
+    if not raw.isdigit():
+        raise SpecError([(f"metadata.annotations[{ROTATION_ANNOTATION}]",
+                          f"must be a non-negative integer, got {raw!r}")])
+    return int(raw)
+
+
+def plane_secret_name(dep: MoEDeployment, generation: int | None = None) -> str:
+    gen = plane_generation(dep) if generation is None else generation
+    return f"{dep.name}-worker-plane-{gen}"
+
+
+def plane_secret_env(dep: MoEDeployment, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The variables ``names`` from this generation's Secret, and ``<NAME>_PREVIOUS`` from the
+    one before (optional: absent at generation 0 and once deleted)."""
+    gen = plane_generation(dep)
+    env = [{"name": n, "valueFrom": {"secretKeyRef": {
+        "name": plane_secret_name(dep, gen), "key": SECRET_KEYS[n]}}} for n in names]
+    if gen > 0:
+        env += [{"name": n + PREVIOUS, "valueFrom": {"secretKeyRef": {
+            "name": plane_secret_name(dep, gen - 1), "key": SECRET_KEYS[n], "optional": True}}}
+            for n in names]
+    return env
+
+
+def build_plane_secret(dep: MoEDeployment, secret: PlaneSecret) -> dict[str, Any]:
+    """This generation's Secret with fresh tokens; owned by the deployment (garbage-collected
+    with it). Created once (apply.ensure_plane_secret), never rendered: its values are random."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": object_meta(dep, plane_secret_name(dep), child_labels(dep, "worker-plane")),
+        "stringData": secret.data(),
+    }

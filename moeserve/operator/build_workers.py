@@ -17,6 +17,7 @@ from moeserve.common.spec import MoEDeployment, PoolSpec, Role, pods_per_group, 
 from moeserve.common.spec_model import MODELS_DIR
 from moeserve.operator.build_security import (
     monitoring_selector,
+    plane_secret_env,
     tls_args,
     tls_mounts,
     tls_probe,
@@ -130,6 +131,7 @@ def worker_launch(dep: MoEDeployment, role: Role,
         {"name": s.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     env.extend({"name": k, "value": v} for k, v in launch.env.items())
+    env.extend(plane_secret_env(dep, launch.secret_env))  # the tokens, from the Secret
     return ["moeserve", *launch.argv], env
 
 

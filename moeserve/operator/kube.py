@@ -33,6 +33,7 @@ PLURALS: dict[str, str] = {
     "NetworkPolicy": "networkpolicies",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "Pod": "pods",
+    "Secret": "secrets",  # created and deleted only, never read (the worker-plane tokens)
     "PodGroup": "podgroups",  # scheduler-plugins and Volcano: same kind and plural
     "LeaderWorkerSet": "leaderworkersets",
     KIND_WORKER_POOL: "moeworkerpools",
@@ -102,6 +103,17 @@ class Kube:
         return self._call("PATCH", path, body=dict(manifest),
                           query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
                           content_type="application/apply-patch+yaml")
+
+    def create(self, api_version: str, kind: str, namespace: str,
+               manifest: Mapping[str, Any]) -> bool:
+        """POST; False when an object of that name exists already (it is left as it is)."""
+        try:
+            self._call("POST", _path(api_version, kind, namespace), body=dict(manifest))
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

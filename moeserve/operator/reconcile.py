@@ -30,6 +30,7 @@ from moeserve.common.spec import (
 )
 from moeserve.operator.apply import apply_children, write_pool_status, write_status
 from moeserve.operator.build_groups import pool_templates
+from moeserve.operator.build_security import plane_generation
 from moeserve.operator.conditions import (
     fabric_condition,
     memory_condition,
@@ -133,6 +134,7 @@ class Reconciler:
         try:
             dep = parse_manifest(body)
             memory = check_memory(dep)
+            plane_generation(dep)  # a bad rotation annotation: InvalidSpec, naming it
         except MemoryPlanError as exc:
             return self._degrade(body, "InsufficientGPUMemory", str(exc), retry=False)
         except SpecError as exc:

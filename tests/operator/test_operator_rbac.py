@@ -57,7 +57,7 @@ def _chart_rules() -> set[tuple[str, str, str]]:
 
 _KUBE_VERBS = {"get": ["get"], "get_deployment": ["get"], "list": ["list"],
                "delete": ["delete"], "patch_status": ["patch"], "apply": ["create", "patch"],
-               "patch": ["patch"]}
+               "patch": ["patch"], "create": ["create"]}
 
 
 def _triple(api_version: str, kind: str, verb: str, sub: str = "") -> tuple[str, str, str]:

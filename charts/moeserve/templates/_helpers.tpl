@@ -49,6 +49,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
+# The worker-plane tokens: one Secret per deployment and generation, created (never read: no
+# get, list or watch, so no other Secret's content is reachable) and deleted after a rotation.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
 - apiGroups: [""]
   resources: [services]
   verbs: [list, watch, create, patch, delete]
