@@ -30,6 +30,12 @@ from moeserve.common import spec as s
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S, pool_launch
 from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment, PoolSpec, SpecError
+from moeserve.common.worker_auth import (
+    ENV_INSECURE,
+    ROUTER_SECRET_ENV,
+    WORKER_SECRET_ENV,
+    PlaneSecret,
+)
 from moeserve.deploy.manifest_local import model_deployment
 
 __all__ = [
@@ -170,26 +176,38 @@ def required_cpus(dep: MoEDeployment, spare_groups: int = 1) -> float:
     return total
 
 
+def _secret_env(plane: PlaneSecret | None, names: tuple[str, ...]) -> dict[str, Any]:
+    """ray_actor_options' runtime_env: the worker-plane tokens as environment, never as
+    arguments (rank actors, which an EPGroup replica starts, inherit its runtime_env)."""
+    env = {ENV_INSECURE: "1"} if plane is None else plane.env(names)
+    return {"runtime_env": {"env_vars": env}}
+
+
 def build_app(dep: MoEDeployment, num_kv_blocks: int = 0,
-              startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Any:  # fmt: skip
-    """The Serve application of one MoEDeployment (needs ray[serve])."""
+              startup_timeout_s: float = STARTUP_TIMEOUT_S,
+              insecure_worker_plane: bool = False) -> Any:  # fmt: skip
+    """The Serve application of one MoEDeployment (needs ray[serve]), with a fresh
+    worker-plane secret unless ``insecure_worker_plane`` (development only)."""
     from ray import serve
 
     from moeserve.deploy.ray_router import RouterDeployment
     from moeserve.deploy.ray_workers import EPGroup
 
     model_dir = model_directory(dep)
+    plane = None if insecure_worker_plane else PlaneSecret.generate()
     pools = {}
     for role in s.ROLES:
         plan = pool_plan(dep, role, model_dir, num_kv_blocks)
         opts = pool_options(dep, role, plan)
+        opts["ray_actor_options"] |= _secret_env(plane, WORKER_SECRET_ENV)
         deployment = serve.deployment(EPGroup).options(
             **opts, version=_version(plan), _internal=True)
         pools[role] = deployment.bind(plan)
     router_cfg = dep.spec.router
     settings = {"disagg_threshold": router_cfg.disagg_threshold, "policy": "prefix"}
     router = serve.deployment(serve.ingress()(RouterDeployment)).options(
-        name="router", num_replicas=router_cfg.replicas, ray_actor_options={"num_cpus": 0},
+        name="router", num_replicas=router_cfg.replicas,
+        ray_actor_options={"num_cpus": 0, **_secret_env(plane, ROUTER_SECRET_ENV)},
         max_ongoing_requests=1024, health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0,
         version=_version(dep.name, model_dir, settings), _internal=True,
     )  # fmt: skip

@@ -56,6 +56,7 @@ class RayClusterSpec:
     route_prefix: str = "/"  # another prefix lets two deployments share one Serve proxy
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
+    insecure_worker_plane: bool = False  # development only: no worker-plane tokens
 
 
 class RayCluster:
@@ -139,7 +140,8 @@ class RayCluster:
         from moeserve.deploy.ray_app import build_app
 
         self.dep = deployment or self.dep
-        app = build_app(self.dep, self.spec.num_kv_blocks, self.spec.startup_timeout_s)
+        app = build_app(self.dep, self.spec.num_kv_blocks, self.spec.startup_timeout_s,
+                        self.spec.insecure_worker_plane)
         serve.run(app, name=self.app_name, route_prefix=self.spec.route_prefix, blocking=False)
 
     def _wait_healthy(self, deadline: float) -> None:
@@ -325,7 +327,9 @@ def run_up_ray(args: argparse.Namespace) -> int:
         raise ValueError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
     cluster = RayCluster(RayClusterSpec(dep, args.address, args.host, args.port,
                                         num_kv_blocks=args.num_kv_blocks,
-                                        route_prefix=args.route_prefix), stop)  # fmt: skip
+                                        route_prefix=args.route_prefix,
+                                        insecure_worker_plane=args.insecure_worker_plane),
+                         stop)  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):  # until ray.init; RayCluster re-installs them
         signal.signal(sig, lambda signum, frame: stop.set())
     try:

@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from moeserve.common.errors import UnavailableError
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
+from moeserve.common.worker_auth import ENV_INSECURE, WorkerAuth, worker_auth_from_env
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.workers import WorkerPool
@@ -30,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 class RayWorkerPool(WorkerPool):
     def __init__(self, deployment: str, index: PrefixIndex, metrics: RouterMetrics,
-                 discovery_interval_s: float = 0.5):  # fmt: skip
-        super().__init__([], [], index, metrics)
+                 discovery_interval_s: float = 0.5, auth: WorkerAuth | None = None):  # fmt: skip
+        super().__init__([], [], index, metrics, auth=auth)
         self.deployment = deployment
         self.discovery_interval_s = discovery_interval_s
         self._known: dict[str, tuple[str, str]] = {}  # actor name -> (address, role)
@@ -113,7 +115,9 @@ class RouterDeployment:
         # them with the router as one application; traffic goes to the workers over gRPC.
         self.pools = pools
         self.metrics = RouterMetrics()
-        self.pool = RayWorkerPool(deployment, PrefixIndex(), self.metrics)
+        # Its worker-plane token (or the opt-out) is in the replica's runtime_env (ray_app).
+        auth = worker_auth_from_env("router", os.environ.get(ENV_INSECURE, "") == "1")
+        self.pool = RayWorkerPool(deployment, PrefixIndex(), self.metrics, auth=auth)
         self.pool.start()
         await self.pool.wait_for_decode(startup_timeout_s)
         info = self.pool.model_info()
