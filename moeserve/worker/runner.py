@@ -125,39 +125,49 @@ class ModelRunner:
             self.num_blocks, model_config.num_hidden_layers, self.block_size,
             model_config.kv_dim, dtype=self.dtype, device=self.device,
         )
-        held = [(str(t.dtype).removeprefix("torch."), t.nbytes) for t in self.model.parameters()]
-        logger.info("%s", engine_memory_report(
-            model_config, held, dtype=str(self.dtype).removeprefix("torch."),
-            fp8_weights=any(kind == "float8_e4m3fn" for kind, _ in held), ep=config.ep,
-            redundant_experts=config.eplb_redundant_experts, num_blocks=self.num_blocks,
-            block_size=self.block_size, max_model_len=max_model_len,
-            max_num_seqs=config.max_num_seqs, buffer_bytes=sum(
-                b.nbytes for b in self.model.buffers()), gpu_free_total=torch.cuda.mem_get_info(
-                self.device) if self.device.type == "cuda" else None))
+        self._log_memory_plan(max_model_len)
         self.sampler = Sampler()
         # The last step's sampled tokens, by row, where the next step's inputs read them
         # when it was scheduled before they reached the host (Scheduler.schedule_ahead).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64,
                                         device=self.device)
         self._generators: dict[str, torch.Generator] = {}
-        self.graphs: DecodeGraphs | None = None
         # Not with expert parallelism: dispatch reads row counts back to the host every layer.
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
-            self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, self.last_sampled, self.block_size,
-                max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
-                # the kernels read the block table directly; the torch path gathers a padded
-                # context of this length every step, so it keeps a bound
-                max_context=max_model_len if self.backend == "triton" else min(
-                    config.cuda_graph_max_context, max_model_len),
-                backend=self.backend,
-            )
-            try:
-                self.graphs.capture()
-            except RuntimeError as e:  # an op of this model/dtype cannot be captured
-                logger.warning("decode CUDA graphs disabled, running eagerly: %s", e,
-                               exc_info=logger.isEnabledFor(logging.DEBUG))
-                self.graphs = None
+            self.graphs = self._capture_graphs(max_model_len)
+
+    def _log_memory_plan(self, max_model_len: int) -> None:
+        """What this process holds, beside the plan's arithmetic (common/memory_plan.py)."""
+        config = self.config
+        held = [(str(t.dtype).removeprefix("torch."), t.nbytes) for t in self.model.parameters()]
+        logger.info("%s", engine_memory_report(
+            self.model_config, held, dtype=str(self.dtype).removeprefix("torch."),
+            fp8_weights=any(kind == "float8_e4m3fn" for kind, _ in held), ep=config.ep,
+            redundant_experts=config.eplb_redundant_experts, num_blocks=self.num_blocks,
+            block_size=self.block_size, max_model_len=max_model_len,
+            max_num_seqs=config.max_num_seqs, buffer_bytes=sum(
+                b.nbytes for b in self.model.buffers()), gpu_free_total=torch.cuda.mem_get_info(
+                self.device) if self.device.type == "cuda" else None))
+
+    def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        config = self.config
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.last_sampled, self.block_size,
+            max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+            # the kernels read the block table directly; the torch path gathers a padded
+            # context of this length every step, so it keeps a bound
+            max_context=max_model_len if self.backend == "triton" else min(
+                config.cuda_graph_max_context, max_model_len),
+            backend=self.backend,
+        )
+        try:
+            graphs.capture()
+        except RuntimeError as e:  # an op of this model/dtype cannot be captured
+            logger.warning("decode CUDA graphs disabled, running eagerly: %s", e,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            return None
+        return graphs
 
     def _fp8_paths(self) -> str:
         """How the fp8 weights are computed, for the start-up log (the ops then record the
