@@ -11,10 +11,10 @@ embedding, lm_head and norms stay in the serving dtype and the router gate in fl
 (moe.Gate). The KV cache holds one latent vector per token and layer, ``kv_lora_rank +
 qk_rope_head_dim`` values in the serving dtype.
 
-On a GPU the engine sizes its KV cache from free memory after loading (runner.py):
-``kv = free - (1 - util) * total`` with ``free = total - runtime - weights``, so
-``kv = util * total - runtime - weights``: the ``(1 - util)`` share stays free for activations,
-CUDA graphs and communication buffers.
+On a GPU the engine sizes its KV cache as its own share of the device (kv_budget.py):
+``kv = util * total - runtime - weights``, what other processes hold aside (workers sharing a
+GPU each take their fraction); the ``(1 - util)`` share stays free for activations, CUDA graphs
+and communication buffers.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from moeserve.common.kv_budget import KvBudgetError, kv_cache_budget
 from moeserve.common.memory_plan import engine_memory_report
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
@@ -110,9 +111,6 @@ class ModelRunner:
                                        and self.device.type == "cuda" else "torch")
         if self.backend == "triton":
             self.model.fuse_weights()
-            # the weight merges left the old tensors in the allocator's cache, and the KV
-            # budget below is read from free memory
-            torch.cuda.empty_cache()
         if model_config.fp8_block_size is not None:
             logger.info("fp8 checkpoint (%dx%d blocks): %s", *model_config.fp8_block_size,
                         self._fp8_paths())
@@ -192,14 +190,26 @@ class ModelRunner:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - self.config.gpu_memory_utilization) * total
+            budget = self._gpu_kv_budget()
         else:
-            budget = self.config.kv_cache_memory_gb * (1 << 30)
+            budget = int(self.config.kv_cache_memory_gb * (1 << 30))
         blocks = int(budget // self.bytes_per_block)
         if blocks < 2:
-            raise MemoryError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB)")
+            raise KvBudgetError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB, "
+                                f"2 blocks need {2 * self.bytes_per_block / 2**20:.0f} MiB)")
         return blocks
+
+    def _gpu_kv_budget(self) -> int:
+        """This process's share of the device (common/kv_budget.py): what other processes
+        hold does not count against it, so workers sharing a GPU each get their fraction."""
+        torch.cuda.empty_cache()  # load-time temporaries would otherwise count as held
+        free, total = torch.cuda.mem_get_info(self.device)
+        held = torch.cuda.memory_reserved(self.device)
+        util = self.config.gpu_memory_utilization
+        budget = kv_cache_budget(util, total, held, free, min_bytes=2 * self.bytes_per_block)
+        line = budget.describe(util, total, held, free)
+        logger.log(logging.WARNING if budget.capped else logging.INFO, "%s", line)
+        return budget.bytes
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
