@@ -1,9 +1,12 @@
 """`moeserve bench`: an async load generator against an OpenAI-compatible /v1/completions.
 
 Like ``vllm bench serve``: requests arrive at ``--request-rate`` (Poisson) or as fast as
-``--concurrency`` allows; prompts are random token ids (no tokenizer needed), optionally sharing
-one of ``--prefix-groups`` prefixes of ``--prefix-len`` tokens. Every request streams; TTFT is
-the time to the first token-bearing chunk, ITL the gaps between later chunks.
+``--concurrency`` allows; prompts are random token ids sent as a token-id ``prompt`` (no
+tokenizer needed, lengths exact), optionally sharing one of ``--prefix-groups`` prefixes of
+``--prefix-len`` tokens. ``--dataset fixed`` sends exactly ``--input-len`` / ``--output-len``
+tokens; ``--dataset random`` draws each request's lengths uniformly (seeded) within
+``len * (1 -+ ratio)``. Every request streams with ``ignore_eos``; the metrics (TTFT, TPOT, ITL,
+end-to-end latency, throughputs) are computed by :mod:`moeserve.bench_stats`.
 """
 
 from __future__ import annotations
@@ -12,20 +15,25 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import random
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import httpx
 
+from moeserve.bench_stats import RequestRecord, format_table, summarize
 from moeserve.common.progress import progress
 
-__all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts", "run_bench"]
+__all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts", "run_bench",
+           "sample_lengths"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+DATASETS = ("fixed", "random")
+DEFAULT_RANGE_RATIO = 0.5  # --dataset random without a ratio: lengths in [0.5, 1.5] x the mean
 
 
 @dataclass
@@ -35,8 +43,11 @@ class BenchConfig:
     num_prompts: int = 100
     request_rate: float = float("inf")
     concurrency: int = 0
+    dataset: str = "fixed"
     input_len: int = 128
     output_len: int = 64
+    input_len_range_ratio: float | None = None
+    output_len_range_ratio: float | None = None
     prefix_groups: int = 0
     prefix_len: int = 0
     min_token_id: int = 10
@@ -47,22 +58,48 @@ class BenchConfig:
     progress: bool = True
 
 
-@dataclass
-class RequestRecord:
-    ok: bool = False
-    prompt_len: int = 0
-    output_tokens: int = 0
-    ttft_s: float = 0.0
-    latency_s: float = 0.0
-    itl_s: list[float] = field(default_factory=list)
-    error: str | None = None
+def _ratio(cfg: BenchConfig, value: float | None, flag: str) -> float:
+    if cfg.dataset == "fixed":
+        if value:
+            raise ValueError(f"{flag} {value} needs --dataset random (fixed lengths do not vary)")
+        return 0.0
+    ratio = DEFAULT_RANGE_RATIO if value is None else value
+    if not 0 <= ratio < 1:
+        raise ValueError(f"{flag} must be within [0, 1), got {ratio}")
+    return ratio
 
 
-def make_prompts(cfg: BenchConfig, max_token_id: int) -> list[list[int]]:
+def sample_lengths(cfg: BenchConfig) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per request: the means under ``fixed``; under ``random``
+    uniform integers in [floor(len * (1 - ratio)), ceil(len * (1 + ratio))], at least 1."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"--dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)}")
+    for flag, value in (("--num-prompts", cfg.num_prompts), ("--input-len", cfg.input_len),
+                        ("--output-len", cfg.output_len)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    in_r = _ratio(cfg, cfg.input_len_range_ratio, "--input-len-range-ratio")
+    out_r = _ratio(cfg, cfg.output_len_range_ratio, "--output-len-range-ratio")
+    rng = random.Random(cfg.seed + 2)
+
+    def draw(mean: int, ratio: float) -> int:
+        lo, hi = max(1, math.floor(mean * (1 - ratio))), math.ceil(mean * (1 + ratio))
+        return rng.randint(lo, max(lo, hi))
+
+    return [(draw(cfg.input_len, in_r), draw(cfg.output_len, out_r))
+            for _ in range(cfg.num_prompts)]  # fmt: skip
+
+
+def make_prompts(
+    cfg: BenchConfig, max_token_id: int, lengths: list[tuple[int, int]] | None = None
+) -> list[list[int]]:
     """Random token-id prompts; prompt i shares prefix group ``i % prefix_groups``."""
+    lengths = sample_lengths(cfg) if lengths is None else lengths
     rng = random.Random(cfg.seed)
-    if cfg.prefix_len > cfg.input_len:
-        raise ValueError(f"--prefix-len {cfg.prefix_len} exceeds --input-len {cfg.input_len}")
+    shortest = min(n for n, _ in lengths)
+    if cfg.prefix_len > shortest:
+        raise ValueError(f"--prefix-len {cfg.prefix_len} exceeds the shortest prompt ({shortest} "
+                         "tokens; see --input-len and --input-len-range-ratio)")  # fmt: skip
     hi = max(max_token_id - 1, cfg.min_token_id)
 
     def draw(n: int) -> list[int]:
@@ -70,16 +107,39 @@ def make_prompts(cfg: BenchConfig, max_token_id: int) -> list[list[int]]:
 
     groups = [draw(cfg.prefix_len) for _ in range(cfg.prefix_groups)]
     prompts = []
-    for i in range(cfg.num_prompts):
+    for i, (n, _) in enumerate(lengths):
         prefix = groups[i % len(groups)] if groups else []
-        prompts.append(prefix + draw(cfg.input_len - len(prefix)))
+        prompts.append(prefix + draw(n - len(prefix)))
     return prompts
 
 
-async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: list[int]):
-    rec = RequestRecord(prompt_len=len(prompt))
+def _consume(rec: RequestRecord, chunk: dict, start: float, last: float) -> float:
+    """Fold one stream chunk into ``rec``; returns the time of the last content chunk."""
+    if "error" in chunk:
+        err = chunk["error"]
+        raise ValueError(err.get("message") if isinstance(err, dict) else str(err))
+    choices = chunk.get("choices") or []
+    n = sum(len(c.get("token_ids") or []) or bool(c.get("text")) for c in choices)
+    if n:
+        now = time.perf_counter()
+        if rec.output_tokens == 0:
+            rec.ttft_s = now - start
+        else:
+            rec.itl_s.append(now - last)
+        last = now
+        rec.output_tokens += n
+    usage = chunk.get("usage")
+    if usage:  # the server's own counts win over ours (several tokens may share a chunk)
+        rec.output_tokens = usage.get("completion_tokens", rec.output_tokens)
+        rec.prompt_len = usage.get("prompt_tokens", rec.prompt_len)
+    return last
+
+
+async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: list[int],
+               output_len: int) -> RequestRecord:  # fmt: skip
+    rec = RequestRecord(prompt_len=len(prompt), output_len=output_len)
     body = {
-        "model": model, "prompt": prompt, "max_tokens": cfg.output_len, "temperature": 0.0,
+        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
         "return_token_ids": True,
     }  # fmt: skip
@@ -90,81 +150,44 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
                 rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return rec
             async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    rec.error = str(chunk["error"].get("message"))
-                    return rec
-                choices = chunk.get("choices") or []
-                n = sum(len(c.get("token_ids") or []) or bool(c.get("text")) for c in choices)
-                if n:
-                    now = time.perf_counter()
-                    if rec.output_tokens == 0:
-                        rec.ttft_s = now - start
-                    else:
-                        rec.itl_s.append(now - last)
-                    last = now
-                    rec.output_tokens += n
-                usage = chunk.get("usage")
-                if usage:
-                    rec.output_tokens = usage.get("completion_tokens", rec.output_tokens)
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    last = _consume(rec, json.loads(line[6:]), start, last)
         rec.latency_s = time.perf_counter() - start
         rec.ok = rec.output_tokens > 0
         if not rec.ok:
             rec.error = "no tokens received"
-    except (httpx.HTTPError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - one bad request is counted, never ends the run
         rec.error = f"{type(e).__name__}: {e}"
     return rec
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    xs = sorted(values)
-
-    def pct(p: float) -> float:
-        # Linear interpolation between closest ranks, as numpy's default does.
-        k = (len(xs) - 1) * p / 100
-        lo = int(k)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-    return {"mean": sum(xs) / len(xs), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
-
-
-def summarize(records: list[RequestRecord], duration_s: float) -> dict[str, Any]:
-    ok = [r for r in records if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_len for r in ok)
-    ms = lambda xs: {k: v * 1e3 for k, v in _percentiles(xs).items()}
-    return {
-        "duration_s": duration_s,
-        "completed": len(ok),
-        "failed": len(records) - len(ok),
-        "request_throughput": len(ok) / duration_s if duration_s else 0.0,
-        "output_throughput": out_tokens / duration_s if duration_s else 0.0,
-        "total_token_throughput": (in_tokens + out_tokens) / duration_s if duration_s else 0.0,
-        "ttft_ms": ms([r.ttft_s for r in ok]),
-        "itl_ms": ms([x for r in ok for x in r.itl_s]),
-        "e2e_latency_ms": ms([r.latency_s for r in ok]),
-        "errors": sorted({r.error for r in records if r.error})[:10],
-    }
 
 
 async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:
     model, max_id = cfg.model, cfg.max_token_id
     if model is None or max_id <= 0:
-        resp = await client.get("/v1/models")
-        resp.raise_for_status()
-        card = resp.json()["data"][0]
+        try:
+            resp = await client.get("/v1/models")
+            resp.raise_for_status()
+            card = resp.json()["data"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"cannot list models at {cfg.url}/v1/models ({type(e).__name__}: "
+                             f"{e}); is the router up? (--model and --max-token-id skip this)"
+                             ) from e  # fmt: skip
         model = model or card["id"]
         max_id = max_id if max_id > 0 else int(card.get("vocab_size", 512))
     return model, max_id
 
 
+def _check_load(cfg: BenchConfig) -> None:
+    if cfg.concurrency < 0:
+        raise ValueError(f"--concurrency must be >= 0 (0: unbounded), got {cfg.concurrency}")
+    if not cfg.request_rate > 0:
+        raise ValueError(f"--request-rate must be > 0 (inf: all at once), got {cfg.request_rate}")
+
+
 async def run_bench(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None = None) -> dict:
     """Run the load, print the summary table, write ``cfg.out``; returns the summary dict."""
+    _check_load(cfg)
+    lengths = sample_lengths(cfg)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     if transport is None:
         # Without TCP_NODELAY httpx's header and body writes meet delayed ACKs: +40 ms TTFT.
@@ -174,55 +197,62 @@ async def run_bench(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None
         base_url=cfg.url, timeout=cfg.timeout_s, limits=limits, transport=transport
     ) as client:
         model, max_id = await _discover(client, cfg)
-        prompts = make_prompts(cfg, max_id)
+        prompts = make_prompts(cfg, max_id, lengths)
         rng = random.Random(cfg.seed + 1)
         sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency > 0 else None
         bar = progress(len(prompts), "requests", unit="req", logger=logger,
                        enabled=cfg.progress)  # fmt: skip
 
-        async def run(prompt: list[int]) -> RequestRecord:
+        async def run(prompt: list[int], output_len: int) -> RequestRecord:
             if sem is None:
-                rec = await _one(client, cfg, model, prompt)
+                rec = await _one(client, cfg, model, prompt, output_len)
             else:
                 async with sem:
-                    rec = await _one(client, cfg, model, prompt)
+                    rec = await _one(client, cfg, model, prompt, output_len)
             bar.update(1)
             return rec
 
         start = time.perf_counter()
         with bar:
             tasks = []
-            for prompt in prompts:
-                tasks.append(asyncio.create_task(run(prompt)))
+            for prompt, (_, output_len) in zip(prompts, lengths, strict=True):
+                tasks.append(asyncio.create_task(run(prompt, output_len)))
                 if cfg.request_rate != float("inf"):
                     await asyncio.sleep(rng.expovariate(cfg.request_rate))
             records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    summary = summarize(list(records), duration)
-    _print_table(summary)
+    summary = summarize(list(records), duration, cfg.concurrency)
+    print(format_table(summary))
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-            config["request_rate"] = str(cfg.request_rate)
-            json.dump(
-                {"config": config, "summary": summary, "requests": [asdict(r) for r in records]},
-                f,
-                indent=1,
-            )
+        _write_json(cfg, summary, list(records))
     return summary
 
 
-def _print_table(s: dict[str, Any]) -> None:
-    print(f"{'completed / failed':<28}{s['completed']} / {s['failed']}")
-    print(f"{'duration (s)':<28}{s['duration_s']:.2f}")
-    print(f"{'request throughput (req/s)':<28}{s['request_throughput']:.2f}")
-    print(f"{'output throughput (tok/s)':<28}{s['output_throughput']:.1f}")
-    print(f"{'total throughput (tok/s)':<28}{s['total_token_throughput']:.1f}")
-    for key, name in (("ttft_ms", "TTFT (ms)"), ("itl_ms", "ITL (ms)")):
-        v = s[key]
-        print(f"{name:<28}p50 {v['p50']:.2f}  p90 {v['p90']:.2f}  p99 {v['p99']:.2f}")
-    for err in s["errors"]:
-        print(f"error: {err}")
+def _write_json(cfg: BenchConfig, summary: dict, records: list[RequestRecord]) -> None:
+    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    config["request_rate"] = str(cfg.request_rate)  # inf is not JSON
+    with open(cfg.out, "w") as f:  # type: ignore[arg-type]
+        json.dump({"config": config, "summary": summary,
+                   "requests": [asdict(r) for r in records]}, f, indent=1)  # fmt: skip
+
+
+def _add_workload_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="fixed: every request exactly --input-len/--output-len tokens; random: "
+                        "lengths drawn uniformly around them (seeded, no download)")  # fmt: skip
+    p.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens (mean)")
+    p.add_argument("--output-len", type=int, default=d.output_len,
+                   help="output tokens per request (mean; ignore_eos holds it)")  # fmt: skip
+    for which in ("input", "output"):
+        p.add_argument(f"--{which}-len-range-ratio", type=float, default=None,
+                       help=f"--dataset random: {which} lengths in [len*(1-R), len*(1+R)] "
+                            f"(default {DEFAULT_RANGE_RATIO})")  # fmt: skip
+    p.add_argument("--prefix-groups", type=int, default=d.prefix_groups,
+                   help="number of distinct shared prefixes (0: none)")  # fmt: skip
+    p.add_argument("--prefix-len", type=int, default=d.prefix_len, help="shared prefix tokens")
+    p.add_argument("--max-token-id", type=int, default=d.max_token_id,
+                   help="prompt ids are below this (default: /v1/models vocab_size)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds prompts, lengths, arrivals")
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -232,42 +262,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts)
     load = p.add_mutually_exclusive_group()
-    load.add_argument(
-        "--request-rate",
-        type=float,
-        default=d.request_rate,
-        help="Poisson arrivals per second (default: inf, all at once)",
-    )
-    load.add_argument(
-        "--concurrency",
-        type=int,
-        default=d.concurrency,
-        help="fixed number of requests in flight (0: unbounded)",
-    )
-    p.add_argument("--input-len", type=int, default=d.input_len, help="prompt tokens")
-    p.add_argument("--output-len", type=int, default=d.output_len, help="tokens per request")
-    p.add_argument(
-        "--prefix-groups",
-        type=int,
-        default=d.prefix_groups,
-        help="number of distinct shared prefixes (0: none)",
-    )
-    p.add_argument("--prefix-len", type=int, default=d.prefix_len, help="shared prefix tokens")
-    p.add_argument(
-        "--max-token-id",
-        type=int,
-        default=d.max_token_id,
-        help="prompt ids are below this (default: vocab_size from /v1/models)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--timeout",
-        dest="timeout_s",
-        type=float,
-        default=d.timeout_s,
-        help="per-request timeout in seconds",
-    )
-    p.add_argument("--out", default=None, help="write config, summary and records as JSON")
+    load.add_argument("--request-rate", type=float, default=d.request_rate,
+                      help="Poisson arrivals per second (default: inf, all at once)")  # fmt: skip
+    load.add_argument("--concurrency", type=int, default=d.concurrency,
+                      help="fixed number of requests in flight (0: unbounded)")  # fmt: skip
+    _add_workload_args(p, d)
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
+                   help="per-request timeout in seconds")  # fmt: skip
+    p.add_argument("--json-out", "--out", dest="out", default=None, metavar="PATH",
+                   help="write config, summary and per-request records as JSON")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_run)
     return p

@@ -8,23 +8,27 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
-from moeserve.bench import BenchConfig, add_bench_parser, make_prompts, run_bench
+from moeserve.bench import BenchConfig, add_bench_parser, make_prompts, run_bench, sample_lengths
 
 
-def _fake_server(seen: list[dict]) -> httpx.MockTransport:
+def _fake_server(seen: list[dict], failures: bool = True) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "tiny", "vocab_size": 100}]})
         body = json.loads(request.content)
         seen.append(body)
-        if body["prompt"][0] == 11:  # one failing request
+        if failures and len(seen) == 3:  # one failing request
             return httpx.Response(429, json={"error": {"message": "busy"}})
+        if failures and len(seen) == 5:  # a stream that breaks off: counted, the run goes on
+            return httpx.Response(200, content=b"data: {not json\n\n",
+                                  headers={"content-type": "text/event-stream"})  # fmt: skip
         events = []
         for i in range(body["max_tokens"]):
             chunk = {"choices": [{"index": 0, "text": "x", "token_ids": [i]}]}
             events.append(f"data: {json.dumps(chunk)}\n\n")
-        usage = {"prompt_tokens": 1, "completion_tokens": body["max_tokens"]}
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
         events.append(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n")
         events.append("data: [DONE]\n\n")
         return httpx.Response(200, content="".join(events).encode(),
@@ -42,25 +46,68 @@ def test_prompts_share_prefix_groups() -> None:
     assert make_prompts(cfg, 50) == prompts  # seeded
 
 
-def test_bench_reports_percentiles_and_writes_json(tmp_path: Path) -> None:
+METRIC_ROWS = [f"{stat} {name} (ms):" for name in ("TTFT", "TPOT", "ITL", "E2EL")
+               for stat in ("Mean", "P50", "P90", "P99")]  # fmt: skip
+
+
+def test_bench_reports_every_metric_and_writes_json(tmp_path: Path, capsys) -> None:
     seen: list[dict] = []
     out = tmp_path / "bench.json"
     cfg = BenchConfig(url="http://fake", num_prompts=8, input_len=4, output_len=5,
                       concurrency=3, out=str(out), progress=False)  # fmt: skip
     summary = asyncio.run(run_bench(cfg, transport=_fake_server(seen)))
     assert len(seen) == 8 and all(b["model"] == "tiny" and b["stream"] for b in seen)
-    assert all(max(b["prompt"]) < 100 for b in seen)
-    failed = sum(b["prompt"][0] == 11 for b in seen)
+    assert all(max(b["prompt"]) < 100 and b["ignore_eos"] for b in seen)
+    failed = 2
     assert summary["completed"] == 8 - failed and summary["failed"] == failed
+    assert sum(summary["errors"].values()) == failed
     assert summary["ttft_ms"]["p50"] > 0 and summary["itl_ms"]["p99"] >= summary["itl_ms"]["p50"]
+    assert summary["tpot_ms"]["mean"] > 0 and summary["e2e_latency_ms"]["p90"] > 0
+    table = capsys.readouterr().out
+    for row in [*METRIC_ROWS, "Output token throughput (tok/s):", "Request throughput (req/s):",
+                "Total token throughput (tok/s):", "Failed requests:"]:  # fmt: skip
+        assert row in table, row
     data = json.loads(out.read_text())
     assert len(data["requests"]) == 8 and data["summary"]["completed"] == summary["completed"]
-    assert all(r["output_tokens"] == 5 for r in data["requests"] if r["ok"])
+    assert all(r["output_tokens"] == 5 and r["prompt_len"] == 4 for r in data["requests"]
+               if r["ok"])  # fmt: skip
+    assert set(data["summary"]) >= {"ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"}
+
+
+def test_random_dataset_lengths_vary_within_range_seeded(tmp_path: Path) -> None:
+    cfg = BenchConfig(url="http://fake", num_prompts=200, input_len=40, output_len=10,
+                      dataset="random", input_len_range_ratio=0.25, output_len_range_ratio=0.5,
+                      min_token_id=20, progress=False)  # fmt: skip
+    lengths = sample_lengths(cfg)
+    assert lengths == sample_lengths(cfg)
+    ins, outs = [n for n, _ in lengths], [m for _, m in lengths]
+    assert min(ins) >= 30 and max(ins) <= 50 and len(set(ins)) > 10
+    assert min(outs) >= 5 and max(outs) <= 15 and len(set(outs)) > 5
+    seen: list[dict] = []
+    summary = asyncio.run(run_bench(cfg, transport=_fake_server(seen, failures=False)))
+    assert [(len(b["prompt"]), b["max_tokens"]) for b in seen] == lengths
+    assert summary["total_input_tokens"] == sum(ins) and summary["failed"] == 0
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"input_len_range_ratio": 0.2}, "needs --dataset random"),
+    ({"dataset": "random", "output_len_range_ratio": 1.0}, "within \\[0, 1\\)"),
+    ({"output_len": 0}, "--output-len must be at least 1"),
+    ({"dataset": "sharegpt"}, "expected one of fixed, random"),
+])  # fmt: skip
+def test_bad_workload_is_a_clear_error(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sample_lengths(BenchConfig(**kw))
 
 
 def test_bench_parser() -> None:
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--url", "http://x", "--request-rate", "4",
-                              "--prefix-groups", "2", "--prefix-len", "64"])  # fmt: skip
+    argv = (
+        "bench --url http://x --request-rate 4 --prefix-groups 2 --prefix-len 64 "
+        "--dataset random --input-len-range-ratio 0.1 --json-out x.json"
+    )
+    args = parser.parse_args(argv.split())
     assert args.request_rate == 4 and args.prefix_groups == 2 and callable(args.func)
+    assert args.dataset == "random" and args.input_len_range_ratio == 0.1 and args.out == "x.json"
+    assert parser.parse_args(["bench", "--out", "y.json"]).out == "y.json"  # the older name
