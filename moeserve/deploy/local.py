@@ -42,6 +42,7 @@ from moeserve.common.worker_auth import (
     PlaneSecret,
 )
 from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
+from moeserve.deploy.up_flags import shared_gpu_args
 
 __all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_launch",
            "LAPTOP_DISAGG_THRESHOLD"]
@@ -231,6 +232,21 @@ class LocalCluster:
                                            *spec.role_args.get(role, []), *spec.worker_args],
                                           {})  # fmt: skip
                 out.append((f"{role}-{i}", launch, spec.role_ranks.get(role, 1)))
+        return self._split_shared_gpu(out)
+
+    def _split_shared_gpu(self, launches: list[tuple[str, WorkerLaunch, int]],
+                          ) -> list[tuple[str, WorkerLaunch, int]]:  # fmt: skip
+        """Workers without a --device all take the default CUDA device: with no utilization
+        given, each gets its part of the default so they fit together."""
+        on_default = [i for i, (_, launch, _) in enumerate(launches)
+                      if "--device" not in launch.argv]  # fmt: skip
+        flags, line = shared_gpu_args([launches[i][1].argv for i in on_default])
+        if line is not None and self.log is not None:
+            self.log.write(f"[up] {line}\n")
+        out = list(launches)
+        for i in on_default if flags else ():
+            name, launch, ranks = out[i]
+            out[i] = (name, WorkerLaunch([*launch.argv, *flags], launch.env), ranks)
         return out
 
     def _common_args(self, model: str) -> list[str]:

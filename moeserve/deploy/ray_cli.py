@@ -28,6 +28,7 @@ from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.optional import require
 from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment
+from moeserve.deploy.up_flags import forwarded_argv, with_engine_args
 
 __all__ = [
     "RayCluster", "RayClusterSpec", "run_up_ray", "add_ray_parser", "pool_status", "connect",
@@ -322,6 +323,11 @@ def run_up_ray(args: argparse.Namespace) -> int:
     require("ray.serve", _RAY_NEEDED_FOR)  # before any work: one line naming the extra
     dep = load_deployment(args.file, args.model, args.prefill, args.decode)
     dep = with_served_name(dep, getattr(args, "served_model_name", None))
+    engine_argv, router_argv = forwarded_argv(args)
+    if router_argv:
+        raise ValueError(f"router flags with --ray are not passed on yet: {' '.join(router_argv)}"
+                         " (run without --ray, or set the manifest's spec.router)")
+    dep = with_engine_args(dep, engine_argv)
     stop = threading.Event()
     if not args.route_prefix.startswith("/"):
         raise ValueError(f"--route-prefix must start with '/', got {args.route_prefix!r}")

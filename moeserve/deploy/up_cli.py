@@ -20,6 +20,7 @@ from moeserve.deploy.manifest_local import (
     load_manifest,
     model_deployment,
 )
+from moeserve.deploy.up_flags import add_forwarded_args, forwarded_argv, with_engine_args
 
 __all__ = ["add_up_parser"]
 
@@ -30,10 +31,11 @@ def _cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     else:
         dep = model_deployment(args.model, args.prefill, args.decode,
                                disagg_threshold=args.disagg_threshold)  # fmt: skip
+    engine_argv, router_argv = forwarded_argv(args)
     return cluster_spec_from_manifest(
-        dep, args.model, served_name=args.served_model_name, host=args.host, port=args.port,
-        policy=args.policy, num_kv_blocks=args.num_kv_blocks,
-        insecure_worker_plane=args.insecure_worker_plane,
+        with_engine_args(dep, engine_argv), args.model, served_name=args.served_model_name,
+        host=args.host, port=args.port, policy=args.policy, num_kv_blocks=args.num_kv_blocks,
+        insecure_worker_plane=args.insecure_worker_plane, router_args=router_argv,
     )  # fmt: skip
 
 
@@ -110,5 +112,6 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
                    help="run as local processes (the default without --ray)")
     p.add_argument("--address", default=None, help="Ray cluster (with --ray; default: start one)")
     p.add_argument("--route-prefix", default="/", help="HTTP route of the app (with --ray)")
+    add_forwarded_args(p)  # last: `up`'s own flags keep their meaning
     p.set_defaults(func=_run_up)
     return p  # fmt: skip
