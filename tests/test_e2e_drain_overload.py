@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from moeserve.common.worker_auth import ROUTER_SECRET_ENV
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 from tests.reliability_helpers import (
     classify,
@@ -137,6 +138,8 @@ def _start_router(cluster: LocalCluster) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "moeserve.cli", "router", "--model", cluster.model,
          "--prefill", addrs["prefill"], "--decode", addrs["decode"], "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # the deployment's router token, as the operator gives every router replica
+        env={**os.environ, **cluster.secret_env(ROUTER_SECRET_ENV)},
     )  # fmt: skip
     for line in proc.stdout:
         if m := re.search(r"listening on (http://\S+)", line):

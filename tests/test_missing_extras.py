@@ -54,7 +54,9 @@ def test_up_without_nixl_names_the_extra(tmp_path: Path) -> None:
 
 def test_worker_without_nixl_names_the_extra_and_the_way_around(tmp_path: Path) -> None:
     # The check comes before the model loads: the directory need not even exist.
-    proc = _moeserve(tmp_path, "nixl", "worker", "--model", str(tmp_path / "nowhere"))
+    # A worker started by hand has no worker-plane tokens; the opt-out gets it to the NIXL check.
+    proc = _moeserve(tmp_path, "nixl", "worker", "--model", str(tmp_path / "nowhere"),
+                     "--insecure-worker-plane")
     _assert_named(proc, "NIXL", "nixl")
     assert "--no-nixl" in proc.stderr
 

@@ -74,7 +74,10 @@ def test_held_request_completes_when_a_real_decode_worker_wakes(tmp_path: Path) 
         assert not task.done()
         # The operator scales the decode pool up; the worker starts (weights, warm-up) and
         # discovery adds it to the router's pool.
-        spec = ClusterSpec(model=str(model), prefill=0, decode=1, port=0, num_kv_blocks=64)
+        # The router here is built in-process without worker-plane tokens: what is tested is
+        # the hold and the wake, so the worker runs with the development opt-out.
+        spec = ClusterSpec(model=str(model), prefill=0, decode=1, port=0, num_kv_blocks=64,
+                           insecure_worker_plane=True)
         cluster = LocalCluster(spec, log=None)
         await asyncio.to_thread(cluster.start)
         try:
