@@ -30,10 +30,8 @@ from moeserve.common.served_name import with_served_name
 from moeserve.common.spec import MoEDeployment
 from moeserve.deploy.up_flags import forwarded_argv, with_engine_args
 
-__all__ = [
-    "RayCluster", "RayClusterSpec", "run_up_ray", "add_ray_parser", "pool_status", "connect",
-    "STOP_BUDGET_S",
-]
+__all__ = ["RayCluster", "RayClusterSpec", "run_up_ray", "add_ray_parser", "pool_status",
+           "connect", "STOP_BUDGET_S"]
 
 # Whole stop (app deletion, Ray shutdown, stragglers), inside Kubernetes' default 30 s grace.
 STOP_BUDGET_S = 20.0
