@@ -12,9 +12,10 @@ import pytest
 from moeserve.api import common_pb2, worker_pb2
 from moeserve.common.errors import ConfigError, ResourceExhaustedError, UnavailableError
 from moeserve.common.kv_compat import compat_fingerprint
+from moeserve.common.metrics import render
 from moeserve.common.sampling import SamplingParams
 from moeserve.deploy.supervisor import fixed_port_args
-from moeserve.router.metrics import RouterMetrics, render
+from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.rpc import MigrationLimitError
 from moeserve.router.serving import Router, RouterSettings

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moeserve.router.metrics import RouterMetrics, render
+from moeserve.common.metrics import render
+from moeserve.router.metrics import RouterMetrics
 from moeserve.worker.metrics import WorkerMetrics
 
 
@@ -61,7 +62,7 @@ def test_metrics_port_keeps_colons_for_an_openmetrics_scraper() -> None:
     """Prometheus asks for OpenMetrics first; the series must keep the names queries use."""
     import httpx
 
-    from moeserve.router.metrics import start_metrics_server
+    from moeserve.common.metrics import start_metrics_server
 
     m = WorkerMetrics()
     m.num_requests_waiting.set(2)

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from moeserve.common.errors import ResourceExhaustedError
+from moeserve.common.metrics import render
 from moeserve.common.sampling import SamplingParams
-from moeserve.router.metrics import RouterMetrics, render
+from moeserve.router.metrics import RouterMetrics
 from moeserve.router.protocol import error_from_exception
 from moeserve.router.serving import Router, RouterSettings
 

@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from moeserve.common.errors import UnavailableError
+from moeserve.common.metrics import render
 from moeserve.router import protocol as P
 from moeserve.router.frontend import Delta, Frontend, Usage
 from moeserve.router.limits import BodyBudget, HttpLimits, check_stop, read_json_body
-from moeserve.router.metrics import render
 from moeserve.router.status import snapshot
 
 __all__ = ["OpenStreams", "create_app"]

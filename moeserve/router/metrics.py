@@ -13,15 +13,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from moeserve.common.metrics import (
-    LATENCY_BUCKETS,
-    ServingMetrics,
-    render,
-    start_metrics_server,
-)
+from moeserve.common.metrics import LATENCY_BUCKETS, ServingMetrics
 
-# render and start_metrics_server are re-exported: the router's HTTP app and server use them.
-__all__ = ["RouterMetrics", "render", "start_metrics_server"]
+__all__ = ["RouterMetrics"]
 
 WORKER = ("worker", "role")
 _DOCS = {

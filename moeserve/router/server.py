@@ -162,7 +162,7 @@ async def serve_router(args: argparse.Namespace) -> None:
     key_list = keys_from_sources(args.api_key)
     keys = ApiKeys(key_list)
     if cfg.metrics_port is not None:
-        from moeserve.router.metrics import start_metrics_server
+        from moeserve.common.metrics import start_metrics_server
 
         # Up before any worker is: on Kubernetes the liveness probe reads this port while the
         # router still waits for its first decode worker (minutes for a DeepSeek checkpoint).
