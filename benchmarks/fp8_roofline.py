@@ -27,7 +27,6 @@ import logging
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,36 +66,6 @@ def fp8_matmul_tflops() -> float:
         mm()
     torch.cuda.synchronize()
     return 2 * n**3 / ((time.perf_counter() - t) / 20) / 1e12
-
-
-def gemm_sweep(peaks, rows) -> None:
-    """The block-fp8 Triton GEMM alone on V3's dense shapes, at decode and prefill sizes,
-    with the tiles `_tiles` picks and a few alternatives (the prefill gap's first suspect)."""
-    from triton.testing import do_bench
-
-    from moeserve.kernels.fp8_gemm import _tiles, per_token_group_quant, w8a8_block_fp8_matmul
-
-    shapes = {"q_a+kv_a": (2112, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384),
-              "dense_gate": (18432, 7168), "dense_down": (7168, 18432)}
-    variants = {8192: [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3)],
-                64: [(64, 64, 4, 4), (64, 32, 4, 4), (32, 64, 4, 5)],
-                1: [(16, 64, 4, 4), (16, 32, 4, 4), (16, 128, 4, 4)]}
-    for m, tiles_list in variants.items():
-        for name, (n, k) in shapes.items():
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
-            s = torch.rand(-(-n // 128), k // 128, device="cuda") + 0.5
-            a_q, a_s = per_token_group_quant(x, 128)
-            for tiles in [_tiles(m)] + [t for t in tiles_list if t != _tiles(m)]:
-                ms = do_bench(partial(w8a8_block_fp8_matmul, a_q, a_s, w, s, tiles=tiles),
-                              warmup=5, rep=30, return_mode="median")
-                row = {"phase": "gemm", "shape": name, "m": m, "tiles": list(tiles),
-                       "default": tiles == _tiles(m), "us": ms * 1e3,
-                       "TFLOPs": 2 * m * n * k / ms / 1e9,
-                       "x_hbm_floor": ms * 1e-3 / ((n * k + m * k * 3) /
-                                                   (peaks["copy_GBps"] * 1e9))}
-                rows.append(row)
-                print(row, flush=True)
 
 
 def _bytes(params) -> int:
@@ -246,7 +215,9 @@ def main() -> None:
     result = {"peaks": peaks, "rows": rows, "args": vars(args),
               "device": torch.cuda.get_device_name()}
     if args.gemm_sweep:
-        gemm_sweep(peaks, rows)
+        from benchmarks.tune_fp8_gemm import sweep
+
+        sweep([1, 64, 8192], peaks["copy_GBps"], rows)
     prompt = [(7919 * j + 13) % 120000 + 10 for j in range(args.compare_tokens)]
     logits = {}
     with tempfile.TemporaryDirectory(dir=args.ckpt_root) as tmp:

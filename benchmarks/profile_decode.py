@@ -41,6 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--preset", default="v2-lite", help="make-checkpoint preset (v2-lite, v3)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="an fp8 checkpoint (block scales), served resident in fp8 (W8A8)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
@@ -55,14 +58,15 @@ def main() -> None:
     from benchmarks.gpu_roofline import inject, release
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(make_checkpoint(Path(tmp) / "m", "v2-lite", layers=args.layers,
-                                    dtype="bfloat16", device="cuda"))
+        model = str(make_checkpoint(Path(tmp) / "m", args.preset, layers=args.layers,
+                                    dtype="bfloat16", fp8=args.fp8, device="cuda"))
         longest = max([args.context, *args.prefill])
         engine = LLMEngine(EngineConfig(model=model, device="cuda", dtype="bfloat16",
                                         max_model_len=longest + 64,
                                         max_num_batched_tokens=max([8192, *args.prefill]),
                                         max_num_seqs=max(args.batch),
                                         cuda_graph_max_context=args.context + 64,
+                                        quantization="fp8" if args.fp8 else "auto",
                                         enable_prefix_caching=False))
         engine.kv_cache.normal_()
         freeze_startup_heap()  # as the worker server does: no full-GC pauses in timings

@@ -78,15 +78,29 @@ def w8a8_block_fp8_matmul_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, m_rows, n_out, k_in,
     stride_am, stride_asm, stride_wn, stride_wsn, stride_cm, k_per_split, stride_split,
     W_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 1, EVEN_K: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
 ):
     """c[m, n] = sum_k a[m, k] a_s[m, k // BK] w[n, k] w_s[n // W_BLOCK_N, k // BK].
 
-    Split K (a third grid axis): program z sums K in [z * k_per_split, (z + 1) *
-    k_per_split) into c + z * stride_split (float32 partials the caller adds up)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    Split K (the grid's second axis): program z sums K in [z * k_per_split, (z + 1) *
+    k_per_split) into c + z * stride_split (float32 partials the caller adds up). The first
+    axis numbers the output tiles; GROUP_M > 1 orders them in bands of GROUP_M row tiles so a
+    wave of programs re-reads A and W from L2 rather than HBM (at prefill sizes A alone outgrows
+    L2). EVEN_K: every split's K is a whole number of BLOCK_K steps (no K masks)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(m_rows, BLOCK_M)
+    tiles_n = tl.cdiv(n_out, BLOCK_N)
+    if GROUP_M > 1:
+        band = GROUP_M * tiles_n
+        first_m = (pid // band) * GROUP_M
+        rows_in_band = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % band) % rows_in_band
+        pid_n = (pid % band) // rows_in_band
+    else:
+        pid_m = pid % tiles_m
+        pid_n = pid // tiles_m
     c_ptr += pid_k.to(tl.int64) * stride_split
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,12 +113,16 @@ def w8a8_block_fp8_matmul_kernel(
     w_s_rows = w_s_ptr + (offs_n // W_BLOCK_N) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_end = tl.minimum(k_in, (pid_k + 1) * k_per_split)
-    for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
-        k_ok = (k0 + offs_k) < k_end
-        a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
+    for k0 in tl.range(pid_k * k_per_split, k_end, BLOCK_K, warp_specialize=WARP_SPEC):
+        if EVEN_K:
+            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < k_end
+            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
         a_s = tl.load(a_s_rows + k0 // BLOCK_K, mask=m_ok, other=0.0)
         w_s = tl.load(w_s_rows + k0 // BLOCK_K, mask=n_ok, other=0.0)
         acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
@@ -131,12 +149,16 @@ def w8a8_block_fp8_matmul(
     block_size: tuple[int, int] = (128, 128),
     tiles: tuple[int, int, int, int] | None = None,
     split_k: int | None = None,
+    group_m: int | None = None,
+    warp_spec: bool = False,
 ) -> torch.Tensor:
     """a_q: [M, K] float8_e4m3fn; a_scales: [M, ceil(K / bk)] float32; weight: [N, K]
     float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32, with
     (bn, bk) = block_size (the checkpoint's `weight_block_size`; bk a power of two).
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `_tiles`; split_k: K splits
     in place of `_split_k` (benchmarks; 1 = none). Split launches add float32 partials.
+    group_m: row tiles per band of the launch order in place of `_group_m`; warp_spec: Triton's
+    warp-specialized K loop (benchmarks).
     Returns a @ weight^T, dequantized, [M, N] in out_dtype."""
     m, k = a_q.shape
     n, w_k = weight.shape
@@ -151,9 +173,9 @@ def w8a8_block_fp8_matmul(
     if a_q.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
         raise ValueError("a_q, weight and weight_scale_inv need a contiguous last dim")
     bm, bn, warps, stages = tiles or _tiles(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split_k is None:  # measured a gain at M <= 16 only (64 rows: q_a + kv_a 40 -> 62 us)
-        split_k = _split_k(grid[0] * grid[1], sk) if m <= 16 else 1
+        split_k = _split_k(programs, sk) if m <= 16 else 1
     splits = split_k
     k_per_split = triton.cdiv(sk, splits) * block_k
     splits = triton.cdiv(k, k_per_split)
@@ -161,12 +183,13 @@ def w8a8_block_fp8_matmul(
         out = torch.empty(splits, m, n, dtype=torch.float32, device=a_q.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
-    w8a8_block_fp8_matmul_kernel[(*grid, splits)](
+    w8a8_block_fp8_matmul_kernel[(programs, splits)](
         a_q, a_scales, weight, weight_scale_inv, out, m, n, k,
         a_q.stride(0), a_scales.stride(0), weight.stride(0), weight_scale_inv.stride(0),
         out.stride(-2), k_per_split, out.stride(0) if splits > 1 else 0,
         W_BLOCK_N=block_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        GROUP_M=_group_m(m, bm) if group_m is None else group_m, EVEN_K=k % block_k == 0,
+        WARP_SPEC=warp_spec, num_warps=warps, num_stages=stages,
     )
     return out.sum(0).to(out_dtype) if splits > 1 else out
 
@@ -176,6 +199,11 @@ def w8a8_block_fp8_matmul(
 # otherwise stream their weight through a quarter of the SMs (benchmarks/fp8_roofline.py
 # --gemm-sweep, H200, batch 1: q_a + kv_a 40 -> 28 us, o_proj 64 -> 49, V3's dense 74 -> 48).
 SPLIT_K_MIN_PROGRAMS = 264
+
+
+def _group_m(m: int, block_m: int) -> int:
+    """Row tiles per band of the launch order: bands only pay once A has many row tiles."""
+    return 8 if m >= 8 * block_m else 1
 
 
 def _split_k(programs: int, k_blocks: int) -> int:

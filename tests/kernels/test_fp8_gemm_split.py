@@ -39,3 +39,18 @@ def test_split_k_choice():
     assert _split_k(112, 128) == 3  # o_proj: 112 tiles
     assert _split_k(384, 12) == 1  # q_b: enough tiles
     assert _split_k(10, 6) == 1  # too few K steps to split
+
+
+@pytest.mark.parametrize("group_m", [2, 3])
+def test_banded_launch_order_covers_every_tile(group_m):
+    # 5 row tiles of 16 in bands of 2 or 3 (the last band short), 3 column tiles of 32.
+    gen = torch.Generator().manual_seed(group_m)
+    w, s = _quantized_weight(70, 256, 128, gen)
+    x = torch.randn(75, 256, generator=gen).to(DEVICE)
+    w, s = w.to(DEVICE), s.to(DEVICE)
+    a_q, a_s = per_token_group_quant(x, 128)
+    args = (a_q, a_s, w, s, torch.float32, (128, 128), (16, 32, 4, 2))
+    plain = w8a8_block_fp8_matmul(*args, group_m=1)
+    banded = w8a8_block_fp8_matmul(*args, group_m=group_m)
+    assert torch.equal(banded, plain)
+    assert rel_err(plain.cpu(), fp8_gemm_ref(x.cpu(), w.cpu(), s.cpu(), torch.float32)) < 1e-2
