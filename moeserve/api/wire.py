@@ -25,10 +25,11 @@ from moeserve.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from moeserve.common.sampling import SamplingParams
+from moeserve.common.sampling import SamplingParams, TokenLogprobs
 
 __all__ = ["PARAM_TRAILER", "abort_with", "error_from_rpc", "grpc_status",
-           "sampling_from_proto", "sampling_to_proto"]
+           "logprobs_from_proto", "logprobs_to_proto", "sampling_from_proto",
+           "sampling_to_proto"]
 
 # Trailing metadata key carrying InvalidRequestError.param, so the router can name the field
 # in the OpenAI error it returns.
@@ -39,10 +40,21 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens, logit_bias=dict(p.logit_bias),
     )  # fmt: skip
     if p.seed is not None:
         msg.seed = p.seed
+    # Only what differs from the defaults travels (most requests set none of these).
+    for name, off in _PROCESSING_DEFAULTS.items():
+        if getattr(p, name) != off:
+            setattr(msg, name, getattr(p, name))
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
     return msg
+
+
+_PROCESSING_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0,
+                        "repetition_penalty": 1.0, "min_p": 0.0}
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -55,7 +67,24 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None,
         stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        logit_bias=dict(p.logit_bias),
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        **{name: getattr(p, name) for name, off in _PROCESSING_DEFAULTS.items()
+           if p.HasField(name)},
     )
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+        top_logprobs=[v for _, v in lp.top],
+    )
+
+
+def logprobs_from_proto(token_id: int, msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(token_id, msg.logprob,
+                         tuple(zip(msg.top_token_ids, msg.top_logprobs, strict=False)))
 
 
 def grpc_status(exc: BaseException) -> grpc.StatusCode:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from moeserve.common.errors import InvalidRequestError
 
-__all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_SEED", "SamplingParams"]
+__all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_LOGPROBS", "MAX_SEED", "SamplingParams",
+           "TokenLogprobs"]
 
 # Below this temperature logits / T overflows float32 for realistic logits, and the
 # distribution is a point mass anyway, so such requests are sampled greedily.
@@ -20,11 +21,28 @@ MAX_SEED = 2**63 - 1
 # stop ids, int32 top_k); larger values would fail in the router's encoder, not as a 400.
 _MAX_UINT32 = 2**32 - 1
 _MAX_INT32 = 2**31 - 1
+# Top alternatives per token: OpenAI's chat limit (vLLM's default --max-logprobs is 20 too).
+MAX_LOGPROBS = 20
 
 
 def _is_int(value: object) -> bool:
     # bool is an int subclass; True as a token id or a length is a caller bug.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the ``top`` (token id, logprob) pairs,
+    most likely first (as many as the request's ``logprobs`` asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,14 @@ class SamplingParams:
     ``top_k`` of -1 or 0 disables top-k; ``top_p`` of 1.0 disables top-p. ``min_tokens``
     suppresses EOS and ``stop_token_ids`` until that many tokens were generated.
     ``stop_token_ids`` may be given as any iterable of ints; it is stored as a tuple.
+
+    Penalties follow OpenAI (``presence_penalty``, ``frequency_penalty`` in [-2, 2], on the
+    tokens generated so far) and vLLM (``repetition_penalty`` > 0 on prompt and generated
+    tokens, 1 disables). ``logit_bias`` maps token id -> bias in [-100, 100] added to the
+    logits (a dict is stored as sorted pairs). ``min_p`` in [0, 1] drops tokens whose
+    probability is below ``min_p`` times the top one's. ``logprobs`` None returns none; k
+    returns the chosen token's logprob and the k most likely tokens' (the raw model
+    distribution, before any of the processing above: vLLM's default ``raw_logprobs``).
     """
 
     max_tokens: int = 16
@@ -44,8 +70,25 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, dict):
+            try:
+                bias = tuple(sorted((int(k), v) for k, v in self.logit_bias.items()))
+            except (TypeError, ValueError):
+                raise InvalidRequestError(
+                    "logit_bias keys must be token ids", param="logit_bias"
+                ) from None
+            object.__setattr__(self, "logit_bias", bias)
+        elif not isinstance(self.logit_bias, tuple):
+            raise InvalidRequestError("logit_bias must map token ids to numbers",
+                                      param="logit_bias")
         if not isinstance(self.stop_token_ids, tuple):
             try:
                 stop = tuple(self.stop_token_ids)
@@ -104,6 +147,45 @@ class SamplingParams:
                 f"got {self.min_tokens!r}",
                 param="min_tokens",
             )
+        self._validate_processing()
+
+    def _validate_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {value!r}",
+                                          param=name)
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0 < rp <= 2.0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be a number in (0, 2], got {rp!r}",
+                param="repetition_penalty",
+            )
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}",
+                                      param="min_p")
+        for pair in self.logit_bias:
+            if (not isinstance(pair, tuple) or len(pair) != 2 or not _is_int(pair[0])
+                    or not 0 <= pair[0] <= _MAX_UINT32):
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids, got {pair!r}", param="logit_bias")
+            if not _is_number(pair[1]) or not -100.0 <= pair[1] <= 100.0:
+                raise InvalidRequestError(
+                    f"logit_bias values must be in [-100, 100], got {pair[1]!r} for token "
+                    f"{pair[0]}", param="logit_bias",
+                )
+        lp = self.logprobs
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}",
+                param="logprobs",
+            )
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the tokens seen so far change this request's logits."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

@@ -5,6 +5,7 @@ Not thread-safe: one thread owns an engine and calls every method.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -198,6 +199,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})", param="prompt"
             )
+        for t, _ in params.logit_bias:
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(
+                    f"logit_bias token id {t} is outside the vocabulary [0, {vocab})",
+                    param="logit_bias",
+                )
         for t in params.stop_token_ids:
             if not 0 <= t < vocab:
                 raise InvalidRequestError(
@@ -251,6 +258,10 @@ class LLMEngine:
                 self._in_flight = (ahead, self.runner.launch(ahead))
         outputs = self.scheduler.update_from_output(out, sampled.result())
         self._generated += sum(len(o.new_token_ids) for o in outputs)
+        logprobs = sampled.logprobs()
+        if logprobs:
+            outputs = [dataclasses.replace(o, new_logprobs=[logprobs[o.request_id]])
+                       if o.request_id in logprobs and o.new_token_ids else o for o in outputs]
         return outputs
 
     def _count_prompt_tokens(self, out: SchedulerOutput) -> None:

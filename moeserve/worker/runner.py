@@ -14,6 +14,7 @@ from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
 from moeserve.worker.host_to_device import to_device
+from moeserve.worker.logits_processors import gather_logprobs, penalty_inputs
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.parallel.group import ParallelContext
@@ -237,7 +238,7 @@ class ModelRunner:
             tables.append(req.block_ids)
             if Scheduler.needs_sampling(req, n):
                 sample_rows.append(len(token_ids) - 1)
-                sample_reqs.append((req, ahead))
+                sample_reqs.append((req, ahead, row))
         if self.expert_parallel is not None:
             from moeserve.worker.parallel.dbo import StepBatch, forward_step
 
@@ -262,14 +263,30 @@ class ModelRunner:
                 return SampledTokens([], None)
             rows = to_device(sample_rows, self.device, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
+        params = [r.sampling_params for r, _, _ in sample_reqs]
         tokens = self.sampler(
             logits,
-            [r.sampling_params for r, _ in sample_reqs],
-            [self._generator(r) for r, _ in sample_reqs],
-            [r.tokens_to_suppress(ahead) for r, ahead in sample_reqs],
+            params,
+            [self._generator(r) for r, _, _ in sample_reqs],
+            [r.tokens_to_suppress(ahead) for r, ahead, _ in sample_reqs],
+            self._penalty_inputs(sample_reqs, params),
         )
+        top_k = [p.logprobs for p in params]
+        logprobs = None
+        if any(k is not None for k in top_k):
+            logprobs = gather_logprobs(logits, tokens, max(k or 0 for k in top_k))
         self.last_sampled[: len(sample_reqs)].copy_(tokens)
-        return SampledTokens([r.request_id for r, _ in sample_reqs], tokens)
+        return SampledTokens([r.request_id for r, _, _ in sample_reqs], tokens, logprobs, top_k)
+
+    def _penalty_inputs(self, sample_reqs: list, params: list):
+        if not any(p.has_penalties for p in params):
+            return None
+        # A token still being sampled by the step before (scheduled ahead) is named by its
+        # row there and read on the device (see feed_back).
+        outputs = [r.output_token_ids + ([-1 - row] if ahead else [])
+                   for r, ahead, row in sample_reqs]
+        return penalty_inputs(params, outputs, [r.prompt_token_ids for r, _, _ in sample_reqs],
+                              self.model_config.vocab_size, self.device, self.last_sampled)
 
     def _decode_graph_fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
         """A pure decode step (one new token per request) within the captured sizes."""

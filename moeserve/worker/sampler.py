@@ -12,8 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-from moeserve.common.sampling import SamplingParams
+from moeserve.common.sampling import SamplingParams, TokenLogprobs
 from moeserve.worker.host_to_device import to_device
+from moeserve.worker.logits_processors import (
+    LogprobsOutput,
+    PenaltyInputs,
+    apply_logit_bias,
+    apply_min_p,
+    apply_penalties,
+)
 
 __all__ = ["SampledTokens", "Sampler", "advance_generator", "feed_back", "make_generator"]
 
@@ -22,19 +29,29 @@ class SampledTokens:
     """One launched step's sampled tokens, on their way to the host.
 
     On CUDA the device-to-host copy is queued behind the step and `result` waits for it, so
-    the host can schedule and launch the next step in between.
+    the host can schedule and launch the next step in between. The step's logprobs (when a
+    row asked for them) travel in the same copy, behind the same event: ``top_k[i]`` is how
+    many alternatives row i asked for (None: no logprobs).
     """
 
-    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None):
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None,
+                 logprobs: LogprobsOutput | None = None,
+                 top_k: list[int | None] | None = None):
         self.request_ids = request_ids
         self._event = None
+        self._top_k = top_k or []
+        parts = [tokens]
+        if logprobs is not None:
+            parts += [logprobs.chosen, logprobs.top_logprobs, logprobs.top_ids]
         if tokens is not None and tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for h, t in zip(host, parts, strict=True):
+                h.copy_(t, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = tokens
+            parts = host
+        self._host = parts[0]
+        self._logprobs = parts[1:] if logprobs is not None else None
 
     @property
     def rows(self) -> dict[str, int]:
@@ -48,6 +65,19 @@ class SampledTokens:
         if self._event is not None:
             self._event.synchronize()
         return dict(zip(self.request_ids, self._host.tolist(), strict=True))
+
+    def logprobs(self) -> dict[str, TokenLogprobs]:
+        """request id -> its token's logprobs, for the rows that asked; call after `result`."""
+        if self._logprobs is None or self._host is None:
+            return {}
+        chosen, top_lp, top_ids = (t.tolist() for t in self._logprobs)
+        tokens = self._host.tolist()
+        out = {}
+        for row, (rid, k) in enumerate(zip(self.request_ids, self._top_k, strict=True)):
+            if k is not None:
+                top = tuple(zip(top_ids[row][:k], top_lp[row][:k], strict=True))
+                out[rid] = TokenLogprobs(tokens[row], chosen[row], top)
+        return out
 
 
 def feed_back(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -80,6 +110,7 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         suppress_token_ids: Sequence[Sequence[int]] | None = None,
+        penalties: PenaltyInputs | None = None,
     ) -> torch.Tensor:
         """Pick one token per row.
 
@@ -90,6 +121,8 @@ class Sampler:
                 draws its noise from it, others from the global RNG.
             suppress_token_ids: optional N lists of token ids masked out before sampling
                 (EOS / stop ids before ``min_tokens``; see ``Request.tokens_to_suppress``).
+            penalties: the seen tokens of rows with penalties (logits_processors.py).
+        ``logits`` itself is never modified (the runner reads the raw logprobs from it).
         Returns:
             [N] int64 token ids on ``logits.device``.
         """
@@ -99,8 +132,12 @@ class Sampler:
                 f"{num_rows} logits rows but {len(params)} params, {len(generators)} generators"
             )
         logits = logits.float()
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits.clone(), params)
         if suppress_token_ids is not None and any(suppress_token_ids):
             logits = _suppress(logits, suppress_token_ids)
+        if penalties is not None:
+            logits = apply_penalties(logits.clone(), params, penalties)
         greedy_tokens = logits.argmax(dim=-1)
         greedy = [p.greedy for p in params]
         if all(greedy):
@@ -114,6 +151,9 @@ class Sampler:
             device, torch.float32,
         )
         logits = logits / temperature.unsqueeze(1)
+        if any(p.min_p > 0 and not g for p, g in zip(params, greedy, strict=True)):
+            logits = apply_min_p(logits, [0.0 if g else p.min_p
+                                          for p, g in zip(params, greedy, strict=True)])
         top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moeserve.common.errors import ConfigError
+from moeserve.common.sampling import TokenLogprobs
 from moeserve.worker.request import Request
 
 __all__ = ["EngineCoreOutput", "RemoteKVBlocks", "SchedulerConfig", "SchedulerOutput"]
@@ -84,6 +85,9 @@ class EngineCoreOutput:
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int
+    # One per new token when the request asked for logprobs and they were computed here
+    # (None for a first token sampled by a prefill worker).
+    new_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)
