@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
-from moeserve.api.wire import abort_with, sampling_from_proto
+from moeserve.api.wire import abort_with, logprobs_to_proto, sampling_from_proto
 from moeserve.common import worker_auth
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
@@ -159,7 +159,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             blocks = await self.loop.call(lambda e: self.kv_prefill.pin(e, rid, finished))
             self.metrics.prefix_cache_queries.inc(len(prompt))
             self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
-            return worker_pb2.PrefillResponse(
+            response = worker_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=first,
                 kv_handle=self.kv_prefill.handle(rid, blocks, len(prompt), request.decode_agent),
@@ -167,6 +167,9 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                 finished=finished,
                 finish_reason=out.finish_reason if finished else "",
             )
+            if out.new_logprobs:
+                response.first_token_logprobs.CopyFrom(logprobs_to_proto(out.new_logprobs[0]))
+            return response
         finally:
             self.loop.close_stream(rid)
             if not done:  # cancelled or failed before the handle left: free everything
@@ -216,7 +219,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                     self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
                 if finished:
                     self.metrics.request_success.labels(out.finish_reason or "abort").inc()
-                yield worker_pb2.WorkerGenerateResponse(
+                msg = worker_pb2.WorkerGenerateResponse(
                     request_id=rid,
                     token_ids=out.new_token_ids,
                     finished=out.finished,
@@ -225,6 +228,9 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                     num_transferred_tokens=transferred if first_msg else 0,
                     kv_transfer_bytes=nbytes if first_msg else 0,
                 )
+                if params.logprobs is not None:
+                    _add_logprobs(msg, out, request if first_msg else None)
+                yield msg
                 first_msg = False
         finally:
             self.loop.close_stream(rid)
@@ -291,6 +297,16 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         rid = request.request_id
         released = await self.loop.call(lambda e: self.kv_prefill.release(e, rid))
         return worker_pb2.ReleaseKVResponse(released=released)
+
+
+def _add_logprobs(msg: worker_pb2.WorkerGenerateResponse, out, request) -> None:
+    """The output's logprobs into ``msg``. A first token that the prefill worker sampled has
+    none computed here: ``request`` (the first message's) carries the prefill worker's."""
+    if out.new_logprobs is not None:
+        msg.logprobs.extend(logprobs_to_proto(lp) for lp in out.new_logprobs)
+    elif (request is not None and request.HasField("first_token_logprobs")
+          and list(out.new_token_ids[:1]) == [request.first_token_id]):
+        msg.logprobs.append(request.first_token_logprobs)
 
 
 async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = None) -> None:
