@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from moeserve.common.worker_auth import HEADER
 from moeserve.deploy.local import ClusterSpec, LocalCluster
-from moeserve.worker.kv_handoff.prefill import HANDLE_REFUSED
+from moeserve.worker.kv_handoff.prefill import HANDLE_REFUSED, release_metadata
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -130,6 +130,36 @@ def test_prefill_worker_refuses_foreign_made_up_and_replayed_handles(cluster) ->
         assert set(refusals) == {(grpc.StatusCode.PERMISSION_DENIED, HANDLE_REFUSED)}
         stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="sec-claim"),
                        metadata=cluster.auth_metadata(), timeout=10)
+
+
+def test_a_peer_releases_only_the_kv_handed_to_it(cluster) -> None:
+    """Was: the peer token's ReleaseKV freed any request id's pinned KV. Now a peer must show
+    the handle id it was given and its own agent name; the router may release anything."""
+    prefill = _worker(cluster, "prefill")
+    with grpc.insecure_channel(prefill) as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+
+        def pin(rid: str) -> worker_pb2.KVHandle:
+            req = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT,
+                                            sampling=common_pb2.SamplingParams(max_tokens=8),
+                                            decode_agent="decode-A")  # fmt: skip
+            return stub.Prefill(req, metadata=cluster.auth_metadata(), timeout=60).kv_handle
+
+        def release(rid: str, *meta: tuple[str, str], role: str = "peer") -> bool:
+            return stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id=rid), timeout=10,
+                                  metadata=(*cluster.auth_metadata(role), *meta)).released
+
+        handle, other = pin("sec-rel-1"), pin("sec-rel-2")
+        assert handle.block_ids and other.block_ids
+        assert not release("sec-rel-1")
+        assert not release("sec-rel-1", *release_metadata(other.handle_id, "decode-A"))
+        assert not release("sec-rel-1", *release_metadata(handle.handle_id, "decode-B"))
+        # Still pinned: the decode worker it was handed to can claim it.
+        claim = worker_pb2.ClaimKVRequest(handle_id=handle.handle_id, decode_agent="decode-A")
+        assert stub.ClaimKV(claim, metadata=cluster.auth_metadata("peer"), timeout=10).block_ids
+        assert release("sec-rel-1", *release_metadata(handle.handle_id, "decode-A"))
+        assert not release("sec-rel-1", *release_metadata(handle.handle_id, "decode-A"))
+        assert release("sec-rel-2", role="router")
 
 
 def test_decode_worker_reads_nothing_for_a_forged_handle(cluster) -> None:

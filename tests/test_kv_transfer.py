@@ -130,7 +130,8 @@ def test_read_blocks_bytes_arrive_exactly(peer, local: KVTransferAgent) -> None:
     untouched = [1, 4, 5, 6, 7]
     assert torch.equal(kv[untouched], before[untouched])
     conn.send("released")
-    assert conn.poll(15) and conn.recv() == ["req-1"]
+    # Named by the reader: the prefill side releases only a lease handed to that agent.
+    assert conn.poll(15) and conn.recv() == [(local.name, "req-1")]
 
 
 def test_bad_block_ids_and_unknown_peer_fail_without_raising(peer, local) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeserve.common.errors import InvalidRequestError, MoeServeError
-from moeserve.common.sampling import SamplingParams
+from moeserve.common.sampling import MAX_LOGPROBS, SamplingParams
 
 __all__ = [
     "ChatCompletionRequest",
@@ -29,6 +29,7 @@ __all__ = [
     "error_body",
     "error_from_exception",
     "error_from_validation",
+    "merge_choices",
     "new_request_id",
     "usage_dict",
 ]
@@ -58,7 +59,8 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     min_tokens: StrictInt = 0
-    n: StrictInt = 1
+    # Choices sharing the prompt (router/choices.py); OpenAI's bound.
+    n: StrictInt = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
@@ -66,21 +68,10 @@ class _GenerationRequest(BaseModel):
     timeout: float | None = Field(default=None, gt=0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = None
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported; use 0")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +100,19 @@ class _GenerationRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=(1.0 if self.repetition_penalty is None
+                                else self.repetition_penalty),
+            logit_bias=dict(self.logit_bias or {}),
+            min_p=0.0 if self.min_p is None else self.min_p,
+            logprobs=self.top_logprobs_k,
         )
+
+    @property
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives each token's logprobs carry; None: no logprobs."""
+        return None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -117,7 +120,8 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: str | list[int]
     echo: bool = False
-    logprobs: StrictInt | None = None
+    # The legacy shape: logprobs=k returns the chosen token's and the top k's.
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: StrictInt | None = None
 
@@ -141,7 +145,11 @@ class CompletionRequest(_GenerationRequest):
                     raise ValueError(f"token ids must be non-negative integers, got {t!r} at {i}")
         return v
 
-    @field_validator("echo", "logprobs", "suffix")
+    @property
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    @field_validator("echo", "suffix")
     @classmethod
     def _unsupported(cls, v: Any) -> Any:
         if v not in (None, False):
@@ -182,14 +190,19 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: StrictInt | None = None
     add_generation_prompt: bool = True
     logprobs: bool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("logprobs are not supported")
+    def _needs_logprobs(cls, v: int | None, info: Any) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
         return v
+
+    @property
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
     @classmethod
@@ -259,10 +272,12 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
 
 
 def _choice(field: str, content: object, finish_reason: str | None,
-            token_ids: list[int] | None) -> dict:
-    """The one choice of a response or chunk, its content under ``field`` (text, message or
-    delta); ``token_ids`` only when asked for."""
-    choice = {"index": 0, field: content, "logprobs": None, "finish_reason": finish_reason}
+            token_ids: list[int] | None, index: int = 0, logprobs: dict | None = None) -> dict:
+    """One choice of a response or chunk, its content under ``field`` (text, message or
+    delta); ``token_ids`` only when asked for; ``logprobs`` as router/logprobs_format.py
+    renders them."""
+    choice = {"index": index, field: content, "logprobs": logprobs,
+              "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return choice
@@ -275,8 +290,11 @@ def completion_response(
     finish_reason: str | None,
     usage: dict,
     token_ids: list[int] | None = None,
+    *,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
-    choice = _choice("text", text, finish_reason, token_ids)
+    choice = _choice("text", text, finish_reason, token_ids, index, logprobs)
     return _envelope(request_id, "text_completion", model, [choice], usage)
 
 
@@ -287,9 +305,13 @@ def completion_chunk(
     finish_reason: str | None = None,
     token_ids: list[int] | None = None,
     usage: dict | None = None,
+    *,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     """One SSE chunk; ``text`` None gives the usage-only final chunk (empty choices)."""
-    choices = [] if text is None else [_choice("text", text, finish_reason, token_ids)]
+    choices = [] if text is None else [
+        _choice("text", text, finish_reason, token_ids, index, logprobs)]
     return _envelope(request_id, "text_completion", model, choices, usage)
 
 
@@ -300,9 +322,12 @@ def chat_response(
     finish_reason: str | None,
     usage: dict,
     token_ids: list[int] | None = None,
+    *,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     message = {"role": "assistant", "content": text}
-    choice = _choice("message", message, finish_reason, token_ids)
+    choice = _choice("message", message, finish_reason, token_ids, index, logprobs)
     return _envelope(request_id, "chat.completion", model, [choice], usage)
 
 
@@ -313,10 +338,22 @@ def chat_chunk(
     finish_reason: str | None = None,
     token_ids: list[int] | None = None,
     usage: dict | None = None,
+    *,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     """One SSE chunk; ``delta`` None gives the usage-only final chunk (empty choices)."""
-    choices = [] if delta is None else [_choice("delta", delta, finish_reason, token_ids)]
+    choices = [] if delta is None else [
+        _choice("delta", delta, finish_reason, token_ids, index, logprobs)]
     return _envelope(request_id, "chat.completion.chunk", model, choices, usage)
+
+
+def merge_choices(bodies: list[dict]) -> dict:
+    """One response with the choices of ``bodies`` (one per index, n > 1), in index order."""
+    merged = dict(bodies[0])
+    merged["choices"] = sorted((c for b in bodies for c in b["choices"]),
+                               key=lambda c: c["index"])
+    return merged
 
 
 def _envelope(request_id: str, obj: str, model: str, choices: list[dict],

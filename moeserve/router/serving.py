@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import grpc
 
 from moeserve.api import worker_pb2
-from moeserve.api.wire import error_from_rpc, sampling_to_proto
+from moeserve.api.wire import error_from_rpc, logprobs_from_proto, sampling_to_proto
 from moeserve.common.block_hash import hash_blocks
 from moeserve.common.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
-from moeserve.common.sampling import SamplingParams
+from moeserve.common.sampling import SamplingParams, TokenLogprobs
 from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
@@ -89,6 +89,15 @@ class Chunk:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     kv_transfer_bytes: int = 0
+    # One per token when the request asked for logprobs (the raw model distribution).
+    logprobs: list[TokenLogprobs] | None = None
+
+
+def _chunk_logprobs(token_ids, logprobs) -> list[TokenLogprobs] | None:
+    """A worker message's logprobs (repeated TokenLogprobs), or None when it sent none."""
+    if not logprobs:
+        return None
+    return [logprobs_from_proto(t, lp) for t, lp in zip(token_ids, logprobs, strict=False)]
 
 
 def _stable_key(prompt: list[int]) -> int:
@@ -300,7 +309,10 @@ class Router:
             resp = handoff.response
             if resp is not None and resp.finished:
                 self.metrics.disaggregated.labels("remote").inc()
-                yield Chunk([resp.first_token_id], True, resp.finish_reason, resp.num_cached_tokens)
+                first_lp = ([resp.first_token_logprobs]
+                            if resp.HasField("first_token_logprobs") else None)
+                yield Chunk([resp.first_token_id], True, resp.finish_reason, resp.num_cached_tokens,
+                            logprobs=_chunk_logprobs([resp.first_token_id], first_lp))
                 return
         remote = handoff is not None and handoff.response is not None
         self.metrics.disaggregated.labels("remote" if remote else "local").inc()
@@ -325,6 +337,8 @@ class Router:
         if resp is not None:
             req.kv_handle.CopyFrom(resp.kv_handle)
             req.first_token_id = resp.first_token_id
+            if resp.HasField("first_token_logprobs"):
+                req.first_token_logprobs.CopyFrom(resp.first_token_logprobs)
         prefill_cached = resp.num_cached_tokens if resp is not None else 0
         call = d.stub.Generate(req, timeout=max(deadline - time.monotonic(), 0.001))
         stream = call.__aiter__()
@@ -339,7 +353,8 @@ class Router:
                         self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
                     yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
                                 max(msg.num_cached_tokens, prefill_cached),
-                                msg.kv_transfer_bytes)  # fmt: skip
+                                msg.kv_transfer_bytes,
+                                _chunk_logprobs(msg.token_ids, msg.logprobs))  # fmt: skip
                     if msg.finished:
                         self.pool.report_success(d)
                         return

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +34,8 @@ from moeserve.worker.kv_handoff.compat import engine_fingerprint
 from moeserve.worker.kv_handoff.decode import KVPuller
 from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, PrefillHandoff
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
-from moeserve.worker.parallel.group import ParallelContext
+from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
+from moeserve.worker.warmup import build_ready_engine
 from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "serve_worker"]
@@ -278,10 +277,8 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         )
 
     async def StreamEvents(self, request, context):
-        # The interceptor let the caller in; only a router's stream carries token ids.
-        router = self.auth is None or self.auth.role_of(
-            context.invocation_metadata()) == worker_auth.ROLE_ROUTER
-        async for message in self.hub.subscribe(tokens=router):
+        # Only a router's stream carries token ids.
+        async for message in self.hub.subscribe(tokens=self._caller_is_router(context)):
             yield message
 
     async def GetNixlMetadata(self, request, context):
@@ -294,9 +291,16 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         )
 
     async def ReleaseKV(self, request, context):
-        rid = request.request_id
-        released = await self.loop.call(lambda e: self.kv_prefill.release(e, rid))
+        rid, meta, router = request.request_id, context.invocation_metadata(), \
+            self._caller_is_router(context)
+        released = await self.loop.call(
+            lambda e: self.kv_prefill.release_requested(e, rid, router, meta))
         return worker_pb2.ReleaseKVResponse(released=released)
+
+    def _caller_is_router(self, context: grpc.aio.ServicerContext) -> bool:
+        """The interceptor let the caller in; is it a router (or is auth off)?"""
+        return self.auth is None or self.auth.role_of(
+            context.invocation_metadata()) == worker_auth.ROLE_ROUTER
 
 
 def _add_logprobs(msg: worker_pb2.WorkerGenerateResponse, out, request) -> None:
@@ -317,7 +321,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     auth = worker_auth.worker_auth_from_env("worker", args.insecure_worker_plane)
     if args.nixl:
         require("nixl._api", _NIXL_NEEDED_FOR)
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = build_ready_engine(engine_config_from_args(args))  # warm before ready
     freeze_startup_heap()
     interceptors = [MalformedRequestInterceptor()]
     if auth is not None:  # first: an unauthenticated call is refused before its bytes are parsed
@@ -339,7 +343,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     )  # fmt: skip
     servicer.start()
     stop = asyncio.Event()
-    _on_stop_signals(stop)
+    on_stop_signals(stop)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     add_health_service(server, servicer.serving)  # the kubelet's gRPC probes
     if args.metrics_port is not None:
@@ -358,7 +362,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     terminated = asyncio.ensure_future(server.wait_for_termination())
     waits = [asyncio.ensure_future(stop.wait())]
     if engine.parallel is not None:  # another rank of the EP group stopped it
-        waits.append(asyncio.ensure_future(_wait_group_stopped(engine.parallel)))
+        waits.append(asyncio.ensure_future(wait_group_stopped(engine.parallel)))
     try:
         await asyncio.wait([terminated, *waits], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
@@ -379,35 +383,4 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         await server.stop(grace=1)
         await asyncio.to_thread(servicer.stop)
         if stop.is_set():
-            _ignore_stop_signals()
-
-
-def _ignore_stop_signals() -> None:
-    """Stopped on a signal: one more (Ctrl-C then `moeserve up`'s SIGTERM, or the EP launcher
-    forwarding one) must not kill the interpreter's teardown, which restores the default
-    handlers early and then takes a while (torch), turning a clean exit into -15."""
-    with contextlib.suppress(ValueError):  # not the main thread (Ray)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-
-
-def _on_stop_signals(stop: asyncio.Event) -> None:
-    """SIGTERM (Kubernetes, `moeserve up`) and SIGINT (Ctrl-C reaches every process of the
-    terminal's group) both drain, however often they come. signal.signal, not the loop's
-    add_signal_handler: under uvloop, asyncio.Runner's own SIGINT handler (cancel the main task,
-    which would cut the drain and server.stop() short with a traceback) stays in place beside
-    it. Not possible off the main thread: an embedding host such as Ray handles signals."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int, frame: object) -> None:
-        with contextlib.suppress(RuntimeError):  # one more after the loop closed: exiting anyway
-            loop.call_soon_threadsafe(stop.set)
-
-    with contextlib.suppress(ValueError):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-
-
-async def _wait_group_stopped(group: ParallelContext) -> None:
-    while not group.stopped.is_set():
-        await asyncio.sleep(0.2)
+            ignore_stop_signals()

@@ -342,10 +342,11 @@ class KVTransferAgent:
             notifs, self._notifs = self._notifs, []
         return notifs
 
-    def take_released_requests(self) -> list[str]:
-        """Request ids whose blocks decode workers finished reading."""
-        ids = (decode_release_notif(msg) for _, msg in self.take_notifs())
-        return [rid for rid in ids if rid is not None]
+    def take_released_requests(self) -> list[tuple[str, str]]:
+        """(decode agent, request id) of each READ a decode worker finished: the prefill side
+        releases only a lease handed to that agent."""
+        pairs = ((peer, decode_release_notif(msg)) for peer, msg in self.take_notifs())
+        return [(peer, rid) for peer, rid in pairs if rid is not None]
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         with self._lock:

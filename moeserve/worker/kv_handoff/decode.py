@@ -44,6 +44,7 @@ from moeserve.worker.kv_handoff.agent import (
     TransferState,
     encode_release_notif,
 )
+from moeserve.worker.kv_handoff.prefill import release_metadata
 from moeserve.worker.kv_handoff.signing import handle_verifies
 from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.scheduler import RemoteKVBlocks
@@ -127,8 +128,8 @@ class KVPuller:
         """Tell the prefill worker to drop the blocks (used when no READ notified it)."""
         try:
             await self._stub(handle.worker_address).ReleaseKV(
-                worker_pb2.ReleaseKVRequest(request_id=handle.request_id), timeout=2.0
-            )
+                worker_pb2.ReleaseKVRequest(request_id=handle.request_id), timeout=2.0,
+                metadata=release_metadata(handle.handle_id, self.agent.name))  # fmt: skip
         except grpc.RpcError as e:  # its lease will expire instead
             logger.info("ReleaseKV to %s failed: %s", handle.worker_address, e.code())
 

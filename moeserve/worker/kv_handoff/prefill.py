@@ -14,15 +14,22 @@ agent name) and to the lease; the decode worker trades the id for the authoritat
 with ``ClaimKV`` before it READs. A claim succeeds once: a forged id, a replayed one, an expired
 one, or one issued to another decode worker all get the same PERMISSION_DENIED with the same
 message, which says nothing about which of them it was or what the handle held.
+
+Releasing is scoped the same way: the router may release any request, but a peer's token only
+releases a lease whose handle it was given (``ReleaseKV`` with the handle id and its agent name
+in the metadata, see :func:`release_metadata`; a READ's notification only from the agent the
+handle named). Otherwise any worker of the deployment could free another request's blocks.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -37,13 +44,24 @@ if TYPE_CHECKING:
     from moeserve.worker.metrics import WorkerMetrics
 
 __all__ = ["HANDLE_REFUSED", "HandleTable", "IssuedHandle", "KVHandleRefusedError",
-           "KVHandleServicer", "LeaseTable", "PrefillHandoff"]
+           "KVHandleServicer", "LeaseTable", "PrefillHandoff", "RELEASE_HANDLE_HEADER",
+           "RELEASE_AGENT_HEADER", "release_metadata"]
 
 logger = logging.getLogger(__name__)
 
 # One message for every refusal, so a prober learns nothing from it.
 HANDLE_REFUSED = "KV handle refused"
 _TOKEN_BYTES = 32  # 256 bits: guessing one live handle is out of reach
+# Metadata, not ReleaseKVRequest fields: what a peer proves it was handed (the handle id is the
+# capability; the agent name is the one the handle was issued to).
+RELEASE_HANDLE_HEADER = "x-moeserve-kv-handle"
+RELEASE_AGENT_HEADER = "x-moeserve-kv-agent"
+
+
+def release_metadata(handle_id: str, decode_agent: str) -> tuple[tuple[str, str], ...]:
+    """What a decode worker (NIXL agent ``decode_agent``) sends with ReleaseKV for a handle it
+    was given."""
+    return ((RELEASE_HANDLE_HEADER, handle_id), (RELEASE_AGENT_HEADER, decode_agent))
 
 
 class KVHandleRefusedError(MoeServeError):
@@ -127,6 +145,8 @@ class KVHandleServicer:
 class _Lease:
     block_ids: list[int]
     expires_at: float
+    handle_id: str = ""  # set when the handle is issued; who may release the lease
+    decode_agent: str = ""
 
 
 @dataclass
@@ -146,6 +166,21 @@ class LeaseTable:
     ) -> None:
         lease = self.default_lease_s if lease_s is None else lease_s
         self._leases[request_id] = _Lease(list(block_ids), now + lease)
+
+    def bind(self, request_id: str, handle_id: str, decode_agent: str) -> None:
+        """The lease's handle was issued to ``decode_agent``: the one peer that may end it."""
+        lease = self._leases.get(request_id)
+        if lease is not None:
+            lease.handle_id, lease.decode_agent = handle_id, decode_agent
+
+    def held_by(self, request_id: str, decode_agent: str, handle_id: str | None = None) -> bool:
+        """The lease exists, was handed to ``decode_agent`` and (when given) under ``handle_id``
+        (compared in constant time)."""
+        lease = self._leases.get(request_id)
+        if lease is None or not lease.decode_agent or lease.decode_agent != decode_agent:
+            return False
+        return handle_id is None or hmac.compare_digest(lease.handle_id.encode(),
+                                                        handle_id.encode())
 
     def release(self, request_id: str) -> list[int] | None:
         """Block ids of the lease, removed; None when it is unknown or already released."""
@@ -202,6 +237,7 @@ class PrefillHandoff:
         if blocks:
             handle_id = self.handles.issue(request_id, decode_agent, blocks, num_tokens,
                                            time.monotonic(), lease_s)  # fmt: skip
+            self.leases.bind(request_id, handle_id, decode_agent)
         return sign_handle(self.auth, worker_pb2.KVHandle(
             agent_name=self.agent.name if self.agent else "",
             request_id=request_id,
@@ -220,11 +256,23 @@ class PrefillHandoff:
         self.handles.drop_request(request_id)
         return engine.release_pinned(request_id)
 
+    def release_requested(self, engine: LLMEngine, request_id: str, by_router: bool,
+                          metadata: Iterable[tuple[str, Any]] | None) -> bool:  # fmt: skip
+        """ReleaseKV. From the router: any request. From a peer: only the lease of a handle
+        issued to the agent it names, proven by the handle's id (both in ``metadata``); False,
+        as for an unknown request, for anything else."""
+        if not by_router:
+            meta = {k: v for k, v in metadata or () if isinstance(v, str)}
+            hid, agent = meta.get(RELEASE_HANDLE_HEADER, ""), meta.get(RELEASE_AGENT_HEADER, "")
+            if not hid or not self.leases.held_by(request_id, agent, hid):
+                return False
+        return self.release(engine, request_id)
+
     def sweep(self, engine: LLMEngine, now: float) -> None:
         """Engine-thread tick: blocks whose READ notified completion, and expired leases."""
         if self.agent is not None:
-            for request_id in self.agent.take_released_requests():
-                if request_id in self.leases:
+            for reader, request_id in self.agent.take_released_requests():
+                if self.leases.held_by(request_id, reader):
                     self.release(engine, request_id)
             for request_id in self.leases.expired(now):
                 logger.warning("KV lease of %s expired uncollected; releasing its blocks",

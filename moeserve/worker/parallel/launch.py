@@ -112,7 +112,7 @@ def spawn_local_ranks(argv: Sequence[str], ep: int, env: Mapping[str, str] | Non
     finally:
         for s, h in old.items():
             # After a stop, a late signal must not kill the interpreter's teardown (see
-            # worker.server._ignore_stop_signals).
+            # worker.stop_signals.ignore_stop_signals).
             signal.signal(s, signal.SIG_IGN if stopping else h)
 
 
