@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common.errors import InvalidRequestError
-from moeserve.common.sampling import SamplingParams
+from moeserve.common.sampling import SamplingParams, TokenLogprobs
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.serving import Router
 from moeserve.router.tokenizer import ModelTokenizer
@@ -33,6 +33,8 @@ class Delta:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when asked for
+    index: int = 0  # the choice (n > 1: router/choices.py)
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Frontend:
                 text = detok.push(chunk.token_ids) if detok is not None else ""
                 if detok is not None and detok.stopped:
                     self._done(start, "stop")
-                    yield Delta(text, chunk.token_ids, True, "stop")
+                    yield Delta(text, chunk.token_ids, True, "stop", chunk.logprobs)
                     return  # closing the generator aborts the request on the workers
                 if chunk.finished:
                     text += detok.flush() if detok is not None else ""
@@ -163,9 +165,9 @@ class Frontend:
                     if detok is not None and detok.stopped:
                         reason = "stop"
                     self._done(start, reason)
-                    yield Delta(text, chunk.token_ids, True, reason)
+                    yield Delta(text, chunk.token_ids, True, reason, chunk.logprobs)
                     return
-                yield Delta(text, chunk.token_ids)
+                yield Delta(text, chunk.token_ids, logprobs=chunk.logprobs)
         finally:
             await gen.aclose()
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import numpy as np
 import torch
 
+from moeserve.worker.compile_watch import WATCH
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.sampler import feed_back
@@ -56,6 +58,7 @@ class DecodeGraphs:
         self.token_seq_idx = torch.arange(n, dtype=torch.int64, device=dev)
         self.token_query_idx = torch.zeros(n, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0  # the start-up log's "capture" share
         # Step inputs are staged in one pinned host buffer (ids, positions, slots, seq_lens,
         # then the block table) and cross in one asynchronous copy straight into the buffer
         # the graph of that size reads (its inputs are views of it at offsets of its own);
@@ -98,6 +101,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every ladder size, largest first so smaller graphs reuse its memory pool."""
+        start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -111,8 +115,10 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     logits = self._forward(bs)
                 self._graphs[bs] = (graph, logits)
+                WATCH.note("cuda_graph", f"decode batch {bs}")
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
         logger.info("captured decode CUDA graphs for batch sizes %s (context <= %d)",
                     self.sizes, self.max_context)
 

@@ -10,12 +10,16 @@ adds; see docs/operator.md.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from moeserve.common.metrics import ITL_BUCKETS, ServingMetrics
+from moeserve.worker.compile_watch import WATCH, CompileWatch
 
-__all__ = ["WorkerMetrics", "StreamTiming"]
+__all__ = ["WorkerMetrics", "StartupCollector", "StreamTiming"]
 
 _DOCS = {
     "num_requests_running": "Requests in the running batch.",
@@ -58,6 +62,34 @@ class WorkerMetrics(ServingMetrics):
             buckets=ITL_BUCKETS,
             registry=r,
         )
+        r.register(StartupCollector(WATCH))
+
+
+class StartupCollector(Collector):
+    """Start-up time by phase and compilations after ready, read from the process's
+    CompileWatch at each scrape (the compilers report there, from any thread)."""
+
+    def __init__(self, watch: CompileWatch):
+        self.watch = watch
+
+    def collect(self) -> Iterator:
+        startup = GaugeMetricFamily(
+            "moeserve:worker_startup_seconds",
+            "Seconds this worker's start-up took, by phase: load (model, weights, KV cache), "
+            "capture (decode CUDA graphs), warmup (dummy requests before ready).",
+            labels=["phase"])
+        for phase, seconds in self.watch.startup_seconds.items():
+            startup.add_metric([phase], seconds)
+        yield startup
+        after = CounterMetricFamily(
+            "moeserve:worker_compilations_after_ready",
+            "Kernel compilations (triton), TorchDynamo frames (dynamo) and CUDA graph captures "
+            "(cuda_graph) after the worker reported ready: each one stalled a request. The "
+            "warm-up is meant to keep this at 0.",
+            labels=["kind"])
+        for kind, count in self.watch.counts_after_ready().items():
+            after.add_metric([kind], count)
+        yield after
 
 
 class StreamTiming:

@@ -36,6 +36,7 @@ from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, Pr
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
 from moeserve.worker.warmup import build_ready_engine
+from moeserve.worker.warmup import build_ready_engine
 from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "serve_worker"]
