@@ -22,8 +22,10 @@ from pydantic import ValidationError
 from moeserve.common.errors import UnavailableError
 from moeserve.common.metrics import render
 from moeserve.router import protocol as P
+from moeserve.router.choices import run_choices
 from moeserve.router.frontend import Delta, Frontend, Usage
 from moeserve.router.limits import BodyBudget, HttpLimits, check_stop, read_json_body
+from moeserve.router.logprobs_format import LogprobsFormatter
 from moeserve.router.status import snapshot
 
 __all__ = ["OpenStreams", "create_app"]
@@ -119,24 +121,34 @@ async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest
         frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
     rid = P.new_request_id("cmpl" if kind == "completion" else "chatcmpl")
     usage = Usage()
-    deltas = frontend.run(rid, prompt, params, req.stop_strings, usage, req.timeout)
+    if req.n > 1:
+        deltas = run_choices(frontend, rid, prompt, params, req.n, req.stop_strings, usage,
+                             req.timeout)
+    else:
+        deltas = frontend.run(rid, prompt, params, req.stop_strings, usage, req.timeout)
     ids = req.return_token_ids
+    fmt = None
+    if params.logprobs is not None:  # one per choice: legacy text offsets run per choice
+        fmt = [LogprobsFormatter(frontend.tokenizer, kind == "chat") for _ in range(req.n)]
     if req.stream:
         first = await _first_or_error(deltas)  # errors before the first token stay HTTP
         gen = _stream(rid, model_id, kind, first, _until_closing(deltas, streams), usage, ids,
-                      req.include_usage)  # fmt: skip
+                      req.include_usage, fmt, req.n)  # fmt: skip
         return StreamingResponse(gen, media_type="text/event-stream")
-    work = asyncio.ensure_future(_collect(deltas))
+    work = asyncio.ensure_future(_collect(deltas, req.n))
     watcher = asyncio.ensure_future(_until_disconnect(request, work))
     try:
-        text, token_ids, reason = await work
+        choices = await work
     except asyncio.CancelledError:
         return Response(status_code=499)
     finally:
         watcher.cancel()
     u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
     build = P.completion_response if kind == "completion" else P.chat_response
-    return JSONResponse(build(rid, model_id, text, reason, u, token_ids if ids else None))
+    bodies = [build(rid, model_id, text, reason, u, token_ids if ids else None, index=i,
+                    logprobs=fmt[i].render(lps) if fmt else None)
+              for i, (text, token_ids, reason, lps) in enumerate(choices)]
+    return JSONResponse(bodies[0] if len(bodies) == 1 else P.merge_choices(bodies))
 
 
 def _add_info_routes(app: FastAPI, frontend: Frontend, is_healthy: Callable[[], bool],
@@ -238,31 +250,42 @@ async def _until_closing(deltas: AsyncIterator[Delta], streams: OpenStreams
         streams._cuts.discard(cut)
 
 
-async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str | None]:
-    text, ids, reason = [], [], None
+async def _collect(deltas: AsyncIterator[Delta], n: int = 1) -> list[tuple]:
+    """Each choice's (text, token ids, finish reason, token logprobs), by index."""
+    text: list[list[str]] = [[] for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list] = [[] for _ in range(n)]
+    reason: list[str | None] = [None] * n
     async for d in deltas:
-        text.append(d.text)
-        ids.extend(d.token_ids)
-        reason = d.finish_reason or reason
-    return "".join(text), ids, reason
+        i = d.index
+        text[i].append(d.text)
+        ids[i].extend(d.token_ids)
+        lps[i].extend(d.logprobs or ())
+        reason[i] = d.finish_reason or reason[i]
+    return [("".join(text[i]), ids[i], reason[i], lps[i]) for i in range(n)]
 
 
 async def _stream(
     rid: str, model: str, kind: str, first: Delta, deltas: AsyncIterator[Delta], usage: Usage,
-    with_ids: bool, include_usage: bool,
+    with_ids: bool, include_usage: bool, fmt: list[LogprobsFormatter] | None = None, n: int = 1,
 ) -> AsyncIterator[bytes]:  # fmt: skip
     """SSE body; if the client disconnects Starlette cancels this, which closes ``deltas``."""
+    started: set[int] = set()  # choices whose first chat chunk (with the role) went out
 
-    def chunk(d: Delta, role: bool = False) -> dict:
+    def chunk(d: Delta) -> dict:
         ids = d.token_ids if with_ids else None
+        lp = fmt[d.index].render(d.logprobs) if fmt and d.logprobs else None
         if kind == "completion":
-            return P.completion_chunk(rid, model, d.text, d.finish_reason, ids)
+            return P.completion_chunk(rid, model, d.text, d.finish_reason, ids, index=d.index,
+                                      logprobs=lp)
+        role = d.index not in started
+        started.add(d.index)
         delta = {"role": "assistant", "content": d.text} if role else {"content": d.text}
-        return P.chat_chunk(rid, model, delta, d.finish_reason, ids)
+        return P.chat_chunk(rid, model, delta, d.finish_reason, ids, index=d.index, logprobs=lp)
 
     try:
-        yield _sse(chunk(first, role=True))
-        if not first.finished:
+        yield _sse(chunk(first))
+        if not first.finished or n > 1:
             async for d in deltas:
                 yield _sse(chunk(d))
         if include_usage:
