@@ -133,8 +133,10 @@ def test_client_disconnect_aborts_everywhere(cluster) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": [1, 2, 99999]}, "prompt"),
+        ({"prompt": [1, 2], "logit_bias": {"99999": 5}}, "logit_bias"),
+        ({"prompt": [1, 2], "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": [1, 2], "max_tokens": 10**6}, "max_tokens"),
         ({"prompt": [1, 2], "temperature": -1}, "temperature"),
         ({"prompt": [1, 2], "top_p": 2}, "top_p"),

@@ -28,7 +28,8 @@ def _error(model, body: dict) -> dict:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "n": 129}, "n"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, True]}, "prompt"),
         ({"prompt": [1, -1]}, "prompt"),
@@ -40,8 +41,10 @@ def _error(model, body: dict) -> dict:
         ({"prompt": "x", "temperature": "hot"}, "temperature"),
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
-        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
+        ({"prompt": "x", "frequency_penalty": "lots"}, "frequency_penalty"),
+        ({"prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias"),
         ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, "stream_options"),
     ],
 )
@@ -59,7 +62,10 @@ def test_completion_errors_name_the_field(body: dict, param: str) -> None:
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"a": 1}]}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 200}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+          "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_chat_errors_name_the_field(body: dict, param: str) -> None:

@@ -14,7 +14,7 @@ import grpc
 import uvicorn
 
 from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
-from moeserve.api.wire import abort_with, sampling_from_proto
+from moeserve.api.wire import abort_with, logprobs_to_proto, sampling_from_proto
 from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
@@ -65,6 +65,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     finish_reason=d.finish_reason or "",
                     text=d.text if request.detokenize else "",
                 )  # fmt: skip
+                if d.logprobs:
+                    msg.logprobs.extend(logprobs_to_proto(lp) for lp in d.logprobs)
                 if d.finished:
                     msg.usage.prompt_tokens = usage.prompt_tokens
                     msg.usage.completion_tokens = usage.completion_tokens
