@@ -153,11 +153,13 @@ class Frontend:
                         self.metrics.inter_token_latency.observe(now - last)
                     last = now
                 usage.completion_tokens += len(chunk.token_ids)
+                # Router.generate's Chunk; stand-ins for it may leave logprobs out.
+                logprobs = getattr(chunk, "logprobs", None)
                 self.metrics.generation_tokens.inc(len(chunk.token_ids))
                 text = detok.push(chunk.token_ids) if detok is not None else ""
                 if detok is not None and detok.stopped:
                     self._done(start, "stop")
-                    yield Delta(text, chunk.token_ids, True, "stop", chunk.logprobs)
+                    yield Delta(text, chunk.token_ids, True, "stop", logprobs)
                     return  # closing the generator aborts the request on the workers
                 if chunk.finished:
                     text += detok.flush() if detok is not None else ""
@@ -165,9 +167,9 @@ class Frontend:
                     if detok is not None and detok.stopped:
                         reason = "stop"
                     self._done(start, reason)
-                    yield Delta(text, chunk.token_ids, True, reason, chunk.logprobs)
+                    yield Delta(text, chunk.token_ids, True, reason, logprobs)
                     return
-                yield Delta(text, chunk.token_ids, logprobs=chunk.logprobs)
+                yield Delta(text, chunk.token_ids, logprobs=logprobs)
         finally:
             await gen.aclose()
 
