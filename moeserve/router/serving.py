@@ -351,6 +351,7 @@ class Router:
                     got = True
                     if msg.kv_transfer_bytes:
                         self.metrics.kv_transfer_bytes.inc(msg.kv_transfer_bytes)
+                        self.metrics.kv_transfer_seconds.observe(msg.kv_transfer_seconds)
                     yield Chunk(list(msg.token_ids), msg.finished, msg.finish_reason or None,
                                 max(msg.num_cached_tokens, prefill_cached),
                                 msg.kv_transfer_bytes,

@@ -37,6 +37,7 @@ from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
 from moeserve.worker.warmup import build_ready_engine
 from moeserve.worker.warmup import build_ready_engine
+from moeserve.worker.warmup import build_ready_engine
 from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "serve_worker"]
@@ -195,9 +196,10 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             prompt = list(request.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(prompt))
             transferred = nbytes = 0
+            kv_s = 0.0
             if request.HasField("kv_handle") and self.puller is not None:
                 first = request.first_token_id if request.HasField("first_token_id") else None
-                transferred, nbytes = await self.puller.pull(
+                transferred, nbytes, kv_s = await self.puller.pull(
                     self.loop, rid, prompt, params, request.kv_handle, first, self.fingerprint
                 )
             else:
@@ -227,6 +229,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
                     num_cached_tokens=out.num_cached_tokens,
                     num_transferred_tokens=transferred if first_msg else 0,
                     kv_transfer_bytes=nbytes if first_msg else 0,
+                    kv_transfer_seconds=kv_s if first_msg else 0.0,
                 )
                 if params.logprobs is not None:
                     _add_logprobs(msg, out, request if first_msg else None)

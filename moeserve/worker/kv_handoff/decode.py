@@ -160,8 +160,9 @@ class KVPuller:
         handle: worker_pb2.KVHandle,
         first_token: int | None,
         fingerprint: str,
-    ) -> tuple[int, int]:
-        """Admit ``rid`` using the handle's KV; returns (tokens transferred, bytes)."""
+    ) -> tuple[int, int, float]:
+        """Admit ``rid`` using the handle's KV; returns (tokens transferred, bytes, seconds the
+        READ took)."""
         claimed = await self._claim_compatible(handle, fingerprint)
         reason = None
         if claimed is None:
@@ -183,9 +184,9 @@ class KVPuller:
             if claimed is not None:
                 await self._release_remote(claimed)
             await loop.call(lambda e: e.add_request(rid, prompt, params))
-            return 0, 0
+            return 0, 0, 0.0
         try:
-            nbytes = await self._read(rid, peer, claimed, blocks)
+            nbytes, seconds = await self._read(rid, peer, claimed, blocks)
         except asyncio.CancelledError:
             # The READ is stopped (_read): only now may the blocks go back. An abort during the
             # READ held them; finish_remote_kv frees them either way.
@@ -198,13 +199,14 @@ class KVPuller:
         token = first_token if nbytes is not None else None
         await loop.call(lambda e: loop.emit(e.finish_remote_kv(rid, token)))
         if not nbytes:  # failed, or nothing to read: everything was cached here
-            return 0, 0
-        return len(prompt) - blocks.num_cached_blocks * loop.engine.config.block_size, nbytes
+            return 0, 0, 0.0
+        return (len(prompt) - blocks.num_cached_blocks * loop.engine.config.block_size, nbytes,
+                seconds)
 
     async def _read(self, rid: str, peer: str, handle: worker_pb2.KVHandle,
-                    blocks: RemoteKVBlocks) -> int | None:  # fmt: skip
-        """READ the blocks this worker does not cache; bytes read, or None when it failed
-        (the prefill worker has then been told to release)."""
+                    blocks: RemoteKVBlocks) -> tuple[int | None, float]:  # fmt: skip
+        """READ the blocks this worker does not cache; (bytes read, seconds), bytes None when
+        it failed (the prefill worker has then been told to release)."""
         skip = blocks.num_cached_blocks
         local = blocks.block_ids[skip:]
         remote = list(handle.block_ids[skip : len(blocks.block_ids)])
@@ -212,10 +214,10 @@ class KVPuller:
             self._failed(rid, f"handle has {len(handle.block_ids)} blocks, need "
                               f"{len(blocks.block_ids)}")  # fmt: skip
             await self._release_remote(handle)
-            return None
+            return None, 0.0
         if not local:  # everything was already in this worker's prefix cache
             await self._release_remote(handle)
-            return 0
+            return 0, 0.0
         xfer = self.agent.read_blocks(peer, remote, local, encode_release_notif(handle.request_id))
         try:
             in_time = await self._wait(xfer)
@@ -229,10 +231,10 @@ class KVPuller:
             self._failed(rid, f"KV READ from {peer} failed ({result.error})")
             self.agent.remove_peer(peer)  # refetch its metadata next time
             await self._release_remote(handle)
-            return None
+            return None, 0.0
         self.metrics.kv_transfer_bytes.inc(result.num_bytes)
         self.metrics.kv_transfer_seconds.observe(result.seconds)
-        return result.num_bytes
+        return result.num_bytes, result.seconds
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moeserve.api.moeserve.v1 import common_pb2 as moeserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/worker.proto\x12\x0bmoeserve.v1\x1a\x18moeserve/v1/common.proto\"\xdb\x01\n\x08KVHandle\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12\x1a\n\x12\x63ompat_fingerprint\x18\x06 \x01(\t\x12\x16\n\x0eworker_address\x18\x07 \x01(\t\x12\x11\n\thandle_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\"\x83\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x04 \x01(\t\"\x83\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12(\n\tkv_handle\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12=\n\x14\x66irst_token_logprobs\x18\x07 \x01(\x0b\x32\x1a.moeserve.v1.TokenLogprobsH\x00\x88\x01\x01\x42\x17\n\x15_first_token_logprobs\"\xb9\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12-\n\tkv_handle\x18\x04 \x01(\x0b\x32\x15.moeserve.v1.KVHandleH\x00\x88\x01\x01\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x12=\n\x14\x66irst_token_logprobs\x18\x06 \x01(\x0b\x32\x1a.moeserve.v1.TokenLogprobsH\x02\x88\x01\x01\x42\x0c\n\n_kv_handleB\x11\n\x0f_first_token_idB\x17\n\x15_first_token_logprobs\"\xec\x01\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1e\n\x16num_transferred_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"t\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\rB\x0e\n\x0c_parent_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0c\n\nAllCleared\"\x98\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.moeserve.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.moeserve.v1.BlockRemovedH\x00\x12*\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x17.moeserve.v1.AllClearedH\x00\x42\x07\n\x05\x65vent\"Z\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\x15\n\x13StreamEventsRequest\"o\n\x0bWorkerEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\'\n\tkv_events\x18\x02 \x03(\x0b\x32\x14.moeserve.v1.KVEvent\x12%\n\x04load\x18\x03 \x01(\x0b\x32\x17.moeserve.v1.LoadReport\"\x18\n\x16GetNixlMetadataRequest\"[\n\x17GetNixlMetadataResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63ompat_fingerprint\x18\x03 \x01(\t\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"9\n\x0e\x43laimKVRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x02 \x01(\t\"L\n\x0f\x43laimKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r2\xe6\x04\n\x06Worker\x12\x44\n\x07Prefill\x12\x1b.moeserve.v1.PrefillRequest\x1a\x1c.moeserve.v1.PrefillResponse\x12U\n\x08Generate\x12\".moeserve.v1.WorkerGenerateRequest\x1a#.moeserve.v1.WorkerGenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.moeserve.v1.AbortRequest\x1a\x1a.moeserve.v1.AbortResponse\x12\x41\n\x06Health\x12\x1a.moeserve.v1.HealthRequest\x1a\x1b.moeserve.v1.HealthResponse\x12L\n\x0cStreamEvents\x12 .moeserve.v1.StreamEventsRequest\x1a\x18.moeserve.v1.WorkerEvent0\x01\x12\\\n\x0fGetNixlMetadata\x12#.moeserve.v1.GetNixlMetadataRequest\x1a$.moeserve.v1.GetNixlMetadataResponse\x12J\n\tReleaseKV\x12\x1d.moeserve.v1.ReleaseKVRequest\x1a\x1e.moeserve.v1.ReleaseKVResponse\x12\x44\n\x07\x43laimKV\x12\x1b.moeserve.v1.ClaimKVRequest\x1a\x1c.moeserve.v1.ClaimKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/worker.proto\x12\x0bmoeserve.v1\x1a\x18moeserve/v1/common.proto\"\xdb\x01\n\x08KVHandle\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12\x1a\n\x12\x63ompat_fingerprint\x18\x06 \x01(\t\x12\x16\n\x0eworker_address\x18\x07 \x01(\t\x12\x11\n\thandle_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\"\x83\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x04 \x01(\t\"\x83\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12(\n\tkv_handle\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12=\n\x14\x66irst_token_logprobs\x18\x07 \x01(\x0b\x32\x1a.moeserve.v1.TokenLogprobsH\x00\x88\x01\x01\x42\x17\n\x15_first_token_logprobs\"\xb9\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12-\n\tkv_handle\x18\x04 \x01(\x0b\x32\x15.moeserve.v1.KVHandleH\x00\x88\x01\x01\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x12=\n\x14\x66irst_token_logprobs\x18\x06 \x01(\x0b\x32\x1a.moeserve.v1.TokenLogprobsH\x02\x88\x01\x01\x42\x0c\n\n_kv_handleB\x11\n\x0f_first_token_idB\x17\n\x15_first_token_logprobs\"\x89\x02\n\x16WorkerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1e\n\x16num_transferred_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs\x12\x1b\n\x13kv_transfer_seconds\x18\t \x01(\x01\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"t\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\rB\x0e\n\x0c_parent_hash\"$\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0c\n\nAllCleared\"\x98\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.moeserve.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.moeserve.v1.BlockRemovedH\x00\x12*\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x17.moeserve.v1.AllClearedH\x00\x42\x07\n\x05\x65vent\"Z\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\x15\n\x13StreamEventsRequest\"o\n\x0bWorkerEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\'\n\tkv_events\x18\x02 \x03(\x0b\x32\x14.moeserve.v1.KVEvent\x12%\n\x04load\x18\x03 \x01(\x0b\x32\x17.moeserve.v1.LoadReport\"\x18\n\x16GetNixlMetadataRequest\"[\n\x17GetNixlMetadataResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63ompat_fingerprint\x18\x03 \x01(\t\"&\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"9\n\x0e\x43laimKVRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x02 \x01(\t\"L\n\x0f\x43laimKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r2\xe6\x04\n\x06Worker\x12\x44\n\x07Prefill\x12\x1b.moeserve.v1.PrefillRequest\x1a\x1c.moeserve.v1.PrefillResponse\x12U\n\x08Generate\x12\".moeserve.v1.WorkerGenerateRequest\x1a#.moeserve.v1.WorkerGenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.moeserve.v1.AbortRequest\x1a\x1a.moeserve.v1.AbortResponse\x12\x41\n\x06Health\x12\x1a.moeserve.v1.HealthRequest\x1a\x1b.moeserve.v1.HealthResponse\x12L\n\x0cStreamEvents\x12 .moeserve.v1.StreamEventsRequest\x1a\x18.moeserve.v1.WorkerEvent0\x01\x12\\\n\x0fGetNixlMetadata\x12#.moeserve.v1.GetNixlMetadataRequest\x1a$.moeserve.v1.GetNixlMetadataResponse\x12J\n\tReleaseKV\x12\x1d.moeserve.v1.ReleaseKVRequest\x1a\x1e.moeserve.v1.ReleaseKVResponse\x12\x44\n\x07\x43laimKV\x12\x1b.moeserve.v1.ClaimKVRequest\x1a\x1c.moeserve.v1.ClaimKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,37 +41,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERGENERATEREQUEST']._serialized_start=686
   _globals['_WORKERGENERATEREQUEST']._serialized_end=999
   _globals['_WORKERGENERATERESPONSE']._serialized_start=1002
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=1238
-  _globals['_ABORTREQUEST']._serialized_start=1240
-  _globals['_ABORTREQUEST']._serialized_end=1275
-  _globals['_ABORTRESPONSE']._serialized_start=1277
-  _globals['_ABORTRESPONSE']._serialized_end=1309
-  _globals['_BLOCKSTORED']._serialized_start=1311
-  _globals['_BLOCKSTORED']._serialized_end=1427
-  _globals['_BLOCKREMOVED']._serialized_start=1429
-  _globals['_BLOCKREMOVED']._serialized_end=1465
-  _globals['_ALLCLEARED']._serialized_start=1467
-  _globals['_ALLCLEARED']._serialized_end=1479
-  _globals['_KVEVENT']._serialized_start=1482
-  _globals['_KVEVENT']._serialized_end=1634
-  _globals['_LOADREPORT']._serialized_start=1636
-  _globals['_LOADREPORT']._serialized_end=1726
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=1728
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=1749
-  _globals['_WORKEREVENT']._serialized_start=1751
-  _globals['_WORKEREVENT']._serialized_end=1862
-  _globals['_GETNIXLMETADATAREQUEST']._serialized_start=1864
-  _globals['_GETNIXLMETADATAREQUEST']._serialized_end=1888
-  _globals['_GETNIXLMETADATARESPONSE']._serialized_start=1890
-  _globals['_GETNIXLMETADATARESPONSE']._serialized_end=1981
-  _globals['_RELEASEKVREQUEST']._serialized_start=1983
-  _globals['_RELEASEKVREQUEST']._serialized_end=2021
-  _globals['_RELEASEKVRESPONSE']._serialized_start=2023
-  _globals['_RELEASEKVRESPONSE']._serialized_end=2060
-  _globals['_CLAIMKVREQUEST']._serialized_start=2062
-  _globals['_CLAIMKVREQUEST']._serialized_end=2119
-  _globals['_CLAIMKVRESPONSE']._serialized_start=2121
-  _globals['_CLAIMKVRESPONSE']._serialized_end=2197
-  _globals['_WORKER']._serialized_start=2200
-  _globals['_WORKER']._serialized_end=2814
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=1267
+  _globals['_ABORTREQUEST']._serialized_start=1269
+  _globals['_ABORTREQUEST']._serialized_end=1304
+  _globals['_ABORTRESPONSE']._serialized_start=1306
+  _globals['_ABORTRESPONSE']._serialized_end=1338
+  _globals['_BLOCKSTORED']._serialized_start=1340
+  _globals['_BLOCKSTORED']._serialized_end=1456
+  _globals['_BLOCKREMOVED']._serialized_start=1458
+  _globals['_BLOCKREMOVED']._serialized_end=1494
+  _globals['_ALLCLEARED']._serialized_start=1496
+  _globals['_ALLCLEARED']._serialized_end=1508
+  _globals['_KVEVENT']._serialized_start=1511
+  _globals['_KVEVENT']._serialized_end=1663
+  _globals['_LOADREPORT']._serialized_start=1665
+  _globals['_LOADREPORT']._serialized_end=1755
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=1757
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=1778
+  _globals['_WORKEREVENT']._serialized_start=1780
+  _globals['_WORKEREVENT']._serialized_end=1891
+  _globals['_GETNIXLMETADATAREQUEST']._serialized_start=1893
+  _globals['_GETNIXLMETADATAREQUEST']._serialized_end=1917
+  _globals['_GETNIXLMETADATARESPONSE']._serialized_start=1919
+  _globals['_GETNIXLMETADATARESPONSE']._serialized_end=2010
+  _globals['_RELEASEKVREQUEST']._serialized_start=2012
+  _globals['_RELEASEKVREQUEST']._serialized_end=2050
+  _globals['_RELEASEKVRESPONSE']._serialized_start=2052
+  _globals['_RELEASEKVRESPONSE']._serialized_end=2089
+  _globals['_CLAIMKVREQUEST']._serialized_start=2091
+  _globals['_CLAIMKVREQUEST']._serialized_end=2148
+  _globals['_CLAIMKVRESPONSE']._serialized_start=2150
+  _globals['_CLAIMKVRESPONSE']._serialized_end=2226
+  _globals['_WORKER']._serialized_start=2229
+  _globals['_WORKER']._serialized_end=2843
 # @@protoc_insertion_point(module_scope)
