@@ -60,6 +60,32 @@ def scaled_mm_seconds(m: int, n: int, k: int) -> float:
     return do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e-3
 
 
+def blockwise_scaled_mm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor,
+                        w_s: torch.Tensor) -> torch.Tensor:
+    """The same GEMM through torch._scaled_mm's block-wise scaling (1x128 activations,
+    128x128 weights; cuBLASLt on Hopper), scales in the layouts it checks for."""
+    return torch._scaled_mm(a_q, w.t(), scale_a=a_s.t().contiguous().t(), scale_b=w_s.t(),
+                            out_dtype=torch.bfloat16)
+
+
+def cublas_row(name: str, m: int, n: int, k: int, args: tuple, floor: float, ref: float,
+               triton_out: torch.Tensor) -> dict | None:
+    try:
+        got = blockwise_scaled_mm(*args)
+        sec = do_bench(partial(blockwise_scaled_mm, *args), warmup=5, rep=40,
+                       return_mode="median") * 1e-3
+    except Exception as exc:  # noqa: BLE001 (this torch / cuBLAS has no block-wise path)
+        print(f"{name} m={m} cublas: {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+    err = ((got.float() - triton_out.float()).norm() / triton_out.float().norm()).item()
+    print(f"  {name:<14} m={m:<5} {'cublas blockwise':<34} {sec * 1e6:8.1f} us "
+          f"{2 * m * n * k / sec / 1e12:7.1f} TFLOP/s  {sec / floor:5.2f}x floor  "
+          f"rel.diff vs triton {err:.2e}", flush=True)
+    return {"phase": "gemm", "shape": name, "m": m, "n": n, "k": k, "variant": "cublas",
+            "default": False, "us": sec * 1e6, "TFLOPs": 2 * m * n * k / sec / 1e12,
+            "x_hbm_floor": sec / floor, "scaled_mm_us": ref * 1e6, "rel_diff": err}
+
+
 def sweep(rows: list[int], copy_gbps: float, out: list[dict]) -> None:
     """Time every variant of VARIANTS for each row count and shape; one dict per timing."""
     for m in rows:
@@ -71,6 +97,10 @@ def sweep(rows: list[int], copy_gbps: float, out: list[dict]) -> None:
             floor = (n * k + m * k + 2 * m * n) / (copy_gbps * 1e9)
             ref = scaled_mm_seconds(m, n, k)
             default = (*_tiles(m), _group_m(m, _tiles(m)[0]), False)
+            row = cublas_row(name, m, n, k, (a_q, a_s, w, s), floor, ref,
+                             w8a8_block_fp8_matmul(a_q, a_s, w, s))
+            if row:
+                out.append(row)
             variants = [default] + [v for v in VARIANTS[_kind(m)] if v != default]
             for v in variants:
                 fn = partial(w8a8_block_fp8_matmul, a_q, a_s, w, s, tiles=v[:4], group_m=v[4],
@@ -96,7 +126,14 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 8192])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--only-default", action="store_true",
+                    help="time the default tiles (and cuBLAS) only")
     args = ap.parse_args()
+    for name in set(SHAPES) - set(args.shapes):
+        del SHAPES[name]
+    if args.only_default:
+        VARIANTS.update({kind: [] for kind in VARIANTS})
     peaks = measure_peaks()
     print(f"copy {peaks['copy_GBps']:.0f} GB/s, bf16 {peaks['bf16_TFLOPs']:.0f} TFLOP/s")
     rows: list[dict] = []

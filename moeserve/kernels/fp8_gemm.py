@@ -24,18 +24,20 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def per_token_group_quant_kernel(
     x_ptr, q_ptr, s_ptr, k_in, groups_per_row, eps,
     stride_xm, stride_qm, stride_sm,
-    GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr,
+    GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
 ):
-    row = tl.program_id(0) // groups_per_row
-    group = tl.program_id(0) % groups_per_row
-    offs = group * GROUP + tl.arange(0, GROUP)
-    ok = offs < k_in
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
+    """One row's GROUPS_PER_PROGRAM consecutive groups per program: a program per group moved
+    128 values each and left the launch grid, not the bandwidth, the limit at prefill sizes."""
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    ok = (offs < k_in) & (groups < groups_per_row)[:, None]
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
     # eps keeps all-zero groups from dividing by zero.
-    scale = tl.maximum(tl.max(tl.abs(x), 0), eps) / FP8_MAX_C
-    q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
-    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + row * stride_sm + group, scale)
+    scale = tl.maximum(tl.max(tl.abs(x), 1), eps) / FP8_MAX_C
+    q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
+    tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row * stride_sm + groups, scale, mask=groups < groups_per_row)
 
 
 def per_token_group_quant(
@@ -52,9 +54,10 @@ def per_token_group_quant(
     x_q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
-        per_token_group_quant_kernel[(m * groups,)](
+        per_program = max(1, min(triton.next_power_of_2(groups), 2048 // group_size))
+        per_token_group_quant_kernel[(m, triton.cdiv(groups, per_program))](
             x, x_q, scales, k, groups, eps, x.stride(0), x_q.stride(0), scales.stride(0),
-            GROUP=group_size, FP8_MAX_C=FP8_MAX, num_warps=1 if group_size <= 128 else 4,
+            GROUP=group_size, FP8_MAX_C=FP8_MAX, GROUPS_PER_PROGRAM=per_program, num_warps=4,
         )
     return x_q, scales
 

@@ -18,7 +18,7 @@ from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel",
-           "default_num_splits", "default_tiles"]
+           "default_block_h", "default_num_splits", "default_tiles"]
 
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -128,6 +128,12 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     return max(1, min(128 if num_seqs <= 2 else 32, triton.cdiv(2 * num_sms, programs)))
 
 
+def default_block_h(num_heads: int) -> int:
+    """Heads per program: each program reads its sequence's latents once for all its heads,
+    and tl.dot needs M >= 16 (V2-Lite's 16 heads fill one block)."""
+    return 16
+
+
 def default_tiles(num_seqs: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps). From benchmarks/tune_mla_decode.py on the H100, V2-Lite, graphs
     replayed: batch 64 at 4k context 146 us with 2 splits of 64-key tiles over 8 warps against
@@ -149,6 +155,7 @@ def mla_decode(
     num_warps: int | None = None,
     num_stages: int = 2,
     q_pe: torch.Tensor | None = None,
+    block_h: int | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode attention, one query token per sequence.
 
@@ -161,14 +168,15 @@ def mla_decode(
     seq_lens: [S] int32/int64, tokens in cache per sequence (>= 1), the query's own included.
     scale: softmax scale. kv_lora_rank: R, the value width (first R dims of a latent).
     num_splits: KV splits per sequence; default from the batch shape (`default_num_splits`).
-    block_n / num_warps / num_stages: tiles (benchmarks/tune_mla_decode.py sweeps them).
+    block_n / num_warps / num_stages / block_h (heads per program): tiles
+    (benchmarks/tune_mla_decode.py sweeps them).
     Returns [S, H, R] in q's dtype.
     """
     q, q_pe = _split_query(q, q_pe, layer_cache, block_tables, seq_lens, kv_lora_rank)
     num_seqs, num_heads = q.shape[:2]
     block_size = layer_cache.shape[1]
     rope = q_pe.shape[2]
-    block_h = 16  # tl.dot needs M >= 16; V2-Lite's 16 heads fill one block
+    block_h = block_h or default_block_h(num_heads)
     splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
     tiles = default_tiles(num_seqs)
     block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
