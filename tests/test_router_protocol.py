@@ -91,7 +91,7 @@ def test_valid_requests_normalise() -> None:
             "stream_options": {"include_usage": True},
             "stop": "\n",
             "return_token_ids": True,
-            "unknown_extra": 1,
+            "user": "u-1",
         }  # fmt: skip
     )
     assert req.prompt == [5, 6, 7] and req.include_usage and req.stop_strings == ["\n"]

@@ -70,10 +70,11 @@ class Frontend:
             self._tokenize_pool, self.prompt_ids, prompt)
 
     async def chat_ids_async(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
     ) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.chat_ids, messages, add_generation_prompt)
+            self._tokenize_pool, self.chat_ids, messages, add_generation_prompt, tools, extra)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -88,9 +89,10 @@ class Frontend:
         return ids
 
     def chat_ids(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
     ) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, tools, extra)
 
     def check_length(self, prompt: list[int], params: SamplingParams, param: str) -> None:
         """Context length and the router's admission bounds on prompt and max_tokens."""

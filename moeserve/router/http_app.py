@@ -18,15 +18,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from moeserve.common.errors import UnavailableError
 from moeserve.common.metrics import render
 from moeserve.router import protocol as P
+from moeserve.router.chat import (
+    ChatOptions,
+    ChatOutput,
+    chat_outputs,
+    reasoning_total,
+    template_inputs,
+)
 from moeserve.router.choices import run_choices
 from moeserve.router.frontend import Delta, Frontend, Usage
 from moeserve.router.limits import BodyBudget, HttpLimits, check_stop, read_json_body
 from moeserve.router.logprobs_format import LogprobsFormatter
 from moeserve.router.status import snapshot
+from moeserve.router.token_routes import add_token_routes
 
 __all__ = ["OpenStreams", "create_app"]
 
@@ -54,10 +63,12 @@ async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
 
 
 def create_app(frontend: Frontend, is_healthy: Callable[[], bool],
-               limits: HttpLimits | None = None) -> FastAPI:
-    """``app.state.streams.close()`` ends every open stream with an in-band error (shutdown)."""
+               limits: HttpLimits | None = None, chat: ChatOptions | None = None) -> FastAPI:
+    """``app.state.streams.close()`` ends every open stream with an in-band error (shutdown).
+    ``chat``: the tool-call and reasoning parsers (--tool-call-parser, --reasoning-parser)."""
     app = FastAPI(title="moeserve router", docs_url=None, redoc_url=None)
     limits = limits or HttpLimits()
+    chat = chat or ChatOptions()
     size_limit = frontend.router.settings.max_body_bytes
     budget = BodyBudget(limits.max_buffered_bytes)
     app.state.body_budget = budget
@@ -71,13 +82,18 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool],
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         return _error(exc)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Unknown routes (404) and wrong methods (405) answer in OpenAI's error shape too."""
+        return _route_error(request, exc)
+
     async def generate(request: Request, model: type[P._GenerationRequest], kind: str) -> Response:
         try:
             req = model.model_validate(await body(request))
             if (bad := _unknown_model(req.model, frontend.model_id)) is not None:
                 return bad
             check_stop(req.stop_strings, limits)
-            return await _serve(frontend, request, req, kind, streams)
+            return await _serve(frontend, request, req, kind, streams, chat)
         except (ValidationError, P.MoeServeError) as e:
             return _error(e)
 
@@ -90,32 +106,45 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool],
         return await generate(request, P.ChatCompletionRequest, "chat")
 
     _add_info_routes(app, frontend, is_healthy, body)
+    add_token_routes(app, frontend, body, chat)
     return app
+
+
+def _route_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    msg = {404: f"no route {request.url.path}",
+           405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        exc.status_code, str(exc.detail))  # fmt: skip
+    return JSONResponse(P.error_body(msg, "invalid_request_error", None, code), exc.status_code,
+                        headers=getattr(exc, "headers", None))  # fmt: skip
 
 
 def _unknown_model(name: str | None, model_id: str) -> JSONResponse | None:
     if name is not None and name != model_id:
         msg = f"The model `{name}` does not exist; this router serves `{model_id}`."
-        return JSONResponse(P.error_body(msg, "NotFoundError", "model", 404), 404)
+        return JSONResponse(P.error_body(msg, "NotFoundError", "model", "model_not_found"), 404)
     return None
 
 
-async def _prompt_ids(frontend: Frontend, req: P._GenerationRequest) -> list[int]:
+async def _prompt_ids(frontend: Frontend, req: P._GenerationRequest, chat: ChatOptions
+                      ) -> list[int]:  # fmt: skip
     if isinstance(req, P.CompletionRequest):
         return await frontend.prompt_ids_async(req.prompt)
     assert isinstance(req, P.ChatCompletionRequest)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    return await frontend.chat_ids_async(messages, req.add_generation_prompt)
+    messages, tools, extra = template_inputs(req, chat)
+    return await frontend.chat_ids_async(messages, req.add_generation_prompt, tools, extra)
 
 
 async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest,
-                 kind: str, streams: OpenStreams) -> Response:
+                 kind: str, streams: OpenStreams, chat: ChatOptions) -> Response:
     """One completion or chat request: streamed (SSE) or collected into one JSON response."""
     model_id = frontend.model_id
-    prompt = await _prompt_ids(frontend, req)
+    prompt = await _prompt_ids(frontend, req, chat)
     params = req.sampling_params(
         16 if kind == "completion" else frontend.default_max_tokens(prompt)
     )
+    # Chat: one output renderer per choice (reasoning, tool calls); tool_choice may constrain.
+    params, outs = chat_outputs(req, params, chat, frontend.tokenizer)
     frontend.check_length(prompt, params, "prompt" if kind == "completion" else "messages")
     if req.stop_strings and not frontend.tokenizer.available:
         frontend.tokenizer.detokenizer(req.stop_strings)  # raises the 400 naming "stop"
@@ -133,7 +162,7 @@ async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest
     if req.stream:
         first = await _first_or_error(deltas)  # errors before the first token stay HTTP
         gen = _stream(rid, model_id, kind, first, _until_closing(deltas, streams), usage, ids,
-                      req.include_usage, fmt, req.n)  # fmt: skip
+                      req.include_usage, fmt, req.n, outs)  # fmt: skip
         return StreamingResponse(gen, media_type="text/event-stream")
     work = asyncio.ensure_future(_collect(deltas, req.n))
     watcher = asyncio.ensure_future(_until_disconnect(request, work))
@@ -143,11 +172,15 @@ async def _serve(frontend: Frontend, request: Request, req: P._GenerationRequest
         return Response(status_code=499)
     finally:
         watcher.cancel()
-    u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    # Chat: the messages first (parsing them counts the reasoning tokens).
+    chat = [{"message": o.message(c[0], c[1])} for o, c in zip(outs, choices, strict=False)]
+    u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                     reasoning_total(outs))  # fmt: skip
     build = P.completion_response if kind == "completion" else P.chat_response
-    bodies = [build(rid, model_id, text, reason, u, token_ids if ids else None, index=i,
-                    logprobs=fmt[i].render(lps) if fmt else None)
-              for i, (text, token_ids, reason, lps) in enumerate(choices)]
+    bodies = [build(rid, model_id, text, outs[i].finish_reason(reason) if outs else reason, u,
+                    token_ids if ids else None, index=i,
+                    logprobs=fmt[i].render(lps) if fmt else None, **(chat[i] if outs else {}))
+              for i, (text, token_ids, reason, lps) in enumerate(choices)]  # fmt: skip
     return JSONResponse(bodies[0] if len(bodies) == 1 else P.merge_choices(bodies))
 
 
@@ -213,6 +246,11 @@ class OpenStreams:
         for cut in list(self._cuts):
             cut()
 
+    def guard(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """``deltas``, ended by ``close()`` with an UnavailableError (the router's gRPC
+        Generate streams report it as UNAVAILABLE, as SSE streams report it in-band)."""
+        return _until_closing(deltas, self)
+
 
 _CUT = "the router shut down during this request; retry it"
 
@@ -268,11 +306,12 @@ async def _collect(deltas: AsyncIterator[Delta], n: int = 1) -> list[tuple]:
 async def _stream(
     rid: str, model: str, kind: str, first: Delta, deltas: AsyncIterator[Delta], usage: Usage,
     with_ids: bool, include_usage: bool, fmt: list[LogprobsFormatter] | None = None, n: int = 1,
+    outs: list[ChatOutput] = (),  # type: ignore[assignment]
 ) -> AsyncIterator[bytes]:  # fmt: skip
     """SSE body; if the client disconnects Starlette cancels this, which closes ``deltas``."""
     started: set[int] = set()  # choices whose first chat chunk (with the role) went out
 
-    def chunk(d: Delta) -> dict:
+    def chunk(d: Delta) -> dict | None:
         ids = d.token_ids if with_ids else None
         lp = fmt[d.index].render(d.logprobs) if fmt and d.logprobs else None
         if kind == "completion":
@@ -280,16 +319,23 @@ async def _stream(
                                       logprobs=lp)
         role = d.index not in started
         started.add(d.index)
-        delta = {"role": "assistant", "content": d.text} if role else {"content": d.text}
-        return P.chat_chunk(rid, model, delta, d.finish_reason, ids, index=d.index, logprobs=lp)
+        out = outs[d.index]
+        delta = out.delta(d.text, d.token_ids, d.finished)
+        if not (delta or role or d.finished or ids or lp):
+            return None  # all held back (a tool-call marker may be arriving)
+        delta = {"role": "assistant", **delta} if role else delta
+        return P.chat_chunk(rid, model, delta, out.finish_reason(d.finish_reason), ids,
+                            index=d.index, logprobs=lp)  # fmt: skip
 
     try:
-        yield _sse(chunk(first))
+        yield _sse(chunk(first))  # type: ignore[arg-type]  # a first chunk is never held
         if not first.finished or n > 1:
             async for d in deltas:
-                yield _sse(chunk(d))
+                if (c := chunk(d)) is not None:
+                    yield _sse(c)
         if include_usage:
-            u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                             reasoning_total(outs))  # fmt: skip
             build = P.completion_chunk if kind == "completion" else P.chat_chunk
             yield _sse(build(rid, model, None, usage=u))
     except P.MoeServeError as e:  # after the 200 went out: report in-band, as OpenAI does

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moeserve.common.errors import InvalidRequestError, MoeServeError
 from moeserve.common.sampling import MAX_LOGPROBS, SamplingParams
+from moeserve.router.chat_protocol import ChatMessage, ChatTools, log_noop_fields
 
 __all__ = [
     "ChatCompletionRequest",
@@ -39,15 +47,16 @@ TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    # Unknown fields are ignored, as OpenAI-compatible servers do for client extras.
-    model_config = ConfigDict(extra="ignore")
+    # An unknown field is a 400 naming it: ignoring it could silently change what the client
+    # asked for. Fields that change nothing here are declared and logged (chat_protocol.py).
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: StrictInt | None = None
@@ -72,6 +81,9 @@ class _GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_p: float | None = None
     user: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -80,6 +92,11 @@ class _GenerationRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _log_noops(self) -> _GenerationRequest:
+        log_noop_fields(self.model_fields_set)
+        return self
 
     @property
     def stop_strings(self) -> list[str]:
@@ -164,34 +181,14 @@ class CompletionRequest(_GenerationRequest):
         return v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, v: Any) -> str | None:
-        if not isinstance(v, list):
-            return v
-        parts = []
-        for part in v:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    """POST /v1/chat/completions."""
+class ChatCompletionRequest(ChatTools, _GenerationRequest):
+    """POST /v1/chat/completions; tools, tool_choice and messages in chat_protocol.py."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     add_generation_prompt: bool = True
     logprobs: bool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -203,13 +200,6 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def top_logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None) -> list | None:
-        if v:
-            raise ValueError("tool calling is not supported")
-        return v
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -226,23 +216,29 @@ def error_body(
     message: str,
     type: str = "invalid_request_error",
     param: str | None = None,
-    code: str | int | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
+    """OpenAI's error object; ``code`` is a string (``unknown_parameter``, ...) or null."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+# pydantic's error types, in OpenAI's codes.
+_CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter"}
 
 
 def error_from_validation(exc: ValidationError) -> dict[str, Any]:
     """400 body naming the first invalid field (``messages.0.content``-style path)."""
     err = exc.errors(include_url=False)[0]
     # Union members add their type name to the location; it means nothing to a client.
-    loc = [str(p) for p in err["loc"] if str(p) not in _UNION_TAGS and "[" not in str(p)]
+    loc = [str(p) for p in err["loc"]
+           if str(p) not in _UNION_TAGS and "[" not in str(p) and str(p) != "NamedToolChoice"]
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; this server does not support it"
     message = f"{param}: {msg}" if param else msg
-    return error_body(message, param=param, code=err["type"])
+    return error_body(message, param=param, code=_CODES.get(err["type"], "invalid_value"))
 
 
 def error_from_exception(exc: Exception) -> tuple[int, dict[str, Any]]:
@@ -251,8 +247,10 @@ def error_from_exception(exc: Exception) -> tuple[int, dict[str, Any]]:
         return 400, error_from_validation(exc)
     if isinstance(exc, MoeServeError):
         param = exc.param if isinstance(exc, InvalidRequestError) else None
-        return exc.http_status, error_body(str(exc), exc.error_type, param, exc.http_status)
-    return 500, error_body(f"internal error: {type(exc).__name__}", "internal_error", None, 500)
+        code = "invalid_value" if isinstance(exc, InvalidRequestError) else exc.error_type
+        return exc.http_status, error_body(str(exc), exc.error_type, param, code)
+    return 500, error_body(f"internal error: {type(exc).__name__}", "internal_error", None,
+                           "internal_error")
 
 
 # --------------------------------------------------------------------------- responses
@@ -262,13 +260,17 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+               reasoning_tokens: int | None = None) -> dict:
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:  # with --reasoning-parser
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def _choice(field: str, content: object, finish_reason: str | None,
@@ -325,8 +327,10 @@ def chat_response(
     *,
     index: int = 0,
     logprobs: dict | None = None,
+    message: dict | None = None,
 ) -> dict:
-    message = {"role": "assistant", "content": text}
+    """``message``: the assistant message when parsers shaped it (else ``text`` as content)."""
+    message = message or {"role": "assistant", "content": text}
     choice = _choice("message", message, finish_reason, token_ids, index, logprobs)
     return _envelope(request_id, "chat.completion", model, [choice], usage)
 

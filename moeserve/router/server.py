@@ -22,6 +22,7 @@ from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
+from moeserve.router.chat import add_chat_arguments, chat_options
 from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import OpenStreams, create_app
@@ -157,6 +158,7 @@ def metrics_port_keys(args: argparse.Namespace, keys: list[str]) -> list[str]:
 
 async def serve_router(args: argparse.Namespace) -> None:
     cfg = resolve_router_config(args)  # flags > --config file > defaults, into args too
+    chat = chat_options(args)
     metrics = RouterMetrics()
     index = PrefixIndex()
     tls = tls_from_args(args)
@@ -215,7 +217,7 @@ async def serve_router(args: argparse.Namespace) -> None:
         await grpc_server.start()
         # Holding for a wake-up needs the router to stay in its Service while at zero.
         app = create_app(frontend, lambda: (bool(pool.healthy("decode")) or router.wake.enabled)
-                         and not router.draining, http_limits(args))
+                         and not router.draining, http_limits(args), chat)
         app.add_middleware(ApiKeyMiddleware, keys=keys, protect_metrics=args.api_key_metrics)
         install_openapi(app, auth=keys.enabled)
         sock = _bind(args.host, args.port)
@@ -306,6 +308,7 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--api-key-metrics", action="store_true",
                    help="put /metrics (HTTP and --metrics-port) behind the API key too "
                         "(/health stays open)")
+    add_chat_arguments(p)
     add_tls_arguments(p)
     add_worker_auth_arguments(p)
     p.add_argument("--metrics-port", type=int, default=None,

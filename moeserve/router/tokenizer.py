@@ -45,12 +45,21 @@ class ModelTokenizer:
     def available(self) -> bool:
         return self._tok is not None
 
+    def token_id(self, text: str) -> int | None:
+        """The id of ``text`` when it is one token of the vocabulary."""
+        return self._special_id(text)
+
     def _special_id(self, text: str | None) -> int | None:
         if self._tok is None or text is None:
             return None
         return self._tok.token_to_id(text)
 
-    def _require(self, param: str) -> Any:
+    def token_strs(self, token_ids: Sequence[int]) -> list[str | None]:
+        """Each id's vocabulary entry (vLLM's ``token_strs``)."""
+        tok = self.require("tokens")
+        return [tok.id_to_token(i) for i in token_ids]
+
+    def require(self, param: str) -> Any:
         if self._tok is None:
             raise InvalidRequestError(
                 f"the model at {self.source} has no tokenizer (tokenizer.json missing): "
@@ -67,7 +76,7 @@ class ModelTokenizer:
         Special tokens (BOS) come from tokenizer.json's post-processor, as HuggingFace's fast
         tokenizers add them; ``add_bos_token`` in tokenizer_config.json is not applied again.
         """
-        tok = self._require(param)
+        tok = self.require(param)
         try:
             # encode_batch lets go of the GIL while it works (encode does not), so the event
             # loop keeps answering while a thread tokenizes a multi-megabyte prompt.
@@ -79,10 +88,15 @@ class ModelTokenizer:
             ) from None
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
     ) -> list[int]:
-        """Render the checkpoint's chat template and tokenize it (the template adds BOS)."""
-        self._require("messages")
+        """Render the checkpoint's chat template and tokenize it (the template adds BOS).
+
+        ``tools`` (OpenAI's tool definitions) and ``extra`` (chat_template_kwargs) are template
+        variables, as HuggingFace passes them; a template without a tools section ignores them.
+        """
+        self.require("messages")
         if not self.chat_template:
             raise InvalidRequestError(
                 f"the model at {self.source} has no chat_template in tokenizer_config.json: "
@@ -93,7 +107,9 @@ class ModelTokenizer:
             self._template = _compile_template(self.chat_template)
         try:
             text = self._template.render(
+                **(extra or {}),
                 messages=list(messages),
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -109,7 +125,7 @@ class ModelTokenizer:
 
     def detokenizer(self, stop: Sequence[str] = ()) -> IncrementalDetokenizer:
         if stop:
-            self._require("stop")
+            self.require("stop")
         return IncrementalDetokenizer(self, stop)
 
 

@@ -11,20 +11,57 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["BOS", "EOS", "CHAT_TEMPLATE", "write_tokenizer"]
+__all__ = ["BOS", "EOS", "CHAT_TEMPLATE", "TOOL_TOKENS", "write_tokenizer"]
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
+# DeepSeek-V3's tool-call and R1's reasoning tokens: added, not special, so decoded text keeps
+# them and the router's parsers (moeserve/router/tool_parser.py, reasoning_parser.py) see them.
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+THINK, END_THINK = "<think>", "</think>"
+TOOL_TOKENS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, OUTPUTS_BEGIN, OUTPUTS_END,
+               OUTPUT_BEGIN, OUTPUT_END, THINK, END_THINK)
+# DeepSeek-V3's conversation layout: system text first, then the tools (the release template
+# has no tools section; this one describes them so a model can be prompted with them), user
+# and assistant turns, an assistant's calls in tool-call tokens with JSON arguments in a fenced
+# block, and tool results in one outputs block that the assistant's next turn continues.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}"
-    "{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+    "{% for m in messages if m['role'] in ('system', 'developer') %}{{ m['content'] }}"
+    "{% endfor %}"
+    "{% if tools %}{{ '\\n\\n' }}## Tools\nCall a function with " + CALLS_BEGIN + CALL_BEGIN
+    + "function" + SEP + "NAME\n```json\nARGUMENTS\n```" + CALL_END + CALLS_END + ".\n"
+    "{% for t in tools %}{{ '\\n' }}### {{ t['function']['name'] }}\n"
+    "{% if t['function']['description'] %}{{ t['function']['description'] }}\n{% endif %}"
+    "Parameters: {{ t['function']['parameters'] | tojson }}\n{% endfor %}{% endif %}"
+    "{% set ns = namespace(outputs=false) %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}"
+    "{% if ns.outputs %}" + OUTPUTS_END + "{% set ns.outputs = false %}{% endif %}"
+    + USER + "{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if ns.outputs %}" + OUTPUTS_END + "{% set ns.outputs = false %}"
+    "{% else %}" + ASSISTANT + "{% endif %}"
+    "{% set text = m['content'] or '' %}"
+    "{% if '" + END_THINK + "' in text %}{% set text = text.split('" + END_THINK + "')[-1] %}"
+    "{% endif %}{{ text }}"
+    "{% if m['tool_calls'] %}" + CALLS_BEGIN + "{% for c in m['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}" + CALL_BEGIN + "{{ c['type'] }}" + SEP
+    + "{{ c['function']['name'] }}\n```json\n{{ c['function']['arguments'] }}\n```"
+    + CALL_END + "{% endfor %}" + CALLS_END + "{% endif %}"
+    "{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if ns.outputs %}{{ '\\n' }}{% else %}" + OUTPUTS_BEGIN
+    + "{% set ns.outputs = true %}{% endif %}"
+    + OUTPUT_BEGIN + "{{ m['content'] }}" + OUTPUT_END +
+    "{% endif %}{% endfor %}"
+    "{% if ns.outputs %}" + OUTPUTS_END + "{% elif add_generation_prompt %}" + ASSISTANT
+    + "{% endif %}"
 )
 _CORPUS = """
 Mixture-of-Experts models route every token to a few experts out of many, so a model with
@@ -60,7 +97,9 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) ->
     taken = set(vocab.values()) | {bos_id, eos_id}
     spare = (i for i in range(vocab_size) if i not in taken)
     specials = [(bos_id, BOS, True), (eos_id, EOS, True)]
-    specials += [(next(spare), text, False) for text in (USER, ASSISTANT)]
+    # A vocabulary too small for all of them goes without the last ones.
+    named = (USER, ASSISTANT, *TOOL_TOKENS)
+    specials += [(i, text, False) for i, text in zip(spare, named, strict=False)]
     # Added tokens keep their ids only when the model vocab has them too (as DeepSeek's files do).
     vocab.update({text: i for i, text, _ in specials})
     spec["added_tokens"] = [
