@@ -41,10 +41,14 @@ logger = logging.getLogger(__name__)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, frontend: Frontend, pool: WorkerPool, limits: HttpLimits | None = None):
+    def __init__(self, frontend: Frontend, pool: WorkerPool, limits: HttpLimits | None = None,
+                 streams: OpenStreams | None = None):  # fmt: skip
         self.frontend = frontend
         self.pool = pool
         self.limits = limits or HttpLimits()
+        # The HTTP app's, once it exists: a shutdown that cuts streams ends these with
+        # UNAVAILABLE naming it, not a silently closed call.
+        self.streams = streams or OpenStreams()
 
     async def Generate(self, request, context):
         f = self.frontend
@@ -60,7 +64,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             usage = Usage()
             timeout = context.time_remaining()  # the client's gRPC deadline, end to end
-            async for d in f.run(rid, prompt, params, list(request.stop), usage, timeout):
+            deltas = f.run(rid, prompt, params, list(request.stop), usage, timeout)
+            async for d in self.streams.guard(deltas):
                 msg = router_pb2.GenerateResponse(
                     request_id=rid, token_ids=d.token_ids, finished=d.finished,
                     finish_reason=d.finish_reason or "",
@@ -218,6 +223,7 @@ async def serve_router(args: argparse.Namespace) -> None:
         # Holding for a wake-up needs the router to stay in its Service while at zero.
         app = create_app(frontend, lambda: (bool(pool.healthy("decode")) or router.wake.enabled)
                          and not router.draining, http_limits(args), chat)
+        servicer.streams = app.state.streams  # cut at shutdown with the SSE streams
         app.add_middleware(ApiKeyMiddleware, keys=keys, protect_metrics=args.api_key_metrics)
         install_openapi(app, auth=keys.enabled)
         sock = _bind(args.host, args.port)
