@@ -156,6 +156,73 @@ def test_malformed_json_is_400(cluster) -> None:
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
 
 
+def _prompt_computed(c: LocalCluster) -> float:
+    return sum(metric(c.worker(name).metrics, "moeserve:prompt_tokens_computed")
+               for name in ("prefill-0", "decode-0"))
+
+
+def test_pd_logprobs_include_the_prefill_workers_first_token(cluster, model_dir) -> None:
+    """The first token is sampled on the prefill worker: its logprobs travel in
+    PrefillResponse and through the decode worker; all equal the engine's run alone."""
+    from moeserve.common.sampling import SamplingParams
+    from moeserve.worker.config import EngineConfig
+    from moeserve.worker.engine import LLMEngine
+
+    prompt = _prompt(11, 120)
+    client = _client(cluster)
+    before = metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total")
+    resp = client.completions.create(model="tiny-deepseek-v3", prompt=prompt, max_tokens=5,
+                                     temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    assert metric(f"{cluster.url}/metrics", "moeserve:kv_transfer_bytes_total") > before
+    lp = resp.choices[0].logprobs
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=96))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=5, temperature=0, logprobs=3,
+                                                   ignore_eos=True))
+    want = []
+    while engine.has_unfinished_requests():
+        want += [lp for o in engine.step() for lp in o.new_logprobs]
+    assert lp.token_logprobs == pytest.approx([w.logprob for w in want], abs=1e-4)
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert max(top.values()) == pytest.approx(value, abs=1e-6)  # greedy: chosen is top
+    chat = client.chat.completions.create(
+        model="tiny-deepseek-v3", messages=[{"role": "user", "content": "hi " * 40}],
+        max_tokens=3, temperature=0, logprobs=True, top_logprobs=2, stream=True,
+    )  # fmt: skip
+    content = [t for chunk in chat for c in chunk.choices if c.logprobs
+               for t in c.logprobs.content]
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_n4_computes_the_prompt_once(cluster) -> None:
+    """n=4 shares the prompt's KV; four separate concurrent requests each prefill it."""
+    client = _client(cluster)
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    before = _prompt_computed(cluster)
+    start = time.perf_counter()
+    resp = client.completions.create(model="tiny-deepseek-v3", prompt=_prompt(21, 160), n=4,
+                                     max_tokens=8, temperature=1.0, seed=5, extra_body=extra)
+    n4_s = time.perf_counter() - start
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
+    assert resp.usage.completion_tokens == 32 and resp.usage.prompt_tokens == 160
+    time.sleep(0.3)  # gauges refresh on the worker's housekeeping tick
+    shared = _prompt_computed(cluster) - before
+
+    def one(i: int) -> None:
+        client.completions.create(model="tiny-deepseek-v3", prompt=_prompt(22, 160),
+                                  max_tokens=8, temperature=1.0, seed=5 + i, extra_body=extra)
+
+    before = _prompt_computed(cluster)
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(4)))
+    separate_s = time.perf_counter() - start
+    time.sleep(0.3)
+    separate = _prompt_computed(cluster) - before
+    print(f"n=4: {shared:.0f} prompt tokens computed, {n4_s:.2f} s; 4 separate requests: "
+          f"{separate:.0f}, {separate_s:.2f} s")
+    assert shared < 2 * 160 and shared < separate
+
+
 def test_killing_prefill_still_serves(cluster, reference) -> None:
     """Last in the module: it kills the cluster's prefill worker."""
     prefill = cluster.worker("prefill-0")

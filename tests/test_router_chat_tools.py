@@ -235,3 +235,12 @@ def test_tokenize_detokenize_version(tools_app: SimpleNamespace, tok: ModelToken
     bad = http.post("/detokenize", json={"tokens": [1, 10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert http.get("/version").json()["version"]
+
+
+def test_request_metrics_carry_the_model_name(tools_app: SimpleNamespace) -> None:
+    tools_app.router.text = "Hi"
+    assert tools_app.http.post("/v1/completions", json={"prompt": "x"}).status_code == 200
+    text = tools_app.http.get("/metrics").text
+    assert 'moeserve:request_success_total{finished_reason="stop",model_name="m"}' in text
+    assert 'moeserve:generation_tokens_total{model_name="m"}' in text
+    assert 'moeserve:e2e_request_latency_seconds_count{model_name="m"}' in text

@@ -9,6 +9,7 @@ from moeserve.worker.metrics import WorkerMetrics
 
 def test_router_metric_names() -> None:
     m = RouterMetrics()
+    m.bind_model("deepseek-v3")
     m.worker_load("d0", "decode", running=2, waiting=1, kv_usage=0.25)
     m.prefix_cache_hits.labels("d0", "decode").inc(128)
     m.kv_transfer_bytes.inc(4096)
@@ -23,11 +24,16 @@ def test_router_metric_names() -> None:
         'moeserve:kv_cache_usage_perc{role="decode",worker="d0"} 0.25',
         'moeserve:prefix_cache_hits_total{role="decode",worker="d0"} 128.0',
         "moeserve:kv_transfer_bytes_total 4096.0",
-        "moeserve:time_to_first_token_seconds_count 1.0",
-        "moeserve:inter_token_latency_seconds_count 1.0",
+        'moeserve:time_to_first_token_seconds_count{model_name="deepseek-v3"} 1.0',
+        'moeserve:inter_token_latency_seconds_count{model_name="deepseek-v3"} 1.0',
         "moeserve:kv_transfer_seconds_count 0.0",
     ]:
         assert line in text, line
+    m.request_success.labels("stop").inc()
+    text = render(m.registry)[0].decode()
+    assert 'moeserve:request_success_total{finished_reason="stop",model_name="deepseek-v3"}' \
+        in text
+    assert 'model_name=""' not in text  # the unnamed placeholder went with bind_model
     m.forget_worker("d0", "decode")
     assert 'worker="d0"} 2.0' not in render(m.registry)[0].decode()
 

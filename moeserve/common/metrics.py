@@ -65,11 +65,12 @@ class ServingMetrics(KVTransferMetrics):
     ``docs`` gives each series' help text by attribute name where the two count different
     things (the router per chosen worker, a worker its own batch). ``per_worker``: label names
     of the load gauges and prefix-cache counters (the router labels them by worker and role, a
-    worker exports its own, unlabelled).
+    worker exports its own, unlabelled). ``per_request``: label names of the request series
+    (tokens, finished requests, TTFT, ITL; the router's ``model_name``), before any own label.
     """
 
     def __init__(self, registry: CollectorRegistry, docs: Mapping[str, str],
-                 per_worker: Sequence[str] = ()):
+                 per_worker: Sequence[str] = (), per_request: Sequence[str] = ()):
         super().__init__(registry)
         self.registry = registry
         r = registry
@@ -85,17 +86,18 @@ class ServingMetrics(KVTransferMetrics):
         self.kv_cache_usage_perc = load("kv_cache_usage_perc")
         self.prefix_cache_queries = cache("prefix_cache_queries")
         self.prefix_cache_hits = cache("prefix_cache_hits")
+        req = list(per_request)
         self.prompt_tokens = Counter("moeserve:prompt_tokens", "Prompt tokens received.",
-                                     registry=r)
+                                     req, registry=r)
         self.generation_tokens = Counter("moeserve:generation_tokens", "Tokens generated.",
-                                         registry=r)
+                                         req, registry=r)
         self.request_success = Counter("moeserve:request_success", "Finished requests by reason.",
-                                       ["finished_reason"], registry=r)
+                                       [*req, "finished_reason"], registry=r)
         self.time_to_first_token = Histogram(
-            "moeserve:time_to_first_token_seconds", docs["time_to_first_token"],
+            "moeserve:time_to_first_token_seconds", docs["time_to_first_token"], req,
             buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = Histogram(
-            "moeserve:inter_token_latency_seconds", docs["inter_token_latency"],
+            "moeserve:inter_token_latency_seconds", docs["inter_token_latency"], req,
             buckets=ITL_BUCKETS, registry=r)
 
 

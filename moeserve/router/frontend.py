@@ -60,6 +60,7 @@ class Frontend:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.metrics = metrics
+        metrics.bind_model(model_id)  # the served name labels the request series
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
     async def prompt_ids_async(self, prompt: str | list[int]) -> list[int]:

@@ -7,9 +7,13 @@ renaming the prefix. Each component builds its metrics on its own registry (test
 components in one process never collide on the global one). A series that both the router and a
 worker export (prompt and generated tokens, TTFT, ...) is told apart by the ``moeserve_pool``
 target label the chart's ServiceMonitor adds (router, prefill, decode): every query picks one.
+The router's request series (tokens, finished requests, TTFT, ITL, E2E) carry ``model_name``,
+the served name, as vLLM's do.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,13 +34,46 @@ _DOCS = {
 }
 
 
-class RouterMetrics(ServingMetrics):
-    """Metrics of one router replica; per-worker gauges come from the workers' load reports."""
+_PER_MODEL = ("prompt_tokens", "generation_tokens", "time_to_first_token",
+              "inter_token_latency", "e2e_request_latency")
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        super().__init__(registry or CollectorRegistry(), _DOCS, per_worker=WORKER)
+
+class _ByReason:
+    """request_success with ``model_name`` bound: ``.labels(reason)`` as before."""
+
+    def __init__(self, family: Counter, model: str) -> None:
+        self.family, self.model = family, model
+
+    def labels(self, reason: str) -> Any:
+        return self.family.labels(self.model, reason)
+
+
+class RouterMetrics(ServingMetrics):
+    """Metrics of one router replica; per-worker gauges come from the workers' load reports.
+
+    The request series are recorded through children bound to ``model_name`` (``bind_model``,
+    which the Frontend calls with the served name), so callers use them unlabelled."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, model_name: str = ""):
+        super().__init__(registry or CollectorRegistry(), _DOCS, per_worker=WORKER,
+                         per_request=("model_name",))  # fmt: skip
         self._routing_series(self.registry)
         self._reliability_series(self.registry)
+        self._families = {a: getattr(self, a) for a in (*_PER_MODEL, "request_success")}
+        self.model_name: str | None = None
+        self.bind_model(model_name)
+
+    def bind_model(self, name: str) -> None:
+        """Record the request series under ``model_name=name`` from now on."""
+        old, self.model_name = self.model_name, name
+        for attr in _PER_MODEL:
+            family = self._families[attr]
+            if old is not None and old != name:
+                family.remove(old)  # the placeholder series of an unnamed start
+            setattr(self, attr, family.labels(name))
+        if old is not None and old != name:
+            self._families["request_success"].clear()
+        self.request_success = _ByReason(self._families["request_success"], name)
 
     def _routing_series(self, r: CollectorRegistry) -> None:
         self.requests_in_flight = Gauge(
@@ -58,6 +95,7 @@ class RouterMetrics(ServingMetrics):
         self.e2e_request_latency = Histogram(
             "moeserve:e2e_request_latency_seconds",
             "Request latency, arrival to last token.",
+            ["model_name"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
