@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Gauge
 
-from moeserve.common.metrics import start_metrics_server
+from moeserve.common.metrics import start_metrics_server, worker_metrics_keys
 from moeserve.common.spec import SpecError, parse_manifest, parse_spec
 from moeserve.operator.render import render
 from moeserve.router.server import add_router_parser, metrics_port_keys
@@ -96,3 +96,32 @@ def test_metrics_auth_without_keys_names_the_field() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec(doc["spec"])
     assert "spec.router.apiKeyMetrics" in info.value.fields
+
+
+# ------------------------------------------------------------------ workers' metrics ports
+
+
+def test_worker_metrics_keys_follow_the_deployments_metrics_key() -> None:
+    """Was: a worker's metrics port answered anyone, even with the router's metrics keyed."""
+    env = {"MOESERVE_METRICS_KEYS": f"sk-other,\n{KEY}"}
+    assert worker_metrics_keys(("plane-token",), env) == ["sk-other", KEY, "plane-token"]
+    # Not keyed: open, like the router's port without --api-key-metrics.
+    assert worker_metrics_keys(("plane-token",), {}) == []
+    assert worker_metrics_keys((), {"MOESERVE_METRICS_KEYS": " , "}) == []
+
+
+def test_spec_gives_workers_the_metrics_key_only_with_api_key_metrics() -> None:
+    doc = variant("tiny-cpu.yaml", router={"apiKeySecret": "llm-keys", "apiKeyMetrics": True})
+
+    def worker_env(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sets = [o for o in objects if o["kind"] == "StatefulSet"]
+        assert sets
+        envs = [c["env"] for o in sets for c in o["spec"]["template"]["spec"]["containers"]]
+        return [e for env in envs for e in env if e["name"] == "MOESERVE_METRICS_KEYS"]
+
+    keyed = worker_env(rendered(doc))
+    assert keyed and all(e["valueFrom"] == {"secretKeyRef": {"name": "llm-keys", "key": "api-keys"}}
+                         for e in keyed)  # fmt: skip
+    assert len(keyed) == len([o for o in rendered(doc) if o["kind"] == "StatefulSet"])
+    open_doc = variant("tiny-cpu.yaml", router={"apiKeySecret": "llm-keys"})
+    assert worker_env(rendered(open_doc)) == []

@@ -11,6 +11,11 @@ ServiceMonitor's own relabelings. Then the SLA planner's queries (its real Prome
 the prometheus-adapter rules (placeholders filled in as the adapter fills them for an HPA's pods)
 must answer non-zero for every pool, and token counts must match what the client sent.
 
+Run twice: open, and keyed (the router's ``--api-key-metrics``, which `moeserve up` and the
+operator extend to the workers' metrics ports, with the chart's
+``serviceMonitor.bearerTokenSecret``): every target must still be scraped, and refuse a scraper
+without the key.
+
 Skips without a `prometheus` binary, unless MOESERVE_REQUIRE_PROMETHEUS=1 (CI), then fails.
 """
 
@@ -60,6 +65,8 @@ KV_BLOCKS = 8
 CLIENTS = (8, 4)  # (prefill + decode, prefill only)
 SHAPES = ((100, 12), (180, 1))  # (prompt tokens, max_tokens) of each kind of client
 WORKER_POOLS = ("prefill", "decode")
+# The keyed run: the Secret the chart's ServiceMonitor names, and the one key it holds.
+KEY_SECRET, KEY = ("moeserve-metrics-key", "api-key"), "sk-scrape-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +153,11 @@ def _snake(relabeling: dict[str, Any]) -> dict[str, Any]:
     return {keys.get(k, k): v for k, v in relabeling.items()}
 
 
-def operator_scrape_config(sm: dict[str, Any], targets: list[dict[str, Any]]) -> dict[str, Any]:
+def operator_scrape_config(sm: dict[str, Any], targets: list[dict[str, Any]],
+                           secrets: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
     """The scrape config the Prometheus Operator generates for the ServiceMonitor's first
-    endpoint, with static targets in place of Kubernetes discovery."""
+    endpoint, with static targets in place of Kubernetes discovery. ``secrets``: (Secret, key)
+    -> value, what the Prometheus Operator reads for the endpoint's ``bearerTokenSecret``."""
     spec, endpoint = sm["spec"], sm["spec"]["endpoints"][0]
     relabel: list[dict[str, Any]] = [
         {"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"}]
@@ -178,7 +187,13 @@ def operator_scrape_config(sm: dict[str, Any], targets: list[dict[str, Any]]) ->
         {"target_label": "endpoint", "replacement": endpoint["port"]},
         *(_snake(r) for r in endpoint.get("relabelings", [])),
     ]  # fmt: skip
+    auth = {}
+    if "bearerTokenSecret" in endpoint:
+        ref = endpoint["bearerTokenSecret"]
+        auth = {"authorization": {"type": "Bearer",
+                                  "credentials": (secrets or {})[(ref["name"], ref["key"])]}}
     return {
+        **auth,
         "job_name": f"serviceMonitor/{sm['metadata']['namespace']}/{sm['metadata']['name']}/0",
         "scrape_interval": endpoint["interval"],
         "metrics_path": endpoint["path"],
@@ -242,9 +257,10 @@ class Prometheus:
 class Load:
     """``CLIENTS`` threads sending completions until stopped; counts what the client saw."""
 
-    def __init__(self, url: str):
-        self.url, self.stop_event = url, threading.Event()
-        self.model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    def __init__(self, url: str, headers: dict[str, str]):
+        self.url, self.stop_event, self.headers = url, threading.Event(), headers
+        self.model = httpx.get(f"{url}/v1/models", headers=headers,
+                               timeout=10).json()["data"][0]["id"]
         self.prompt_tokens = self.completion_tokens = self.requests = 0
         self.lock = threading.Lock()
         self.pool = cf.ThreadPoolExecutor(sum(CLIENTS))
@@ -253,7 +269,7 @@ class Load:
                         for i, shape in enumerate(shapes)]  # fmt: skip
 
     def _client(self, seed: int, prompt_len: int, max_tokens: int) -> None:
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=60, headers=self.headers) as http:
             n = 0
             while not self.stop_event.is_set():
                 n += 1
@@ -287,9 +303,17 @@ def _value(result: list[dict[str, Any]]) -> float:
     return 0.0 if v != v else v
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["open", "keyed"])
 def test_autoscaling_queries_on_real_prometheus(prometheus_bin: str, model_dir: Path,
-                                                tmp_path: Path) -> None:
-    chart = helm_template(*MONITORING, "--set", f"serviceMonitor.interval={SCRAPE_S}s")
+                                                tmp_path: Path, keyed: bool) -> None:
+    values = ["--set", f"serviceMonitor.interval={SCRAPE_S}s"]
+    router_args, headers = [], {}
+    if keyed:
+        values += ["--set", f"serviceMonitor.bearerTokenSecret.name={KEY_SECRET[0]}",
+                   "--set", f"serviceMonitor.bearerTokenSecret.key={KEY_SECRET[1]}"]
+        router_args, headers = ["--api-key", KEY, "--api-key-metrics"], {"Authorization":
+                                                                          f"Bearer {KEY}"}
+    chart = helm_template(*MONITORING, *values)
     sm, rules = service_monitor(chart), adapter_rules(chart)
     doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
     objects = render(parse_manifest(doc))
@@ -300,7 +324,8 @@ def test_autoscaling_queries_on_real_prometheus(prometheus_bin: str, model_dir: 
     # The router's metrics port, as on Kubernetes (the HTTP port's /metrics negotiates nothing).
     router_metrics = f"127.0.0.1:{_free_port()}"
     spec = ClusterSpec(model=str(model_dir), port=0, metrics=True, num_kv_blocks=KV_BLOCKS,
-                       router_args=["--metrics-port", router_metrics.rsplit(":", 1)[1]])
+                       router_args=["--metrics-port", router_metrics.rsplit(":", 1)[1],
+                                    *router_args])
     with LocalCluster(spec, log=None) as cluster:
         address = {pool: re.search(r"//([^/]+)", cluster.worker(f"{pool}-0").metrics).group(1)
                    for pool in WORKER_POOLS}  # fmt: skip
@@ -311,17 +336,20 @@ def test_autoscaling_queries_on_real_prometheus(prometheus_bin: str, model_dir: 
             "__meta_kubernetes_namespace": ns, "__meta_kubernetes_service_name": "moeserve",
             **_meta("service", {"app.kubernetes.io/managed-by": "Helm"}),
             "__meta_kubernetes_endpoint_port_name": "metrics"}})  # fmt: skip
+        if keyed:  # every metrics port, the workers' too, refuses a scraper without the key
+            for pool, where in address.items():
+                assert httpx.get(f"http://{where}/metrics", timeout=5).status_code == 401, pool
         config = {"global": {"scrape_interval": f"{SCRAPE_S}s"},
-                  "scrape_configs": [operator_scrape_config(sm, targets)]}
+                  "scrape_configs": [operator_scrape_config(sm, targets, {KEY_SECRET: KEY})]}
         prom = Prometheus(prometheus_bin, config, tmp_path)
         try:
-            _check(prom, cluster, rules, ns, name, pods)
+            _check(prom, cluster, rules, ns, name, pods, headers)
         finally:
             prom.stop()
 
 
 def _check(prom: Prometheus, cluster: LocalCluster, rules, ns: str, name: str,
-           pods: dict[str, list[str]]) -> None:
+           pods: dict[str, list[str]], headers: dict[str, str]) -> None:
     doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
     doc["spec"]["autoscaling"] = {"mode": "sla", "metricsUrl": prom.url}
     dep = parse_manifest(doc)
@@ -330,7 +358,7 @@ def _check(prom: Prometheus, cluster: LocalCluster, rules, ns: str, name: str,
     adapter = {(rule.served_as, pool): rule.query(ns, pods[pool])
                for rule in rules for pool in WORKER_POOLS}
     seen: dict[str, float] = {}
-    load = Load(cluster.url)
+    load = Load(cluster.url, headers)
     started = time.monotonic()
     try:
         deadline = started + 45

@@ -9,6 +9,7 @@ worker's in moeserve.worker.metrics.
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
@@ -22,8 +23,10 @@ from prometheus_client import (
     start_http_server,
 )
 
+from moeserve.common.spec import ENV_METRICS_KEYS
+
 __all__ = ["KVTransferMetrics", "ServingMetrics", "bearer_ok", "render", "start_metrics_server",
-           "LATENCY_BUCKETS", "ITL_BUCKETS", "TRANSFER_BUCKETS"]
+           "worker_metrics_keys", "LATENCY_BUCKETS", "ITL_BUCKETS", "TRANSFER_BUCKETS"]
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -118,6 +121,19 @@ def bearer_ok(header: str | bytes | None, keys: Sequence[bytes]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(raw, key)
     return ok and bool(raw)
+
+
+def worker_metrics_keys(plane_tokens: Sequence[str] = (),
+                        env: Mapping[str, str] | None = None) -> list[str]:  # fmt: skip
+    """Keys a worker's metrics port wants: none (open, as the router's without
+    --api-key-metrics) unless the deployment's metrics are keyed (``MOESERVE_METRICS_KEYS``,
+    set by `moeserve up --api-key-metrics` and the operator under ``spec.router.apiKeyMetrics``).
+    Then those keys, which Prometheus sends to the router and workers alike, or this worker's
+    worker-plane tokens (``plane_tokens``: for whoever holds the deployment's secret)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_METRICS_KEYS, "")
+    keys = [k.strip() for k in raw.replace("\n", ",").split(",") if k.strip()]
+    return list(dict.fromkeys([*keys, *plane_tokens])) if keys else []
 
 
 _DENIED = b"Invalid or missing API key: send 'Authorization: Bearer <key>'.\n"

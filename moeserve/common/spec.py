@@ -79,6 +79,8 @@ ENV_EPLB_REDUNDANT_EXPERTS = "MOESERVE_EPLB_REDUNDANT_EXPERTS"
 ENV_DBO_ENABLED = "MOESERVE_DBO_ENABLED"
 ENV_LOG_LEVEL = "MOESERVE_LOG_LEVEL"
 ENV_API_KEYS = "MOESERVE_API_KEYS"  # router: comma-separated keys from the Secret
+# Workers, under spec.router.apiKeyMetrics: the same keys, wanted on their metrics port.
+ENV_METRICS_KEYS = "MOESERVE_METRICS_KEYS"
 # Marks the JSON `moeserve preflight` (an init container) writes to its termination message,
 # where the operator reads the fabric check's numbers from.
 PREFLIGHT_RESULT_KEY = "moeservePreflight"

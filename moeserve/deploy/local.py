@@ -10,6 +10,7 @@ process is killed outright.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import os
@@ -34,7 +35,7 @@ from moeserve.common.launch_plan import (
 )
 from moeserve.common.optional import require
 from moeserve.common.served_name import served_model_name
-from moeserve.common.spec import MoEDeployment, Role
+from moeserve.common.spec import ENV_METRICS_KEYS, MoEDeployment, Role
 from moeserve.common.worker_auth import (
     ENV_INSECURE,
     HEADER,
@@ -43,6 +44,7 @@ from moeserve.common.worker_auth import (
 )
 from moeserve.deploy.supervisor import RestartPolicy, Supervisor, fixed_port_args
 from moeserve.deploy.up_flags import shared_gpu_args
+from moeserve.router.auth import keys_from_sources
 
 __all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_launch",
            "LAPTOP_DISAGG_THRESHOLD"]
@@ -197,6 +199,17 @@ class LocalCluster:
         """A child's worker-plane variables: its tokens, or the development opt-out."""
         return {ENV_INSECURE: "1"} if self.plane is None else self.plane.env(names)
 
+    def metrics_env(self) -> dict[str, str]:
+        """Workers' metrics keys: the router's API keys when its metrics want one
+        (``--api-key-metrics`` among the router flags), so a scraper sends every port the same
+        key; nothing (open, like the router's) otherwise."""
+        p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        p.add_argument("--api-key", action="append", default=[])
+        p.add_argument("--api-key-metrics", action="store_true")
+        flags, _ = p.parse_known_args(self.spec.router_args)
+        keys = keys_from_sources(flags.api_key) if flags.api_key_metrics else []
+        return {ENV_METRICS_KEYS: ",".join(keys)} if keys else {}
+
     def auth_metadata(self, role: str = "router") -> tuple[tuple[str, str], ...]:
         """gRPC metadata that lets a test call the workers as the router (or as a peer)."""
         if self.plane is None:
@@ -273,7 +286,8 @@ class LocalCluster:
             require("nixl._api", "the KV hand-off between prefill and decode workers")
         try:
             workers = [self._spawn(name, launch.argv, expected,
-                                   {**launch.env, **self.secret_env(launch.secret_env)})
+                                   {**launch.env, **self.secret_env(launch.secret_env),
+                                    **self.metrics_env()})
                        for name, launch, expected in launches]  # fmt: skip
             self._wait(workers, deadline)
             addrs = {r: ",".join(a for c in workers if c.name.startswith(r) for a in c.addresses)

@@ -132,6 +132,10 @@ def worker_launch(dep: MoEDeployment, role: Role,
     ]
     env.extend({"name": k, "value": v} for k, v in launch.env.items())
     env.extend(plane_secret_env(dep, launch.secret_env))  # the tokens, from the Secret
+    router = dep.spec.router
+    if router.api_key_metrics and router.api_key_secret:  # the router's metrics key, on ours
+        env.append({"name": s.ENV_METRICS_KEYS, "valueFrom": {"secretKeyRef": {
+            "name": router.api_key_secret, "key": "api-keys"}}})
     return ["moeserve", *launch.argv], env
 
 

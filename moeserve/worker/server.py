@@ -351,9 +351,10 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     add_health_service(server, servicer.serving)  # the kubelet's gRPC probes
     if args.metrics_port is not None:
-        from moeserve.common.metrics import start_metrics_server
+        from moeserve.common.metrics import start_metrics_server, worker_metrics_keys
 
-        httpd = start_metrics_server(args.metrics_port, args.host, metrics.registry)
+        keys = worker_metrics_keys(auth.peer_tokens if auth is not None else ())
+        httpd = start_metrics_server(args.metrics_port, args.host, metrics.registry, keys=keys)
         metrics_note = f" metrics http://{args.host}:{httpd.server_port}/metrics"
     else:
         metrics_note = ""
