@@ -1,12 +1,17 @@
 """NIXL READ bandwidth between two local processes vs a plain torch copy of the same bytes.
 
-    python benchmarks/nixl_bandwidth.py [--block-kib 256] [--repeats 5] [--sizes-mib 1 64 1024]
+    python benchmarks/nixl_bandwidth.py [--device cuda] [--block-kib 256] [--repeats 5]
+        [--sizes-mib 64 256 1024] [--no-proto-info]
 
 A spawned "prefill" process registers a KV-cache-shaped buffer; this process READs the first
 ``size / block`` blocks into its own registered buffer with ``KVTransferAgent.read_blocks`` (one
 descriptor per block, as the serving path does). The baseline is ``dst.copy_(src)`` of the same
-number of bytes inside one process (a memcpy). Each cell is the median of ``--repeats`` runs.
-On a CUDA machine ``--device cuda`` measures VRAM to VRAM instead.
+number of bytes inside one process (a memcpy; on ``--device cuda`` a device-to-device copy in
+the same run). Each cell is the median of ``--repeats`` runs. On a CUDA machine ``--device
+cuda`` measures VRAM to VRAM. The transport is printed twice: the plan the worker logs at start
+(worker/kv_handoff/ucx_transport.py) and, with UCX_PROTO_INFO=y (on unless --no-proto-info),
+UCX's own protocol table per endpoint: ``rma_bw(cuda_ipc/cuda)`` is the device path,
+``rma_am(tcp/lo)`` the 1000x slower fallback.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -48,13 +54,17 @@ def _time_it(fn, repeats: int, sync) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 64, 1024])
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--block-kib", type=int, default=256, help="bytes per KV block (KiB)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=4, help="NIXL UCX backend threads")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--proto-info", action=argparse.BooleanOptionalAction, default=True,
+                        help="UCX prints the protocol it selected (UCX_PROTO_INFO=y)")
     args = parser.parse_args(argv)
+    if args.proto_info:  # before either agent starts: the spawned peer inherits it
+        os.environ.setdefault("UCX_PROTO_INFO", "y")
 
     block_bytes = args.block_kib * 1024
     num_blocks = max(args.sizes_mib) * MiB // block_bytes
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dst = torch.zeros((num_blocks, block_bytes), dtype=torch.uint8, device=args.device)
         src_local = torch.ones_like(dst)
         agent = KVTransferAgent("bench-decode", dst, num_threads=args.threads)
+        transport = agent.transport.describe()
         peer = agent.add_peer(conn.recv())
         rows = []
         for size in args.sizes_mib:
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "copy_gib_s": size / 1024 / t_copy,
                     "nixl_ms": t_nixl * 1e3,
                     "copy_ms": t_copy * 1e3,
+                    "transport": transport,
                 }
             )
         agent.close()
@@ -106,7 +118,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if proc.is_alive():
             proc.kill()
 
-    print(f"block {args.block_kib} KiB, device {args.device}, median of {args.repeats}")
+    copy = "device copy" if args.device.startswith("cuda") else "memcpy"
+    print(transport)
+    print(f"block {args.block_kib} KiB, device {args.device}, median of {args.repeats}; "
+          f"baseline: {copy} of the same bytes in this run")
     print(f"{'size':>9} {'descs':>6} {'NIXL GiB/s':>11} {'copy GiB/s':>11} {'ratio':>6}")
     for r in rows:
         ratio = r["nixl_gib_s"] / r["copy_gib_s"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moeserve.common.errors import MoeServeError
+from moeserve.worker.kv_handoff.ucx_transport import setup_ucx_transport
 
 __all__ = [
     "METADATA_VERSION",
@@ -185,6 +186,8 @@ class KVTransferAgent:
         )
         self._kv_cache = kv_cache  # keep the registered memory alive
         self._lock = threading.Lock()
+        # Before the agent exists: UCX reads its environment when the backend starts.
+        self.transport = setup_ucx_transport(self.layout.mem_type)
         config = nixl_agent_config(
             enable_prog_thread=False,
             enable_listen_thread=False,
