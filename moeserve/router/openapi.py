@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from moeserve.router import protocol as P
+from moeserve.router import token_routes as T
 
 __all__ = ["install_openapi"]
 
@@ -24,7 +25,7 @@ _ERROR = {
     "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": ["string", "null"]}, "code": {}}}},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
 }  # fmt: skip
 _GENERATION_ERRORS = {
     "400": "invalid request (the message and `param` name the field)",
@@ -37,6 +38,11 @@ _GENERATION_ERRORS = {
 }
 _BODY_MODELS = {"/v1/completions": P.CompletionRequest,
                 "/v1/chat/completions": P.ChatCompletionRequest}  # fmt: skip
+# /tokenize takes a prompt or chat messages (token_routes.py); /detokenize token ids.
+_TOKEN_MODELS = {"/tokenize": (T.TokenizeCompletion, T.TokenizeChat),
+                 "/detokenize": (T.DetokenizeRequest,)}  # fmt: skip
+_TOKEN_ERRORS = {"400": "invalid request (the message and `param` name the field)",
+                 "404": "unknown model", "413": "body over --max-body-bytes"}  # fmt: skip
 _OPEN = {"/health", "/metrics", "/openapi.json"}
 
 
@@ -60,6 +66,19 @@ def build_schema(app: FastAPI, auth: bool) -> dict[str, Any]:
         op["responses"].pop("422", None)  # FastAPI's default; the routes answer 400
         op["responses"].update(_error_responses(_GENERATION_ERRORS))
         op["responses"]["200"]["description"] = "the completion, or an SSE stream with `stream`"
+    for path, models in _TOKEN_MODELS.items():
+        refs = []
+        for model in models:
+            body = model.model_json_schema(ref_template=_REF, mode="validation")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            refs.append({"$ref": _REF.format(model=model.__name__)})
+        op = schema["paths"][path]["post"]
+        body_schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": body_schema}}}
+        op["responses"].pop("422", None)
+        op["responses"].update(_error_responses(_TOKEN_ERRORS))
     if auth:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, ops in schema["paths"].items():
