@@ -194,7 +194,9 @@ def test_pd_logprobs_include_the_prefill_workers_first_token(cluster, model_dir)
 
 
 def test_n4_computes_the_prompt_once(cluster) -> None:
-    """n=4 shares the prompt's KV; four separate concurrent requests each prefill it."""
+    """n=4 shares the prompt's KV: the other choices start once the first has its first token,
+    and find the prompt in the prefix cache. (Four separate requests share it too when they
+    happen to arrive a step apart, as on this CPU; in the same step each would prefill it.)"""
     client = _client(cluster)
     extra = {"ignore_eos": True, "return_token_ids": True}
     before = _prompt_computed(cluster)
@@ -220,7 +222,7 @@ def test_n4_computes_the_prompt_once(cluster) -> None:
     separate = _prompt_computed(cluster) - before
     print(f"n=4: {shared:.0f} prompt tokens computed, {n4_s:.2f} s; 4 separate requests: "
           f"{separate:.0f}, {separate_s:.2f} s")
-    assert shared < 2 * 160 and shared < separate
+    assert shared < 2 * 160  # not 4 * 160: the prompt is computed about once
 
 
 def test_killing_prefill_still_serves(cluster, reference) -> None:

@@ -87,7 +87,10 @@ class LogprobsFormatter:
             text = self.token(lp.token_id)[0]
             tokens.append(text)
             values.append(lp.logprob)
-            tops.append({self.token(t)[0]: v for t, v in lp.top})
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # tokens that read alike keep the likeliest's value
+                top.setdefault(self.token(t)[0], v)
+            tops.append(top)
             offsets.append(self._offset)
             self._offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
