@@ -26,6 +26,7 @@ from moeserve.common.errors import (
     UnavailableError,
 )
 from moeserve.common.sampling import SamplingParams, TokenLogprobs
+from moeserve.common.structured import StructuredOutput
 
 __all__ = ["PARAM_TRAILER", "abort_with", "error_from_rpc", "grpc_status",
            "logprobs_from_proto", "logprobs_to_proto", "sampling_from_proto",
@@ -50,6 +51,10 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
             setattr(msg, name, getattr(p, name))
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.structured is not None:
+        s = p.structured
+        msg.structured.CopyFrom(common_pb2.StructuredOutput(
+            kind=s.kind, spec=s.spec, strict=s.strict, replay=s.replay))
     return msg
 
 
@@ -70,9 +75,17 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=p.min_tokens,
         logit_bias=dict(p.logit_bias),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
+        structured=_structured_from_proto(p),
         **{name: getattr(p, name) for name, off in _PROCESSING_DEFAULTS.items()
            if p.HasField(name)},
     )
+
+
+def _structured_from_proto(p: common_pb2.SamplingParams) -> StructuredOutput | None:
+    if not p.HasField("structured"):
+        return None
+    s = p.structured
+    return StructuredOutput(s.kind, s.spec, strict=s.strict, replay=s.replay)  # type: ignore[arg-type]
 
 
 def logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from moeserve.common.errors import InvalidRequestError
+from moeserve.common.structured import StructuredOutput
 
 __all__ = ["GREEDY_TEMPERATURE_EPS", "MAX_LOGPROBS", "MAX_SEED", "SamplingParams",
            "TokenLogprobs"]
@@ -76,6 +77,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float = 0.0
     logprobs: int | None = None
+    # The output must match this (common/structured.py); None: unconstrained.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, dict):
@@ -148,6 +151,24 @@ class SamplingParams:
                 param="min_tokens",
             )
         self._validate_processing()
+        self._validate_structured()
+
+    def _validate_structured(self) -> None:
+        s = self.structured
+        if s is None:
+            return
+        if not isinstance(s, StructuredOutput):
+            raise InvalidRequestError("structured must be a StructuredOutput", param="structured")
+        # The grammar ends the output by forcing EOS (worker/grammar.py); these would keep
+        # it going past the grammar's end.
+        if self.ignore_eos:
+            raise InvalidRequestError("ignore_eos cannot be combined with a structured output "
+                                      "(the grammar decides where the output ends)",
+                                      param="ignore_eos")
+        if self.min_tokens:
+            raise InvalidRequestError("min_tokens cannot be combined with a structured output "
+                                      "(the grammar decides where the output ends)",
+                                      param="min_tokens")
 
     def _validate_processing(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

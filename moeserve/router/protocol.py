@@ -24,6 +24,7 @@ from pydantic import (
 from moeserve.common.errors import InvalidRequestError, MoeServeError
 from moeserve.common.sampling import MAX_LOGPROBS, SamplingParams
 from moeserve.router.chat_protocol import ChatMessage, ChatTools, log_noop_fields
+from moeserve.router.structured_protocol import StructuredFields
 
 __all__ = [
     "ChatCompletionRequest",
@@ -51,7 +52,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class _GenerationRequest(StructuredFields, BaseModel):
     """Fields shared by completions and chat completions."""
 
     # An unknown field is a 400 naming it: ignoring it could silently change what the client
@@ -124,6 +125,7 @@ class _GenerationRequest(BaseModel):
             logit_bias=dict(self.logit_bias or {}),
             min_p=0.0 if self.min_p is None else self.min_p,
             logprobs=self.top_logprobs_k,
+            structured=self.structured_output(),
         )
 
     @property

@@ -37,6 +37,7 @@ from moeserve.common.block_hash import hash_blocks
 from moeserve.common.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.common.sampling import SamplingParams, TokenLogprobs
+from moeserve.common.structured import with_replay
 from moeserve.router.handoff import run_prefill
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
@@ -234,6 +235,8 @@ class Router:
             rest = dataclasses.replace(
                 params, max_tokens=params.max_tokens - len(generated),
                 min_tokens=max(params.min_tokens - len(generated), 0),
+                # the new worker's matcher first consumes the tokens already sent
+                structured=with_replay(params.structured, len(generated)),
             )  # fmt: skip
             try:
                 attempt = self._attempt(attempt_rid, prompt + generated, rest, deadline,

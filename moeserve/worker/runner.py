@@ -13,6 +13,7 @@ from moeserve.common.memory_plan import engine_memory_report
 from moeserve.common.model_config import ModelConfig
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.cuda_graphs import DecodeGraphs
+from moeserve.worker.grammar import GrammarCompiler, Grammars
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.logits_processors import gather_logprobs, penalty_inputs
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
@@ -131,6 +132,9 @@ class ModelRunner:
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64,
                                         device=self.device)
         self._generators: dict[str, torch.Generator] = {}
+        # Structured outputs: per-request matchers and the step's token bitmask.
+        self.grammars = Grammars(GrammarCompiler(config.model, model_config.vocab_size,
+                                                 model_config.eos_token_id), self.device)
         # Not with expert parallelism: dispatch reads row counts back to the host every layer.
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
@@ -270,6 +274,8 @@ class ModelRunner:
             [self._generator(r) for r, _, _ in sample_reqs],
             [r.tokens_to_suppress(ahead) for r, ahead, _ in sample_reqs],
             self._penalty_inputs(sample_reqs, params),
+            allowed=self.grammars.bitmask([r for r, _, _ in sample_reqs],
+                                          [ahead for _, ahead, _ in sample_reqs]),
         )
         top_k = [p.logprobs for p in params]
         logprobs = None
@@ -300,6 +306,7 @@ class ModelRunner:
         """Drop per-request sampling state of finished requests."""
         for request_id in request_ids:
             self._generators.pop(request_id, None)
+        self.grammars.forget(request_ids)
 
     def _generator(self, req) -> torch.Generator | None:
         seed = req.sampling_params.seed

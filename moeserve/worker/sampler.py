@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from moeserve.common.sampling import SamplingParams, TokenLogprobs
+from moeserve.worker.grammar import apply_token_bitmask
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.logits_processors import (
     LogprobsOutput,
@@ -111,6 +112,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         suppress_token_ids: Sequence[Sequence[int]] | None = None,
         penalties: PenaltyInputs | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pick one token per row.
 
@@ -122,6 +124,8 @@ class Sampler:
             suppress_token_ids: optional N lists of token ids masked out before sampling
                 (EOS / stop ids before ``min_tokens``; see ``Request.tokens_to_suppress``).
             penalties: the seen tokens of rows with penalties (logits_processors.py).
+            allowed: optional [N, ceil(V/32)] int32 token bitmask on ``logits.device``
+                (structured outputs, worker/grammar.py); clear bits are never sampled.
         ``logits`` itself is never modified (the runner reads the raw logprobs from it).
         Returns:
             [N] int64 token ids on ``logits.device``.
@@ -138,6 +142,8 @@ class Sampler:
             logits = _suppress(logits, suppress_token_ids)
         if penalties is not None:
             logits = apply_penalties(logits.clone(), params, penalties)
+        if allowed is not None:  # last: no bias or penalty can lift a masked token
+            logits = apply_token_bitmask(logits, allowed)
         greedy_tokens = logits.argmax(dim=-1)
         greedy = [p.greedy for p in params]
         if all(greedy):

@@ -36,8 +36,6 @@ from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, Pr
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
 from moeserve.worker.warmup import build_ready_engine
-from moeserve.worker.warmup import build_ready_engine
-from moeserve.worker.warmup import build_ready_engine
 from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "serve_worker"]
@@ -147,6 +145,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         done = False
         try:
             params = sampling_from_proto(request.sampling)
+            await self._compile_grammar(params)
             prompt = list(request.prompt_token_ids)
             await self.loop.call(lambda e: e.add_request(rid, prompt, params, prefill_only=True))
             self.metrics.prompt_tokens.inc(len(prompt))
@@ -176,6 +175,13 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             if not done:  # cancelled or failed before the handle left: free everything
                 await asyncio.shield(self.loop.call(lambda e: e.abort_request(rid)))
 
+    async def _compile_grammar(self, params) -> None:
+        """A structured output's matcher, compiled in a thread before the request reaches the
+        engine: the step loop then only copies a cached template (worker/grammar.py)."""
+        if params.structured is not None:
+            await asyncio.to_thread(self.engine.runner.grammars.compiler.compile,
+                                    params.structured)
+
     async def Generate(self, request, context) -> AsyncIterator:
         arrived = time.perf_counter()
         try:
@@ -193,6 +199,7 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         finished = False
         try:
             params = sampling_from_proto(request.sampling)
+            await self._compile_grammar(params)
             prompt = list(request.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(prompt))
             transferred = nbytes = 0

@@ -1,0 +1,202 @@
+"""Structured outputs in the worker: llguidance matchers and the token bitmask they write.
+
+``GrammarCompiler`` turns a request's ``StructuredOutput`` into an llguidance matcher for this
+model's tokenizer. Compiling happens where the server receives the request, in a thread
+(``compile``), never in the engine's step loop; templates are cached by the constraint's text,
+and each request gets a copy. ``RequestGrammar`` is one request's matcher: before each sampling
+step it consumes the tokens generated since (``sync``: the prefill worker's first token on a
+decode worker, a migrated request's replayed tokens, the previous step's token) and writes the
+row of allowed tokens (``fill``). A finished grammar (or one in an error state) allows EOS only,
+so the output always ends; ``apply_token_bitmask`` masks the logits on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moeserve.common.errors import InvalidRequestError
+from moeserve.common.structured import StructuredOutput, grammar_text
+
+__all__ = ["GrammarCompiler", "Grammars", "RequestGrammar", "allocate_bitmask",
+           "apply_token_bitmask"]
+
+logger = logging.getLogger(__name__)
+
+_BITS = 32
+
+
+def allocate_bitmask(rows: int, vocab_size: int, pin: bool = False) -> torch.Tensor:
+    """[rows, ceil(V/32)] int32 on the host, every token allowed (all bits set)."""
+    words = (vocab_size + _BITS - 1) // _BITS
+    return torch.full((rows, words), -1, dtype=torch.int32, pin_memory=pin)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Copy of ``logits`` [N, V] with tokens whose bit is clear in ``bitmask`` [N, ceil(V/32)]
+    (int32, on ``logits.device``) set to -inf. Bit j of word w is token 32 * w + j."""
+    rows, vocab = logits.shape
+    shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, :vocab]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+class RequestGrammar:
+    """One request's matcher, advanced over its tokens as they are known."""
+
+    def __init__(self, request_id: str, matcher, eos_token_id: int, replay: Sequence[int]):
+        self.request_id = request_id
+        self._matcher = matcher
+        self._eos = eos_token_id
+        self._consumed = 0  # output tokens consumed so far
+        self._failed = False
+        self._consume(list(replay))
+
+    @property
+    def finished(self) -> bool:
+        """True when the only continuation is EOS (the grammar is complete, or broken)."""
+        return self._failed or self._matcher.is_stopped()
+
+    def sync(self, output_token_ids: Sequence[int]) -> None:
+        """Consume the output tokens not consumed yet."""
+        if self._consumed < len(output_token_ids):
+            self._consume(list(output_token_ids[self._consumed:]))
+            self._consumed = len(output_token_ids)
+
+    def _consume(self, tokens: list[int]) -> None:
+        if not tokens or self._failed:
+            return
+        # EOS after a complete output is the end, not an error (a stop sequence may follow).
+        if self._matcher.is_stopped() or not self._matcher.consume_tokens(tokens):
+            if tokens != [self._eos]:
+                self._fail(f"token(s) {tokens} rejected: {self._matcher.get_error()}")
+
+    def _fail(self, why: str) -> None:
+        # Only a token sampled without this grammar (a peer that ignored it) can get here;
+        # ending the output is the one safe continuation.
+        logger.warning("request %s: grammar broken, ending the output: %s",
+                       self.request_id, why)
+        self._failed = True
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write this request's allowed tokens into ``bitmask[row]`` (host, int32)."""
+        if not self.finished:
+            from llguidance.torch import fill_next_token_bitmask
+
+            fill_next_token_bitmask(self._matcher, bitmask, row)
+            if not self._matcher.is_error():
+                return
+            self._fail(self._matcher.get_error())
+        bitmask[row].zero_()
+        word, bit = divmod(self._eos, _BITS)
+        # int32 word: bit 31 is the sign bit.
+        bitmask[row, word] = (1 << bit) - (1 << _BITS if bit == _BITS - 1 else 0)
+
+
+class GrammarCompiler:
+    """llguidance matchers for this model, compiled off the step loop and cached by the
+    constraint's text (LRU, ``max_cached`` entries). Thread-safe."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_id: int | None,
+                 max_cached: int = 256):
+        self._model_dir = Path(model_dir)
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+
+    def _llg_tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from llguidance import LLTokenizer
+
+                path = self._model_dir / "tokenizer.json"
+                if not path.is_file():
+                    raise InvalidRequestError(
+                        f"structured outputs need the model's tokenizer.json ({path} is missing)",
+                        param="structured_outputs")
+                if self.eos_token_id is None:
+                    raise InvalidRequestError("structured outputs need the model's EOS token id",
+                                              param="structured_outputs")
+                # ~1 s for a 128k vocabulary: once per process, in the compiling thread.
+                self._tokenizer = LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
+                                              eos_token=self.eos_token_id)
+            return self._tokenizer
+
+    def compile(self, s: StructuredOutput):
+        """The template matcher for ``s`` (cached); raises InvalidRequestError naming what the
+        engine cannot compile. Slow for huge schemas: call it from a thread."""
+        key = s.cache_key
+        with self._lock:
+            template = self._cache.get(key)
+            if template is not None:
+                self._cache.move_to_end(key)
+                return template
+        tokenizer = self._llg_tokenizer()
+        from llguidance import LLMatcher
+
+        template = LLMatcher(tokenizer, grammar_text(s), log_level=0)
+        if template.is_error():
+            raise InvalidRequestError(f"{s.kind} cannot be compiled: {template.get_error()}",
+                                      param=_param(s))
+        with self._lock:
+            self._cache[key] = template
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        return template
+
+    def new_request(self, request_id: str, s: StructuredOutput,
+                    prompt_token_ids: Sequence[int]) -> RequestGrammar:
+        """A fresh matcher for one request; it first consumes the prompt's last ``s.replay``
+        tokens (generated under ``s`` before a migration)."""
+        template = self.compile(s)  # cached: the server compiled it before admitting
+        replay = list(prompt_token_ids[len(prompt_token_ids) - s.replay:]) if s.replay else []
+        return RequestGrammar(request_id, template.deep_copy(), self.eos_token_id, replay)
+
+
+def _param(s: StructuredOutput) -> str:
+    return "response_format" if s.kind in ("json_schema", "json_object") else "structured_outputs"
+
+
+class Grammars:
+    """The runner's side: each running structured request's matcher, and the step's bitmask."""
+
+    def __init__(self, compiler: GrammarCompiler, device: torch.device):
+        self.compiler = compiler
+        self.device = device
+        self._by_request: dict[str, RequestGrammar] = {}
+
+    def bitmask(self, reqs: Sequence, aheads: Sequence[int]) -> torch.Tensor | None:
+        """[N, ceil(V/32)] int32 on the device for the step's sampled requests ``reqs``
+        (Request objects, row-aligned with the logits); None when none is constrained.
+        ``aheads``: per row, tokens sampled but not yet on the host (must be 0 for a
+        constrained row: its mask depends on them; Scheduler.schedule_ahead ensures it)."""
+        if not any(r.sampling_params.structured is not None for r in reqs):
+            return None
+        mask = allocate_bitmask(len(reqs), self.compiler.vocab_size,
+                                pin=self.device.type == "cuda")
+        for row, (req, ahead) in enumerate(zip(reqs, aheads, strict=True)):
+            s = req.sampling_params.structured
+            if s is None:
+                continue
+            if ahead:
+                raise RuntimeError(f"request {req.request_id}: a constrained request was "
+                                   "scheduled ahead of its previous token")
+            grammar = self._by_request.get(req.request_id)
+            if grammar is None:
+                grammar = self.compiler.new_request(req.request_id, s, req.prompt_token_ids)
+                self._by_request[req.request_id] = grammar
+            grammar.sync(req.output_token_ids)
+            grammar.fill(mask, row)
+        return mask.to(self.device, non_blocking=True)
+
+    def forget(self, request_ids) -> None:
+        for request_id in request_ids:
+            self._by_request.pop(request_id, None)
