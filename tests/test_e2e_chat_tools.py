@@ -4,6 +4,8 @@ the random weights say, streamed and not, and /tokenize matches what the model w
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -60,3 +62,25 @@ def test_tools_and_reasoning_on_real_workers(cluster: LocalCluster) -> None:
                      timeout=30).json()
     assert tok["count"] == usage.prompt_tokens  # the template the chat request rendered
     assert httpx.get(f"{cluster.url}/version", timeout=10).json()["version"]
+
+
+UNIT = {"type": "function", "function": {"name": "set_unit", "strict": True, "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["unit"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_required_and_named_tool_choice_always_parse(cluster: LocalCluster) -> None:
+    """Random weights, sampled: the constraint alone makes every output a valid call."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
+    model = client.models.list().data[0].id
+    schema = UNIT["function"]["parameters"]
+    named = {"type": "function", "function": {"name": "set_unit"}}
+    for i, choice in enumerate([named, "required"] * 3):
+        resp = client.chat.completions.create(
+            model=model, messages=MESSAGES[:1], tools=[UNIT], tool_choice=choice,
+            max_tokens=64, temperature=1.0, seed=i, parallel_tool_calls=False)
+        calls = resp.choices[0].message.tool_calls
+        assert resp.choices[0].finish_reason == "tool_calls", resp
+        assert len(calls) == 1 and calls[0].function.name == "set_unit"
+        jsonschema.validate(json.loads(calls[0].function.arguments), schema)

@@ -42,9 +42,11 @@ class ScriptedRouter:
         self.tok = tok
         self.text = "Hello"
         self.prompts: list[list[int]] = []
+        self.params: list = []
 
     async def generate(self, rid, prompt, params, timeout_s=None):  # noqa: ANN001, ANN201
         self.prompts.append(prompt)
+        self.params.append(params)
         ids = self.tok.encode(self.text, add_special_tokens=False)
         for i, t in enumerate(ids):
             last = i == len(ids) - 1
@@ -244,3 +246,29 @@ def test_request_metrics_carry_the_model_name(tools_app: SimpleNamespace) -> Non
     assert 'moeserve:request_success_total{finished_reason="stop",model_name="m"}' in text
     assert 'moeserve:generation_tokens_total{model_name="m"}' in text
     assert 'moeserve:e2e_request_latency_seconds_count{model_name="m"}' in text
+
+
+def test_required_and_named_tool_choice_decode_under_the_call_schema(
+        tools_app: SimpleNamespace) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    tools_app.router.text = '{"city": "Paris"}'
+    resp = tools_app.client.chat.completions.create(model="m", messages=USER, tools=[WEATHER],
+                                                    tool_choice=named)  # fmt: skip
+    call = resp.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert resp.choices[0].finish_reason == "tool_calls"
+    structured = tools_app.router.params[-1].structured
+    assert structured.kind == "json_schema"
+    assert json.loads(structured.spec) == WEATHER["function"]["parameters"]
+    tools_app.router.text = '[{"name": "get_weather", "parameters": {"city": "Lyon"}}]'
+    stream = tools_app.client.chat.completions.create(model="m", messages=USER, tools=[WEATHER],
+                                                      tool_choice="required", stream=True)
+    calls = [d for chunk in stream for ch in chunk.choices for d in ch.delta.tool_calls or ()]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Lyon"})]
+    schema = json.loads(tools_app.router.params[-1].structured.spec)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    bad = tools_app.http.post("/v1/chat/completions", json={
+        "messages": USER, "tools": [WEATHER], "tool_choice": named,
+        "response_format": {"type": "json_object"}})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"

@@ -12,12 +12,15 @@ both the streamed deltas and the whole message, through the same parsers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common.errors import ConfigError, InvalidRequestError
+from moeserve.common.sampling import SamplingParams
+from moeserve.common.structured import structured_from_json_schema
 from moeserve.router.chat_protocol import ChatTools, NamedToolChoice, ToolDef
 from moeserve.router.reasoning_parser import END_THINK, REASONING_PARSERS, ReasoningStream
 from moeserve.router.tool_parser import TOOL_PARSERS, ToolCallStream
@@ -180,13 +183,24 @@ class ChatOutput:
         return msg
 
 
-def constrain(params: Any, schema: dict[str, Any] | None) -> Any:
-    """``params`` decoding under ``schema`` (None: unconstrained)."""
+def constrain(params: SamplingParams, schema: dict[str, Any] | None, strict: bool = False
+              ) -> SamplingParams:  # fmt: skip
+    """``params`` decoding under ``schema`` (None: unconstrained), through the structured
+    outputs engine (common/structured.py): a schema it cannot compile is a 400 naming
+    tool_choice. ``strict``: a keyword the engine does not implement is an error, not ignored
+    (the functions' own ``strict``)."""
     if schema is None:
         return params
-    raise InvalidRequestError(
-        "tool_choice 'required' or a named function needs constrained decoding, which this "
-        "server does not have yet; use tool_choice 'auto'", param="tool_choice")
+    if params.structured is not None:
+        raise InvalidRequestError("tool_choice 'required' or a named function constrains the "
+                                  "output already; drop response_format / structured_outputs",
+                                  param="tool_choice")  # fmt: skip
+    s = structured_from_json_schema(schema, strict=strict, param="tool_choice")
+    try:
+        return dataclasses.replace(params, structured=s)
+    except InvalidRequestError as e:  # ignore_eos / min_tokens would outlast the grammar
+        raise InvalidRequestError(f"with tool_choice 'required' or a named function: {e}",
+                                  param=e.param) from None
 
 
 def chat_outputs(req: Any, params: Any, opts: ChatOptions, tokenizer: Any
@@ -198,8 +212,11 @@ def chat_outputs(req: Any, params: Any, opts: ChatOptions, tokenizer: Any
     end_id = end_think_id(tokenizer)
     outs = [ChatOutput(req, opts, end_id) for _ in range(req.n)]
     if req.tools:
-        schema = tool_call_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
-        params = constrain(params, schema)
+        choice = req.effective_tool_choice
+        schema = tool_call_schema(req.tools, choice, req.parallel_tool_calls)
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        strict = all(t.function.strict for t in req.tools if named in (None, t.function.name))
+        params = constrain(params, schema, strict)
     return params, outs
 
 
