@@ -1,0 +1,38 @@
+"""benchmarks/serving_sweep.py: its arguments and its table (the sweep itself runs clusters: it
+was run end to end on the CPU by hand, see docs/performance.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks.serving_sweep import ConfigStart, Run, Sweep, build_parser, markdown, parse_shape
+
+
+def test_shapes_parse_and_bad_ones_are_named() -> None:
+    assert parse_shape("1000/100") == (1000, 100)
+    for bad in ("1000", "0/10", "a/b", "10/-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="INPUT/OUTPUT"):
+            parse_shape(bad)
+    args = build_parser().parse_args(["--shapes", "8/2", "--concurrency", "4"])
+    assert args.shapes == [(8, 2)] and args.configs == ["agg", "pd"]
+
+
+def _summary(tok_s: float, ttft_p99: float) -> dict:
+    dist = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": ttft_p99}
+    return {"output_throughput": tok_s, "ttft_ms": dist, "tpot_ms": dist, "itl_ms": dist,
+            "failed": 0, "completed": 8}
+
+
+def test_table_has_first_and_steady_and_their_ratio() -> None:
+    sweep = Sweep(build_parser().parse_args([]), None)
+    sweep.starts.append(ConfigStart("pd", 12.0, {"load": 3.0, "warmup": 1.0},
+                                    {"bytes_total": 2**21, "seconds_sum": 0.02,
+                                     "seconds_count": 4}))
+    sweep.runs += [Run("pd", (1000, 100), 64, 8, "first", True, _summary(900, 300), 0),
+                   Run("pd", (1000, 100), 64, 8, "steady", False, _summary(1000, 200), 0)]
+    table = markdown(sweep, "t")
+    assert "| pd | 1000/100 | 64 | 8 | first* | 900 |" in table
+    assert "| pd | 1000/100 | 64 | 0.90 | 1.50 |" in table
+    assert "4 KV hand-offs, 2.0 MiB, 5.0 ms each" in table
