@@ -237,6 +237,9 @@ def test_tokenize_detokenize_version(tools_app: SimpleNamespace, tok: ModelToken
     bad = http.post("/detokenize", json={"tokens": [1, 10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert http.get("/version").json()["version"]
+    assert http.post("/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+    assert http.post("/tokenize", json={"prompt": "x", "extra": 1}).json()["error"]["param"] \
+        == "extra"
 
 
 def test_request_metrics_carry_the_model_name(tools_app: SimpleNamespace) -> None:
@@ -272,3 +275,17 @@ def test_required_and_named_tool_choice_decode_under_the_call_schema(
         "messages": USER, "tools": [WEATHER], "tool_choice": named,
         "response_format": {"type": "json_object"}})  # fmt: skip
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_noop_fields_are_logged_once(tools_app: SimpleNamespace, caplog: pytest.LogCaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeserve.router import chat_protocol
+
+    monkeypatch.setattr(chat_protocol, "_logged", set())
+    tools_app.router.text = "Hi"
+    with caplog.at_level("INFO", logger="moeserve.router.chat_protocol"):
+        for _ in range(3):
+            body = {"messages": USER, "service_tier": "auto", "store": True}
+            assert tools_app.http.post("/v1/chat/completions", json=body).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(lines) == 2 and any("'service_tier'" in m for m in lines), lines

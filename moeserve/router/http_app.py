@@ -106,7 +106,7 @@ def create_app(frontend: Frontend, is_healthy: Callable[[], bool],
         return await generate(request, P.ChatCompletionRequest, "chat")
 
     _add_info_routes(app, frontend, is_healthy, body)
-    add_token_routes(app, frontend, body, chat)
+    add_token_routes(app, frontend, body, chat, _unknown_model)
     return app
 
 

@@ -47,17 +47,15 @@ class DetokenizeRequest(_Strict):
 
 
 def add_token_routes(app: FastAPI, frontend: Frontend, body: Callable[[Request], Awaitable[Any]],
-                     chat: ChatOptions) -> None:  # fmt: skip
+                     chat: ChatOptions,
+                     unknown_model: Callable[[str | None, str], JSONResponse | None]
+                     ) -> None:  # fmt: skip
+    """``unknown_model``: the generation routes' 404 for a model this router does not serve."""
     tok = frontend.tokenizer
 
     def fail(e: Exception) -> JSONResponse:
         status, err = P.error_from_exception(e)
         return JSONResponse(err, status)
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != frontend.model_id:
-            raise InvalidRequestError(f"The model `{name}` does not exist; this router serves "
-                                      f"`{frontend.model_id}`.", param="model")  # fmt: skip
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
@@ -65,13 +63,15 @@ def add_token_routes(app: FastAPI, frontend: Frontend, body: Callable[[Request],
             doc = await body(request)
             if isinstance(doc, dict) and "messages" in doc:
                 req: Any = TokenizeChat.model_validate(doc)
-                check_model(req.model)
+                if (bad := unknown_model(req.model, frontend.model_id)) is not None:
+                    return bad
                 messages, tools, extra = template_inputs(req, chat, check_choice=False)
                 ids = await frontend.chat_ids_async(messages, req.add_generation_prompt, tools,
                                                     extra)  # fmt: skip
             else:
                 req = TokenizeCompletion.model_validate(doc)
-                check_model(req.model)
+                if (bad := unknown_model(req.model, frontend.model_id)) is not None:
+                    return bad
                 ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             out: dict[str, Any] = {"count": len(ids), "max_model_len": frontend.max_model_len,
                                    "tokens": ids}  # fmt: skip
@@ -85,7 +85,8 @@ def add_token_routes(app: FastAPI, frontend: Frontend, body: Callable[[Request],
     async def detokenize(request: Request) -> Response:
         try:
             req = DetokenizeRequest.model_validate(await body(request))
-            check_model(req.model)
+            if (missing := unknown_model(req.model, frontend.model_id)) is not None:
+                return missing
             bad = next((t for t in req.tokens if not 0 <= t < frontend.vocab_size), None)
             if bad is not None:
                 raise InvalidRequestError(f"token id {bad} is outside the vocabulary "
