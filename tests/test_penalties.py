@@ -136,3 +136,22 @@ def test_engine_refuses_a_bias_outside_the_vocabulary(tiny_v3):
     with pytest.raises(InvalidRequestError) as info:
         engine.add_request("r", [1, 2], SamplingParams(logit_bias={10**6: 1.0}))
     assert info.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 0, "frequency_penalty": 2.0, "logit_bias": {42: 8.0}},
+    {"temperature": 1.0, "seed": 7, "presence_penalty": 1.5, "min_p": 0.01},
+])
+def test_a_migrated_request_resumes_as_if_uninterrupted(tiny_v3, sampling):
+    """The router resumes a migrated request with the tokens sent so far appended to the
+    prompt and prior_output_tokens naming them: penalties count them, seeds continue."""
+    prompt = [3, 14, 15, 92, 65]
+    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=64))
+    whole = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True,
+                                                     **sampling))[0]
+    resumed = engine.generate([prompt + whole[:4]], SamplingParams(
+        max_tokens=6, ignore_eos=True, prior_output_tokens=4, **sampling))[0]
+    assert resumed == whole[4:]
+    restarted = engine.generate([prompt + whole[:4]], SamplingParams(
+        max_tokens=6, ignore_eos=True, **sampling))[0]
+    assert restarted != whole[4:]  # without it the resumed stream would differ

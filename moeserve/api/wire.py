@@ -42,6 +42,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens, logit_bias=dict(p.logit_bias),
+        prior_output_tokens=p.prior_output_tokens,
     )  # fmt: skip
     if p.seed is not None:
         msg.seed = p.seed
@@ -74,6 +75,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
         logit_bias=dict(p.logit_bias),
+        prior_output_tokens=p.prior_output_tokens,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         structured=_structured_from_proto(p),
         **{name: getattr(p, name) for name, off in _PROCESSING_DEFAULTS.items()

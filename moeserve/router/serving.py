@@ -235,6 +235,8 @@ class Router:
             rest = dataclasses.replace(
                 params, max_tokens=params.max_tokens - len(generated),
                 min_tokens=max(params.min_tokens - len(generated), 0),
+                # penalties count them and a seeded stream continues after them
+                prior_output_tokens=params.prior_output_tokens + len(generated),
                 # the new worker's matcher first consumes the tokens already sent
                 structured=with_replay(params.structured, len(generated)),
             )  # fmt: skip

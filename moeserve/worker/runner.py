@@ -75,6 +75,12 @@ def cpu_threads(configured: int) -> int:
     return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
+def _prior_output(req) -> list[int]:
+    """The prompt's tail that this request generated before it migrated here."""
+    k = min(req.sampling_params.prior_output_tokens, req.num_prompt_tokens)
+    return req.prompt_token_ids[req.num_prompt_tokens - k:] if k else []
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
                  parallel: ParallelContext | None = None):
@@ -289,7 +295,7 @@ class ModelRunner:
             return None
         # A token still being sampled by the step before (scheduled ahead) is named by its
         # row there and read on the device (see feed_back).
-        outputs = [r.output_token_ids + ([-1 - row] if ahead else [])
+        outputs = [_prior_output(r) + r.output_token_ids + ([-1 - row] if ahead else [])
                    for r, ahead, row in sample_reqs]
         return penalty_inputs(params, outputs, [r.prompt_token_ids for r, _, _ in sample_reqs],
                               self.model_config.vocab_size, self.device, self.last_sampled)
@@ -315,7 +321,8 @@ class ModelRunner:
         gen = self._generators.get(req.request_id)
         if gen is None:
             gen = self._generators[req.request_id] = make_generator(seed, self.device)
-            # Tokens sampled before this worker saw the request (on a prefill worker) used
-            # the start of the stream; continue where they left off.
-            advance_generator(gen, self.model_config.vocab_size, req.num_output_tokens)
+            # Tokens sampled before this worker saw the request (on a prefill worker, or on
+            # the worker it migrated from) used the start of the stream; continue after them.
+            advance_generator(gen, self.model_config.vocab_size,
+                              req.num_output_tokens + req.sampling_params.prior_output_tokens)
         return gen

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/common.proto\x12\x0bmoeserve.v1\"\xef\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x13 \x01(\x02H\x06\x88\x01\x01\x12>\n\nlogit_bias\x18\x14 \x03(\x0b\x32*.moeserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\x05min_p\x18\x15 \x01(\x02H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x16 \x01(\rH\x08\x88\x01\x01\x12\x31\n\nstructured\x18\x1e \x01(\x0b\x32\x1d.moeserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x0b\n\t_logprobs\"N\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12\x0e\n\x06replay\x18\x04 \x01(\r\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x0f\n\rHealthRequest\"\xac\x02\n\x0eHealthResponse\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".moeserve.v1.HealthResponse.Status\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1a\n\x12\x63ompat_fingerprint\x18\x05 \x01(\t\x12\x17\n\x0fnixl_agent_name\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\r\x12\x10\n\x08\x64raining\x18\t \x01(\x08\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/common.proto\x12\x0bmoeserve.v1\"\x8c\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x13 \x01(\x02H\x06\x88\x01\x01\x12>\n\nlogit_bias\x18\x14 \x03(\x0b\x32*.moeserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\x05min_p\x18\x15 \x01(\x02H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x16 \x01(\rH\x08\x88\x01\x01\x12\x1b\n\x13prior_output_tokens\x18\x17 \x01(\r\x12\x31\n\nstructured\x18\x1e \x01(\x0b\x32\x1d.moeserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x0b\n\t_logprobs\"N\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12\x0e\n\x06replay\x18\x04 \x01(\r\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x0f\n\rHealthRequest\"\xac\x02\n\x0eHealthResponse\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".moeserve.v1.HealthResponse.Status\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1a\n\x12\x63ompat_fingerprint\x18\x05 \x01(\t\x12\x17\n\x0fnixl_agent_name\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\r\x12\x10\n\x08\x64raining\x18\t \x01(\x08\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=665
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=483
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=531
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=667
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=745
-  _globals['_TOKENLOGPROBS']._serialized_start=747
-  _globals['_TOKENLOGPROBS']._serialized_end=824
-  _globals['_USAGE']._serialized_start=826
-  _globals['_USAGE']._serialized_end=906
-  _globals['_HEALTHREQUEST']._serialized_start=908
-  _globals['_HEALTHREQUEST']._serialized_end=923
-  _globals['_HEALTHRESPONSE']._serialized_start=926
-  _globals['_HEALTHRESPONSE']._serialized_end=1226
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1164
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1226
+  _globals['_SAMPLINGPARAMS']._serialized_end=694
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=512
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=560
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=696
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=774
+  _globals['_TOKENLOGPROBS']._serialized_start=776
+  _globals['_TOKENLOGPROBS']._serialized_end=853
+  _globals['_USAGE']._serialized_start=855
+  _globals['_USAGE']._serialized_end=935
+  _globals['_HEALTHREQUEST']._serialized_start=937
+  _globals['_HEALTHREQUEST']._serialized_end=952
+  _globals['_HEALTHRESPONSE']._serialized_start=955
+  _globals['_HEALTHRESPONSE']._serialized_end=1255
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1193
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1255
 # @@protoc_insertion_point(module_scope)
