@@ -106,3 +106,56 @@ def test_no_logprobs_unless_asked(tiny_v3):
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert outs and all(o.new_logprobs is None for o in outs)
+
+
+class _LogprobsDecode:
+    """A decode stub that streams one token per message with its logprobs (when asked) and
+    breaks after ``fail_after`` messages."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.fail_after = fail_after
+        self.calls: list = []
+
+    def Generate(self, req, timeout=None):  # noqa: N802 (gRPC method name)
+        from moeserve.api import worker_pb2
+        from tests.test_reliability import _Call, _Unavailable
+
+        self.calls.append(req)
+
+        async def gen():
+            for i in range(req.sampling.max_tokens):
+                if i == self.fail_after:
+                    raise _Unavailable()
+                last = i == req.sampling.max_tokens - 1
+                msg = worker_pb2.WorkerGenerateResponse(token_ids=[100 + i], finished=last,
+                                                        finish_reason="length" if last else "")
+                if req.sampling.HasField("logprobs"):
+                    msg.logprobs.append(common_pb2.TokenLogprobs(
+                        logprob=-0.5, top_token_ids=[100 + i], top_logprobs=[-0.5]))
+                yield msg
+
+        return _Call(gen())
+
+    async def Abort(self, req, timeout=None):  # noqa: N802
+        from moeserve.api import worker_pb2
+
+        return worker_pb2.AbortResponse()
+
+
+def test_a_migrated_stream_keeps_its_logprobs():
+    import asyncio
+
+    from tests.test_reliability import _router
+
+    async def go():
+        broken, good = _LogprobsDecode(fail_after=3), _LogprobsDecode()
+        router, _, _ = _router([good, broken])  # round robin starts with the broken one
+        chunks = [c async for c in router.generate(
+            "r", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, logprobs=1))]
+        return chunks, good
+
+    chunks, good = asyncio.run(go())
+    assert sum(len(c.token_ids) for c in chunks) == 8
+    assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in chunks)
+    resumed = good.calls[-1].sampling
+    assert resumed.logprobs == 1 and resumed.prior_output_tokens == 3
