@@ -92,3 +92,21 @@ def test_text_that_is_not_unicode_is_a_named_400(tok_dir: Path) -> None:
     with pytest.raises(InvalidRequestError) as info:
         tok.apply_chat_template([{"role": "user", "content": "\ud800"}])
     assert info.value.param == "messages"
+
+
+def test_an_older_cached_tokenizer_is_refreshed(tmp_path: Path) -> None:
+    """`moeserve up`'s cached tiny model from before the tool tokens gets today's files."""
+    import json
+
+    from moeserve.worker.tokenizer_files import CHAT_TEMPLATE, refresh_tokenizer
+
+    write_tokenizer(tmp_path, vocab_size=512, bos_id=0, eos_id=1)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"vocab_size": 512, "bos_token_id": 0, "eos_token_id": 1}))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "x"}))
+    assert refresh_tokenizer(tmp_path) and not refresh_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template == CHAT_TEMPLATE and tok.token_id("<｜tool▁calls▁begin｜>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "tokenizer.json", "tokenizer_config.json"]

@@ -26,7 +26,7 @@ from moeserve.common.model_config import ModelConfig
 from moeserve.common.model_presets import FP8_QUANTIZATION_CONFIG, PRESETS
 from moeserve.common.progress import progress
 from moeserve.worker.model.deepseek import DeepseekForCausalLM
-from moeserve.worker.tokenizer_files import write_tokenizer
+from moeserve.worker.tokenizer_files import refresh_tokenizer, write_tokenizer
 
 __all__ = [
     "PRESETS", "preset_config", "make_checkpoint", "random_tensors", "ensure_tiny_checkpoint",
@@ -193,6 +193,7 @@ def ensure_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
     concurrent callers never see a half-written checkpoint."""
     target = (cache_dir or default_cache_dir()) / "tiny-deepseek-v3"
     if (target / "config.json").is_file():
+        refresh_tokenizer(target)  # cached by an older moeserve: today's tokens and template
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))

@@ -7,11 +7,13 @@ DeepSeek's special tokens at the checkpoint's bos/eos ids and a DeepSeek-style c
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["BOS", "EOS", "CHAT_TEMPLATE", "TOOL_TOKENS", "write_tokenizer"]
+__all__ = ["BOS", "EOS", "CHAT_TEMPLATE", "TOOL_TOKENS", "refresh_tokenizer", "write_tokenizer"]
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -117,3 +119,21 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) ->
         "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+
+
+def refresh_tokenizer(model_dir: Path) -> bool:
+    """Rewrite a random checkpoint's tokenizer files made by an older moeserve (a chat template
+    other than today's: no tool or reasoning tokens) in place; True when it did. Each file is
+    replaced whole (os.replace), so a reader sees the old file or the new one."""
+    config_file = model_dir / "tokenizer_config.json"
+    try:
+        if json.loads(config_file.read_text()).get("chat_template") == CHAT_TEMPLATE:
+            return False
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # not ours to fix: loading reports what is wrong with it
+    with tempfile.TemporaryDirectory(prefix=".tok-", dir=model_dir) as tmp:
+        write_tokenizer(Path(tmp), cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            os.replace(Path(tmp) / name, model_dir / name)
+    return True
