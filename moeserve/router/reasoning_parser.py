@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moeserve.router.tool_parser import _partial_tail
+from moeserve.router.tool_parser import partial_tail
 
 __all__ = ["REASONING_PARSERS", "ReasoningStream", "THINK", "END_THINK", "parse_reasoning"]
 
@@ -62,7 +62,7 @@ class ReasoningStream:
         if self.thinking:
             i = buf.find(END_THINK)
             if i < 0:
-                keep = 0 if final else _partial_tail(buf, (END_THINK,))
+                keep = 0 if final else partial_tail(buf, (END_THINK,))
                 self._buf = buf[len(buf) - keep:]
                 return buf[: len(buf) - keep], ""
             reasoning, buf, self.thinking = buf[:i], buf[i + len(END_THINK):], False

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CALLS_BEGIN", "CALLS_END", "CALL_BEGIN", "CALL_END", "SEP", "TOOL_PARSERS",
-           "ParsedCall", "ToolCallStream", "parse_tool_calls"]
+           "ParsedCall", "ToolCallStream", "parse_tool_calls", "partial_tail"]
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -30,7 +30,7 @@ _CLOSINGS = ("\n```" + CALL_END, "```" + CALL_END, CALL_END)
 TOOL_PARSERS = ("deepseek_v3",)
 
 
-def _partial_tail(text: str, markers: tuple[str, ...]) -> int:
+def partial_tail(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of ``text`` that begins some marker (and might complete it)."""
     best = 0
     for m in markers:
@@ -94,7 +94,7 @@ class ToolCallStream:
         if state == "content":
             i = buf.find(CALLS_BEGIN)
             if i < 0:
-                keep = 0 if final else _partial_tail(buf, (CALLS_BEGIN,))
+                keep = 0 if final else partial_tail(buf, (CALLS_BEGIN,))
                 out.content += buf[: len(buf) - keep]
                 self._buf = buf[len(buf) - keep:]
                 return False
@@ -145,7 +145,7 @@ class ToolCallStream:
             self._args(out, buf[:i])
             self._buf, self._state = buf[i + len(closing):], "calls"
             return True
-        keep = 0 if final else _partial_tail(buf, _CLOSINGS)
+        keep = 0 if final else partial_tail(buf, _CLOSINGS)
         self._args(out, buf[: len(buf) - keep])
         self._buf = buf[len(buf) - keep:]
         return False
