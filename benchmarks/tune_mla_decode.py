@@ -58,7 +58,7 @@ def main() -> None:
         q = q.to(torch.bfloat16)
         floor_us = bs * ctx * (KV_LORA + ROPE) * 2 / bw * 1e6
         flops = 2 * bs * heads * ctx * (2 * KV_LORA + ROPE)
-        bh0 = default_block_h(heads)
+        bh0 = default_block_h(heads, bs)
         base = default_num_splits(bs, heads, bh0)
         results = []
         split_set = {base} if args.quick else {base, 2 * base, max(1, base // 2)}
@@ -78,7 +78,7 @@ def main() -> None:
                 continue
             results.append((us, splits, block_n, warps, stages, bh))
         results.sort()
-        current = next(r for r in results if r[1:] == (base, *default_tiles(bs), 2, bh0))
+        current = next(r for r in results if r[1:] == (base, *default_tiles(bs, bh0), 2, bh0))
         best = results[0]
         print(f"ctx={ctx} batch={bs}: floor {floor_us:.1f} us, current {current[0]:.1f} us "
               f"(splits {base}), best {best[0]:.1f} us ({flops / best[0] / 1e6:.0f} TFLOP/s) "

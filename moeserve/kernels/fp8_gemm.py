@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "fp8_gemm", "fp8_gemm_ref", "w8a8_block_fp8_matmul", "w8a8_block_fp8_matmul_kernel",
+    "CUBLAS_MIN_ROWS", "cublas_blockwise", "fp8_gemm", "fp8_gemm_ref", "w8a8_block_fp8_matmul",
+    "w8a8_block_fp8_matmul_kernel",
     "per_token_group_quant", "per_token_group_quant_kernel", "per_token_group_quant_ref",
 ]
 
@@ -23,7 +24,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 @triton.jit
 def per_token_group_quant_kernel(
     x_ptr, q_ptr, s_ptr, k_in, groups_per_row, eps,
-    stride_xm, stride_qm, stride_sm,
+    stride_xm, stride_qm, stride_sm, stride_sg,
     GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
 ):
     """One row's GROUPS_PER_PROGRAM consecutive groups per program: a program per group moved
@@ -37,14 +38,16 @@ def per_token_group_quant_kernel(
     scale = tl.maximum(tl.max(tl.abs(x), 1), eps) / FP8_MAX_C
     q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + row * stride_sm + groups, scale, mask=groups < groups_per_row)
+    tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups < groups_per_row)
 
 
 def per_token_group_quant(
-    x: torch.Tensor, group_size: int = 128, eps: float = 1e-10
+    x: torch.Tensor, group_size: int = 128, eps: float = 1e-10, mn_major: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] bf16/fp16/fp32 (last dim contiguous) -> (x_q [M, K] float8_e4m3fn,
-    scales [M, ceil(K / group_size)] float32) with x ~= x_q * scales per group."""
+    scales [M, ceil(K / group_size)] float32) with x ~= x_q * scales per group.
+    mn_major: the scales laid out column by column (strides (1, M)), as cuBLAS's block-wise
+    scaling reads them."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [M, K] with a contiguous last dim, got {tuple(x.shape)}")
     if group_size & (group_size - 1):
@@ -52,12 +55,16 @@ def per_token_group_quant(
     m, k = x.shape
     groups = triton.cdiv(k, group_size)
     x_q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if mn_major:
+        scales = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()
+    else:
+        scales = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
         per_program = max(1, min(triton.next_power_of_2(groups), 2048 // group_size))
         per_token_group_quant_kernel[(m, triton.cdiv(groups, per_program))](
             x, x_q, scales, k, groups, eps, x.stride(0), x_q.stride(0), scales.stride(0),
-            GROUP=group_size, FP8_MAX_C=FP8_MAX, GROUPS_PER_PROGRAM=per_program, num_warps=4,
+            scales.stride(1), GROUP=group_size, FP8_MAX_C=FP8_MAX, GROUPS_PER_PROGRAM=per_program,
+            num_warps=4,
         )
     return x_q, scales
 
@@ -217,6 +224,52 @@ def _split_k(programs: int, k_blocks: int) -> int:
     return max(1, min(triton.cdiv(SPLIT_K_MIN_PROGRAMS, programs), k_blocks // 4, 16))
 
 
+# Rows from which cuBLAS's block-wise fp8 GEMM (torch._scaled_mm with 1x128 / 128x128 scales)
+# takes over from the Triton kernel. H200, V3's shapes (benchmarks/tune_fp8_gemm.py): at 8192
+# rows 1.1-1.3k TFLOP/s against 0.6k, at 256 rows ~1.0k against 0.57k; at 64 rows within
+# +-15% either way; cuBLAS refuses a single row.
+CUBLAS_MIN_ROWS = 128
+_cublas_ok: dict[int, bool] = {}
+
+
+def cublas_blockwise(x: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]) -> bool:
+    """True when `fp8_gemm` runs this GEMM through cuBLAS's block-wise scaled matmul: a CUDA
+    device where torch has it (probed once, never inside a graph capture), 128x128 blocks,
+    K a whole number of blocks and at least CUBLAS_MIN_ROWS rows."""
+    if (not x.is_cuda or tuple(block_size) != (128, 128) or x.shape[0] < CUBLAS_MIN_ROWS
+            or x.shape[1] % 128 or weight.shape[0] % 16):
+        return False
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if device not in _cublas_ok:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _cublas_ok[device] = _probe_cublas(x.device)
+    return _cublas_ok[device]
+
+
+def _probe_cublas(device: torch.device) -> bool:
+    a = torch.ones(128, 256, device=device).to(torch.float8_e4m3fn)
+    a_s = torch.ones(2, 128, device=device).t()
+    w_s = torch.ones(1, 2, device=device)
+    try:
+        out = torch._scaled_mm(a, a.t(), scale_a=a_s, scale_b=w_s.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError):  # torch or cuBLAS without block-wise scaling
+        return False
+    return bool((out.float() == 256).all())
+
+
+def _cublas_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    m = x.shape[0]
+    pad = -m % 4  # the scales' column stride is M floats: TMA wants it 16-byte aligned
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    a_q, a_s = per_token_group_quant(x, 128, mn_major=True)
+    out = torch._scaled_mm(a_q, weight.t(), scale_a=a_s, scale_b=weight_scale_inv.t(),
+                           out_dtype=out_dtype)
+    return out[:m] if pad else out
+
+
 def fp8_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -228,7 +281,10 @@ def fp8_gemm(
 
     weight: [N, K] float8_e4m3fn; weight_scale_inv: [ceil(N / bn), ceil(K / bk)] float32 with
     (bn, bk) = block_size; activations are quantized per token and group of bk channels.
+    cuBLAS's block-wise GEMM where `cublas_blockwise` allows, else the Triton kernel.
     """
+    if cublas_blockwise(x, weight, block_size):
+        return _cublas_gemm(x, weight, weight_scale_inv, out_dtype)
     a_q, a_scales = per_token_group_quant(x, block_size[1])
     return w8a8_block_fp8_matmul(a_q, a_scales, weight, weight_scale_inv, out_dtype,
                                  block_size)

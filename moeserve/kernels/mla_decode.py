@@ -128,18 +128,24 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     return max(1, min(128 if num_seqs <= 2 else 32, triton.cdiv(2 * num_sms, programs)))
 
 
-def default_block_h(num_heads: int) -> int:
+def default_block_h(num_heads: int, num_seqs: int = 1) -> int:
     """Heads per program: each program reads its sequence's latents once for all its heads,
-    and tl.dot needs M >= 16 (V2-Lite's 16 heads fill one block)."""
-    return 16
+    and tl.dot needs M >= 16 (V2-Lite's 16 heads fill one block). V3's 128 heads at batch
+    >= 32 take 64 a program (benchmarks/tune_mla_decode.py --heads 128, H200: batch 64 at 1k
+    137 us against 287 with 16, at 4k 397 against 997; batch 256 at 1k 391 against 991);
+    at batch 1 16 stay best (13.4 against 13.8 us at 1k)."""
+    return 64 if num_heads >= 64 and num_seqs >= 32 else 16
 
 
-def default_tiles(num_seqs: int) -> tuple[int, int]:
+def default_tiles(num_seqs: int, block_h: int = 16) -> tuple[int, int]:
     """(BLOCK_N, num_warps). From benchmarks/tune_mla_decode.py on the H100, V2-Lite, graphs
     replayed: batch 64 at 4k context 146 us with 2 splits of 64-key tiles over 8 warps against
     176 us for 5 splits of 32-key tiles; batch 128 at 1k 81 against 88 us; batch 1 at 4k 14.5
     against 23.5 us with 32 splits instead of 16; batch 256 keeps 32-key tiles (127 vs 135 us
-    at 1k with one split)."""
+    at 1k with one split). 64 heads a program take 64-key tiles over 8 warps at every batch
+    (V3, H200: batch 256 at 1k 391 us against 499 with 32-key tiles)."""
+    if block_h >= 64:
+        return 64, 8
     return (64, 8) if 64 <= num_seqs < 256 else (32, 4)
 
 
@@ -176,9 +182,9 @@ def mla_decode(
     num_seqs, num_heads = q.shape[:2]
     block_size = layer_cache.shape[1]
     rope = q_pe.shape[2]
-    block_h = block_h or default_block_h(num_heads)
+    block_h = block_h or default_block_h(num_heads, num_seqs)
     splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
-    tiles = default_tiles(num_seqs)
+    tiles = default_tiles(num_seqs, block_h)
     block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
     block_r = triton.next_power_of_2(kv_lora_rank)
     out = q.new_empty(num_seqs, num_heads, kv_lora_rank)

@@ -74,6 +74,9 @@ def test_per_token_group_quant_matches_ref(device):
     assert rel_err(deq, x) < 0.05  # e4m3 keeps 3 mantissa bits
     # The GPU's approximate fp32 division may tip a value by one e4m3 step (1/8).
     torch.testing.assert_close(q.float().cpu(), q_ref.float(), rtol=0.13, atol=0)
+    q_t, s_t = per_token_group_quant(x.to(device), 64, mn_major=True)  # cuBLAS's layout
+    assert s_t.stride() == (1, 7) and torch.equal(s_t.cpu(), s.cpu())
+    assert torch.equal(q_t.float().cpu(), q.float().cpu())
 
 
 def test_fp8_gemm_shape_errors(device):
@@ -84,3 +87,19 @@ def test_fp8_gemm_shape_errors(device):
                               w_s.to(device), block_size=(32, 32))
     with pytest.raises(ValueError):  # scales made for 32x32 blocks, default 128x128
         w8a8_block_fp8_matmul(a.to(device), a_s.to(device), w.to(device), w_s.to(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS block-wise GEMM: CUDA only")
+@pytest.mark.parametrize("m", [130, 256])  # 130 rows: padded to 132 for the scales' stride
+def test_cublas_blockwise_path_matches_ref(m):
+    from moeserve.kernels.fp8_gemm import cublas_blockwise
+
+    gen = torch.Generator().manual_seed(m)
+    w, s = _quantized_weight(272, 384, 128, gen)  # N = 272: not a whole number of blocks
+    x = torch.randn(m, 384, generator=gen)
+    out = fp8_gemm(x.cuda().bfloat16(), w.cuda(), s.cuda(), torch.float32)
+    ref = fp8_gemm_ref(x.bfloat16(), w, s, torch.float32)
+    assert out.shape == (m, 272)
+    assert rel_err(out.cpu(), ref) < 1e-2
+    if not cublas_blockwise(x.cuda(), w.cuda(), (128, 128)):
+        pytest.skip("this torch / cuBLAS has no block-wise fp8 GEMM: the Triton kernel ran")

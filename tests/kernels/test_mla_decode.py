@@ -22,6 +22,9 @@ CASES = [
 
 # 64..255 sequences take 64-key tiles over 8 warps and two splits by default (default_tiles).
 CASES.append(([(7 * i) % 150 + 1 for i in range(70)], 16, 2, 16, 8, None, torch.bfloat16, 5))
+# V3-like head counts from batch 32 on: 64 heads a program (default_block_h), one head block and
+# a ragged second (70 heads).
+CASES.append(([(11 * i) % 20 + 1 for i in range(32)], 16, 70, 16, 8, 1, torch.bfloat16, 7))
 
 
 @pytest.mark.parametrize("seq_lens,block_size,heads,rank,rope,splits,dtype,seed", CASES)
