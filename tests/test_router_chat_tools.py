@@ -289,3 +289,15 @@ def test_noop_fields_are_logged_once(tools_app: SimpleNamespace, caplog: pytest.
             assert tools_app.http.post("/v1/chat/completions", json=body).status_code == 200
     lines = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
     assert len(lines) == 2 and any("'service_tier'" in m for m in lines), lines
+
+
+def test_a_tool_schema_the_grammar_engine_cannot_compile_is_a_400(
+        tools_app: SimpleNamespace) -> None:
+    lookbehind = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}}}}
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        resp = tools_app.http.post("/v1/chat/completions", json={
+            "messages": USER, "tools": [WEATHER, lookbehind], "tool_choice": choice})
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == "tools.1.function.parameters", err
+        assert "look-around" in err["message"]

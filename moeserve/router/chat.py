@@ -215,7 +215,12 @@ def chat_outputs(req: Any, params: Any, opts: ChatOptions, tokenizer: Any
         choice = req.effective_tool_choice
         schema = tool_call_schema(req.tools, choice, req.parallel_tool_calls)
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-        strict = all(t.function.strict for t in req.tools if named in (None, t.function.name))
+        used = [(i, t) for i, t in enumerate(req.tools) if named in (None, t.function.name)]
+        strict = all(t.function.strict for _, t in used)
+        if schema is not None:  # one tool at a time first: the 400 names the one that fails
+            for i, t in used:
+                structured_from_json_schema(t.function.parameters or {"type": "object"},
+                                            strict=strict, param=f"tools.{i}.function.parameters")
         params = constrain(params, schema, strict)
     return params, outs
 
