@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.device_timing import mean_seconds
 from benchmarks.gpu_roofline import (
     active_params,
     count_experts_hit,
@@ -58,14 +59,7 @@ def fp8_matmul_tflops() -> float:
     def mm():
         return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
-    for _ in range(3):
-        mm()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        mm()
-    torch.cuda.synchronize()
-    return 2 * n**3 / ((time.perf_counter() - t) / 20) / 1e12
+    return 2 * n**3 / mean_seconds(mm) / 1e12
 
 
 def _bytes(params) -> int:
