@@ -45,7 +45,7 @@ def test_gpu_plan_stays_within_max_model_len_and_the_kv_pool() -> None:
 def test_cpu_plan_is_small_whatever_the_limits() -> None:
     plan = _plan(full=False)
     assert plan.num_requests <= len(sampling_variants(1)) + 2
-    assert max(plan.prefill_lengths) <= 8 and plan.chunked_prompt == 0
+    assert max(plan.prefill_lengths) <= 8 and plan.chunked_prompt == 0 and not plan.stagger
 
 
 def _scrape(metrics: WorkerMetrics) -> dict[str, float]:

@@ -17,7 +17,7 @@ What a request can make the device compile or load for the first time, and what 
   where the engine has them, penalties, logit bias, min-p, logprobs) spread over the above, in
   batches alone and mixed.
 
-On the CPU (the torch backend: no Triton, no graphs) nothing compiles, so the warm-up only runs
+On the CPU (no Triton kernels, no CUDA graphs) nothing compiles, so the warm-up only runs
 each path once at small sizes (tests start many workers; this keeps start-up unchanged).
 Compilations that happen anyway after ready are counted: worker/compile_watch.py.
 """
@@ -49,6 +49,7 @@ class WarmupPlan:
     chunked_prompt: int  # 0: none (the step budget covers max_model_len)
     decode_batch: int  # requests of the ladder
     mixed_prompt: int  # a prompt admitted beside the ladder's decodes
+    stagger: bool = True  # ladder request i generates i + 2 tokens (else all generate 2)
 
     @property
     def num_requests(self) -> int:
@@ -84,7 +85,8 @@ def plan_warmup(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len
         n = max(1, min(max_num_seqs, variants))
         while n > 1 and _ladder_blocks(n, block_size) + 1 > num_blocks - 1:
             n -= 1
-        return WarmupPlan((min(_CPU_PROMPT, budget),), 0, n, min(_CPU_MIXED, budget))
+        return WarmupPlan((min(_CPU_PROMPT, budget),), 0, n, min(_CPU_MIXED, budget),
+                          stagger=False)
     chunked = min(longest, max_num_batched_tokens + max_num_batched_tokens // 2)
     n = max_num_seqs
     mixed = max(1, min(budget - n, 256))
@@ -154,7 +156,7 @@ def run_warmup(engine, plan: WarmupPlan) -> tuple[int, int]:
         d.add(plan.chunked_prompt, 1)
         d.drain()
     for i in range(plan.decode_batch):
-        d.add(1, min(i + 2, engine.max_model_len - 1))
+        d.add(1, min(i + 2 if plan.stagger else 2, engine.max_model_len - 1))
     d.step()  # the ladder's prompts; the next steps decode
     d.add(plan.mixed_prompt, 2)
     d.drain()
