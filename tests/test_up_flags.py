@@ -69,3 +69,11 @@ def test_prefill_and_decode_on_one_gpu_get_half_each() -> None:
     assert [_after(launch.argv, "--gpu-memory-utilization") for _, launch, _ in launches] == [
         "0.45", "0.45"]
     assert "2 workers share one GPU: --gpu-memory-utilization 0.45 each" in log.getvalue()
+
+
+def test_tool_and_reasoning_parsers_reach_the_router() -> None:
+    flags = ["--tool-call-parser", "deepseek_v3", "--enable-auto-tool-choice",
+             "--reasoning-parser", "deepseek_r1"]
+    cluster, launches, _ = _launches(*flags)
+    assert cluster.spec.router_args == flags
+    assert all("--tool-call-parser" not in launch.argv for _, launch, _ in launches)
