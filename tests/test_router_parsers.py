@@ -152,3 +152,17 @@ def test_constrained_outputs_render_as_tool_calls() -> None:
     msg = ChatOutput(required, ChatOptions()).message(
         '[{"name": "clock", "parameters": {}}]', [1])
     assert [c["function"]["name"] for c in msg["tool_calls"]] == ["clock"]
+
+
+def test_auto_tool_choice_needs_a_parser() -> None:
+    import argparse
+
+    from moeserve.common.errors import ConfigError
+    from moeserve.router.chat import chat_options
+
+    with pytest.raises(ConfigError, match="--tool-call-parser"):
+        chat_options(argparse.Namespace(enable_auto_tool_choice=True, tool_call_parser=None))
+    opts = chat_options(argparse.Namespace(enable_auto_tool_choice=True,
+                                           tool_call_parser="deepseek_v3",
+                                           reasoning_parser="deepseek_r1"))  # fmt: skip
+    assert opts == ChatOptions("deepseek_v3", True, "deepseek_r1")
