@@ -124,3 +124,12 @@ def test_compilations_before_ready_do_not_count() -> None:
     watch.mark_ready()
     watch.note("cuda_graph", "decode batch 8")
     assert watch.counts_after_ready() == {"triton": 0, "dynamo": 0, "cuda_graph": 1}
+
+
+def test_no_warmup_says_so_and_runs_nothing(model_dir, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="moeserve.worker.warmup"):
+        build_ready_engine(EngineConfig(model=str(model_dir), device="cpu", num_kv_blocks=64,
+                                        warmup=False))
+    assert "warm-up off" in caplog.text and "(0 requests, 0 steps)" in caplog.text

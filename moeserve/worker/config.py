@@ -50,6 +50,10 @@ class EngineConfig:
     """largest decode batch run as a CUDA graph (capped at max_num_seqs)"""
     cuda_graph_max_context: int = 4096
     """longest sequence a torch-path decode CUDA graph serves (kernel path: max_model_len)"""
+    warmup: bool = True
+    """a serving worker runs dummy requests over every shape its limits allow (prefill sizes,
+    the decode batch ladder, sampling variants) before it reports ready, so no request waits
+    for a kernel compilation (worker/warmup.py)"""
     cpu_threads: int = 0
     """intra-op threads on the CPU (0: OMP_NUM_THREADS if set, else 1; see runner.py)"""
     kernel_backend: str = "auto"

@@ -187,17 +187,22 @@ def build_ready_engine(config):
         WATCH.install()
     built = time.perf_counter()
     capture = runner.graphs.capture_s if runner.graphs is not None else 0.0
-    if engine.parallel is not None:
+    requests = steps = 0
+    if not config.warmup:
+        logger.warning("warm-up off (--no-warmup): the first requests pay for compilations")
+    elif engine.parallel is not None:
         # EP ranks step in lockstep through collectives; a warm-up of its own on each rank is
         # not yet shown to keep them in step.
         logger.info("warm-up skipped with expert parallelism")
-        requests = steps = 0
     else:
         plan = plan_warmup(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=engine.max_model_len,
             block_size=config.block_size, num_blocks=runner.num_blocks, full=full)
-        requests, steps = run_warmup(engine, plan)
+        try:
+            requests, steps = run_warmup(engine, plan)
+        except Exception as e:  # a path that fails here fails requests the same way
+            raise RuntimeError(f"warm-up failed on {plan}: {type(e).__name__}: {e}") from e
     done = time.perf_counter()
     WATCH.startup_seconds.update(load=built - start - capture, capture=capture,
                                  warmup=done - built)
