@@ -110,3 +110,24 @@ def test_an_older_cached_tokenizer_is_refreshed(tmp_path: Path) -> None:
     assert tok.chat_template == CHAT_TEMPLATE and tok.token_id("<｜tool▁calls▁begin｜>")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_chat_template_flag_replaces_the_checkpoint_template(
+        tok_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+
+    from moeserve.common.errors import CheckpointError
+    from moeserve.router.chat import ChatOptions, prepare_tokenizer
+
+    tools_on = ChatOptions("deepseek_v3", True)
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok = load_tokenizer(tok_dir)
+    with caplog.at_level("WARNING", logger="moeserve.router.chat"):
+        prepare_tokenizer(tok, argparse.Namespace(chat_template=str(plain)), tools_on)
+    assert tok.decode(tok.apply_chat_template([{"role": "user", "content": "Hi"}])) == "Hi"
+    assert "never reads `tools`" in caplog.text  # tool calls on, tools never shown: said
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    with pytest.raises(CheckpointError, match="broken.jinja"):
+        prepare_tokenizer(tok, argparse.Namespace(chat_template=str(broken)), tools_on)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from moeserve.common.errors import ConfigError, InvalidRequestError
@@ -26,7 +28,10 @@ from moeserve.router.reasoning_parser import END_THINK, REASONING_PARSERS, Reaso
 from moeserve.router.tool_parser import TOOL_PARSERS, ToolCallStream
 
 __all__ = ["ChatOptions", "ChatOutput", "add_chat_arguments", "chat_options", "chat_outputs",
-           "constrain", "end_think_id", "reasoning_total", "template_inputs", "tool_call_schema"]
+           "constrain", "end_think_id", "prepare_tokenizer", "reasoning_total", "template_inputs",
+           "tool_call_schema"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,26 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
                         "with tools); needs --tool-call-parser")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="return R1-style <think>...</think> text as reasoning_content")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file used instead of the checkpoint's (e.g. one "
+                        "that renders tools: DeepSeek-V3's released template does not)")
+
+
+def prepare_tokenizer(tokenizer: Any, args: argparse.Namespace, opts: ChatOptions) -> None:
+    """Apply --chat-template; warn when tool calls are on but the template never renders the
+    tools (the model would be asked to call functions it was not shown)."""
+    path = getattr(args, "chat_template", None)
+    if path:
+        try:
+            source = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--chat-template {path}: {e.strerror}") from None
+        tokenizer.set_chat_template(source, path)
+    if opts.tool_call_parser and tokenizer.chat_template \
+            and "tools" not in tokenizer.chat_template:  # fmt: skip
+        logger.warning("--tool-call-parser is on but the chat template never reads `tools`: "
+                       "requests' tool definitions will not reach the model; pass "
+                       "--chat-template with a template that renders them")
 
 
 def chat_options(args: argparse.Namespace) -> ChatOptions:

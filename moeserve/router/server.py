@@ -22,7 +22,7 @@ from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
-from moeserve.router.chat import add_chat_arguments, chat_options
+from moeserve.router.chat import add_chat_arguments, chat_options, prepare_tokenizer
 from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import OpenStreams, create_app
@@ -164,6 +164,8 @@ def metrics_port_keys(args: argparse.Namespace, keys: list[str]) -> list[str]:
 async def serve_router(args: argparse.Namespace) -> None:
     cfg = resolve_router_config(args)  # flags > --config file > defaults, into args too
     chat = chat_options(args)
+    tokenizer = load_tokenizer(args.model)  # before the workers: a bad template fails fast
+    prepare_tokenizer(tokenizer, args, chat)
     metrics = RouterMetrics()
     index = PrefixIndex()
     tls = tls_from_args(args)
@@ -208,7 +210,7 @@ async def serve_router(args: argparse.Namespace) -> None:
         # served name, which is the same unless --served-model-name renames it here only.
         router = Router(pool, metrics, settings, info.model_id, info.block_size)
         frontend = Frontend(
-            router, load_tokenizer(args.model), cfg.model_name or info.model_id,
+            router, tokenizer, cfg.model_name or info.model_id,
             info.max_model_len, vocab_size, metrics,
         )  # fmt: skip
         grpc_server = grpc.aio.server(

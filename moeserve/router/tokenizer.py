@@ -41,6 +41,16 @@ class ModelTokenizer:
         self.eos_token_id = self._special_id(self.eos_token)
         self._template = None
 
+    def set_chat_template(self, source: str, origin: str) -> None:
+        """Use ``source`` instead of the checkpoint's template (--chat-template ``origin``)."""
+        import jinja2
+
+        try:
+            compiled = _compile_template(source)
+        except jinja2.TemplateError as e:
+            raise CheckpointError(f"{origin}: not a valid chat template: {e}") from None
+        self.chat_template, self._template = source, compiled
+
     @property
     def available(self) -> bool:
         return self._tok is not None
