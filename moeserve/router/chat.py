@@ -187,12 +187,12 @@ class ChatOutput:
         if not finished:
             return {}
         try:
-            items = json.loads(self._json)
-        except ValueError:
+            self.calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                           "function": {"name": it["name"],
+                                        "arguments": json.dumps(it["parameters"])}}
+                          for it in json.loads(self._json)]  # fmt: skip
+        except (ValueError, TypeError, KeyError):
             return {"content": self._json}  # cut short (length): the text as it is
-        self.calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                       "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}}
-                      for it in items]  # fmt: skip
         return {"tool_calls": [{"index": i, **c} for i, c in enumerate(self.calls)]}
 
     def message(self, text: str, token_ids: list[int]) -> dict[str, Any]:
