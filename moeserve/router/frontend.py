@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common.errors import InvalidRequestError
+from moeserve.common.heap import TRIM_ABOVE_CHARS, trim_heap
 from moeserve.common.sampling import SamplingParams, TokenLogprobs
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.serving import Router
@@ -68,7 +69,14 @@ class Frontend:
         if isinstance(prompt, list) and len(prompt) < _INLINE_IDS:
             return self.prompt_ids(prompt)
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.prompt_ids, prompt)
+            self._tokenize_pool, self._prompt_ids_trimmed, prompt)
+
+    def _prompt_ids_trimmed(self, prompt: str | list[int]) -> list[int]:
+        try:
+            return self.prompt_ids(prompt)
+        finally:  # a huge prompt's freed tokenizer memory goes back to the OS (common/heap.py)
+            if len(prompt) >= TRIM_ABOVE_CHARS:
+                trim_heap()
 
     async def chat_ids_async(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
