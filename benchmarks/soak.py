@@ -1,28 +1,43 @@
-"""Soak: steady streamed greedy load on `moeserve up` with a worker SIGKILLed periodically.
+"""Soak: streamed greedy load on `moeserve up`, workers SIGKILLed and SIGSTOPped periodically,
+issue 22's attacks mixed in; exits non-zero when a target fails.
 
-    python benchmarks/soak.py --minutes 30 --rate 1 --faults-every 60
+    python benchmarks/soak.py --minutes 30              # the issue's run
+    python benchmarks/soak.py --minutes 5 --log soak.log
 
-Every request's tokens are compared with an uninterrupted in-process run (lost / repeated /
-wrong must stay 0; a migration-limit error is counted apart). Each minute prints ok / failed /
-migrated counts, TTFT and ITL p50/p99, and every process's RSS; the end prints the totals, the
-RSS trend per process, and what a migration costs the client: the longest gap between two
-streamed chunks of requests that were mid-stream when their decode worker was killed, next to
-the ITL of undisturbed requests.
+Targets, checked at the end (a one-screen summary, PASS/FAIL per line):
+
+- tokens: every request's tokens equal an uninterrupted in-process run: 0 lost, 0 repeated,
+  0 wrong, 0 other errors (a migration-limit error, retryable by contract, is counted apart);
+- attacks (benchmarks/soak_attacks.py): each answered as a hardened router must, 0 unexpected;
+- router RSS: flat, within +5%: the floor (lowest sample) of each ``--rss-window-s`` window
+  after the warm-up, and the RSS once the load has stopped, against the first window's floor.
+  Peaks while attacks are in flight (a 3 MiB prompt being tokenized, bodies held open) are
+  printed but not judged: the router's limits bound them; what must not happen is memory kept
+  after they end (the issue's 380 MiB that never came back);
+- /health: p99 latency under 100 ms over the whole run (a keep-alive client, every 250 ms);
+- ejections: none of a healthy worker (one outside every kill / freeze window of that worker,
+  from the router's "ejecting worker" log lines).
+
+Each minute prints ok / failed / migrated counts, TTFT and ITL p50/p99, /health p99, the load
+average and every process's RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import os
 import random
 import signal
-import statistics
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+RSS_DRIFT = 0.05
+HEALTH_P99_MS = 100.0
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -34,11 +49,12 @@ def _pct(xs: list[float], p: float) -> float:
 
 class Soak:
     def __init__(self, args: argparse.Namespace):
+        from benchmarks import soak_attacks as atk
         from moeserve.deploy.local import ClusterSpec, LocalCluster
         from moeserve.worker.checkpoint import ensure_tiny_checkpoint
         from tests import reliability_helpers as h
 
-        self.h, self.args = h, args
+        self.h, self.atk, self.args = h, atk, args
         self.model = args.model or str(ensure_tiny_checkpoint())
         self.prompts = [h.prompt_ids(1000 + i, args.prompt_len) for i in range(args.prompts)]
         print(f"reference run of {len(self.prompts)} prompts ...", flush=True)
@@ -47,9 +63,11 @@ class Soak:
             model=self.model, prefill=args.prefill, decode=args.decode, port=0,
             num_kv_blocks=args.num_kv_blocks, metrics=False,
         )  # fmt: skip
-        self.cluster = LocalCluster(spec, log=open(args.log, "a") if args.log else None)
+        self.log = atk.EjectionLog(open(args.log, "a") if args.log else None)
+        self.cluster = LocalCluster(spec, log=self.log)
         self.results: list[tuple[float, int, object]] = []  # (start, prompt index, Outcome)
-        self.kills: list[tuple[float, str]] = []
+        self.faults: list[tuple[float, float, str, str]] = []  # (start, end, address, what)
+        self.frozen: set[int] = set()
         self.lock = threading.Lock()
 
     def _one(self, j: int) -> None:
@@ -58,54 +76,91 @@ class Soak:
         with self.lock:
             self.results.append((start, j, out))
 
-    def _kill(self, n: int) -> None:
+    def _pick(self, role: str):  # noqa: ANN202 (a LocalCluster child)
         import httpx
 
-        role = "decode" if n % 2 == 0 else "prefill"
-        status = httpx.get(f"{self.cluster.url}/v1/status", timeout=5).json()
+        try:
+            status = httpx.get(f"{self.cluster.url}/v1/status", timeout=5).json()
+        except httpx.HTTPError as e:
+            print(f"  no fault this time: /v1/status failed ({e})", flush=True)
+            return None
         workers = [w for w in status["workers"] if role in w["roles"] and w["available"]]
         if not workers:
-            return
+            return None
         w = max(workers, key=lambda w: (w["router_inflight"], w["num_running"]))
-        child = next(c for c in self.cluster.children if c.address == w["address"])
+        return next(c for c in self.cluster.children if c.address == w["address"])
+
+    def _kill(self, n: int) -> None:
+        child = self._pick("decode" if n % 2 == 0 else "prefill")
+        if child is None:
+            return
+        now = time.monotonic()
         os.kill(child.proc.pid, signal.SIGKILL)
-        self.kills.append((time.monotonic(), child.name))
-        print(f"  SIGKILL {child.name} ({w['router_inflight']} requests on it)", flush=True)
+        # Ejected, restarted on the same port, probed healthy again: all within the window.
+        self.faults.append((now, now + self.args.fault_window_s, child.address, "kill"))
+        print(f"  SIGKILL {child.name}", flush=True)
 
-    def _migrations(self) -> float:
-        return self.h.metric(f"{self.cluster.url}/metrics", "moeserve:router_migrations_total")
+    def _freeze(self, n: int) -> None:
+        child = self._pick("decode" if n % 2 == 0 else "prefill")
+        if child is None:
+            return
+        pid, now = child.proc.pid, time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        self.frozen.add(pid)
+        end = now + self.args.freeze_s
+        self.faults.append((now, end + self.args.fault_window_s, child.address, "freeze"))
+        print(f"  SIGSTOP {child.name} for {self.args.freeze_s:.0f} s", flush=True)
+        threading.Timer(self.args.freeze_s, self._thaw, (pid,)).start()
 
-    def _minute(self, m: int, since: float, until: float, migrated: float) -> dict[str, float]:
+    def _thaw(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        self.frozen.discard(pid)
+
+    def _minute(self, m: int, since: float, until: float, migrated: float) -> None:
         h = self.h
         with self.lock:
             done = [(j, o) for s, j, o in self.results if since <= s + o.latency_s < until]
         kinds = Counter(h.classify(o, self.want[j]) for j, o in done)
         ttft = [o.ttft_s for _, o in done if o.ttft_s is not None]
         itl = [x for _, o in done for x in o.itl_s]
+        health = [ms for t, ms in self.watch.health_ms if since <= t < until]
         rss = {c.name: h.rss_mib(c.proc.pid) for c in self.cluster.children
                if c.proc.poll() is None}  # fmt: skip
-        failed = len(done) - kinds["ok"]
-        print(f"min {m:3d}: ok {kinds['ok']:4d} failed {failed:3d} "
+        print(f"min {m:3d}: ok {kinds['ok']:4d} failed {len(done) - kinds['ok']:3d} "
               f"(lost {kinds['lost']} repeated {kinds['repeated']} wrong {kinds['wrong']} "
               f"limit {kinds['migration_limit']} error {kinds['error']}) "
-              f"migrated {migrated:3.0f} | "
-              f"TTFT p50 {_pct(ttft, 50) * 1e3:6.0f} p99 {_pct(ttft, 99) * 1e3:6.0f} ms | "
-              f"ITL p50 {_pct(itl, 50) * 1e3:5.1f} p99 {_pct(itl, 99) * 1e3:6.1f} ms | RSS MiB "
+              f"migrated {migrated:3.0f} | TTFT p50 {_pct(ttft, 50) * 1e3:5.0f} "
+              f"p99 {_pct(ttft, 99) * 1e3:5.0f} ms | ITL p50 {_pct(itl, 50) * 1e3:5.1f} "
+              f"p99 {_pct(itl, 99) * 1e3:6.1f} ms | /health p99 {_pct(health, 99):5.1f} ms | "
+              f"load {os.getloadavg()[0]:.1f} | RSS MiB "
               + " ".join(f"{k}={v:.0f}" for k, v in sorted(rss.items())), flush=True)  # fmt: skip
-        return rss
 
     def run(self) -> int:
         a = self.args
         rng = random.Random(a.seed)
-        with self.cluster, cf.ThreadPoolExecutor(a.max_concurrency) as pool:
-            print(f"cluster up at {self.cluster.url}: {a.prefill} prefill + {a.decode} decode; "
-                  f"{a.rate} req/s for {a.minutes} min, a kill every {a.faults_every} s",
-                  flush=True)  # fmt: skip
-            t0 = time.monotonic()
+        self.load_start = os.getloadavg()
+        with self.cluster, cf.ThreadPoolExecutor(a.max_concurrency) as pool, \
+                cf.ThreadPoolExecutor(8) as attackers:  # fmt: skip
+            c = self.cluster
+            router = c.worker("router")
+            attacks = self.atk.Attacks(c.url, c.grpc_address, self.prompts, self.want,
+                                       a.max_tokens, a.huge_prompt_mb, a.partial_bodies)
+            self.watch = self.atk.Watch(c.url, lambda: router.proc.pid).start()
+            print(f"cluster up at {c.url}: {a.prefill} prefill + {a.decode} decode; {a.rate} "
+                  f"req/s for {a.minutes} min; a kill every {a.faults_every} s, a "
+                  f"{a.freeze_s:.0f} s freeze every {a.freeze_every} s, an attack every "
+                  f"{a.attack_every} s; load average {self.load_start[0]:.2f} on "
+                  f"{os.cpu_count()} CPUs", flush=True)  # fmt: skip
+            t0 = self.t0 = time.monotonic()
             end = t0 + a.minutes * 60
-            next_req, next_kill, next_minute = t0, t0 + a.faults_every, t0 + 60
-            kills, minute, last_mig = 0, 1, 0.0
-            rss_rows: list[dict[str, float]] = []
+            next_req, next_minute = t0, t0 + 60
+            # Freezes half-way between kills: one fault at a time.
+            next_kill = t0 + a.faults_every
+            next_freeze = t0 + a.freeze_every / 2 + a.faults_every / 2
+            next_attack = t0 + 1
+            kills = freezes = n_attacks = 0
+            minute, last_mig = 1, 0.0
             while time.monotonic() < end:
                 now = time.monotonic()
                 if now >= next_req:
@@ -113,50 +168,142 @@ class Soak:
                     next_req += rng.expovariate(a.rate)
                 if a.faults_every and now >= next_kill:
                     self._kill(kills)
-                    kills += 1
-                    next_kill += a.faults_every
+                    kills, next_kill = kills + 1, next_kill + a.faults_every
+                if a.freeze_every and now >= next_freeze:
+                    self._freeze(freezes)
+                    freezes, next_freeze = freezes + 1, next_freeze + a.freeze_every
+                if a.attack_every and now >= next_attack:
+                    kind = self.atk.KINDS[n_attacks % len(self.atk.KINDS)]
+                    attackers.submit(attacks.run, kind)
+                    n_attacks, next_attack = n_attacks + 1, next_attack + a.attack_every
                 if now >= next_minute:
                     mig = self._migrations()
-                    rss_rows.append(self._minute(minute, next_minute - 60, next_minute,
-                                                 mig - last_mig))  # fmt: skip
+                    self._minute(minute, next_minute - 60, next_minute, mig - last_mig)
                     last_mig, minute, next_minute = mig, minute + 1, next_minute + 60
                 time.sleep(0.01)
+            for pid in list(self.frozen):
+                self._thaw(pid)
             pool.shutdown(wait=True)
+            attackers.shutdown(wait=True)
+            time.sleep(2 * self.atk.SAMPLE_EVERY_S)  # a sample with nothing in flight
+            self.settled_rss = self.h.rss_mib(router.proc.pid)
+            self.watch.close()
             total_mig = self._migrations()
-        return self._summary(total_mig, rss_rows)
+        return self._summary(total_mig, attacks)
 
-    def _summary(self, migrations: float, rss_rows: list[dict[str, float]]) -> int:
-        h = self.h
-        kinds = Counter(h.classify(o, self.want[j]) for _, j, o in self.results)
-        print(f"\ntotal: {len(self.results)} requests: ok {kinds['ok']} lost {kinds['lost']} "
-              f"repeated {kinds['repeated']} wrong {kinds['wrong']} migration-limit "
-              f"{kinds['migration_limit']} other errors {kinds['error']}; migrations "
-              f"{migrations:.0f}; kills {len(self.kills)}")  # fmt: skip
-        if len(rss_rows) >= 2:
-            first, last = rss_rows[0], rss_rows[-1]
-            print("RSS first -> last minute (MiB): " + ", ".join(
-                f"{k} {first[k]:.0f}->{last.get(k, float('nan')):.0f}" for k in sorted(first)))
-        kill_times = [t for t, name in self.kills if name.startswith("decode")]
-        hit = [o for s, _, o in self.results
-               if any(s < t < s + o.latency_s for t in kill_times) and o.error is None]
+    def _migrations(self) -> float:
+        try:
+            return self.h.metric(f"{self.cluster.url}/metrics", "moeserve:router_migrations_total")
+        except Exception:  # the router busy or restarting: the count is only reported
+            return float("nan")
+
+    def _rss_check(self) -> tuple[str, bool, str]:
+        a, start = self.args, self.t0 + self.args.warmup_s
+        floors: list[float] = []
+        while True:
+            window = [mib for t, mib in self.watch.rss if start <= t < start + a.rss_window_s]
+            if not window:
+                break
+            floors.append(min(window))
+            start += a.rss_window_s
+        if not floors:
+            return ("router RSS", False, "no sample after the warm-up: run longer")
+        peak = max(mib for _, mib in self.watch.rss)
+        drift = max(*floors, self.settled_rss) / floors[0] - 1
+        return ("router RSS", drift <= RSS_DRIFT,
+                f"floors per {a.rss_window_s:.0f} s after a {a.warmup_s:.0f} s warm-up "
+                + " ".join(f"{f:.0f}" for f in floors[:8]) + f" MiB, at the end "
+                f"{self.settled_rss:.0f} ({drift * 100:+.1f}%, limit +{RSS_DRIFT * 100:.0f}%); "
+                f"peak {peak:.0f}")  # fmt: skip
+
+    def _migration_cost(self) -> str:
+        """The longest chunk gap of requests mid-stream at a decode kill or freeze, next to the
+        inter-token latency of undisturbed ones."""
+        hits = [(s, e) for s, e, addr, _ in self.faults if "decode" in self._name(addr)]
+        hit = [o.max_gap_s for s, _, o in self.results if o.error is None
+               and any(s < fs < s + o.latency_s for fs, _ in hits)]  # fmt: skip
         calm = [x for s, _, o in self.results for x in o.itl_s
-                if not any(s < t < s + o.latency_s for t in kill_times)]
-        if hit:
-            gaps = [o.max_gap_s for o in hit]
-            print(f"migration cost: {len(hit)} requests mid-stream at a decode kill; their "
-                  f"longest chunk gap p50 {statistics.median(gaps) * 1e3:.0f} ms, max "
-                  f"{max(gaps) * 1e3:.0f} ms (undisturbed ITL p50 {_pct(calm, 50) * 1e3:.1f} ms, "
-                  f"p99 {_pct(calm, 99) * 1e3:.1f} ms)")  # fmt: skip
+                if not any(s < fs < s + o.latency_s for fs, _ in hits)]
+        if not hit:
+            return "no request was mid-stream at a decode fault"
+        return (f"{len(hit)} requests mid-stream at a decode kill/freeze: longest chunk gap p50 "
+                f"{_pct(hit, 50) * 1e3:.0f} ms, max {max(hit) * 1e3:.0f} ms (undisturbed ITL p50 "
+                f"{_pct(calm, 50) * 1e3:.1f}, p99 {_pct(calm, 99) * 1e3:.1f} ms)")
+
+    def _name(self, address: str) -> str:
+        return next((c.name for c in self.cluster.children if c.address == address), "")
+
+    def _summary(self, migrations: float, attacks) -> int:  # noqa: ANN001
+        a, w = self.args, self.watch
+        checks: list[tuple[str, bool, str]] = []
+        kinds = Counter(self.h.classify(o, self.want[j]) for _, j, o in self.results)
         bad = kinds["lost"] + kinds["repeated"] + kinds["wrong"] + kinds["error"]
-        return 1 if bad else 0
+        errors = Counter(str(o.error.get("message", ""))[:60] for _, j, o in self.results
+                         if self.h.classify(o, self.want[j]) == "error")  # fmt: skip
+        checks.append(("tokens", bad == 0 and len(self.results) > 0,
+                       f"{len(self.results)} requests: ok {kinds['ok']}, lost {kinds['lost']}, "
+                       f"repeated {kinds['repeated']}, wrong {kinds['wrong']}, errors "
+                       f"{kinds['error']}; migration-limit {kinds['migration_limit']}; "
+                       f"migrations {migrations:.0f}"))  # fmt: skip
+        log = attacks.log
+        checks.append(("attacks", not log.unexpected and sum(log.expected.values()) > 0,
+                       "as expected " + ", ".join(f"{k} {log.expected[k]}" for k in
+                                                  self.atk.KINDS) +
+                       f"; retryable {sum(log.retryable.values())}; unexpected "
+                       f"{sum(log.unexpected.values())}"))  # fmt: skip
+        checks.append(self._rss_check())
+        ms = [x for _, x in w.health_ms]
+        p99 = _pct(ms, 99)
+        checks.append(("/health", bool(ms) and p99 < HEALTH_P99_MS and not w.health_errors,
+                       f"{len(ms)} probes: p50 {_pct(ms, 50):.1f} ms, p99 {p99:.1f} ms, max "
+                       f"{max(ms, default=float('nan')):.1f} ms, errors {w.health_errors} "
+                       f"(limit p99 {HEALTH_P99_MS:.0f} ms)"))  # fmt: skip
+        healthy = [(t, addr, why) for t, addr, why in self.log.ejections
+                   if not any(s - 1 <= t <= e and addr == fa for s, e, fa, _ in self.faults)]
+        checks.append(("ejections", not healthy,
+                       f"{len(self.log.ejections)} in all, {len(healthy)} of a healthy worker; "
+                       f"faults: {Counter(f[3] for f in self.faults)}"))  # fmt: skip
+        loads = [x for _, x in w.load]
+        print(f"\n=== soak summary: {a.minutes} min, {a.prefill} prefill + {a.decode} decode, "
+              f"{a.rate} req/s; load average {self.load_start[0]:.2f} at start, max "
+              f"{max(loads, default=0):.2f}, {os.getloadavg()[0]:.2f} at end "
+              f"({os.cpu_count()} CPUs) ===")  # fmt: skip
+        for name, ok, detail in checks:
+            print(f"{'PASS' if ok else 'FAIL'}  {name:<11} {detail}")
+        print(f"      {self._migration_cost()}")
+        for msg, n in errors.most_common(3):
+            print(f"      error x{n}: {msg}")
+        for note in log.notes[:5]:
+            print(f"      unexpected {note}")
+        for t, addr, why in healthy[:5]:
+            print(f"      healthy worker ejected at {t - self.t0:.0f} s: {addr}: {why[:70]}")
+        failed = [name for name, ok, _ in checks if not ok]
+        print("RESULT: " + ("PASS" if not failed else "FAIL (" + ", ".join(failed) + ")"))
+        return 1 if failed else 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--minutes", type=float, default=5.0, help="duration of the load")
     p.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
     p.add_argument("--faults-every", type=float, default=60.0,
                    help="seconds between SIGKILLs (alternately decode, prefill); 0: none")
+    p.add_argument("--freeze-every", type=float, default=120.0,
+                   help="seconds between SIGSTOPs of a worker (alternately decode, prefill), "
+                        "half-way between kills; 0: none")
+    p.add_argument("--freeze-s", type=float, default=8.0, help="how long a worker stays frozen")
+    p.add_argument("--fault-window-s", type=float, default=45.0,
+                   help="after a kill (or a thaw): ejections of that worker are expected")
+    p.add_argument("--attack-every", type=float, default=5.0,
+                   help="seconds between attacks (each kind of benchmarks/soak_attacks.py in "
+                        "turn); 0: none")
+    p.add_argument("--huge-prompt-mb", type=float, default=3.0)
+    p.add_argument("--partial-bodies", type=int, default=20,
+                   help="bodies held open at once by one partial_bodies attack (1 MiB each)")
+    p.add_argument("--warmup-s", type=float, default=60.0,
+                   help="router RSS is judged from this on (allocator pools, caches fill)")
+    p.add_argument("--rss-window-s", type=float, default=60.0,
+                   help="the router RSS floor is taken per window of this length")
     p.add_argument("--prefill", type=int, default=2)
     p.add_argument("--decode", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -169,7 +316,7 @@ def main() -> int:
     p.add_argument("--log", default=None, help="append the children's output to this file")
     args = p.parse_args()
     # `python benchmarks/soak.py` from the repository root: the shared request helpers live
-    # in tests/ (the e2e tests use the same ones).
+    # in tests/ (the e2e tests use the same ones), the attacks beside this file.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     return Soak(args).run()
 
