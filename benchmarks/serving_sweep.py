@@ -9,7 +9,8 @@ processes; ``agg``: one worker that prefills and decodes, ``pd``: a prefill and 
 on the same GPU when there is one, every prompt handed off), waits until it is ready (the
 workers warm up before they report ready), then for each cell (shape x concurrency, in the
 order given) runs the same fixed-length, ignore_eos load ``1 + --steady-repeats`` times with
-`moeserve bench`'s library: the first run is "first", the last "steady". The first cell after
+`moeserve bench`'s library (new random prompts each time: the prefix cache never hits): the
+first run is "first", the last "steady". The first cell after
 start is the real first load of a fresh instance (marked ``*``); later cells' "first" runs
 follow other loads. ``--fresh`` restarts the cluster before every cell, so every "first" is.
 
@@ -114,6 +115,7 @@ class Sweep:
         self.args, self.model = args, model
         self.runs: list[Run] = []
         self.starts: list[ConfigStart] = []
+        self._loads = 0
 
     def _cluster(self, config: str) -> LocalCluster:
         prefill, decode = CONFIGS[config]
@@ -126,8 +128,12 @@ class Sweep:
 
     def _load(self, url: str, shape: tuple[int, int], conc: int) -> dict:
         n = self.args.num_prompts or max(4 * conc, 8)
+        # New prompts every run: a repeat of the same ones would hit the prefix cache and
+        # make the "steady state" a cached-prefill number.
+        self._loads += 1
         cfg = BenchConfig(url=url, num_prompts=n, concurrency=conc, dataset="fixed",
-                          input_len=shape[0], output_len=shape[1], seed=self.args.seed,
+                          input_len=shape[0], output_len=shape[1],
+                          seed=self.args.seed + 1000 * self._loads,
                           timeout_s=self.args.timeout_s, progress=False)  # fmt: skip
         return asyncio.run(run_bench(cfg))
 

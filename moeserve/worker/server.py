@@ -35,7 +35,7 @@ from moeserve.worker.kv_handoff.decode import KVPuller
 from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, PrefillHandoff
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
 from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
-from moeserve.worker.warmup import build_ready_engine
+from moeserve.worker.warmup import build_engine, warm_up
 from moeserve.worker.worker_events import EventHub
 
 __all__ = ["WorkerServicer", "serve_worker"]
@@ -332,7 +332,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
     auth = worker_auth.worker_auth_from_env("worker", args.insecure_worker_plane)
     if args.nixl:
         require("nixl._api", _NIXL_NEEDED_FOR)
-    engine = build_ready_engine(engine_config_from_args(args))  # warm before ready
+    engine = build_engine(engine_config_from_args(args))
     freeze_startup_heap()
     interceptors = [MalformedRequestInterceptor()]
     if auth is not None:  # first: an unauthenticated call is refused before its bytes are parsed
@@ -353,6 +353,7 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
         args.max_queued, parse_faults(args.faults), tls, auth,
     )  # fmt: skip
     servicer.start()
+    await servicer.loop.call(warm_up)  # before serving, on the thread that serves
     stop = asyncio.Event()
     on_stop_signals(stop)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)

@@ -34,7 +34,8 @@ import numpy as np
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.compile_watch import WATCH
 
-__all__ = ["WarmupPlan", "build_ready_engine", "plan_warmup", "run_warmup", "sampling_variants"]
+__all__ = ["WarmupPlan", "build_engine", "build_ready_engine", "plan_warmup", "run_warmup",
+           "sampling_variants", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,19 +175,30 @@ def _forget(engine) -> None:
         setattr(engine, name, 0)
 
 
-def build_ready_engine(config):
-    """The engine a worker serves: built, warmed up (worker/warmup.py) and marked ready for the
-    compilation count; the start-up time split is logged and kept for the worker's metrics."""
+def build_engine(config):
+    """The engine a worker serves, built (model, weights, KV cache, CUDA graphs) and timed; warm
+    it up with :func:`warm_up` in the thread that will step it."""
     from moeserve.worker.engine import LLMEngine
 
     start = time.perf_counter()
     engine = LLMEngine(config)
     runner = engine.runner
-    full = runner.device.type == "cuda"
     if runner.backend == "triton":
         WATCH.install()
-    built = time.perf_counter()
     capture = runner.graphs.capture_s if runner.graphs is not None else 0.0
+    WATCH.startup_seconds.update(load=time.perf_counter() - start - capture, capture=capture)
+    return engine
+
+
+def warm_up(engine) -> None:
+    """Run the warm-up plan of ``engine``'s limits, then mark the process ready for the
+    compilation count and log the start-up split.
+
+    Call it from the thread that steps the engine when serving (the server runs it as the
+    engine loop's first command): some state is per thread, e.g. glibc's malloc arenas (the
+    CPU's first large activations) and PyTorch's cuBLAS handles and workspaces."""
+    config, runner = engine.config, engine.runner
+    start = time.perf_counter()
     requests = steps = 0
     if not config.warmup:
         logger.warning("warm-up off (--no-warmup): the first requests pay for compilations")
@@ -198,17 +210,23 @@ def build_ready_engine(config):
         plan = plan_warmup(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_model_len=engine.max_model_len,
-            block_size=config.block_size, num_blocks=runner.num_blocks, full=full)
+            block_size=config.block_size, num_blocks=runner.num_blocks,
+            full=runner.device.type == "cuda")
         try:
             requests, steps = run_warmup(engine, plan)
         except Exception as e:  # a path that fails here fails requests the same way
             raise RuntimeError(f"warm-up failed on {plan}: {type(e).__name__}: {e}") from e
-    done = time.perf_counter()
-    WATCH.startup_seconds.update(load=built - start - capture, capture=capture,
-                                 warmup=done - built)
+    t = WATCH.startup_seconds
+    t["warmup"] = time.perf_counter() - start
     WATCH.mark_ready()
     logger.info("start-up %.1f s: load %.1f s, CUDA graph capture %.1f s, warm-up %.1f s "
-                "(%d requests, %d steps); compilations before ready: %s", done - start,
-                built - start - capture, capture, done - built, requests, steps,
+                "(%d requests, %d steps); compilations before ready: %s", sum(t.values()),
+                t.get("load", 0.0), t.get("capture", 0.0), t["warmup"], requests, steps,
                 dict(WATCH.before_ready) or "none counted")
+
+
+def build_ready_engine(config):
+    """:func:`build_engine` then :func:`warm_up`, in this thread (tests, tools)."""
+    engine = build_engine(config)
+    warm_up(engine)
     return engine
