@@ -155,3 +155,37 @@ def test_bad_n_and_logprobs_are_400s(app):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="x", n=0)
     assert info.value.body["param"] == "n"
+
+
+class _Context:
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, code, details, trailing_metadata=()):  # noqa: ANN001, ANN201
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_grpc_generate_with_n_and_logprobs(tok):
+    from moeserve.api import router_pb2
+    from moeserve.api.wire import sampling_to_proto
+    from moeserve.router.server import RouterServicer
+
+    router = ScriptedRouter(tok)
+    frontend = Frontend(router, tok, "m", 10**6, 512, RouterMetrics())  # type: ignore[arg-type]
+    servicer = RouterServicer(frontend, None)  # type: ignore[arg-type]
+    req = router_pb2.GenerateRequest(
+        token_ids=router_pb2.TokenIds(ids=[5, 6, 7]), n=2,
+        sampling=sampling_to_proto(SamplingParams(max_tokens=LENGTH, seed=1, logprobs=1)))
+
+    async def go() -> list:
+        return [m async for m in servicer.Generate(req, _Context())]
+
+    msgs = asyncio.run(go())
+    by_index: dict[int, list] = {0: [], 1: []}
+    for m in msgs:
+        by_index[m.index].append(m)
+    for i in (0, 1):
+        assert sum(len(m.token_ids) for m in by_index[i]) == LENGTH
+        assert all(len(m.logprobs) == len(m.token_ids) for m in by_index[i])
+        assert by_index[i][-1].finished
+    assert msgs[-1].usage.completion_tokens == 2 * LENGTH and msgs[-1].usage.prompt_tokens == 3

@@ -23,6 +23,7 @@ from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
 from moeserve.router.chat import add_chat_arguments, chat_options, prepare_tokenizer
+from moeserve.router.choices import run_choices
 from moeserve.router.config import resolve_router_config, track_explicit_flags
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import OpenStreams, create_app
@@ -64,16 +65,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             usage = Usage()
             timeout = context.time_remaining()  # the client's gRPC deadline, end to end
-            deltas = f.run(rid, prompt, params, list(request.stop), usage, timeout)
+            n = request.n or 1
+            if n > 128:
+                raise InvalidRequestError(f"n must be in [1, 128], got {n}", param="n")
+            if n > 1:
+                deltas = run_choices(f, rid, prompt, params, n, list(request.stop), usage,
+                                     timeout)
+            else:
+                deltas = f.run(rid, prompt, params, list(request.stop), usage, timeout)
+            finished = 0
             async for d in self.streams.guard(deltas):
                 msg = router_pb2.GenerateResponse(
                     request_id=rid, token_ids=d.token_ids, finished=d.finished,
                     finish_reason=d.finish_reason or "",
-                    text=d.text if request.detokenize else "",
+                    text=d.text if request.detokenize else "", index=d.index,
                 )  # fmt: skip
                 if d.logprobs:
                     msg.logprobs.extend(logprobs_to_proto(lp) for lp in d.logprobs)
-                if d.finished:
+                finished += d.finished
+                if finished == n and d.finished:  # the last choice's last message
                     msg.usage.prompt_tokens = usage.prompt_tokens
                     msg.usage.completion_tokens = usage.completion_tokens
                     msg.usage.cached_tokens = usage.cached_tokens

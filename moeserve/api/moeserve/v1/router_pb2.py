@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moeserve.api.moeserve.v1 import common_pb2 as moeserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/router.proto\x12\x0bmoeserve.v1\x1a\x18moeserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\ndetokenize\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs2\x96\x01\n\x06Router\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12\x41\n\x06Health\x12\x1a.moeserve.v1.HealthRequest\x1a\x1b.moeserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeserve/v1/router.proto\x12\x0bmoeserve.v1\x1a\x18moeserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.moeserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\ndetokenize\x18\x06 \x01(\x08\x12\t\n\x01n\x18\x07 \x01(\rB\x08\n\x06prompt\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.moeserve.v1.TokenLogprobs\x12\r\n\x05index\x18\x08 \x01(\r2\x96\x01\n\x06Router\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12\x41\n\x06Health\x12\x1a.moeserve.v1.HealthRequest\x1a\x1b.moeserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=67
   _globals['_TOKENIDS']._serialized_end=90
   _globals['_GENERATEREQUEST']._serialized_start=93
-  _globals['_GENERATEREQUEST']._serialized_end=281
-  _globals['_GENERATERESPONSE']._serialized_start=284
-  _globals['_GENERATERESPONSE']._serialized_end=477
-  _globals['_ROUTER']._serialized_start=480
-  _globals['_ROUTER']._serialized_end=630
+  _globals['_GENERATEREQUEST']._serialized_end=292
+  _globals['_GENERATERESPONSE']._serialized_start=295
+  _globals['_GENERATERESPONSE']._serialized_end=503
+  _globals['_ROUTER']._serialized_start=506
+  _globals['_ROUTER']._serialized_end=656
 # @@protoc_insertion_point(module_scope)
