@@ -46,3 +46,38 @@ def test_rss_comes_back_after_huge_prompts(tmp_path: Path) -> None:
     rss = asyncio.run(tokenize(6))
     # The first one sizes the pools; after it, no climb.
     assert max(rss[1:]) - rss[1] < 30, rss
+
+
+_FRAGMENT = """
+import os, sys
+from moeserve.common.heap import pin_mmap_threshold
+from tests.reliability_helpers import rss_mib
+if sys.argv[1] == "pin":
+    assert pin_mmap_threshold()
+big = bytearray(30 << 20)  # freed: glibc raises its mmap threshold to 30 MiB (not when pinned)
+del big
+before = rss_mib(os.getpid())
+blocks = [bytearray(2 << 20) for _ in range(20)]  # 40 MiB: heap or mappings
+keep = blocks.pop()  # the last one keeps the heap's top from shrinking
+del blocks
+print(rss_mib(os.getpid()) - before)
+"""
+
+
+@pytest.mark.parametrize(("mode", "most_mib"), [("pin", 10), ("default", None)])
+def test_pinned_mmap_threshold_gives_freed_buffers_back(mode: str, most_mib: int | None) -> None:
+    """After one big free, glibc served the next 2 MiB buffers from the heap and kept them after
+    they were freed; pinned, each is its own mapping and goes back at once."""
+    import subprocess
+    import sys
+
+    if not trim_heap():
+        pytest.skip("not glibc")
+    out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    kept = float(out.stdout)
+    if most_mib is None:
+        assert kept > 30, kept  # the retention being fixed, still there without the pin
+    else:
+        assert kept < most_mib, kept

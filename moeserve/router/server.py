@@ -18,6 +18,7 @@ from moeserve.api.wire import abort_with, logprobs_to_proto, sampling_from_proto
 from moeserve.common import aio
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
+from moeserve.common.heap import pin_mmap_threshold
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
@@ -180,6 +181,7 @@ async def serve_router(args: argparse.Namespace) -> None:
     index = PrefixIndex()
     tls = tls_from_args(args)
     auth = worker_auth_from_env("router", args.insecure_worker_plane)
+    pin_mmap_threshold()  # huge prompts must not leave the heap holding freed MiB (heap.py)
     key_list = keys_from_sources(args.api_key)
     keys = ApiKeys(key_list)
     if cfg.metrics_port is not None:
