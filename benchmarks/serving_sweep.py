@@ -22,8 +22,8 @@ A reduced GPU run (~8 minutes on one H200, V2-Lite shape with 8 layers):
 
     python benchmarks/serving_sweep.py --preset v2-lite --layers 8 \\
         --checkpoint-dir /tmp/v2lite-8l --configs agg pd --shapes 1000/100 \\
-        --concurrency 64 1 256 --num-prompts 256 \\
-        --engine-args="--max-num-batched-tokens 8192" --out $OUT/sweep.md
+        --concurrency 64 1 256 --engine-args="--max-num-batched-tokens 8192" \\
+        --checkpoint-device cuda --out $OUT/sweep.md
 
 On the CPU (tiny model, tiny sizes): ``--shapes 32/8 --concurrency 1 4 --num-prompts 8``.
 """
