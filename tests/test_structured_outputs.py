@@ -213,11 +213,20 @@ def test_migrated_request_replays_its_tokens_into_a_fresh_matcher(engine, tok) -
 
 
 def test_async_scheduling_keeps_the_constraint_beside_free_requests(model_dir, tok) -> None:
+    """Steps scheduled ahead still mask constrained rows with their previous token."""
     from moeserve.worker.config import EngineConfig
     from moeserve.worker.engine import LLMEngine
 
     eng = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=128,
                                  async_scheduling="on"))
+    deferred = []
+    sample_pending = eng.runner.sample_pending
+
+    def counted(pending):
+        deferred.append(len(pending.sample_reqs))
+        return sample_pending(pending)
+
+    eng.runner.sample_pending = counted
     s = StructuredOutput("choice", json.dumps(["alpha", "beta gamma"]))
     params = [SamplingParams(max_tokens=30, temperature=1.0, seed=i,
                              structured=s if i % 2 else None, ignore_eos=not i % 2)
@@ -228,3 +237,5 @@ def test_async_scheduling_keeps_the_constraint_beside_free_requests(model_dir, t
             assert tok.decode(tokens) in ("alpha", "beta gamma") and reason == "stop"
         else:
             assert len(tokens) == 30
+    # constrained rows were stepped ahead too: forward queued, sampled once the token arrived
+    assert deferred

@@ -19,7 +19,7 @@ from moeserve.worker.config import EngineConfig
 from moeserve.worker.kv_cache_manager import KVCacheManager
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.request import Request
-from moeserve.worker.runner import ModelRunner
+from moeserve.worker.runner import ModelRunner, PendingSample
 from moeserve.worker.sampler import SampledTokens
 from moeserve.worker.scheduler import (
     EngineCoreOutput,
@@ -107,7 +107,7 @@ class LLMEngine:
             or (config.async_scheduling == "auto" and self.runner.device.type == "cuda")
         )
         # The step launched ahead by the previous `step` call, its tokens not yet applied.
-        self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None
+        self._in_flight: tuple[SchedulerOutput, SampledTokens | PendingSample] | None = None
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             config.model_id, self.runner.device, self.runner.dtype, self.runner.num_blocks,
@@ -257,6 +257,9 @@ class LLMEngine:
             if ahead is not None:
                 self._in_flight = (ahead, self.runner.launch(ahead))
         outputs = self.scheduler.update_from_output(out, sampled.result())
+        if self._in_flight is not None and isinstance(self._in_flight[1], PendingSample):
+            # constrained rows: their masks needed the tokens just applied
+            self._in_flight = (self._in_flight[0], self.runner.sample_pending(self._in_flight[1]))
         self._generated += sum(len(o.new_token_ids) for o in outputs)
         logprobs = sampled.logprobs()
         if logprobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,8 @@ from moeserve.worker.sampler import (
 from moeserve.worker.scheduler import Scheduler, SchedulerOutput
 from moeserve.worker.weights import load_checkpoint
 
-__all__ = ["ModelRunner", "cpu_threads", "resolve_device", "resolve_dtype", "resolve_quantization"]
+__all__ = ["ModelRunner", "PendingSample", "cpu_threads", "resolve_device", "resolve_dtype",
+           "resolve_quantization"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,18 @@ def _prior_output(req) -> list[int]:
     """The prompt's tail that this request generated before it migrated here."""
     k = min(req.sampling_params.prior_output_tokens, req.num_prompt_tokens)
     return req.prompt_token_ids[req.num_prompt_tokens - k:] if k else []
+
+
+@dataclass
+class PendingSample:
+    """A launched step whose sampling waits for the tokens of the step before it."""
+
+    logits: torch.Tensor
+    sample_reqs: list  # (request, ahead, row) as in ModelRunner.launch
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {r.request_id: i for i, (r, _, _) in enumerate(self.sample_reqs)}
 
 
 class ModelRunner:
@@ -223,7 +237,7 @@ class ModelRunner:
         return budget.bytes
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> SampledTokens:
+    def launch(self, out: SchedulerOutput) -> SampledTokens | PendingSample:
         """Queue one scheduled step on the device and return at once (on CUDA the host
         never waits here): its sampled tokens arrive in the returned handle, and stay on the
         device for a step scheduled ahead (``out.ahead_rows``) to read as its inputs."""
@@ -273,6 +287,19 @@ class ModelRunner:
                 return SampledTokens([], None)
             rows = to_device(sample_rows, self.device, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
+        if any(ahead and r.sampling_params.structured is not None for r, ahead, _ in sample_reqs):
+            # A constrained row's mask needs the token the step before is sampling: the
+            # forward is queued now, the sampling once that token is applied (sample_pending).
+            return PendingSample(logits, sample_reqs)
+        return self._sample(logits, sample_reqs)
+
+    @torch.inference_mode()
+    def sample_pending(self, pending: PendingSample) -> SampledTokens:
+        """Sample a step whose forward ``launch`` queued, now that the tokens of the step
+        before are on the requests (every row's inputs are then known on the host)."""
+        return self._sample(pending.logits, [(r, 0, row) for r, _, row in pending.sample_reqs])
+
+    def _sample(self, logits: torch.Tensor, sample_reqs: list) -> SampledTokens:
         params = [r.sampling_params for r, _, _ in sample_reqs]
         tokens = self.sampler(
             logits,

@@ -206,10 +206,6 @@ class Scheduler:
             return None
         if len(self.running) > self.config.max_num_batched_tokens:
             return None
-        if any(r.sampling_params.structured is not None for r in self.running):
-            # A constrained request's mask needs its previous token on the host: such a
-            # batch steps synchronously (docs/structured-outputs.md).
-            return None
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
         rows = []
         for req in self.running:
