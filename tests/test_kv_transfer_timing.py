@@ -77,3 +77,12 @@ def test_a_handoff_is_timed_on_the_decode_worker_and_in_the_stream(pair) -> None
     assert 0 < first.kv_transfer_seconds < 30
     assert all(m.kv_transfer_seconds == 0 for m in msgs[1:])  # counted once per request
     assert _histogram_count(d_metrics, "moeserve:kv_transfer_seconds") == before + 1
+
+
+def test_the_worker_exports_its_startup_and_no_compilations_after_ready(pair) -> None:
+    text = httpx.get(pair[2], timeout=5).text
+    for phase in ("load", "capture", "warmup"):
+        assert re.search(rf'^moeserve:worker_startup_seconds{{phase="{phase}"}} \S+$', text, re.M)
+    counts = re.findall(r'^moeserve:worker_compilations_after_ready_total\{kind="(\w+)"\} (\S+)$',
+                        text, re.M)
+    assert dict(counts) == {"triton": "0.0", "dynamo": "0.0", "cuda_graph": "0.0"}
