@@ -239,3 +239,37 @@ def test_async_scheduling_keeps_the_constraint_beside_free_requests(model_dir, t
             assert len(tokens) == 30
     # constrained rows were stepped ahead too: forward queued, sampled once the token arrived
     assert deferred
+
+
+def test_a_schema_that_panics_the_engine_is_a_400_not_a_crash() -> None:
+    # llguidance 1.9 panics (a Rust panic, a BaseException in Python) cutting this error
+    # message inside a multi-byte character; found by fuzzing
+    schema = {"minimum": [[None, "a" + "\U000efbdd" * 40]]}
+    with pytest.raises(InvalidRequestError, match="cannot be compiled") as e:
+        structured_from_json_schema(schema)
+    assert e.value.param == "response_format"
+
+
+def test_worker_compile_error_and_a_rejected_token_end_the_output(engine) -> None:
+    from moeserve.worker.grammar import Grammars
+
+    compiler = engine.runner.grammars.compiler
+    with pytest.raises(InvalidRequestError, match="cannot be compiled") as e:
+        compiler.compile(StructuredOutput("regex", "(("))
+    assert e.value.param == "structured_outputs"
+    grammars = Grammars(compiler, torch.device("cpu"))
+
+    class Req:
+        request_id = "r"
+        prompt_token_ids = [5]
+        sampling_params = SamplingParams(structured=StructuredOutput("choice", '["ab"]'))
+        output_token_ids: list[int] = []
+
+    allowed = grammars.bitmask([Req], [0])
+    eos = compiler.eos_token_id
+    # a token the grammar never allowed (a peer that sampled without it): only EOS remains
+    bad = next(t for t in range(compiler.vocab_size)
+               if t != eos and not (allowed[0, t // 32] >> (t % 32)) & 1)
+    Req.output_token_ids = [bad]
+    after = apply_token_bitmask(torch.zeros(1, compiler.vocab_size), grammars.bitmask([Req], [0]))
+    assert torch.isfinite(after[0]).nonzero().flatten().tolist() == [eos]

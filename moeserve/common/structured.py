@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from moeserve.common.errors import InvalidRequestError
 
-__all__ = ["KINDS", "StructuredOutput", "check_structured", "grammar_text",
+__all__ = ["KINDS", "StructuredOutput", "check_structured", "grammar_text", "is_engine_error",
            "structured_from_json_schema", "with_replay"]
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
@@ -114,11 +114,19 @@ def check_structured(s: StructuredOutput, param: str = "structured_outputs") -> 
         error = LLMatcher.validate_grammar(grammar_text(s))
     except InvalidRequestError as e:
         raise InvalidRequestError(str(e), param=param) from None
-    except (ValueError, RuntimeError) as e:  # the binding's own errors, never a 500
-        error = str(e) or type(e).__name__
+    except BaseException as e:  # a Rust panic is a BaseException (pyo3's PanicException)
+        if not is_engine_error(e):
+            raise
+        error = f"{type(e).__name__}: {e}"
     if error:
         what = {"json_schema": "json schema", "json_object": "json object"}.get(s.kind, s.kind)
         raise InvalidRequestError(f"{what} cannot be compiled: {error}", param=param)
+
+
+def is_engine_error(e: BaseException) -> bool:
+    """True for what llguidance may raise on bad input, a Rust panic included (seen: a schema
+    whose error message is cut inside a UTF-8 character); never for a Python exit."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def structured_from_json_schema(

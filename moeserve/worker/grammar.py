@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moeserve.common.errors import InvalidRequestError
-from moeserve.common.structured import StructuredOutput, grammar_text
+from moeserve.common.structured import StructuredOutput, grammar_text, is_engine_error
 
 __all__ = ["GrammarCompiler", "Grammars", "RequestGrammar", "allocate_bitmask",
            "apply_token_bitmask"]
@@ -85,12 +85,17 @@ class RequestGrammar:
     def _consume(self, tokens: list[int]) -> None:
         if not tokens or self._failed:
             return
-        # EOS after a complete output is the end, not an error (a stop sequence may follow).
-        if self._matcher.is_stopped() or not self._matcher.consume_tokens(tokens):
-            if tokens != [self._eos]:
-                self._fail(f"token(s) {tokens} rejected: {self._matcher.get_error()}")
+        try:
+            # EOS after a complete output is the end, not an error.
+            if self._matcher.is_stopped() or not self._matcher.consume_tokens(tokens):
+                if tokens != [self._eos]:
+                    self.fail(f"token(s) {tokens} rejected: {self._matcher.get_error()}")
+        except BaseException as e:  # a panic must not take the engine step down
+            if not is_engine_error(e):
+                raise
+            self.fail(f"{type(e).__name__}: {e}")
 
-    def _fail(self, why: str) -> None:
+    def fail(self, why: str) -> None:
         # Only a token sampled without this grammar (a peer that ignored it) can get here;
         # ending the output is the one safe continuation.
         logger.warning("request %s: grammar broken, ending the output: %s",
@@ -103,8 +108,9 @@ class RequestGrammar:
 
     def check_filled(self, bitmask: torch.Tensor, row: int) -> None:
         """After the matcher wrote ``bitmask[row]``: an error there ends the output."""
-        if self._matcher.is_error():
-            self._fail(self._matcher.get_error())
+        if not self._failed and self._matcher.is_error():
+            self.fail(self._matcher.get_error())
+        if self._failed:
             eos_only(bitmask, row, self._eos)
 
 
@@ -160,10 +166,15 @@ class GrammarCompiler:
         tokenizer = self._llg_tokenizer()
         from llguidance import LLMatcher
 
-        template = LLMatcher(tokenizer, grammar_text(s), log_level=0)
-        if template.is_error():
-            raise InvalidRequestError(f"{s.kind} cannot be compiled: {template.get_error()}",
-                                      param=_param(s))
+        try:
+            template = LLMatcher(tokenizer, grammar_text(s), log_level=0)
+            error = template.get_error() if template.is_error() else ""
+        except BaseException as e:  # a Rust panic included: the request's fault, a 400
+            if not is_engine_error(e):
+                raise
+            error = f"{type(e).__name__}: {e}"
+        if error:
+            raise InvalidRequestError(f"{s.kind} cannot be compiled: {error}", param=_param(s))
         with self._lock:
             self._cache[key] = template
             while len(self._cache) > self._max_cached:
@@ -226,17 +237,30 @@ class Grammars:
         ~0.1 ms a row for a 128k vocabulary, serially a few ms at batch 64."""
         from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
-        if len(to_fill) == 1:
-            grammar, row = to_fill[0]
-            fill_next_token_bitmask(grammar.matcher, mask, row)
-        elif to_fill:
+        if len(to_fill) > 1:
             if self._executor is None:
                 from llguidance import LLExecutor
 
                 self._executor = LLExecutor()
-            fill_next_token_bitmask_par(self._executor,
-                                        [(g.matcher, row) for g, row in to_fill], mask)
+            try:
+                fill_next_token_bitmask_par(self._executor,
+                                            [(g.matcher, row) for g, row in to_fill], mask)
+                to_fill, filled = [], to_fill
+            except BaseException as e:  # one bad row: redo them one by one below
+                if not is_engine_error(e):
+                    raise
+                filled = []
+        else:
+            filled = []
         for grammar, row in to_fill:
+            try:
+                fill_next_token_bitmask(grammar.matcher, mask, row)
+            except BaseException as e:  # a panic must not take the engine step down
+                if not is_engine_error(e):
+                    raise
+                grammar.fail(f"{type(e).__name__}: {e}")
+            filled.append((grammar, row))
+        for grammar, row in filled:
             grammar.check_filled(mask, row)
 
     def forget(self, request_ids) -> None:
