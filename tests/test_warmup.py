@@ -133,3 +133,24 @@ def test_no_warmup_says_so_and_runs_nothing(model_dir, caplog) -> None:
         build_ready_engine(EngineConfig(model=str(model_dir), device="cpu", num_kv_blocks=64,
                                         warmup=False))
     assert "warm-up off" in caplog.text and "(0 requests, 0 steps)" in caplog.text
+
+
+def test_the_gpu_plan_runs_through_the_engine_with_async_scheduling(model_dir) -> None:
+    """The plan a CUDA worker runs (chunked prompt, staggered ladder, mixed step, every
+    sampling variant), on the CPU at small limits, with the step-ahead scheduling GPUs use."""
+    from moeserve.worker.engine import LLMEngine
+    from moeserve.worker.warmup import run_warmup
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", async_scheduling="on",
+                                    max_num_batched_tokens=128, max_num_seqs=16,
+                                    num_kv_blocks=120, block_size=16))
+    plan = plan_warmup(max_num_batched_tokens=128, max_num_seqs=16,
+                       max_model_len=engine.max_model_len, block_size=16, num_blocks=120,
+                       full=True)
+    assert plan.chunked_prompt > 128 and plan.decode_batch == 16 and plan.stagger
+    requests, steps = run_warmup(engine, plan)
+    assert requests == plan.num_requests
+    assert steps >= len(plan.prefill_lengths) + 2 + 16  # the ladder decodes one size a step
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_usage) == (0, 0, 0.0)
+    assert stats.generation_tokens == 0 and engine.take_kv_events() == []
