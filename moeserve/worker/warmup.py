@@ -8,7 +8,8 @@ What a request can make the device compile or load for the first time, and what 
   on divisibility by 16, and the fused MoE picks its tiles by tokens per expert
   (kernels/moe_config.py), so single-request prefills of 2**k and 2**k + 1 tokens up to the
   step budget (--max-num-batched-tokens) cover every (tile, divisibility) pair;
-- chunked prefill: a prompt longer than the step budget, so a chunk runs over earlier context;
+- chunked prefill: prompts longer than the step budget, so chunks (of a length divisible by 16
+  and of one that is not) run over earlier context;
 - the decode batch ladder: ``n`` requests (``n`` = --max-num-seqs) finishing one a step, so
   decode steps of every batch size n..1 run (each CUDA-graph size replays, the eager sizes
   beyond the graph ladder run) with the sampler on every batch size;
@@ -47,14 +48,14 @@ _CPU_MIXED = 4
 @dataclass(frozen=True)
 class WarmupPlan:
     prefill_lengths: tuple[int, ...]  # each prompt alone in its step
-    chunked_prompt: int  # 0: none (the step budget covers max_model_len)
+    chunked_prompt: int  # 0: none (the step budget covers max_model_len); run as n and n + 1
     decode_batch: int  # requests of the ladder
     mixed_prompt: int  # a prompt admitted beside the ladder's decodes
     stagger: bool = True  # ladder request i generates i + 2 tokens (else all generate 2)
 
     @property
     def num_requests(self) -> int:
-        return len(self.prefill_lengths) + bool(self.chunked_prompt) + self.decode_batch + 1
+        return len(self.prefill_lengths) + 2 * bool(self.chunked_prompt) + self.decode_batch + 1
 
 
 def _prefill_lengths(cap: int) -> tuple[int, ...]:
@@ -88,7 +89,8 @@ def plan_warmup(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len
             n -= 1
         return WarmupPlan((min(_CPU_PROMPT, budget),), 0, n, min(_CPU_MIXED, budget),
                           stagger=False)
-    chunked = min(longest, max_num_batched_tokens + max_num_batched_tokens // 2)
+    # n and n + 1: the chunk over earlier context both divisible by 16 and not
+    chunked = min(longest - 1, max_num_batched_tokens + max_num_batched_tokens // 2)
     n = max_num_seqs
     mixed = max(1, min(budget - n, 256))
     while n > 1 and _ladder_blocks(n, block_size) + -(-(mixed + 2) // block_size) > (
@@ -153,8 +155,8 @@ def run_warmup(engine, plan: WarmupPlan) -> tuple[int, int]:
     for length in plan.prefill_lengths:
         d.add(length, 1)
         d.drain()
-    if plan.chunked_prompt:
-        d.add(plan.chunked_prompt, 1)
+    for length in (plan.chunked_prompt, plan.chunked_prompt + 1) if plan.chunked_prompt else ():
+        d.add(length, 1)
         d.drain()
     for i in range(plan.decode_batch):
         d.add(1, min(i + 2 if plan.stagger else 2, engine.max_model_len - 1))
