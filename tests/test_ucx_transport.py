@@ -42,6 +42,12 @@ def test_missing_cuda_module_or_rdma_is_warned() -> None:
     assert _plan(env={"UCX_TLS": "cuda_ipc,cuda_copy,tcp"}).inter_node.startswith("TCP")
 
 
+def test_vmm_allocations_are_warned() -> None:
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512,expandable_segments:True"}
+    assert any("VMM memory" in w for w in _plan(env=env).warnings)
+    assert _plan(env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}).warnings == []
+
+
 def test_host_memory_needs_nothing_and_is_not_warned() -> None:
     plan = _plan("DRAM", rdma=())
     assert plan.set_env == {} and plan.warnings == []

@@ -137,6 +137,13 @@ def plan_ucx_transport(mem_type: str, environ: MutableMapping[str, str] | None =
         if not allows({"cuda_copy"}):
             plan.warnings.append(f"UCX_TLS={tls} leaves out cuda_copy, which UCX needs to "
                                  "detect GPU memory")
+    if "expandable_segments:true" in env.get("PYTORCH_CUDA_ALLOC_CONF", "").lower().replace(
+            " ", ""):
+        # The KV cache then lives in cuMemCreate (VMM) memory, which CUDA's legacy IPC handles
+        # (cudaIpcGetMemHandle) cannot export.
+        plan.warnings.append("PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True: the KV "
+                             "cache is VMM memory, which cuda_ipc may not export; if READs "
+                             "fall back to TCP, start the worker without it")
     if inter.startswith("TCP"):
         plan.warnings.append(f"KV READs from a prefill worker on another node go over {inter}: "
                              "fine for one node, slow across nodes")
