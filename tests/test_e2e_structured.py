@@ -115,3 +115,27 @@ def test_uncompilable_schema_is_a_400_within_a_second(cluster) -> None:
     assert time.monotonic() - start < 1.0
     body = e.value.body
     assert body["param"] == "response_format.json_schema.schema" and "missing" in body["message"]
+
+
+def test_router_grpc_carries_the_constraint_and_refuses_a_bad_one(cluster) -> None:
+    import grpc
+
+    from moeserve.api import common_pb2, router_pb2, router_pb2_grpc
+
+    def generate(stub, kind: str, spec: str):
+        req = router_pb2.GenerateRequest(
+            text="pick:", detokenize=True, sampling=common_pb2.SamplingParams(
+                max_tokens=30, temperature=1.0, seed=5,
+                structured=common_pb2.StructuredOutput(kind=kind, spec=spec)))
+        return list(stub.Generate(req, timeout=60))
+
+    with grpc.insecure_channel(cluster.grpc_address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        msgs = generate(stub, "choice", json.dumps(["yes", "no"]))
+        assert "".join(m.text for m in msgs) in ("yes", "no")
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            generate(stub, "regex", "((")
+        assert time.monotonic() - start < 1.0
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unclosed group" in e.value.details()

@@ -20,6 +20,7 @@ from moeserve.common.errors import InvalidRequestError, MoeServeError, Unavailab
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.heap import pin_mmap_threshold
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
+from moeserve.common.structured import check_structured
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
 from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyInterceptor, keys_from_sources
@@ -62,6 +63,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             prompt = await f.prompt_ids_async(
                 request.text if kind == "text" else list(request.token_ids.ids))
             params = sampling_from_proto(request.sampling)
+            if params.structured is not None:  # before dispatch, as on HTTP
+                check_structured(params.structured, "sampling.structured")
             f.check_length(prompt, params, "prompt")
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             usage = Usage()
