@@ -5,9 +5,10 @@ model's tokenizer. Compiling happens where the server receives the request, in a
 (``compile``), never in the engine's step loop; templates are cached by the constraint's text,
 and each request gets a copy. ``RequestGrammar`` is one request's matcher: before each sampling
 step it consumes the tokens generated since (``sync``: the prefill worker's first token on a
-decode worker, a migrated request's replayed tokens, the previous step's token) and writes the
-row of allowed tokens (``fill``). A finished grammar (or one in an error state) allows EOS only,
-so the output always ends; ``apply_token_bitmask`` masks the logits on the device.
+decode worker, a migrated request's replayed tokens, the previous step's token). ``Grammars``
+writes the step's bitmask, one row per request, in llguidance's threads. A finished grammar (or
+one in an error state) allows EOS only, so the output always ends; ``apply_token_bitmask``
+masks the logits on the device.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class GrammarCompiler:
         """A fresh matcher for one request; it first consumes the prompt's last ``s.replay``
         tokens (generated under ``s`` before a migration)."""
         template = self.compile(s)  # cached: the server compiled it before admitting
-        replay = list(prompt_token_ids[len(prompt_token_ids) - s.replay:]) if s.replay else []
+        n = min(s.replay, len(prompt_token_ids))  # a bad count from a client: clamped
+        replay = list(prompt_token_ids[len(prompt_token_ids) - n:]) if n else []
         return RequestGrammar(request_id, template.deep_copy(), self.eos_token_id, replay)
 
 
