@@ -1,17 +1,20 @@
 """NIXL READ bandwidth between two local processes vs a plain torch copy of the same bytes.
 
     python benchmarks/nixl_bandwidth.py [--device cuda] [--block-kib 256] [--repeats 5]
-        [--sizes-mib 64 256 1024] [--no-proto-info]
+        [--sizes-mib 64 256 1024] [--layout contiguous scattered] [--no-proto-info]
 
 A spawned "prefill" process registers a KV-cache-shaped buffer; this process READs the first
-``size / block`` blocks into its own registered buffer with ``KVTransferAgent.read_blocks`` (one
-descriptor per block, as the serving path does). The baseline is ``dst.copy_(src)`` of the same
-number of bytes inside one process (a memcpy; on ``--device cuda`` a device-to-device copy in
-the same run). Each cell is the median of ``--repeats`` runs. On a CUDA machine ``--device
-cuda`` measures VRAM to VRAM. The transport is printed twice: the plan the worker logs at start
-(worker/kv_handoff/ucx_transport.py) and, with UCX_PROTO_INFO=y (on unless --no-proto-info),
-UCX's own protocol table per endpoint: ``rma_bw(cuda_ipc/cuda)`` is the device path,
-``rma_am(tcp/lo)`` the 1000x slower fallback.
+``size / block`` blocks into its own registered buffer with ``KVTransferAgent.read_blocks``, in
+two layouts (``--layout``): ``contiguous`` (block i into block i: one run, one descriptor, what
+a fresh pool's consecutive blocks become) and ``scattered`` (into the blocks in reverse order:
+nothing merges, one descriptor per block, a fragmented pool's worst case).
+
+The baseline is ``dst.copy_(src)`` of the same number of bytes inside one process, in the same
+run: a memcpy, or with ``--device cuda`` (VRAM to VRAM) a device-to-device copy. Each cell is
+the median of ``--repeats`` runs. The transport is printed twice: the plan the worker logs at
+start (worker/kv_handoff/ucx_transport.py) and, with UCX_PROTO_INFO=y (on unless
+--no-proto-info), UCX's own protocol table per endpoint: ``rma_bw(cuda_ipc/cuda)`` on the
+"remote memory read" line is the device path, ``rma_am(tcp/lo)`` the 1000x slower fallback.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from moeserve.worker.kv_handoff.agent import KVTransferAgent
+from moeserve.worker.kv_handoff.agent import KVTransferAgent, block_runs
 
 MiB = 1 << 20
 
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=4, help="NIXL UCX backend threads")
+    parser.add_argument("--layout", nargs="+", choices=["contiguous", "scattered"],
+                        default=["contiguous", "scattered"], help="which block layouts to READ")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--proto-info", action=argparse.BooleanOptionalAction, default=True,
                         help="UCX prints the protocol it selected (UCX_PROTO_INFO=y)")
@@ -88,29 +93,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if n == 0:
                 print(f"skipping {size} MiB: smaller than one {args.block_kib} KiB block")
                 continue
-            ids = list(range(n))
-
-            def nixl_read(ids: list[int] = ids) -> None:
-                result = agent.wait(agent.read_blocks(peer, ids, ids), timeout_s=120)
-                if not result.ok:
-                    raise RuntimeError(result.error)
-
             def memcpy(n: int = n) -> None:
                 dst[:n].copy_(src_local[:n])
 
-            t_nixl = _time_it(nixl_read, args.repeats, sync)
             t_copy = _time_it(memcpy, args.repeats, sync)
-            rows.append(
-                {
+            for layout in args.layout:
+                remote = list(range(n))
+                local = remote if layout == "contiguous" else remote[::-1]
+
+                def nixl_read(remote: list[int] = remote, local: list[int] = local) -> None:
+                    result = agent.wait(agent.read_blocks(peer, remote, local), timeout_s=120)
+                    if not result.ok:
+                        raise RuntimeError(result.error)
+
+                t_nixl = _time_it(nixl_read, args.repeats, sync)
+                rows.append({
                     "size_mib": size,
-                    "descriptors": n,
+                    "layout": layout,
+                    "descriptors": len(block_runs(remote, local)[2]),
                     "nixl_gib_s": size / 1024 / t_nixl,
                     "copy_gib_s": size / 1024 / t_copy,
                     "nixl_ms": t_nixl * 1e3,
                     "copy_ms": t_copy * 1e3,
                     "transport": transport,
-                }
-            )
+                })
         agent.close()
     finally:
         conn.send("done")
@@ -122,12 +128,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(transport)
     print(f"block {args.block_kib} KiB, device {args.device}, median of {args.repeats}; "
           f"baseline: {copy} of the same bytes in this run")
-    print(f"{'size':>9} {'descs':>6} {'NIXL GiB/s':>11} {'copy GiB/s':>11} {'ratio':>6}")
+    print(f"{'size':>9} {'layout':>10} {'descs':>6} {'NIXL GiB/s':>11} {'copy GiB/s':>11} "
+          f"{'ratio':>6}")
     for r in rows:
         ratio = r["nixl_gib_s"] / r["copy_gib_s"]
         print(
-            f"{r['size_mib']:>5} MiB {r['descriptors']:>6} {r['nixl_gib_s']:>11.2f} "
-            f"{r['copy_gib_s']:>11.2f} {ratio:>6.2f}"
+            f"{r['size_mib']:>5} MiB {r['layout']:>10} {r['descriptors']:>6} "
+            f"{r['nixl_gib_s']:>11.2f} {r['copy_gib_s']:>11.2f} {ratio:>6.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:

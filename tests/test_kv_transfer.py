@@ -16,8 +16,10 @@ from moeserve.worker.kv_handoff.agent import (
     KVTransferError,
     _pack_metadata,
     block_descs,
+    block_runs,
     decode_release_notif,
     encode_release_notif,
+    run_descs,
 )
 from moeserve.worker.kv_handoff.prefill import LeaseTable
 
@@ -79,6 +81,16 @@ def test_block_descs_one_contiguous_range_per_block() -> None:
         block_descs(layout, [4])
 
 
+def test_block_runs_merge_blocks_consecutive_on_both_sides() -> None:
+    assert block_runs([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 5, 6]) == ([4, 9, 10, 2], [0, 3, 5, 6],
+                                                                   [3, 1, 1, 1])
+    assert block_runs([], []) == ([], [], [])
+    layout = KVLayout(base_addr=4096, num_blocks=8, block_bytes=100, mem_type="VRAM", dev_id=1)
+    assert run_descs(layout, [1, 6], [3, 2]).tolist() == [[4196, 300, 1], [4696, 200, 1]]
+    with pytest.raises(ValueError, match="outside"):
+        run_descs(layout, [6], [3])  # blocks 6, 7, 8: 8 is past the end
+
+
 def test_lease_table_release_and_expiry() -> None:
     leases = LeaseTable(default_lease_s=5)
     leases.add("a", [1, 2], now=0)
@@ -120,14 +132,16 @@ def test_read_blocks_bytes_arrive_exactly(peer, local: KVTransferAgent) -> None:
     name = local.add_peer(metadata)
     assert name == "prefill-0" and local.add_peer(metadata) == name  # cached
     before = local._kv_cache.clone()
-    handle = local.read_blocks(name, [5, 1, 7], [0, 2, 3], encode_release_notif("req-1"))
+    # 1, 2 -> 4, 5 is one run (one descriptor); 5 -> 0 and 7 -> 3 are one block each
+    handle = local.read_blocks(name, [5, 1, 2, 7], [0, 4, 5, 3], encode_release_notif("req-1"))
     result = local.wait(handle, timeout_s=10)
     assert result.ok, result.error
-    assert result.num_bytes == 3 * local.layout.block_bytes
+    assert result.num_bytes == 4 * local.layout.block_bytes
     src = _pattern(1)
     kv = local._kv_cache
-    assert torch.equal(kv[0], src[5]) and torch.equal(kv[2], src[1]) and torch.equal(kv[3], src[7])
-    untouched = [1, 4, 5, 6, 7]
+    assert torch.equal(kv[0], src[5]) and torch.equal(kv[3], src[7])
+    assert torch.equal(kv[4:6], src[1:3])
+    untouched = [1, 2, 6, 7]
     assert torch.equal(kv[untouched], before[untouched])
     conn.send("released")
     # Named by the reader: the prefill side releases only a lease handed to that agent.
