@@ -8,10 +8,8 @@ Two halves, as in vLLM's KV connector:
   blocks from peers.
 
 The KV cache is ``[num_blocks, num_layers, block_size, kv_dim]`` and contiguous, so one block of
-every layer is one contiguous byte range, and a run of consecutive blocks is one too: a transfer
-is one descriptor per run of blocks consecutive on both sides (``block_runs``). Each descriptor
-is one copy for the transport (a CUDA IPC copy posts one memcpy with its own ~10 us of
-overhead), so a fresh pool's consecutive blocks move as one large copy.
+every layer is one contiguous byte range, and so is a run of consecutive blocks: a transfer is
+one descriptor per run consecutive on both sides (``block_runs``), one copy for the transport.
 """
 
 from __future__ import annotations
@@ -87,25 +85,16 @@ def block_descs(layout: KVLayout, block_ids: list[int]) -> np.ndarray:
     return descs
 
 
-def block_runs(remote_ids: list[int], local_ids: list[int]) -> tuple[list[int], list[int],
-                                                                     list[int]]:
-    """(remote starts, local starts, lengths) of the maximal runs in which both the remote and
-    the local block id go up by one, in order: READing them moves the same bytes as one
-    descriptor per block pair, with fewer descriptors."""
-    if len(remote_ids) != len(local_ids):
-        raise ValueError(f"{len(remote_ids)} remote blocks but {len(local_ids)} local blocks")
-    remote_starts: list[int] = []
-    local_starts: list[int] = []
-    lengths: list[int] = []
+def block_runs(remote_ids: list[int], local_ids: list[int]) -> tuple[list[int], ...]:
+    """(remote starts, local starts, lengths) of the maximal runs in which both block ids go up
+    by one: READing them moves the same bytes as one descriptor per block pair, with fewer."""
+    runs: list[list[int]] = []  # [remote start, local start, length]
     for r, loc in zip(remote_ids, local_ids, strict=True):
-        n = lengths[-1] if lengths else 0
-        if n and r == remote_starts[-1] + n and loc == local_starts[-1] + n:
-            lengths[-1] += 1
+        if runs and (r, loc) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+            runs[-1][2] += 1
         else:
-            remote_starts.append(r)
-            local_starts.append(loc)
-            lengths.append(1)
-    return remote_starts, local_starts, lengths
+            runs.append([r, loc, 1])
+    return [x[0] for x in runs], [x[1] for x in runs], [x[2] for x in runs]
 
 
 def run_descs(layout: KVLayout, starts: list[int], lengths: list[int]) -> np.ndarray:
