@@ -17,6 +17,12 @@ from moeserve.worker.engine import LLMEngine
 from moeserve.worker.logits_processors import gather_logprobs
 from moeserve.worker.sampler import SampledTokens
 
+
+def _engine(path, **kw) -> LLMEngine:
+    """On the CPU wherever the test runs: float32, comparable with the reference to 1e-4
+    (tests/gpu covers CUDA)."""
+    return LLMEngine(EngineConfig(model=str(path), device="cpu", block_size=4, **kw))
+
 PROMPT = [7, 91, 33, 250, 18, 4, 77, 301, 12, 65, 140, 9]
 
 
@@ -71,8 +77,7 @@ def _run(engine: LLMEngine, params: SamplingParams) -> list[TokenLogprobs]:
 
 @pytest.mark.parametrize("mode", ["off", "on"])
 def test_engine_logprobs_equal_log_softmax_of_reference_logits(tiny_v3, mode):
-    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=64,
-                                    async_scheduling=mode))
+    engine = _engine(tiny_v3, num_kv_blocks=64, async_scheduling=mode)
     got = _run(engine, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5))
     assert len(got) == 6
     ref = _reference_logprobs(tiny_v3, PROMPT + [g.token_id for g in got])
@@ -89,7 +94,7 @@ def test_engine_logprobs_equal_log_softmax_of_reference_logits(tiny_v3, mode):
 def test_logprobs_are_the_raw_distribution_not_the_processed_one(tiny_v3):
     """vLLM's default (raw_logprobs): bias, penalties and temperature change the choice, not
     the reported distribution."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=64))
+    engine = _engine(tiny_v3, num_kv_blocks=64)
     plain = _run(engine, SamplingParams(max_tokens=1, temperature=0, logprobs=3))[0]
     forced = _run(engine, SamplingParams(max_tokens=1, temperature=0.7, seed=3, logprobs=3,
                                          logit_bias={11: 100.0}, presence_penalty=1.0))[0]
@@ -100,7 +105,7 @@ def test_logprobs_are_the_raw_distribution_not_the_processed_one(tiny_v3):
 
 
 def test_no_logprobs_unless_asked(tiny_v3):
-    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=64))
+    engine = _engine(tiny_v3, num_kv_blocks=64)
     engine.add_request("r", PROMPT, SamplingParams(max_tokens=2, temperature=0))
     outs = []
     while engine.has_unfinished_requests():

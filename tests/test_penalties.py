@@ -15,6 +15,12 @@ from moeserve.worker.engine import LLMEngine
 from moeserve.worker.logits_processors import apply_penalties, penalty_inputs
 from moeserve.worker.sampler import Sampler
 
+
+def _engine(path, **kw) -> LLMEngine:
+    """On the CPU wherever the test runs: float32, comparable with the reference to 1e-4
+    (tests/gpu covers CUDA)."""
+    return LLMEngine(EngineConfig(model=str(path), device="cpu", block_size=4, **kw))
+
 V = 30
 sampler = Sampler()
 
@@ -95,8 +101,7 @@ def test_min_p_keeps_only_likely_tokens():
 
 
 def _tokens(path, mode: str, params: SamplingParams) -> list[int]:
-    engine = LLMEngine(EngineConfig(model=str(path), block_size=4, num_kv_blocks=64,
-                                    async_scheduling=mode))
+    engine = _engine(path, num_kv_blocks=64, async_scheduling=mode)
     return engine.generate([[3, 14, 15, 92, 65]], params)[0]
 
 
@@ -132,7 +137,7 @@ def test_bad_values_are_400s_naming_the_field(kwargs, param):
 
 
 def test_engine_refuses_a_bias_outside_the_vocabulary(tiny_v3):
-    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=16))
+    engine = _engine(tiny_v3, num_kv_blocks=16)
     with pytest.raises(InvalidRequestError) as info:
         engine.add_request("r", [1, 2], SamplingParams(logit_bias={10**6: 1.0}))
     assert info.value.param == "logit_bias"
@@ -146,7 +151,7 @@ def test_a_migrated_request_resumes_as_if_uninterrupted(tiny_v3, sampling):
     """The router resumes a migrated request with the tokens sent so far appended to the
     prompt and prior_output_tokens naming them: penalties count them, seeds continue."""
     prompt = [3, 14, 15, 92, 65]
-    engine = LLMEngine(EngineConfig(model=str(tiny_v3), block_size=4, num_kv_blocks=64))
+    engine = _engine(tiny_v3, num_kv_blocks=64)
     whole = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True,
                                                      **sampling))[0]
     resumed = engine.generate([prompt + whole[:4]], SamplingParams(
