@@ -128,6 +128,10 @@ def test_bitmask_masks_exactly_the_clear_bits() -> None:
     assert allowed[0].nonzero().flatten().tolist() == [5, 63]
     assert allowed[1].all() and torch.equal(out[1], logits[1])
     assert torch.isfinite(logits).all()  # not modified in place (raw logprobs read it)
+    # the GPU's form (shifts) masks the same tokens
+    from moeserve.worker.grammar import _apply_by_shifts
+
+    assert torch.equal(_apply_by_shifts(logits, mask), out)
 
 
 # ------------------------------------------------------------------ the engine

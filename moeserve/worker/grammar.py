@@ -41,10 +41,22 @@ def allocate_bitmask(rows: int, vocab_size: int, pin: bool = False) -> torch.Ten
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Copy of ``logits`` [N, V] with tokens whose bit is clear in ``bitmask`` [N, ceil(V/32)]
     (int32, on ``logits.device``) set to -inf. Bit j of word w is token 32 * w + j."""
+    # Measured at 64 x 129280: shifts 86 us, gather 658 us on an H200; on a CPU the gather is
+    # 2.5x faster than the shifts.
+    return (_apply_by_shifts if logits.is_cuda else _apply_by_gather)(logits, bitmask)
+
+
+def _apply_by_shifts(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     rows, vocab = logits.shape
-    # Each byte of the mask indexes a row of 8 additive terms (0 or -inf): one gather and one
-    # add, 2.5x faster on a CPU than unpacking bits with shifts. Byte order: little-endian,
-    # as on every platform torch serves (x86-64, arm64).
+    shifts = torch.arange(_BITS, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, :vocab]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+def _apply_by_gather(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    # Each byte of the mask indexes a row of 8 additive terms (0 or -inf). Byte order:
+    # little-endian, as on every platform torch serves (x86-64, arm64).
+    rows, vocab = logits.shape
     terms = _byte_terms(logits.device)[bitmask.view(torch.uint8).long()]
     return logits + terms.view(rows, -1)[:, :vocab]
 
