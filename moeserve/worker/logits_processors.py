@@ -103,15 +103,16 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
                                                               dtype=counts.dtype))
     counts = counts[:, :vocab]
     seen_output = counts > 0
+    # One copy for the three per-row coefficients.
+    coef = to_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+                      for p in sub], device, torch.float32)
+    rp, freq, pres = coef[:, 0:1], coef[:, 1:2], coef[:, 2:3]
     if inputs.prompt_ids is not None:
         seen = torch.zeros(len(sub), vocab + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, inputs.prompt_ids, True)
         seen = seen[:, :vocab] | seen_output
-        rp = to_device([p.repetition_penalty for p in sub], device, torch.float32).unsqueeze(1)
         penalized = torch.where(rows > 0, rows / rp, rows * rp)
         rows = torch.where(seen, penalized, rows)
-    freq = to_device([p.frequency_penalty for p in sub], device, torch.float32).unsqueeze(1)
-    pres = to_device([p.presence_penalty for p in sub], device, torch.float32).unsqueeze(1)
     rows = rows - freq * counts - pres * seen_output
     return logits.index_copy_(0, inputs.rows, rows)
 
