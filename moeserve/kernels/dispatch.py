@@ -233,7 +233,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
             name = "triton"
     fn = _fp8.fp8_gemm_ref if name == "torch" else _fp8.fp8_gemm
     out = fn(x, weight, weight_scale_inv, out_dtype, block_size)
-    if name == "triton" and _fp8.cublas_blockwise(x, weight, block_size):
+    if name == "triton" and _fp8.cublas_blockwise(x, weight, weight_scale_inv, block_size):
         name = "cublas"  # _fp8.fp8_gemm hands large-M GEMMs to cuBLAS's block-wise kernel
     _REGISTRY.last["fp8_gemm"] = name
     return out

@@ -232,12 +232,16 @@ CUBLAS_MIN_ROWS = 128
 _cublas_ok: dict[int, bool] = {}
 
 
-def cublas_blockwise(x: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]) -> bool:
+def cublas_blockwise(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                     block_size: tuple[int, int]) -> bool:
     """True when `fp8_gemm` runs this GEMM through cuBLAS's block-wise scaled matmul: a CUDA
-    device where torch has it (probed once, never inside a graph capture), 128x128 blocks,
-    K a whole number of blocks and at least CUBLAS_MIN_ROWS rows."""
+    device where torch has it (probed once, never inside a graph capture), 128x128 blocks, K a
+    whole number of blocks, at least CUBLAS_MIN_ROWS rows, and weight scales whose rows start
+    16-byte aligned. With K = 384 (rows of 3 scales, 12 bytes) cuBLAS read the scales wrongly
+    without an error (torch 2.11 + CUDA 13, H200); V3's K / 128 are 12, 56, 128 and 144."""
     if (not x.is_cuda or tuple(block_size) != (128, 128) or x.shape[0] < CUBLAS_MIN_ROWS
-            or x.shape[1] % 128 or weight.shape[0] % 16):
+            or x.shape[1] % 128 or weight.shape[0] % 16 or weight_scale_inv.stride(1) != 1
+            or weight_scale_inv.stride(0) % 4):
         return False
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if device not in _cublas_ok:
@@ -283,7 +287,7 @@ def fp8_gemm(
     (bn, bk) = block_size; activations are quantized per token and group of bk channels.
     cuBLAS's block-wise GEMM where `cublas_blockwise` allows, else the Triton kernel.
     """
-    if cublas_blockwise(x, weight, block_size):
+    if cublas_blockwise(x, weight, weight_scale_inv, block_size):
         return _cublas_gemm(x, weight, weight_scale_inv, out_dtype)
     a_q, a_scales = per_token_group_quant(x, block_size[1])
     return w8a8_block_fp8_matmul(a_q, a_scales, weight, weight_scale_inv, out_dtype,

@@ -90,16 +90,21 @@ def test_fp8_gemm_shape_errors(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS block-wise GEMM: CUDA only")
-@pytest.mark.parametrize("m", [130, 256])  # 130 rows: padded to 132 for the scales' stride
-def test_cublas_blockwise_path_matches_ref(m):
+# 130 rows: padded to 132 for the scales' stride; N = 272 is not a whole number of blocks. K =
+# 384 gives rows of 3 weight scales (12 bytes): cuBLAS misread them, so the Triton kernel runs.
+@pytest.mark.parametrize("m,n,k", [(130, 384, 512), (256, 272, 512), (256, 384, 384)])
+def test_cublas_blockwise_path_matches_ref(m, n, k):
     from moeserve.kernels.fp8_gemm import cublas_blockwise
 
-    gen = torch.Generator().manual_seed(m)
-    w, s = _quantized_weight(272, 384, 128, gen)  # N = 272: not a whole number of blocks
-    x = torch.randn(m, 384, generator=gen)
+    gen = torch.Generator().manual_seed(m + n + k)
+    w, s = _quantized_weight(n, k, 128, gen)
+    x = torch.randn(m, k, generator=gen)
     out = fp8_gemm(x.cuda().bfloat16(), w.cuda(), s.cuda(), torch.float32)
     ref = fp8_gemm_ref(x.bfloat16(), w, s, torch.float32)
-    assert out.shape == (m, 272)
+    assert out.shape == (m, n)
     assert rel_err(out.cpu(), ref) < 1e-2
-    if not cublas_blockwise(x.cuda(), w.cuda(), (128, 128)):
+    on_cublas = cublas_blockwise(x.cuda(), w.cuda(), s.cuda(), (128, 128))
+    if k == 384:
+        assert not on_cublas
+    elif not on_cublas:
         pytest.skip("this torch / cuBLAS has no block-wise fp8 GEMM: the Triton kernel ran")
