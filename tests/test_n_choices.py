@@ -17,7 +17,8 @@ from moeserve.router.choices import choice_params
 from moeserve.router.frontend import Frontend
 from moeserve.router.http_app import create_app
 from moeserve.router.metrics import RouterMetrics
-from moeserve.router.serving import Chunk, RouterSettings
+from moeserve.router.serving import Chunk
+from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import ModelTokenizer, load_tokenizer
 from moeserve.worker.tokenizer_files import write_tokenizer
 

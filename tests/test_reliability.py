@@ -18,7 +18,8 @@ from moeserve.deploy.supervisor import fixed_port_args
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.rpc import MigrationLimitError
-from moeserve.router.serving import Router, RouterSettings
+from moeserve.router.serving import Router
+from moeserve.router.settings import RouterSettings
 from moeserve.router.workers import WorkerPool
 from moeserve.worker.faults import FaultPlan, parse_faults
 from moeserve.worker.gate import WorkerGate

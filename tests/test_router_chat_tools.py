@@ -18,7 +18,7 @@ from moeserve.router.chat import ChatOptions
 from moeserve.router.frontend import Frontend
 from moeserve.router.http_app import create_app
 from moeserve.router.metrics import RouterMetrics
-from moeserve.router.serving import RouterSettings
+from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import ModelTokenizer, load_tokenizer
 from moeserve.router.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from moeserve.worker.tokenizer_files import write_tokenizer

@@ -11,7 +11,7 @@ import pytest
 from moeserve.cli import build_parser
 from moeserve.common.errors import ConfigError
 from moeserve.router.config import resolve_router_config
-from moeserve.router.serving import RouterSettings
+from moeserve.router.settings import RouterSettings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ import pytest
 from moeserve.common.heap import TRIM_ABOVE_CHARS, trim_heap
 from moeserve.router.frontend import Frontend
 from moeserve.router.metrics import RouterMetrics
-from moeserve.router.serving import RouterSettings
+from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.worker.tokenizer_files import write_tokenizer
 from tests.reliability_helpers import rss_mib

@@ -22,7 +22,7 @@ from moeserve.router.frontend import Frontend
 from moeserve.router.http_app import create_app
 from moeserve.router.limits import HttpLimits, header_timeout_protocol
 from moeserve.router.metrics import RouterMetrics
-from moeserve.router.serving import RouterSettings
+from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.worker.tokenizer_files import write_tokenizer
 

@@ -11,7 +11,8 @@ from moeserve.common.metrics import render
 from moeserve.common.sampling import SamplingParams
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.protocol import error_from_exception
-from moeserve.router.serving import Router, RouterSettings
+from moeserve.router.serving import Router
+from moeserve.router.settings import RouterSettings
 
 
 def test_backpressure_refuses_beyond_max_inflight() -> None:

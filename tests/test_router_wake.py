@@ -16,7 +16,8 @@ from moeserve.common.sampling import SamplingParams
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.prefix_index import PrefixIndex
-from moeserve.router.serving import Router, RouterSettings
+from moeserve.router.serving import Router
+from moeserve.router.settings import RouterSettings
 from moeserve.router.wake import METRIC_REQUESTS_HELD
 from moeserve.router.workers import WorkerPool
 from tests.reliability_helpers import prompt_ids, reference_tokens

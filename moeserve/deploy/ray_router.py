@@ -108,7 +108,8 @@ class RouterDeployment:
                  startup_timeout_s: float = STARTUP_TIMEOUT_S, **pools: Any):  # fmt: skip
         from moeserve.router.frontend import Frontend
         from moeserve.router.policy import Policy
-        from moeserve.router.serving import Router, RouterSettings
+        from moeserve.router.serving import Router
+        from moeserve.router.settings import RouterSettings
         from moeserve.router.tokenizer import load_tokenizer
 
         # ``pools`` are the worker deployments' handles: bound here only so that Serve deploys

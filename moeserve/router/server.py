@@ -34,7 +34,8 @@ from moeserve.router.metrics import RouterMetrics
 from moeserve.router.openapi import install_openapi
 from moeserve.router.policy import Policy
 from moeserve.router.prefix_index import PrefixIndex
-from moeserve.router.serving import Router, RouterSettings
+from moeserve.router.serving import Router
+from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.router.workers import WorkerPool
 
