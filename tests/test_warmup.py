@@ -69,6 +69,8 @@ def test_warmup_leaves_no_trace_and_the_worker_reports_its_startup(ready_engine)
     for phase in ("load", "capture", "warmup"):
         assert f'moeserve:worker_startup_seconds{{phase="{phase}"}}' in text
     assert WATCH.ready
+    # The grammar engine's tokenizer is built before ready, not by the first constrained request.
+    assert ready_engine.runner.grammars.compiler._tokenizer is not None
 
 
 def test_burst_after_ready_compiles_nothing_and_a_new_shape_is_counted(ready_engine) -> None:

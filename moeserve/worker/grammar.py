@@ -167,6 +167,16 @@ class GrammarCompiler:
                                               eos_token=self.eos_token_id)
             return self._tokenizer
 
+    def prepare(self) -> bool:
+        """Build llguidance's tokenizer now (the worker's warm-up) rather than on the first
+        constrained request; False where this model cannot serve structured outputs (the
+        first such request then gets the error naming why)."""
+        try:
+            self._llg_tokenizer()
+        except InvalidRequestError:
+            return False
+        return True
+
     def compile(self, s: StructuredOutput):
         """The template matcher for ``s`` (cached); raises InvalidRequestError naming what the
         engine cannot compile. Slow for huge schemas: call it from a thread."""
