@@ -88,7 +88,10 @@ class Router:
         self.inflight_tokens = 0
         self.draining = False
         self._idle = asyncio.Event()
-        self._counter = 0
+        # Round-robin turns per set of candidates: one counter shared by the decode and the
+        # prefill pick of each request advanced twice a request, so with two decode workers
+        # every request went to the same one.
+        self._turns: dict[frozenset[str], int] = {}
         self._rng = random.Random(settings.seed)
         self.wake = WakeGate(settings.wake_hold_s, metrics.registry)
         self._background: set[asyncio.Task] = set()
@@ -98,8 +101,12 @@ class Router:
     ) -> tuple[WorkerClient, int]:
         cands = self.pool.candidates(clients, hashes)
         s = self.settings
-        self._counter += 1
-        turn = key if s.policy is Policy.PREFIX else self._counter
+        turn = key
+        if s.policy is not Policy.PREFIX:
+            group = frozenset(c.address for c in clients)
+            if group not in self._turns and len(self._turns) >= 64:
+                self._turns.clear()  # sets change as workers come and go: keep few
+            turn = self._turns[group] = self._turns.get(group, 0) + 1
         best = choose(s.policy, cands, turn, self._rng, s.queue_weight, s.kv_weight)
         return self.pool.clients[best.name], best.overlap_blocks
 

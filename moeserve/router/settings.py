@@ -42,3 +42,8 @@ class RouterSettings:
     queue_weight: float = 1.0
     kv_weight: float = 4.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # A plain string ("round_robin") compared unequal by identity with the enum, and the
+        # policy silently fell through to random.
+        self.policy = Policy(self.policy)
