@@ -196,12 +196,15 @@ class PoolSpec(_Model):
 
 
 _METRICS_KEYS = "router.apiKeyMetrics needs router.apiKeySecret (the keys it checks)"
+_AUTO_TOOLS = "router.enableAutoToolChoice needs router.toolCallParser (what parses the calls)"
 
 
 class RouterSpec(_Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         _cel("!has(self.apiKeyMetrics) || !self.apiKeyMetrics || has(self.apiKeySecret)",
              _METRICS_KEYS, ".apiKeyMetrics"),
+        _cel("!has(self.enableAutoToolChoice) || !self.enableAutoToolChoice || "
+             "has(self.toolCallParser)", _AUTO_TOOLS, ".enableAutoToolChoice"),
     ]})
 
     replicas: int = Field(1, ge=1, le=100)
@@ -214,6 +217,13 @@ class RouterSpec(_Model):
                                        "`api-keys` (comma-separated); unset means no auth.")
     api_key_metrics: bool = Field(False, description="Put the router's /metrics (HTTP and "
                                   "metrics ports) behind apiKeySecret's keys too.")
+    tool_call_parser: Literal["deepseek_v3"] | None = Field(
+        None, description="Return the model's tool calls as tool_calls (the router's "
+        "--tool-call-parser); tool_choice required or a named function then works.")
+    enable_auto_tool_choice: bool = Field(False, description="Serve tool_choice auto "
+                                          "(--enable-auto-tool-choice); needs toolCallParser.")
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(
+        None, description="Return <think> text as reasoning_content (--reasoning-parser).")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -221,7 +231,18 @@ class RouterSpec(_Model):
     def _metrics_keys(self) -> RouterSpec:
         if self.api_key_metrics and not self.api_key_secret:
             raise FieldRuleError("apiKeyMetrics", _METRICS_KEYS)
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise FieldRuleError("enableAutoToolChoice", _AUTO_TOOLS)
         return self
+
+    def chat_args(self) -> list[str]:
+        """The router's flags for these fields (router/chat.py parses them)."""
+        args = ["--tool-call-parser", self.tool_call_parser] if self.tool_call_parser else []
+        if self.enable_auto_tool_choice:
+            args.append("--enable-auto-tool-choice")
+        if self.reasoning_parser:
+            args += ["--reasoning-parser", self.reasoning_parser]
+        return args
 
 
 _SLA_HPA_MESSAGE = "a pool's HPA must be off when spec.autoscaling.mode is sla"

@@ -150,7 +150,8 @@ def _container(dep: MoEDeployment, image: str) -> dict[str, Any]:
         "imagePullPolicy": dep.spec.image_pull_policy,
         # The TLS flags make the router's calls to workers present its certificate.
         "command": ["moeserve", "router", "--config", CONFIG_PATH, *tls_args(dep),
-                    *(["--api-key-metrics"] if router.api_key_metrics else [])],
+                    *(["--api-key-metrics"] if router.api_key_metrics else []),
+                    *router.chat_args()],
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in _PORTS],
         "env": env,
         "resources": resources,

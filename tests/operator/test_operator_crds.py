@@ -155,6 +155,8 @@ def defaulted(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 CEL_CASES = {
+    "auto tool choice without a parser": ({"router": {"enableAutoToolChoice": True}},
+                                          "spec.router.enableAutoToolChoice"),
     "dp*tp != ep": ({"decode": {"parallelism": {"dp": 2, "ep": 3}}}, "spec.decode.parallelism.ep"),
     "ep not multiple of gpus": (
         {"prefill": {"gpusPerPod": 4, "parallelism": {"dp": 6, "ep": 6}}},

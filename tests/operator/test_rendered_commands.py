@@ -123,3 +123,14 @@ def test_router_reaches_every_rank_the_discovery_dials(docs: list[dict[str, Any]
         assert spans[first] == (first, first + ranks - 1), policy["metadata"]["name"]
         metrics = s.PORT_WORKER_METRICS
         assert spans[metrics] == (metrics, metrics + ranks - 1), policy["metadata"]["name"]
+
+
+def test_router_chat_parsers_reach_the_router_command() -> None:
+    doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    doc["spec"]["router"].update(toolCallParser="deepseek_v3", enableAutoToolChoice=True,
+                                 reasoningParser="deepseek_r1")
+    router = next(c for _, c in _containers(render_documents(yaml.safe_dump(doc)))
+                  if c["command"][1] == "router")
+    args = _parse(router["command"], "router")
+    assert (args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser) == (
+        "deepseek_v3", True, "deepseek_r1")
