@@ -19,7 +19,6 @@ import torch
 from triton.testing import do_bench
 
 from moeserve.kernels.fp8_gemm import (
-    _group_m,
     _tiles,
     per_token_group_quant,
     w8a8_block_fp8_matmul,
@@ -96,7 +95,7 @@ def sweep(rows: list[int], copy_gbps: float, out: list[dict]) -> None:
             a_q, a_s = per_token_group_quant(x, 128)
             floor = (n * k + m * k + 2 * m * n) / (copy_gbps * 1e9)
             ref = scaled_mm_seconds(m, n, k)
-            default = (*_tiles(m), _group_m(m, _tiles(m)[0]), False)
+            default = (*_tiles(m), 1, False)
             row = cublas_row(name, m, n, k, (a_q, a_s, w, s), floor, ref,
                              w8a8_block_fp8_matmul(a_q, a_s, w, s))
             if row:

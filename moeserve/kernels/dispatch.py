@@ -231,10 +231,12 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
         except Exception as exc:
             _vendor_failed("fp8_gemm", exc)
             name = "triton"
-    fn = _fp8.fp8_gemm_ref if name == "torch" else _fp8.fp8_gemm
-    out = fn(x, weight, weight_scale_inv, out_dtype, block_size)
     if name == "triton" and _fp8.cublas_blockwise(x, weight, weight_scale_inv, block_size):
-        name = "cublas"  # _fp8.fp8_gemm hands large-M GEMMs to cuBLAS's block-wise kernel
+        name = "cublas"  # large-M GEMMs: cuBLAS's block-wise kernel (see _fp8.fp8_gemm)
+        out = _fp8.cublas_gemm(x, weight, weight_scale_inv, out_dtype)
+    else:
+        w8a8 = _fp8.fp8_gemm_ref if name == "torch" else _fp8.triton_fp8_gemm
+        out = w8a8(x, weight, weight_scale_inv, out_dtype, block_size)
     _REGISTRY.last["fp8_gemm"] = name
     return out
 

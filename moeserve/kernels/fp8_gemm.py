@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "CUBLAS_MIN_ROWS", "cublas_blockwise", "fp8_gemm", "fp8_gemm_ref", "w8a8_block_fp8_matmul",
-    "w8a8_block_fp8_matmul_kernel",
+    "CUBLAS_MIN_ROWS", "cublas_blockwise", "cublas_gemm", "fp8_gemm", "triton_fp8_gemm",
+    "fp8_gemm_ref", "w8a8_block_fp8_matmul", "w8a8_block_fp8_matmul_kernel",
     "per_token_group_quant", "per_token_group_quant_kernel", "per_token_group_quant_ref",
 ]
 
@@ -159,7 +159,7 @@ def w8a8_block_fp8_matmul(
     block_size: tuple[int, int] = (128, 128),
     tiles: tuple[int, int, int, int] | None = None,
     split_k: int | None = None,
-    group_m: int | None = None,
+    group_m: int = 1,
     warp_spec: bool = False,
 ) -> torch.Tensor:
     """a_q: [M, K] float8_e4m3fn; a_scales: [M, ceil(K / bk)] float32; weight: [N, K]
@@ -167,8 +167,8 @@ def w8a8_block_fp8_matmul(
     (bn, bk) = block_size (the checkpoint's `weight_block_size`; bk a power of two).
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `_tiles`; split_k: K splits
     in place of `_split_k` (benchmarks; 1 = none). Split launches add float32 partials.
-    group_m: row tiles per band of the launch order in place of `_group_m`; warp_spec: Triton's
-    warp-specialized K loop (benchmarks).
+    group_m: row tiles per band of the launch order; warp_spec: Triton's warp-specialized K
+    loop (both for benchmarks: neither gained on the H200, see tune_fp8_gemm.py).
     Returns a @ weight^T, dequantized, [M, N] in out_dtype."""
     m, k = a_q.shape
     n, w_k = weight.shape
@@ -198,7 +198,7 @@ def w8a8_block_fp8_matmul(
         a_q.stride(0), a_scales.stride(0), weight.stride(0), weight_scale_inv.stride(0),
         out.stride(-2), k_per_split, out.stride(0) if splits > 1 else 0,
         W_BLOCK_N=block_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k,
-        GROUP_M=_group_m(m, bm) if group_m is None else group_m, EVEN_K=k % block_k == 0,
+        GROUP_M=group_m, EVEN_K=k % block_k == 0,
         WARP_SPEC=warp_spec, num_warps=warps, num_stages=stages,
     )
     return out.sum(0).to(out_dtype) if splits > 1 else out
@@ -209,11 +209,6 @@ def w8a8_block_fp8_matmul(
 # otherwise stream their weight through a quarter of the SMs (benchmarks/fp8_roofline.py
 # --gemm-sweep, H200, batch 1: q_a + kv_a 40 -> 28 us, o_proj 64 -> 49, V3's dense 74 -> 48).
 SPLIT_K_MIN_PROGRAMS = 264
-
-
-def _group_m(m: int, block_m: int) -> int:
-    """Row tiles per band of the launch order: bands only pay once A has many row tiles."""
-    return 8 if m >= 8 * block_m else 1
 
 
 def _split_k(programs: int, k_blocks: int) -> int:
@@ -262,7 +257,7 @@ def _probe_cublas(device: torch.device) -> bool:
     return bool((out.float() == 256).all())
 
 
-def _cublas_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+def cublas_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
     m = x.shape[0]
     pad = -m % 4  # the scales' column stride is M floats: TMA wants it 16-byte aligned
@@ -288,7 +283,14 @@ def fp8_gemm(
     cuBLAS's block-wise GEMM where `cublas_blockwise` allows, else the Triton kernel.
     """
     if cublas_blockwise(x, weight, weight_scale_inv, block_size):
-        return _cublas_gemm(x, weight, weight_scale_inv, out_dtype)
+        return cublas_gemm(x, weight, weight_scale_inv, out_dtype)
+    return triton_fp8_gemm(x, weight, weight_scale_inv, out_dtype, block_size)
+
+
+def triton_fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                    out_dtype: torch.dtype = torch.bfloat16,
+                    block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """`fp8_gemm` on the Triton kernel whatever the shape."""
     a_q, a_scales = per_token_group_quant(x, block_size[1])
     return w8a8_block_fp8_matmul(a_q, a_scales, weight, weight_scale_inv, out_dtype,
                                  block_size)
