@@ -65,16 +65,31 @@ class Attacks:
         self.huge_prompt_mb, self.held_bodies = huge_prompt_mb, partial_bodies
         self.log = AttackLog()
         self.n = 0
+        self._inflight = 0
+        self._last_end = 0.0
+        self._lock = threading.Lock()
         u = urlsplit(url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
 
     def run(self, kind: str) -> None:
         """One attack of ``kind`` (blocking; the soak runs each on a pool thread)."""
         self.n += 1
+        with self._lock:
+            self._inflight += 1
         try:
             getattr(self, kind)()
         except Exception as e:  # an attack that crashed the client side is still a finding
             self.log.record(kind, "unexpected", f"{type(e).__name__}: {e}")
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._last_end = time.monotonic()
+
+    def quiet(self) -> bool:
+        """No attack in flight, none ended within a sample period: what the router holds now
+        is what it kept, not a body or prompt still being handled."""
+        with self._lock:
+            return self._inflight == 0 and time.monotonic() - self._last_end >= SAMPLE_EVERY_S
 
     # ------------------------------------------------------------ attacks
 
@@ -194,11 +209,12 @@ def _choice_tokens(body: dict) -> list[int]:
 class Watch:
     """/health latency, router RSS and load average over time, until ``stop``."""
 
-    def __init__(self, url: str, router_pid: Callable[[], int]):
-        self.url, self.router_pid = url, router_pid
+    def __init__(self, url: str, router_pid: Callable[[], int],
+                 quiet: Callable[[], bool] = lambda: True):  # fmt: skip
+        self.url, self.router_pid, self.quiet = url, router_pid, quiet
         self.health_ms: list[tuple[float, float]] = []  # (time, latency ms)
         self.health_errors = 0
-        self.rss: list[tuple[float, float]] = []  # (time, MiB)
+        self.rss: list[tuple[float, float, bool]] = []  # (time, MiB, no attack in flight)
         self.load: list[tuple[float, float]] = []  # (time, 1-minute load average)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=f, daemon=True)
@@ -226,10 +242,10 @@ class Watch:
 
     def _sample(self) -> None:
         while not self.stop.wait(SAMPLE_EVERY_S):
-            now = time.monotonic()
+            now, quiet = time.monotonic(), self.quiet()
             mib = rss_mib(self.router_pid())  # 0: the router has exited
             if mib:
-                self.rss.append((now, mib))
+                self.rss.append((now, mib, quiet and self.quiet()))
             self.load.append((now, os.getloadavg()[0]))
 
 
