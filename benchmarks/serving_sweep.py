@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from moeserve.bench import BenchConfig, run_bench
+from moeserve.bench import BenchConfig, parse_extra_body, run_bench
 from moeserve.deploy.local import ClusterSpec, LocalCluster
 
 CONFIGS = {"agg": (0, 1), "pd": (1, 1)}  # (prefill workers, decode workers)
@@ -126,7 +126,8 @@ class Sweep:
         log = sys.stderr if self.args.verbose else None
         return LocalCluster(spec, log=log)
 
-    def _load(self, url: str, shape: tuple[int, int], conc: int) -> dict:
+    def _load(self, url: str, shape: tuple[int, int], conc: int, extra: dict | None = None
+              ) -> dict:  # fmt: skip
         n = self.args.num_prompts or max(4 * conc, 8)
         # New prompts every run: a repeat of the same ones would hit the prefix cache and
         # make the "steady state" a cached-prefill number.
@@ -134,7 +135,8 @@ class Sweep:
         cfg = BenchConfig(url=url, num_prompts=n, concurrency=conc, dataset="fixed",
                           input_len=shape[0], output_len=shape[1],
                           seed=self.args.seed + 1000 * self._loads,
-                          timeout_s=self.args.timeout_s, progress=False)  # fmt: skip
+                          timeout_s=self.args.timeout_s, progress=False,
+                          extra_body=extra)  # fmt: skip
         return asyncio.run(run_bench(cfg))
 
     def run_config(self, config: str) -> None:
@@ -159,6 +161,12 @@ class Sweep:
                                                  summary["failed"], "first" if i == 0 else
                                                  "steady", fresh and i == 0, summary,
                                                  compiles))  # fmt: skip
+                    if self.args.compare_body is not None:
+                        summary = self._load(cluster.url, shape, conc, self.args.compare_body)
+                        compiles, _ = _scrape(workers)
+                        self.runs.append(Run(config, shape, conc, summary["completed"] +
+                                             summary["failed"], "steady+body", False, summary,
+                                             compiles))  # fmt: skip
                     fresh = False
                 with contextlib.suppress(httpx.HTTPError):
                     text = httpx.get(f"{cluster.url}/metrics", timeout=5).text
@@ -209,6 +217,19 @@ def markdown(sweep: Sweep, title: str) -> str:
         tput = f["output_throughput"] / st["output_throughput"] if st["output_throughput"] else 0
         ttft = f["ttft_ms"]["p99"] / st["ttft_ms"]["p99"] if st["ttft_ms"]["p99"] else 0
         lines.append(f"| {config} | {shape[0]}/{shape[1]} | {conc} | {tput:.2f} | {ttft:.2f} |")
+    compared = [(pair["steady"], pair["steady+body"]) for pair in by_cell.values()
+                if "steady" in pair and "steady+body" in pair]  # fmt: skip
+    if compared:
+        lines += ["", "The steady state against the same load with the extra request body "
+                  "(`steady+body`, e.g. structured decoding):", "",
+                  "| config | in/out | conc | ITL p50 ms plain / body | ratio | tok/s plain / "
+                  "body |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for st, b in compared:
+            p0, p1 = st.summary["itl_ms"]["p50"], b.summary["itl_ms"]["p50"]
+            lines.append(f"| {st.config} | {st.shape[0]}/{st.shape[1]} | {st.concurrency} | "
+                         f"{p0:.2f} / {p1:.2f} | {p1 / p0 if p0 else 0:.2f} | "
+                         f"{st.summary['output_throughput']:.0f} / "
+                         f"{b.summary['output_throughput']:.0f} |")  # fmt: skip
     lines += ["", "`*`: the first load this instance ran after it reported ready."]
     return "\n".join(lines) + "\n"
 
@@ -236,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fresh", action="store_true",
                    help="restart the cluster before every cell (every 'first' is a fresh start)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--compare-body", type=parse_extra_body, default=None, metavar="JSON",
+                   help="after each steady run, one more with these request fields (e.g. "
+                        "a response_format), compared with it")  # fmt: skip
     w.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     c = p.add_argument_group("cluster")
     c.add_argument("--engine-args", default="",

@@ -27,8 +27,8 @@ import httpx
 from moeserve.bench_stats import RequestRecord, format_table, summarize
 from moeserve.common.progress import progress
 
-__all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts", "run_bench",
-           "sample_lengths"]  # fmt: skip
+__all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts",
+           "parse_extra_body", "run_bench", "sample_lengths"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class BenchConfig:
     timeout_s: float = 600.0
     out: str | None = None
     progress: bool = True
+    extra_body: dict | None = None  # merged into every request (e.g. a response_format)
 
 
 def _ratio(cfg: BenchConfig, value: float | None, flag: str) -> float:
@@ -141,7 +142,7 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
     body = {
         "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-        "return_token_ids": True,
+        "return_token_ids": True, **(cfg.extra_body or {}),
     }  # fmt: skip
     start = last = time.perf_counter()
     try:
@@ -175,6 +176,18 @@ async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, i
         model = model or card["id"]
         max_id = max_id if max_id > 0 else int(card.get("vocab_size", 512))
     return model, max_id
+
+
+def parse_extra_body(text: str) -> dict:
+    """``--extra-body``: a JSON object of request fields, e.g. ``{"response_format":
+    {"type": "json_object"}}``."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--extra-body is not JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise argparse.ArgumentTypeError(f"--extra-body must be a JSON object, got {text!r}")
+    return body
 
 
 def _check_load(cfg: BenchConfig) -> None:
@@ -253,6 +266,9 @@ def _add_workload_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     p.add_argument("--max-token-id", type=int, default=d.max_token_id,
                    help="prompt ids are below this (default: /v1/models vocab_size)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help="seeds prompts, lengths, arrivals")
+    p.add_argument("--extra-body", type=parse_extra_body, default=None, metavar="JSON",
+                   help='fields added to every request, e.g. \'{"response_format": {"type": '
+                        '"json_object"}}\' (structured decoding under load)')  # fmt: skip
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

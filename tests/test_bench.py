@@ -111,3 +111,20 @@ def test_bench_parser() -> None:
     assert args.request_rate == 4 and args.prefix_groups == 2 and callable(args.func)
     assert args.dataset == "random" and args.input_len_range_ratio == 0.1 and args.out == "x.json"
     assert parser.parse_args(["bench", "--out", "y.json"]).out == "y.json"  # the older name
+
+
+def test_extra_body_reaches_every_request_and_bad_json_is_named(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    body = '{"response_format": {"type": "json_object"}}'
+    args = parser.parse_args(["bench", "--extra-body", body])
+    assert args.extra_body == {"response_format": {"type": "json_object"}}
+    for bad, message in (("{x", "not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--extra-body", bad])
+        assert message in capsys.readouterr().err
+    seen: list[dict] = []
+    cfg = BenchConfig(num_prompts=3, output_len=2, progress=False, extra_body=args.extra_body)
+    asyncio.run(run_bench(cfg, transport=_fake_server(seen, failures=False)))
+    assert len(seen) == 3
+    assert all(b["response_format"] == {"type": "json_object"} and b["stream"] for b in seen)

@@ -36,3 +36,19 @@ def test_table_has_first_and_steady_and_their_ratio() -> None:
     assert "| pd | 1000/100 | 64 | 8 | first* | 900 |" in table
     assert "| pd | 1000/100 | 64 | 0.90 | 1.50 |" in table
     assert "4 KV hand-offs, 2.0 MiB, 5.0 ms each" in table
+
+
+def test_compare_body_rows_are_set_beside_the_steady_state() -> None:
+    fmt = '{"response_format": {"type": "json_object"}}'
+    args = build_parser().parse_args(["--compare-body", fmt])
+    assert args.compare_body == {"response_format": {"type": "json_object"}}
+    sweep = Sweep(args, None)
+    plain, body = _summary(6000, 200), _summary(5600, 210)
+    plain["itl_ms"] = {"mean": 10.0, "p50": 10.0, "p90": 11.0, "p99": 12.0}
+    body["itl_ms"] = {"mean": 10.8, "p50": 10.8, "p90": 12.0, "p99": 13.0}
+    sweep.runs += [Run("agg", (1000, 100), 64, 256, "first", True, plain, 0),
+                   Run("agg", (1000, 100), 64, 256, "steady", False, plain, 0),
+                   Run("agg", (1000, 100), 64, 256, "steady+body", False, body, 0)]
+    table = markdown(sweep, "t")
+    assert "| agg | 1000/100 | 64 | 10.00 / 10.80 | 1.08 | 6000 / 5600 |" in table
+    assert "| agg | 1000/100 | 64 | 1.00 | 1.00 |" in table  # first/steady unaffected
