@@ -84,6 +84,9 @@ class LLMEngine:
                 param="max_model_len",
             )
         self.runner = ModelRunner(config, c, self.max_model_len, parallel)
+        # The step budget's default depends on the device, known only now.
+        config = self.config = dataclasses.replace(
+            config, max_num_batched_tokens=config.step_budget(self.runner.device.type))
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.model_id,
             enable_prefix_caching=config.enable_prefix_caching,
