@@ -163,8 +163,13 @@ class GrammarCompiler:
                     raise InvalidRequestError("structured outputs need the model's EOS token id",
                                               param="structured_outputs")
                 # ~1 s for a 128k vocabulary: once per process, in the compiling thread.
-                self._tokenizer = LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
-                                              eos_token=self.eos_token_id)
+                try:
+                    self._tokenizer = LLTokenizer(path.read_text(), n_vocab=self.vocab_size,
+                                                  eos_token=self.eos_token_id)
+                except ValueError as e:  # the worker still serves unconstrained requests
+                    raise InvalidRequestError(
+                        f"structured outputs are unavailable: the grammar engine cannot read "
+                        f"{path}: {e}", param="structured_outputs") from None
             return self._tokenizer
 
     def prepare(self) -> bool:
@@ -173,7 +178,8 @@ class GrammarCompiler:
         first such request then gets the error naming why)."""
         try:
             self._llg_tokenizer()
-        except InvalidRequestError:
+        except InvalidRequestError as e:
+            logger.warning("%s", e)
             return False
         return True
 

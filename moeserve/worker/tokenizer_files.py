@@ -78,6 +78,15 @@ thank you. What is the capital of France? Paris is the capital of France. 012345
 """ * 4
 
 
+def _filler(i: int) -> str:
+    return f"<unused{i}>"
+
+
+def _sparse(tokenizer_file: Path) -> bool:
+    ids = json.loads(tokenizer_file.read_text())["model"]["vocab"].values()
+    return max(ids) + 1 != len(ids)
+
+
 def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
     """Train a small BPE, place the specials at bos_id/eos_id, write both tokenizer files."""
     target = min(vocab_size - 2, 384)
@@ -104,6 +113,10 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) ->
     specials += [(i, text, False) for i, text in zip(spare, named, strict=False)]
     # Added tokens keep their ids only when the model vocab has them too (as DeepSeek's files do).
     vocab.update({text: i for i, text, _ in specials})
+    # Ids are dense up to the highest one, as in DeepSeek's files (llguidance counts tokens, and
+    # V2/V3 put BOS/EOS at 100000/100001, or 0/1): the gap holds tokens no merge produces.
+    used = set(vocab.values())
+    vocab.update({_filler(i): i for i in range(max(used)) if i not in used})
     spec["added_tokens"] = [
         {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": special}
@@ -123,11 +136,13 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) ->
 
 def refresh_tokenizer(model_dir: Path) -> bool:
     """Rewrite a random checkpoint's tokenizer files made by an older moeserve (a chat template
-    other than today's: no tool or reasoning tokens) in place; True when it did. Each file is
-    replaced whole (os.replace), so a reader sees the old file or the new one."""
+    other than today's: no tool or reasoning tokens; ids with gaps) in place; True when it
+    did. Each file is replaced whole (os.replace), so a reader sees the old file or the new
+    one."""
     config_file = model_dir / "tokenizer_config.json"
     try:
-        if json.loads(config_file.read_text()).get("chat_template") == CHAT_TEMPLATE:
+        if json.loads(config_file.read_text()).get("chat_template") == CHAT_TEMPLATE \
+                and not _sparse(model_dir / "tokenizer.json"):  # fmt: skip
             return False
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
