@@ -80,7 +80,7 @@ class CompileWatch:
         previous = runtime.jit_cache_hook
 
         def on_cache_miss(*, key: Any = None, repr: str = "", **kwargs: Any) -> bool | None:
-            self.note("triton", repr)
+            self.note("triton", " ".join(repr.split()))  # one log line: the specialization
             # A hook returning True makes Triton skip the compilation: defer to any other one.
             return previous(key=key, repr=repr, **kwargs) if previous is not None else None
 

@@ -13,7 +13,10 @@ What a request can make the device compile or load for the first time, and what 
 - the decode batch ladder: ``n`` requests (``n`` = --max-num-seqs) finishing one a step, so
   decode steps of every batch size n..1 run (each CUDA-graph size replays, the eager sizes
   beyond the graph ladder run) with the sampler on every batch size;
-- a mixed step: a prompt admitted while the ladder decodes;
+- several prompts prefilled in one step (2, 4 and 8 sharing the step budget, lengths not
+  divisible by 16), as a loaded server runs them: other batch shapes, block-table widths
+  and tokens-per-expert counts than any prompt alone;
+- a mixed step: two prompts admitted while the ladder decodes;
 - sampling variants (greedy, temperature, top-p, top-k, seeded, suppressed stop tokens and,
   where the engine has them, penalties, logit bias, min-p, logprobs) spread over the above, in
   batches alone and mixed.
@@ -50,12 +53,14 @@ class WarmupPlan:
     prefill_lengths: tuple[int, ...]  # each prompt alone in its step
     chunked_prompt: int  # 0: none (the step budget covers max_model_len); run as n and n + 1
     decode_batch: int  # requests of the ladder
-    mixed_prompt: int  # a prompt admitted beside the ladder's decodes
+    mixed_prompt: int  # two prompts of this length admitted beside the ladder's decodes
     stagger: bool = True  # ladder request i generates i + 2 tokens (else all generate 2)
+    batched: tuple[tuple[int, int], ...] = ()  # (prompts, length): that many in one step
 
     @property
     def num_requests(self) -> int:
-        return len(self.prefill_lengths) + 2 * bool(self.chunked_prompt) + self.decode_batch + 1
+        return (len(self.prefill_lengths) + 2 * bool(self.chunked_prompt) + self.decode_batch
+                + 2 + sum(k for k, _ in self.batched))
 
 
 def _prefill_lengths(cap: int) -> tuple[int, ...]:
@@ -93,10 +98,12 @@ def plan_warmup(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len
     chunked = min(longest - 1, max_num_batched_tokens + max_num_batched_tokens // 2)
     n = max_num_seqs
     mixed = max(1, min(budget - n, 256))
-    while n > 1 and _ladder_blocks(n, block_size) + -(-(mixed + 2) // block_size) > (
+    while n > 1 and _ladder_blocks(n, block_size) + 2 * -(-(mixed + 2) // block_size) > (
             num_blocks - 1):
         n -= 1
-    return WarmupPlan(_prefill_lengths(budget), chunked if chunked > budget else 0, n, mixed)
+    batched = tuple((k, budget // k - 3) for k in (2, 4, 8) if budget // k > 16)
+    return WarmupPlan(_prefill_lengths(budget), chunked if chunked > budget else 0, n, mixed,
+                      batched=batched)
 
 
 def sampling_variants(eos_token_id: int | None) -> list[SamplingParams]:
@@ -158,9 +165,14 @@ def run_warmup(engine, plan: WarmupPlan) -> tuple[int, int]:
     for length in (plan.chunked_prompt, plan.chunked_prompt + 1) if plan.chunked_prompt else ():
         d.add(length, 1)
         d.drain()
+    for k, length in plan.batched:
+        for _ in range(k):
+            d.add(length, 1)
+        d.drain()
     for i in range(plan.decode_batch):
         d.add(1, min(i + 2 if plan.stagger else 2, engine.max_model_len - 1))
     d.step()  # the ladder's prompts; the next steps decode
+    d.add(plan.mixed_prompt, 2)
     d.add(plan.mixed_prompt, 2)
     d.drain()
     _forget(engine)
