@@ -29,7 +29,7 @@ import yaml
 from moeserve.common import spec as s
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S, pool_launch
 from moeserve.common.served_name import with_served_name
-from moeserve.common.spec import MoEDeployment, PoolSpec, SpecError
+from moeserve.common.spec import ENV_API_KEYS, MoEDeployment, PoolSpec, SpecError
 from moeserve.common.worker_auth import (
     ENV_INSECURE,
     ROUTER_SECRET_ENV,
@@ -40,7 +40,7 @@ from moeserve.deploy.manifest_local import model_deployment
 
 __all__ = [
     "app_builder", "build_app", "load_deployment", "model_directory", "pool_plan",
-    "pool_options", "PoolAutoscaler", "required_cpus",
+    "pool_options", "PoolAutoscaler", "required_cpus", "router_argv",
 ]
 
 DEFAULT_CPUS_PER_RANK = 1.0
@@ -183,17 +183,50 @@ def _secret_env(plane: PlaneSecret | None, names: tuple[str, ...]) -> dict[str, 
     return {"runtime_env": {"env_vars": env}}
 
 
+def router_argv(dep: MoEDeployment, extra: list[str] | tuple[str, ...] = ()
+                ) -> tuple[list[str], list[str]]:  # fmt: skip
+    """(flags, API keys) of the Ray router replica: the manifest's spec.router as the
+    operator renders it (disaggThreshold, the chat parsers, apiKeyMetrics), then ``extra``
+    (`moeserve up --ray`'s router flags, which win). ``--api-key`` values are taken out: they
+    travel in the replica's environment, not in arguments Serve shows in its status."""
+    r = dep.spec.router
+    argv = ["--disagg-threshold", str(r.disagg_threshold), *r.chat_args()]
+    if r.api_key_metrics:
+        argv.append("--api-key-metrics")
+    keys: list[str] = []
+    rest = list(extra)
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--api-key" and rest:
+            keys.append(rest.pop(0))
+        elif flag.startswith("--api-key="):
+            keys.append(flag.split("=", 1)[1])
+        else:
+            argv.append(flag)
+    return argv, keys
+
+
 def build_app(dep: MoEDeployment, num_kv_blocks: int = 0,
               startup_timeout_s: float = STARTUP_TIMEOUT_S,
-              insecure_worker_plane: bool = False) -> Any:  # fmt: skip
+              insecure_worker_plane: bool = False,
+              extra_router_argv: list[str] | tuple[str, ...] = ()) -> Any:  # fmt: skip
     """The Serve application of one MoEDeployment (needs ray[serve]), with a fresh
-    worker-plane secret unless ``insecure_worker_plane`` (development only)."""
+    worker-plane secret unless ``insecure_worker_plane`` (development only);
+    ``extra_router_argv``: router flags on top of the manifest's (see ``router_argv``)."""
     from ray import serve
 
-    from moeserve.deploy.ray_router import RouterDeployment
+    from moeserve.deploy.ray_router import RouterDeployment, parse_router_argv
     from moeserve.deploy.ray_workers import EPGroup
+    from moeserve.router.auth import keys_from_sources
 
     model_dir = model_directory(dep)
+    argv, flag_keys = router_argv(dep, extra_router_argv)
+    keys = keys_from_sources(flag_keys)  # and MOESERVE_API_KEY(S): the replica gets them all
+    if dep.spec.router.api_key_secret and not keys:
+        raise ValueError(f"spec.router.apiKeySecret {dep.spec.router.api_key_secret!r} is a "
+                         "Kubernetes Secret; on Ray give the keys with --api-key or "
+                         f"${ENV_API_KEYS} (without them the router would serve with no key)")
+    parse_router_argv(argv)  # a bad flag fails here, not in a replica that restarts forever
     plane = None if insecure_worker_plane else PlaneSecret.generate()
     pools = {}
     for role in s.ROLES:
@@ -203,15 +236,15 @@ def build_app(dep: MoEDeployment, num_kv_blocks: int = 0,
         deployment = serve.deployment(EPGroup).options(
             **opts, version=_version(plan), _internal=True)
         pools[role] = deployment.bind(plan)
-    router_cfg = dep.spec.router
-    settings = {"disagg_threshold": router_cfg.disagg_threshold, "policy": "prefix"}
+    options = {"num_cpus": 0, **_secret_env(plane, ROUTER_SECRET_ENV)}
+    if keys:
+        options["runtime_env"]["env_vars"][ENV_API_KEYS] = ",".join(keys)
     router = serve.deployment(serve.ingress()(RouterDeployment)).options(
-        name="router", num_replicas=router_cfg.replicas,
-        ray_actor_options={"num_cpus": 0, **_secret_env(plane, ROUTER_SECRET_ENV)},
+        name="router", num_replicas=dep.spec.router.replicas, ray_actor_options=options,
         max_ongoing_requests=1024, health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0,
-        version=_version(dep.name, model_dir, settings), _internal=True,
+        version=_version(dep.name, model_dir, argv, keys), _internal=True,
     )  # fmt: skip
-    return router.bind(dep.name, model_dir, settings, startup_timeout_s, **pools)
+    return router.bind(dep.name, model_dir, argv, startup_timeout_s, **pools)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -56,6 +56,7 @@ class RayClusterSpec:
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
     insecure_worker_plane: bool = False  # development only: no worker-plane tokens
+    router_argv: tuple[str, ...] = ()  # `up --ray`'s router flags (over the manifest's)
 
 
 class RayCluster:
@@ -140,7 +141,7 @@ class RayCluster:
 
         self.dep = deployment or self.dep
         app = build_app(self.dep, self.spec.num_kv_blocks, self.spec.startup_timeout_s,
-                        self.spec.insecure_worker_plane)
+                        self.spec.insecure_worker_plane, self.spec.router_argv)
         serve.run(app, name=self.app_name, route_prefix=self.spec.route_prefix, blocking=False)
 
     def _wait_healthy(self, deadline: float) -> None:
@@ -322,9 +323,6 @@ def run_up_ray(args: argparse.Namespace) -> int:
     dep = load_deployment(args.file, args.model, args.prefill, args.decode)
     dep = with_served_name(dep, getattr(args, "served_model_name", None))
     engine_argv, router_argv = forwarded_argv(args)
-    if router_argv:
-        raise ValueError(f"router flags with --ray are not passed on yet: {' '.join(router_argv)}"
-                         " (run without --ray, or set the manifest's spec.router)")
     dep = with_engine_args(dep, engine_argv)
     stop = threading.Event()
     if not args.route_prefix.startswith("/"):
@@ -332,7 +330,8 @@ def run_up_ray(args: argparse.Namespace) -> int:
     cluster = RayCluster(RayClusterSpec(dep, args.address, args.host, args.port,
                                         num_kv_blocks=args.num_kv_blocks,
                                         route_prefix=args.route_prefix,
-                                        insecure_worker_plane=args.insecure_worker_plane),
+                                        insecure_worker_plane=args.insecure_worker_plane,
+                                        router_argv=tuple(router_argv)),
                          stop)  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):  # until ray.init; RayCluster re-installs them
         signal.signal(sig, lambda signum, frame: stop.set())

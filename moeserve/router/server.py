@@ -35,7 +35,7 @@ from moeserve.router.openapi import install_openapi
 from moeserve.router.policy import Policy
 from moeserve.router.prefix_index import PrefixIndex
 from moeserve.router.serving import Router
-from moeserve.router.settings import RouterSettings
+from moeserve.router.settings import RouterSettings, settings_from_args
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.router.workers import WorkerPool
 
@@ -212,16 +212,7 @@ async def serve_router(args: argparse.Namespace) -> None:
         info = pool.model_info()
         config_path = Path(args.model) / "config.json"
         vocab_size = json.loads(config_path.read_text())["vocab_size"]
-        settings = RouterSettings(
-            policy=Policy(args.policy), disagg_threshold=args.disagg_threshold,
-            max_inflight=args.max_inflight, request_timeout_s=args.request_timeout_s,
-            prefill_timeout_s=args.prefill_timeout_s,
-            first_token_timeout_s=args.first_token_timeout_s,
-            stall_timeout_s=args.stall_timeout_s, max_migrations=args.max_migrations,
-            max_inflight_tokens=args.max_inflight_tokens, max_prompt_tokens=args.max_prompt_tokens,
-            max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-            drain_grace_s=args.drain_grace_s, wake_hold_s=args.wake_hold_s,
-        )  # fmt: skip
+        settings = settings_from_args(args)
         # Block hashes use the workers' model id (their KV events carry them); clients see the
         # served name, which is the same unless --served-model-name renames it here only.
         router = Router(pool, metrics, settings, info.model_id, info.block_size)

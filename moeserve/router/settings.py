@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from moeserve.common.launch_plan import ROUTER_DRAIN_GRACE_S
 from moeserve.router.policy import Policy
 
-__all__ = ["RouterSettings"]
+__all__ = ["RouterSettings", "settings_from_args"]
 
 
 @dataclass
@@ -47,3 +48,17 @@ class RouterSettings:
         # A plain string ("round_robin") compared unequal by identity with the enum, and the
         # policy silently fell through to random.
         self.policy = Policy(self.policy)
+
+
+def settings_from_args(args: argparse.Namespace) -> RouterSettings:
+    """The settings `moeserve router`'s flags give (its parser's namespace, after
+    ``resolve_router_config``): one reading for the process and for the Ray replica."""
+    return RouterSettings(
+        policy=Policy(args.policy), disagg_threshold=args.disagg_threshold,
+        max_inflight=args.max_inflight, request_timeout_s=args.request_timeout_s,
+        prefill_timeout_s=args.prefill_timeout_s, first_token_timeout_s=args.first_token_timeout_s,
+        stall_timeout_s=args.stall_timeout_s, max_migrations=args.max_migrations,
+        max_inflight_tokens=args.max_inflight_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+        drain_grace_s=args.drain_grace_s, wake_hold_s=args.wake_hold_s,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from moeserve.deploy.ray_app import (  # noqa: E402
     pool_options,
     pool_plan,
     required_cpus,
+    router_argv,
 )
 from moeserve.deploy.ray_workers import rank_launch  # noqa: E402
 
@@ -117,3 +118,36 @@ def test_model_dir_topology_and_bad_input(tmp_path: Path, tiny_v3: Path) -> None
         build_app(load_deployment(str(tmp_path / "pvc.yaml")))
     with pytest.raises(SpecError, match="replica"):
         app_builder({"manifest": str(TINY), "replica": 2})
+
+
+def test_router_flags_come_from_the_manifest_and_up(tmp_path: Path, monkeypatch) -> None:
+    """spec.router's fields reach the Ray router as the operator renders them (they were
+    silently dropped on Ray), `up --ray`'s router flags after them, keys kept out of argv."""
+    from moeserve.deploy.ray_router import parse_router_argv
+
+    monkeypatch.delenv("MOESERVE_API_KEY", raising=False)
+    monkeypatch.delenv("MOESERVE_API_KEYS", raising=False)
+    doc = yaml.safe_load(TINY.read_text())
+    doc["spec"]["router"].update(toolCallParser="deepseek_v3", enableAutoToolChoice=True,
+                                 reasoningParser="deepseek_r1", disaggThreshold=64)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    dep = load_deployment(str(tmp_path / "m.yaml"))
+    argv, keys = router_argv(dep, ["--api-key", "k1", "--max-stop-strings", "2",
+                                   "--api-key=k2"])
+    assert keys == ["k1", "k2"] and "k1" not in argv and "--api-key=k2" not in argv
+    args = parse_router_argv(argv)
+    assert (args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser) == (
+        "deepseek_v3", True, "deepseek_r1")
+    assert args.disagg_threshold == 64 and args.max_stop_strings == 2
+    for bad, message in ((["--header-timeout-s", "3"], "does not apply on Ray"),
+                         (["--no-such-flag"], "unknown router flags: --no-such-flag"),
+                         (["--max-stop-strings", "x"], "invalid int value")):
+        with pytest.raises(ValueError, match=message):
+            parse_router_argv(bad)
+    with pytest.raises(ValueError, match="does not apply on Ray"):
+        build_app(dep, extra_router_argv=["--header-timeout-s", "3"])
+    doc["spec"]["router"]["apiKeySecret"] = "keys"
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="apiKeySecret 'keys' is a Kubernetes Secret"):
+        build_app(load_deployment(str(tmp_path / "k.yaml")))
+    build_app(load_deployment(str(tmp_path / "k.yaml")), extra_router_argv=["--api-key", "k"])

@@ -76,8 +76,10 @@ def _stop_up(up: Up, timeout_s: float = 60) -> int:
 def up(model_dir: Path):
     with _port_socket() as port:
         pass
+    # Router flags reach the Serve replica as they reach `moeserve router`.
     handle = _start_up(["--model", str(model_dir), "--port", str(port),
-                        "--num-kv-blocks", str(KV_BLOCKS)])  # fmt: skip
+                        "--num-kv-blocks", str(KV_BLOCKS), "--max-stop-strings", "2",
+                        "--tool-call-parser", "deepseek_v3"])  # fmt: skip
     try:
         connect(handle.address, "moeserve-tests", log_to_driver=False)
         yield handle
@@ -160,6 +162,23 @@ def test_greedy_matches_generate_stream_and_not(up: Up, reference) -> None:
 def test_bad_request_is_a_named_400(up: Up) -> None:
     r = httpx.post(f"{up.url}/v1/completions", json={"prompt": "x", "max_tokens": -1}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.text
+
+
+UNIT = {"type": "function", "function": {"name": "set_unit", "strict": True, "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["unit"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_router_flags_reach_the_ray_router(up: Up) -> None:
+    r = httpx.post(f"{up.url}/v1/completions", json={
+        "prompt": "x", "max_tokens": 2, "stop": ["a", "b", "c"]}, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and "stop" in r.json()["error"]["message"], r.text
+    resp = _client(up.url).chat.completions.create(
+        model="tiny-deepseek-v3", messages=[{"role": "user", "content": "unit?"}], tools=[UNIT],
+        tool_choice={"type": "function", "function": {"name": "set_unit"}}, max_tokens=64,
+        temperature=0)  # fmt: skip
+    calls = resp.choices[0].message.tool_calls
+    assert resp.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "set_unit"
 
 
 def test_kv_crossed_nixl_between_actors(up: Up) -> None:
