@@ -158,7 +158,9 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
         if not rec.ok:
             rec.error = "no tokens received"
     except Exception as e:  # noqa: BLE001 - one bad request is counted, never ends the run
-        rec.error = f"{type(e).__name__}: {e}"
+        # When it broke tells a dropped connection (before any token) from a cut stream.
+        rec.error = (f"{type(e).__name__}: {e} (after {rec.output_tokens} tokens, "
+                     f"{time.perf_counter() - start:.1f} s)")
     return rec
 
 
