@@ -80,7 +80,8 @@ class CompileWatch:
         previous = runtime.jit_cache_hook
 
         def on_cache_miss(*, key: Any = None, repr: str = "", **kwargs: Any) -> bool | None:
-            self.note("triton", " ".join(repr.split()))  # one log line: the specialization
+            # One log line naming the specialization (the key holds the argument classes).
+            self.note("triton", " ".join(f"{repr} key={key}".split())[:1500])
             # A hook returning True makes Triton skip the compilation: defer to any other one.
             return previous(key=key, repr=repr, **kwargs) if previous is not None else None
 
