@@ -51,6 +51,8 @@ class CompileWatch:
         if ready:
             logger.warning("%s compilation after ready (a request waited for it): %s", kind,
                            what or "?")
+        else:  # what the warm-up covered, to compare with a miss (MOESERVE_LOG_LEVEL=debug)
+            logger.debug("%s compilation before ready: %s", kind, what or "?")
 
     def mark_ready(self) -> None:
         with self._lock:
