@@ -28,6 +28,8 @@ def test_gpu_plan_covers_every_prefill_class_the_step_budget_allows() -> None:
         assert 2**k in lengths
         if 2**k >= 16 and 2**k < 8192:
             assert 2**k + 1 in lengths  # the same MoE tile, not divisible by 16
+        if 2**k >= 32:  # below a threshold there (SHARED_APART_MIN_TOKENS is 1024)
+            assert {2**k - 16, 2**k - 1} <= lengths
     assert max(lengths) == 8192
     assert plan.chunked_prompt > 8192  # a second chunk runs over earlier context
     assert plan.decode_batch == 256  # every batch size 256..1 decodes
@@ -35,6 +37,10 @@ def test_gpu_plan_covers_every_prefill_class_the_step_budget_allows() -> None:
     # several prompts in one step, as a loaded server prefills them (the H200 sweep compiled
     # kernels after ready without these)
     assert plan.batched == ((2, 4093), (4, 2045), (8, 1021))
+    assert plan.mixed_long == 1021  # 16 blocks of 64 with its two tokens
+    from moeserve.worker.model.moe import SHARED_APART_MIN_TOKENS as apart
+
+    assert {apart - 1, apart - 16, apart, apart + 1} <= lengths  # both sides, both classes
 
 
 def test_gpu_plan_stays_within_max_model_len_and_the_kv_pool() -> None:
@@ -47,7 +53,7 @@ def test_gpu_plan_stays_within_max_model_len_and_the_kv_pool() -> None:
 
 def test_cpu_plan_is_small_whatever_the_limits() -> None:
     plan = _plan(full=False)
-    assert plan.num_requests <= len(sampling_variants(1)) + 3
+    assert plan.num_requests <= len(sampling_variants(1)) + 2
     assert max(plan.prefill_lengths) <= 8 and plan.chunked_prompt == 0 and not plan.stagger
 
 

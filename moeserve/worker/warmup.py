@@ -6,8 +6,12 @@ What a request can make the device compile or load for the first time, and what 
 
 - prefill steps of every token-count class: Triton specializes integer arguments on == 1 and
   on divisibility by 16, and the fused MoE picks its tiles by tokens per expert
-  (kernels/moe_config.py), so single-request prefills of 2**k and 2**k + 1 tokens up to the
-  step budget (--max-num-batched-tokens) cover every (tile, divisibility) pair;
+  (kernels/moe_config.py), and prefill-sized steps move the shared experts out of the grouped
+  kernel (moe.py: SHARED_APART_MIN_TOKENS, 1024), so single-request prefills of 2**k - 16,
+  2**k - 1, 2**k and 2**k + 1 tokens up to the step budget (--max-num-batched-tokens) cover
+  every (tile, divisibility) pair on both sides of each power-of-two threshold (the H200
+  sweep compiled fused_moe after ready for 529..1023-token steps when only 2**k and 2**k + 1
+  ran);
 - chunked prefill: prompts longer than the step budget, so chunks (of a length divisible by 16
   and of one that is not) run over earlier context;
 - the decode batch ladder: ``n`` requests (``n`` = --max-num-seqs) finishing one a step, so
@@ -16,7 +20,9 @@ What a request can make the device compile or load for the first time, and what 
 - several prompts prefilled in one step (2, 4 and 8 sharing the step budget, lengths not
   divisible by 16), as a loaded server runs them: other batch shapes, block-table widths
   and tokens-per-expert counts than any prompt alone;
-- a mixed step: two prompts admitted while the ladder decodes;
+- mixed steps: a short prompt admitted while the ladder decodes, then one of 16 KV blocks
+  (block tables 16 wide: the absorbed prefill kernel specializes their stride on divisibility
+  by 16, which only steps beside long contexts reach);
 - sampling variants (greedy, temperature, top-p, top-k, seeded, suppressed stop tokens and,
   where the engine has them, penalties, logit bias, min-p, logprobs) spread over the above, in
   batches alone and mixed.
@@ -53,14 +59,15 @@ class WarmupPlan:
     prefill_lengths: tuple[int, ...]  # each prompt alone in its step
     chunked_prompt: int  # 0: none (the step budget covers max_model_len); run as n and n + 1
     decode_batch: int  # requests of the ladder
-    mixed_prompt: int  # two prompts of this length admitted beside the ladder's decodes
+    mixed_prompt: int  # a prompt admitted beside the ladder's decodes
+    mixed_long: int = 0  # then one of this length (16 KV blocks), a step later; 0: none
     stagger: bool = True  # ladder request i generates i + 2 tokens (else all generate 2)
     batched: tuple[tuple[int, int], ...] = ()  # (prompts, length): that many in one step
 
     @property
     def num_requests(self) -> int:
         return (len(self.prefill_lengths) + 2 * bool(self.chunked_prompt) + self.decode_batch
-                + 2 + sum(k for k, _ in self.batched))
+                + 1 + bool(self.mixed_long) + sum(k for k, _ in self.batched))
 
 
 def _prefill_lengths(cap: int) -> tuple[int, ...]:
@@ -70,6 +77,8 @@ def _prefill_lengths(cap: int) -> tuple[int, ...]:
         lengths.add(p)
         if p >= 16 and p + 1 <= cap:  # the same tile, not divisible by 16
             lengths.add(p + 1)
+        if p >= 32:  # just below a threshold at p: divisible by 16 and not
+            lengths.update((p - 16, p - 1))
         p *= 2
     return tuple(sorted(lengths))
 
@@ -98,12 +107,15 @@ def plan_warmup(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len
     chunked = min(longest - 1, max_num_batched_tokens + max_num_batched_tokens // 2)
     n = max_num_seqs
     mixed = max(1, min(budget - n, 256))
-    while n > 1 and _ladder_blocks(n, block_size) + 2 * -(-(mixed + 2) // block_size) > (
-            num_blocks - 1):
+    long = 16 * block_size - 3  # with its 2 tokens: 16 blocks
+    if long > budget - n or long + 2 > longest:
+        long = 0
+    while n > 1 and _ladder_blocks(n, block_size) + -(-(mixed + 2) // block_size) + (
+            -(-(long + 2) // block_size)) > num_blocks - 1:  # fmt: skip
         n -= 1
     batched = tuple((k, budget // k - 3) for k in (2, 4, 8) if budget // k > 16)
     return WarmupPlan(_prefill_lengths(budget), chunked if chunked > budget else 0, n, mixed,
-                      batched=batched)
+                      mixed_long=long, batched=batched)
 
 
 def sampling_variants(eos_token_id: int | None) -> list[SamplingParams]:
@@ -173,7 +185,9 @@ def run_warmup(engine, plan: WarmupPlan) -> tuple[int, int]:
         d.add(1, min(i + 2 if plan.stagger else 2, engine.max_model_len - 1))
     d.step()  # the ladder's prompts; the next steps decode
     d.add(plan.mixed_prompt, 2)
-    d.add(plan.mixed_prompt, 2)
+    if plan.mixed_long:
+        d.step()
+        d.add(plan.mixed_long, 2)
     d.drain()
     _forget(engine)
     return d.count, d.steps
