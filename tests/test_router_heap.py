@@ -44,8 +44,12 @@ def test_rss_comes_back_after_huge_prompts(tmp_path: Path) -> None:
         return out
 
     rss = asyncio.run(tokenize(6))
-    # The first one sizes the pools; after it, no climb.
-    assert max(rss[1:]) - rss[1] < 30, rss
+    # The first one sizes the pools; after it, no climb: without the trim each prompt kept
+    # tens of MiB, so the later samples rose one after another. The test runs inside the whole
+    # suite's process, whose RSS can blip for one sample (CI saw 917 917 922 917 978 917):
+    # the typical and the last sample are judged, not the single highest.
+    later = sorted(rss[2:])
+    assert later[len(later) // 2] - rss[1] < 30 and rss[-1] - rss[1] < 30, rss
 
 
 _FRAGMENT = """

@@ -111,6 +111,7 @@ RAY_REFUSED_ROUTER_FLAGS = ("--header-timeout-s", "--config", "--prefill", "--de
 def parse_router_argv(argv: list[str]) -> argparse.Namespace:
     """The router's own parser over ``argv`` (one reading of every flag for both targets);
     a flag it does not know, or one Serve cannot honour, is a ValueError naming it."""
+    from moeserve.router.config import fill_flag_defaults
     from moeserve.router.server import add_router_parser
 
     for flag in argv:
@@ -125,6 +126,7 @@ def parse_router_argv(argv: list[str]) -> argparse.Namespace:
         raise ValueError(f"router flags {' '.join(argv)!r}: {e}") from None
     if unknown:
         raise ValueError(f"unknown router flags: {' '.join(unknown)}")
+    fill_flag_defaults(args)  # as resolve_router_config does (no --config file here)
     return args
 
 

@@ -29,7 +29,8 @@ from pydantic.alias_generators import to_camel, to_snake
 from moeserve.common import spec as s
 from moeserve.common.errors import ConfigError
 
-__all__ = ["DiscoveryConfig", "RouterConfig", "track_explicit_flags", "resolve_router_config"]
+__all__ = ["DiscoveryConfig", "RouterConfig", "fill_flag_defaults", "track_explicit_flags",
+           "resolve_router_config"]
 
 # Flags that live in a section of the file instead of at its top level: (section, key) -> dest.
 _SECTION_FLAGS = {
@@ -138,15 +139,20 @@ def track_explicit_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**{_FLAGS_ATTR: flags})
 
 
+def fill_flag_defaults(args: argparse.Namespace, from_file: dict | None = None) -> None:
+    """Give ``args`` every tracked flag it lacks: the file's value, else the default (the
+    parser leaves them unset so that a file can tell given flags from defaults)."""
+    for dest, flag in dict(getattr(args, _FLAGS_ATTR, {})).items():
+        if not hasattr(args, dest):
+            setattr(args, dest, (from_file or {}).get(dest, flag.default))
+
+
 def resolve_router_config(args: argparse.Namespace) -> RouterConfig:
     """Fill ``args`` (flag > file > default) and return the resolved :class:`RouterConfig`."""
     flags: dict[str, _Flag] = dict(getattr(args, _FLAGS_ATTR, {}))
     path = getattr(args, "config", None)
     file = _load(Path(path), flags) if path else None
-    from_file = _flag_values(file, flags) if file is not None else {}
-    for dest, flag in flags.items():
-        if not hasattr(args, dest):
-            setattr(args, dest, from_file.get(dest, flag.default))
+    fill_flag_defaults(args, _flag_values(file, flags) if file is not None else None)
     where = f"{path}: " if path else ""
     if not args.model:
         raise ConfigError(f"{where}model.path (or --model) is required: the checkpoint "

@@ -139,6 +139,10 @@ def test_router_flags_come_from_the_manifest_and_up(tmp_path: Path, monkeypatch)
     assert (args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser) == (
         "deepseek_v3", True, "deepseek_r1")
     assert args.disagg_threshold == 64 and args.max_stop_strings == 2
+    from moeserve.router.settings import settings_from_args
+
+    # every flag the replica reads has a value (the parser leaves defaults to the config step)
+    assert settings_from_args(args).disagg_threshold == 64 and args.probe_interval_s == 1.0
     for bad, message in ((["--header-timeout-s", "3"], "does not apply on Ray"),
                          (["--no-such-flag"], "unknown router flags: --no-such-flag"),
                          (["--max-stop-strings", "x"], "invalid int value")):
