@@ -23,3 +23,4 @@ def test_engine_resolves_the_budget_for_its_device(tiny_v3) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_v3), device="cpu", num_kv_blocks=16))
     assert engine.config.max_num_batched_tokens == CPU_STEP_BUDGET
     assert engine.scheduler.config.max_num_batched_tokens == CPU_STEP_BUDGET
+    assert engine.runner.config is engine.config  # one config, no stale copy

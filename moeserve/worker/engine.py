@@ -19,7 +19,7 @@ from moeserve.worker.config import EngineConfig
 from moeserve.worker.kv_cache_manager import KVCacheManager
 from moeserve.worker.parallel.group import ParallelContext
 from moeserve.worker.request import Request
-from moeserve.worker.runner import ModelRunner, PendingSample
+from moeserve.worker.runner import ModelRunner, PendingSample, resolve_device
 from moeserve.worker.sampler import SampledTokens
 from moeserve.worker.scheduler import (
     EngineCoreOutput,
@@ -66,6 +66,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
         """parallel: this rank's EP group; with ep > 1 and none given, the group is joined from
         the environment (moeserve.worker.parallel.launch sets it for each local rank)."""
+        # The step budget's default depends on the device: resolved once, before anything
+        # (runner, scheduler, warm-up) reads the config.
+        config = dataclasses.replace(config, max_num_batched_tokens=config.step_budget(
+            resolve_device(config.device).type))
         self.config = config
         if parallel is None and config.ep > 1:
             from moeserve.worker.parallel.launch import join_group_from_env
@@ -84,9 +88,6 @@ class LLMEngine:
                 param="max_model_len",
             )
         self.runner = ModelRunner(config, c, self.max_model_len, parallel)
-        # The step budget's default depends on the device, known only now.
-        config = self.config = dataclasses.replace(
-            config, max_num_batched_tokens=config.step_budget(self.runner.device.type))
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.model_id,
             enable_prefix_caching=config.enable_prefix_caching,
