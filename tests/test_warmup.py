@@ -36,7 +36,7 @@ def test_gpu_plan_covers_every_prefill_class_the_step_budget_allows() -> None:
     assert plan.mixed_prompt >= 1
     # several prompts in one step, as a loaded server prefills them (the H200 sweep compiled
     # kernels after ready without these)
-    assert plan.batched == ((2, 4093), (4, 2045), (8, 1021))
+    assert plan.batched == ((4093,) * 2, (2045,) * 4, (1021,) * 8)
     assert plan.mixed_long == 1021  # 16 blocks of 64 with its two tokens
     from moeserve.worker.model.moe import SHARED_APART_MIN_TOKENS as apart
 
@@ -49,6 +49,22 @@ def test_gpu_plan_stays_within_max_model_len_and_the_kv_pool() -> None:
     small = _plan(num_blocks=20, max_num_batched_tokens=2048)
     assert max(small.prefill_lengths) <= 19 * 64
     assert small.decode_batch < 256 and small.decode_batch >= 1
+
+
+def test_gpu_plan_fills_steps_larger_than_any_prompt_with_several() -> None:
+    """max_model_len below the step budget (1000-token prompts under an 8192 budget): each
+    step size class up to the budget still runs once, as several prompts in one step."""
+    plan = _plan(max_model_len=1164)
+    assert max(plan.prefill_lengths) == 1162
+    totals = {sum(step) for step in plan.batched}
+    for k in range(11, 14):  # 2048 .. 8192
+        assert {2**k, 2**k - 1, 2**k - 16} <= totals
+        if 2**k < 8192:
+            assert 2**k + 1 in totals
+    assert all(max(step) <= 1162 for step in plan.batched)
+    # a pool too small for a step's prompts leaves that step out
+    small = _plan(max_model_len=1164, num_blocks=60)
+    assert all(sum(-(-(n + 1) // 64) for n in step) <= 59 for step in small.batched)
 
 
 def test_cpu_plan_is_small_whatever_the_limits() -> None:

@@ -13,6 +13,7 @@ from moeserve.kernels.dispatch import (
     mla_decode,
     mla_prefill,
     mla_prefill_mha,
+    mla_prefill_mha_packed,
     optional_library_status,
     select_backend,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "mla_decode",
     "mla_prefill",
     "mla_prefill_mha",
+    "mla_prefill_mha_packed",
     "optional_library_status",
     "rmsnorm",
     "rope_cache_write",

@@ -26,7 +26,8 @@ from moeserve.kernels import mla_prefill_mha as _mha
 
 __all__ = [
     "BackendChoice", "select_backend", "last_path", "optional_library_status",
-    "mla_decode", "mla_prefill", "mla_prefill_mha", "fused_moe", "fp8_gemm", "OPS",
+    "mla_decode", "mla_prefill", "mla_prefill_mha", "mla_prefill_mha_packed", "fused_moe",
+    "fp8_gemm", "OPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,17 @@ def mla_prefill_mha(query: torch.Tensor, latents: torch.Tensor, kv_b_weight: tor
     """`moeserve.kernels.mla_prefill_mha.mla_prefill_mha`: torch SDPA (flash attention on
     CUDA); recorded as the "sdpa_mha" path of mla_prefill."""
     out = _mha.mla_prefill_mha(query, latents, kv_b_weight, scale, kv_lora_rank, v_head_dim)
+    _REGISTRY.last["mla_prefill"] = "sdpa_mha"
+    return out
+
+
+def mla_prefill_mha_packed(query: torch.Tensor, latents: torch.Tensor,
+                           kv_b_weight: torch.Tensor, scale: float, kv_lora_rank: int,
+                           v_head_dim: int, bounds: list[tuple[int, int]],
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """`moeserve.kernels.mla_prefill_mha.mla_prefill_mha_packed`, recorded as "sdpa_mha"."""
+    out = _mha.mla_prefill_mha_packed(query, latents, kv_b_weight, scale, kv_lora_rank,
+                                      v_head_dim, bounds, out)
     _REGISTRY.last["mla_prefill"] = "sdpa_mha"
     return out
 

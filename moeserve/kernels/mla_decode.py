@@ -18,7 +18,7 @@ from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel",
-           "default_block_h", "default_num_splits", "default_tiles"]
+           "default_block_h", "default_num_splits", "default_tiles", "batch_class"]
 
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -27,7 +27,9 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
-@triton.jit
+# The block table's row stride is its width, which follows the step's longest sequence outside
+# CUDA graphs: specializing on it (divisible by 16, or 1) compiled new variants mid-serving.
+@triton.jit(do_not_specialize=["stride_bts"])
 def mla_decode_kernel(
     q_ptr, q_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     num_heads, block_size, scale_log2,
@@ -128,6 +130,14 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     return max(1, min(128 if num_seqs <= 2 else 32, triton.cdiv(2 * num_sms, programs)))
 
 
+def batch_class(num_seqs: int) -> int:
+    """The batch size whose tiles and split count a batch of num_seqs takes: the next power
+    of two up to 8, then the next multiple of 16 (the decode CUDA graphs' ladder)."""
+    if num_seqs <= 8:
+        return 1 << max(0, num_seqs - 1).bit_length()
+    return -(-num_seqs // 16) * 16
+
+
 def default_block_h(num_heads: int, num_seqs: int = 1) -> int:
     """Heads per program: each program reads its sequence's latents once for all its heads,
     and tl.dot needs M >= 16 (V2-Lite's 16 heads fill one block). V3's 128 heads at batch
@@ -182,9 +192,12 @@ def mla_decode(
     num_seqs, num_heads = q.shape[:2]
     block_size = layer_cache.shape[1]
     rope = q_pe.shape[2]
-    block_h = block_h or default_block_h(num_heads, num_seqs)
-    splits = num_splits or default_num_splits(num_seqs, num_heads, block_h)
-    tiles = default_tiles(num_seqs, block_h)
+    # Tiles and splits by batch class, not batch: an eager step (a mixed step's decode rows)
+    # of any size then reuses a variant the decode graphs' ladder compiled.
+    size = batch_class(num_seqs)
+    block_h = block_h or default_block_h(num_heads, size)
+    splits = num_splits or default_num_splits(size, num_heads, block_h)
+    tiles = default_tiles(size, block_h)
     block_n, num_warps = block_n or tiles[0], num_warps or tiles[1]
     block_r = triton.next_power_of_2(kv_lora_rank)
     out = q.new_empty(num_seqs, num_heads, kv_lora_rank)

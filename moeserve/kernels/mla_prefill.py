@@ -35,7 +35,8 @@ class PrefillConfig:
     num_stages: int = 1
 
 
-@triton.jit
+# Not specialized on the block table's stride (its width: the step's longest sequence).
+@triton.jit(do_not_specialize=["stride_bts"])
 def mla_prefill_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, o_ptr,
     num_heads, block_size, scale_log2,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gather_latents", "mla_prefill_mha", "mha_worth_it"]
+__all__ = ["gather_latents", "mla_prefill_mha", "mha_worth_it", "expand_kv", "causal_mha"]
 
 
 def mha_worth_it(
@@ -57,21 +57,61 @@ def mla_prefill_mha(
     """
     num_q, num_heads, head_dim = query.shape
     seq_len, rope = latents.shape[0], latents.shape[1] - kv_lora_rank
-    nope = head_dim - rope
     if num_q > seq_len:
         raise ValueError(f"{num_q} queries but only {seq_len} cached tokens")
-    latents = latents.to(query.dtype)
+    key, value = expand_kv(latents.to(query.dtype), kv_b_weight, num_heads, head_dim - rope,
+                           kv_lora_rank, v_head_dim)
+    return causal_mha(query, key, value, scale)
+
+
+def expand_kv(latents: torch.Tensor, kv_b_weight: torch.Tensor, num_heads: int, nope: int,
+              kv_lora_rank: int, v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key [L, H, nope + rope], value [L, H, v]) of L latents [L, kv_lora_rank + rope]: one
+    GEMM through kv_b_proj, the shared rotated k_pe broadcast to every head."""
+    seq_len = latents.shape[0]
     c_kv, k_pe = latents[:, :kv_lora_rank], latents[:, kv_lora_rank:]
     kv = F.linear(c_kv, kv_b_weight).view(seq_len, num_heads, nope + v_head_dim)
-    k_nope, v = kv.split([nope, v_head_dim], dim=-1)
+    k_nope, value = kv.split([nope, v_head_dim], dim=-1)
     key = torch.cat([k_nope, k_pe[:, None, :].expand(-1, num_heads, -1)], dim=-1)
+    return key, value
+
+
+def causal_mha(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """[Q, H, v]: Q queries, the last Q of the L keys' positions (causal, bottom right)."""
+    num_q, seq_len = query.shape[0], key.shape[0]
     # [1, H, Q|L, D] views; SDPA takes any strides with a contiguous last dim.
-    query, key, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, v))
+    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
     if num_q == seq_len:
-        out = F.scaled_dot_product_attention(query, key, v, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
     else:
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(num_q, seq_len)
-        out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
+
+
+def mla_prefill_mha_packed(
+    query: torch.Tensor,
+    latents: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+    v_head_dim: int,
+    bounds: list[tuple[int, int]],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mla_prefill_mha` of several whole new prompts packed back to back: query [N, H, D]
+    and latents [N, kv_dim] hold them in the same order, bounds are each prompt's [start,
+    end) within the N. K/V are expanded for all N in one GEMM; each prompt then attends to
+    itself (causal). Writes into ``out`` [N, H, v] when given; returns it."""
+    num_heads, head_dim = query.shape[1:]
+    rope = latents.shape[1] - kv_lora_rank
+    key, value = expand_kv(latents.to(query.dtype), kv_b_weight, num_heads, head_dim - rope,
+                           kv_lora_rank, v_head_dim)
+    if out is None:
+        out = query.new_empty(query.shape[0], num_heads, v_head_dim)
+    for a, b in bounds:
+        out[a:b] = causal_mha(query[a:b], key[a:b], value[a:b], scale)
+    return out

@@ -62,12 +62,12 @@ class WarmupPlan:
     mixed_prompt: int  # a prompt admitted beside the ladder's decodes
     mixed_long: int = 0  # then one of this length (16 KV blocks), a step later; 0: none
     stagger: bool = True  # ladder request i generates i + 2 tokens (else all generate 2)
-    batched: tuple[tuple[int, int], ...] = ()  # (prompts, length): that many in one step
+    batched: tuple[tuple[int, ...], ...] = ()  # each: the prompt lengths of one step
 
     @property
     def num_requests(self) -> int:
         return (len(self.prefill_lengths) + 2 * bool(self.chunked_prompt) + self.decode_batch
-                + 1 + bool(self.mixed_long) + sum(k for k, _ in self.batched))
+                + 1 + bool(self.mixed_long) + sum(len(b) for b in self.batched))
 
 
 def _prefill_lengths(cap: int) -> tuple[int, ...]:
@@ -113,9 +113,28 @@ def plan_warmup(*, max_num_batched_tokens: int, max_num_seqs: int, max_model_len
     while n > 1 and _ladder_blocks(n, block_size) + -(-(mixed + 2) // block_size) + (
             -(-(long + 2) // block_size)) > num_blocks - 1:  # fmt: skip
         n -= 1
-    batched = tuple((k, budget // k - 3) for k in (2, 4, 8) if budget // k > 16)
+    batched = tuple((budget // k - 3,) * k for k in (2, 4, 8) if budget // k > 16)
+    batched += _multi_prompt_steps(max_num_batched_tokens, longest, block_size, num_blocks)
     return WarmupPlan(_prefill_lengths(budget), chunked if chunked > budget else 0, n, mixed,
                       mixed_long=long, batched=batched)
+
+
+def _multi_prompt_steps(step_budget: int, longest: int, block_size: int,
+                        num_blocks: int) -> tuple[tuple[int, ...], ...]:
+    """Steps of every size class above the longest prompt, up to the step budget: several
+    prompts fill a step that no single one can (max_model_len below the budget), and each
+    class of step size picks its own MoE tiles (the H200 compiled fused-MoE variants after
+    ready for 8k-token steps of 1k prompts without these). Sizes whose prompts would not fit
+    the KV pool are left out."""
+    steps = []
+    for total in _prefill_lengths(step_budget):
+        if total <= longest:
+            continue
+        k = -(-total // longest)
+        lengths = tuple(total // k + (i < total % k) for i in range(k))
+        if sum(-(-(n + 1) // block_size) for n in lengths) <= num_blocks - 1:
+            steps.append(lengths)
+    return tuple(steps)
 
 
 def sampling_variants(eos_token_id: int | None) -> list[SamplingParams]:
@@ -177,8 +196,8 @@ def run_warmup(engine, plan: WarmupPlan) -> tuple[int, int]:
     for length in (plan.chunked_prompt, plan.chunked_prompt + 1) if plan.chunked_prompt else ():
         d.add(length, 1)
         d.drain()
-    for k, length in plan.batched:
-        for _ in range(k):
+    for lengths in plan.batched:
+        for length in lengths:
             d.add(length, 1)
         d.drain()
     for i in range(plan.decode_batch):

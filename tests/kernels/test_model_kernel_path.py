@@ -91,3 +91,47 @@ def test_kernel_path_matches_torch_path(ckpt, shared_apart, request, device, mon
         ctx, qlens = [c + q for c, q in zip(ctx, qlens, strict=True)], [1, 1, 1]
         assert calls["rmsnorm"] and calls["mla_prefill" if step == 0 else "mla_decode"]
         calls.update(dict.fromkeys(calls, 0))
+
+
+def test_mixed_steps_match_torch_path(tiny_v2, request, device, monkeypatch):
+    """Steps that mix decode rows with prompts, as serving runs them: whole new prompts
+    packed into one K/V expansion beside decode rows (the decode kernel), then a step with a
+    new prompt and a chunk continuing a cached prefix (attending apart) and whose other
+    sequences (decode rows and a short chunk) are not contiguous in the batch (the absorbed
+    kernel on gathered rows)."""
+    request.getfixturevalue("tf32_matmul")
+    ref, fast = _model(tiny_v2, device, False), _model(tiny_v2, device, True)
+    calls = {"mla_prefill": 0, "mla_decode": 0, "mla_prefill_mha": 0,
+             "mla_prefill_mha_packed": 0}
+    for op in calls:
+        monkeypatch.setattr(kernels, op, _counted(getattr(kernels, op), op, calls))
+    cfg = ref.config
+    tables = {"x": [1, 2, 3, 4], "y": [5, 6], "z": [7, 8, 9], "w": [10, 11, 12],
+              "v": [13, 14]}
+    caches = [torch.zeros(16, cfg.num_hidden_layers, BLOCK, cfg.kv_dim, device=device)
+              for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    ctx = dict.fromkeys(tables, 0)
+    # (sequence, new tokens) per step, in batch order; the calls each step must make
+    steps = [([("x", 6), ("y", 9)], {"mla_prefill": 1}),
+             ([("x", 1), ("y", 1), ("z", 20), ("w", 17)],
+              {"mla_prefill_mha_packed": 1, "mla_decode": 1}),
+             ([("z", 1), ("x", 18), ("w", 1), ("y", 4), ("v", 16)],
+              {"mla_prefill_mha": 1, "mla_prefill_mha_packed": 1, "mla_prefill": 1})]
+    for i, (batch, want_calls) in enumerate(steps):
+        names, qlens = [n for n, _ in batch], [q for _, q in batch]
+        meta, pos = AttentionMetadata.build([tables[n] for n in names], [ctx[n] for n in names],
+                                            qlens, BLOCK, device)
+        ids = torch.randint(2, cfg.vocab_size, (sum(qlens),), generator=gen).to(device)
+        with torch.inference_mode():
+            want = ref.compute_logits(ref(ids, pos, caches[0], meta))
+            meta.split = None  # the kernel path plans its own split
+            calls.update(dict.fromkeys(calls, 0))
+            got = fast.compute_logits(fast(ids, pos, caches[1], meta, backend="triton"))
+        assert rel_err(got, want) < TF32_TOL, f"step {i}"
+        assert rel_err(caches[1], caches[0]) < TF32_TOL, f"step {i}"
+        # each kernel once per layer
+        layers = cfg.num_hidden_layers
+        assert {op: n // layers for op, n in calls.items() if n} == want_calls, f"step {i}"
+        for n, q in batch:
+            ctx[n] += q

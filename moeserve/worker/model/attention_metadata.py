@@ -24,6 +24,8 @@ class AttentionMetadata:
     max_query_len / max_seq_len: Python ints sizing the padded attention.
     query_lens_host / seq_lens_host: the same lengths as Python ints where the step was built
     on the host (empty in captured decode graphs); prefill splits its batch by them.
+    split: the step's AttentionSplit (attention_split.py), planned by the first layer that
+    needs it and reused by the others.
     """
 
     slot_mapping: torch.Tensor
@@ -37,6 +39,7 @@ class AttentionMetadata:
     block_size: int
     query_lens_host: tuple[int, ...] = ()
     seq_lens_host: tuple[int, ...] = ()
+    split: object | None = None
 
     @property
     def num_seqs(self) -> int:

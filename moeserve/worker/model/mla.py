@@ -9,15 +9,13 @@ the rotated shared key (qk_rope_head_dim). Two equivalent ways to attend over it
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeserve.common.model_config import ModelConfig
-from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model.attention_metadata import AttentionMetadata
+from moeserve.worker.model.attention_split import AttentionSplit, plan_split
 from moeserve.worker.model.forward_context import kernels_on
 from moeserve.worker.model.fp8_linear import Fp8Linear
 from moeserve.worker.model.layers import RMSNorm, linear, make_linear
@@ -185,38 +183,49 @@ class MLAttention(nn.Module):
     def _prefill_kernels(self, query, layer_cache, meta) -> torch.Tensor:
         """query: [T, H, nope + rope], rope part rotated. Sequences with many new tokens in the
         MHA form (kernels/mla_prefill_mha.py), the rest (decode tokens of a mixed batch, short
-        chunks) absorbed over the paged cache."""
+        chunks) absorbed over the paged cache; which is which is planned once a step
+        (attention_split.py)."""
         from moeserve import kernels
-        from moeserve.kernels.mla_prefill_mha import gather_latents, mha_worth_it
+        from moeserve.kernels.mla_prefill_mha import gather_latents
 
         q_nope, q_pe = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        qlens, slens = meta.query_lens_host, meta.seq_lens_host
-        head_bytes = (self.qk_nope_head_dim + self.v_head_dim) * q_nope.element_size()
-        mha = {s for s in range(len(qlens))
-               if mha_worth_it(qlens[s], slens[s], self.num_heads, head_bytes)}
-        if not mha:
+        if meta.split is None:
+            meta.split = plan_split(meta, self._mha_worth_it)
+        split: AttentionSplit = meta.split
+        if not split.mha:
             return self._absorbed_kernel(q_nope, q_pe, layer_cache, meta.block_tables,
                                          meta.seq_lens, meta.query_start_loc, meta.max_query_len)
-        starts = [0, *accumulate(qlens)]
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
-        for s in sorted(mha):
-            a, b = starts[s], starts[s + 1]
-            latents = gather_latents(layer_cache, meta.block_tables[s], slens[s])
-            out[a:b] = kernels.mla_prefill_mha(query[a:b], latents, self.kv_b_proj.weight,
-                                               self.softmax_scale, self.kv_lora_rank,
-                                               self.v_head_dim)
-        rest = [s for s in range(len(qlens)) if s not in mha]
-        if rest:
-            dev = q_nope.device
-            tok = to_device(torch.cat([torch.arange(starts[s], starts[s + 1]) for s in rest]),
-                            dev)
-            rest_lens = [qlens[s] for s in rest]
-            seqs = to_device(rest, dev, torch.int64)
-            out[tok] = self._absorbed_kernel(
-                q_nope[tok], q_pe[tok], layer_cache, meta.block_tables[seqs],
-                meta.seq_lens[seqs], to_device([0, *accumulate(rest_lens)], dev, torch.int64),
-                max(rest_lens))
+        w_kv_b = self.kv_b_proj.weight
+        if split.fresh is not None:  # whole new prompts: their K/V expanded in one GEMM
+            base = split.fresh.start
+            kernels.mla_prefill_mha_packed(
+                query[split.fresh], layer_cache[split.fresh_slots], w_kv_b, self.softmax_scale,
+                self.kv_lora_rank, self.v_head_dim,
+                [(a - base, b - base) for a, b, _ in split.mha[: split.num_packed]],
+                out=out[split.fresh])
+        for a, b, s in split.mha[split.num_packed:]:  # over a cached prefix: one by one
+            latents = gather_latents(layer_cache, meta.block_tables[s], meta.seq_lens_host[s])
+            out[a:b] = kernels.mla_prefill_mha(query[a:b], latents, w_kv_b, self.softmax_scale,
+                                               self.kv_lora_rank, self.v_head_dim)
+        if split.rest is not None:
+            rest_nope, rest_pe = q_nope[split.rest], q_pe[split.rest]
+            if split.rest_decode:  # a mixed step's decode rows: the decode kernel
+                o = self._unabsorb(kernels.mla_decode(
+                    self._latent_query(rest_nope), layer_cache, split.rest_tables,
+                    split.rest_seq_lens, self.softmax_scale, self.kv_lora_rank, q_pe=rest_pe))
+            else:
+                o = self._absorbed_kernel(rest_nope, rest_pe, layer_cache, split.rest_tables,
+                                          split.rest_seq_lens, split.rest_starts,
+                                          split.rest_max_query_len)
+            out[split.rest] = o
         return out
+
+    def _mha_worth_it(self, query_len: int, seq_len: int) -> bool:
+        from moeserve.kernels.mla_prefill_mha import mha_worth_it
+
+        head_bytes = (self.qk_nope_head_dim + self.v_head_dim) * self.kv_b_proj.weight.itemsize
+        return mha_worth_it(query_len, seq_len, self.num_heads, head_bytes)
 
     def _absorbed_kernel(self, q_nope, q_pe, layer_cache, block_tables, seq_lens,
                          query_start_loc, max_query_len) -> torch.Tensor:
