@@ -108,9 +108,6 @@ class ModelRunner:
         # twice the weights' memory. Tensors created with an explicit dtype (RoPE tables, the
         # routing bias) stay float32.
         self.fp8 = resolve_quantization(config, model_config, self.device) == "fp8"
-        if self.fp8 and config.enable_eplb:
-            raise ValueError("enable_eplb moves expert weights without their fp8 scales: "
-                             "serve with --quantization dequant to rebalance experts")
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -143,18 +143,19 @@ def scenario_parity(ctx, model: str, assignment: dict[int, list[int]], dbo: bool
     return result
 
 
-def scenario_eplb(ctx, model: str, assignment: dict[int, list[int]]) -> dict:
+def scenario_eplb(ctx, model: str, assignment: dict[int, list[int]],
+                  quantization: str = "auto") -> dict:
     """Skewed prompts with EPLB rebalancing every 4 steps while they decode."""
     from moeserve.worker.engine import LLMEngine
 
     cfg = engine_config(model, ctx.world_size, enable_eplb=True, eplb_window=4,
-                        eplb_interval=4, eplb_redundant_experts=2)
+                        eplb_interval=4, eplb_redundant_experts=2, quantization=quantization)
     engine = LLMEngine(cfg, parallel=ctx)
     mine = assignment.get(ctx.rank, [])
     tokens = engine.generate([SKEWED[i] for i in mine], [skewed_params(i) for i in mine])
     ep = engine.runner.expert_parallel
     return {"tokens": tokens, "reports": [vars(r) for r in ep.reports],
-            "placement": ep.placement.phy2log.tolist()}
+            "placement": ep.placement.phy2log.tolist(), "fp8": engine.runner.fp8}
 
 
 def scenario_stall(ctx, model: str, stall_rank: int, stall_after: int,

@@ -82,6 +82,27 @@ def test_eplb_rebalances_skewed_load_without_changing_tokens(tiny_v3):
     assert results[0]["placement"] == results[1]["placement"]
 
 
+def test_eplb_moves_fp8_experts_with_their_scales(tmp_path_factory):
+    """Resident fp8 experts (W8A8 in plain torch here) rebalanced while requests decode: each
+    expert copy that changes rank travels with its block scales, so the tokens stay those of
+    one rank holding every expert."""
+    from moeserve.worker.engine import LLMEngine
+    from tests.conftest import make_small_checkpoint
+    from tests.test_fp8_loading import ALIGNED
+
+    model = str(make_small_checkpoint(tmp_path_factory.mktemp("fp8") / "ep", "tiny", ALIGNED,
+                                      fp8=True))
+    assignment = {0: [0, 2], 1: [1]}
+    results = h.run_ranks(h.scenario_eplb, 2, (model, assignment, "fp8"))
+    engine = LLMEngine(h.engine_config(model, 1, quantization="fp8"))
+    assert engine.runner.fp8 and results[0]["fp8"] and results[1]["fp8"]
+    ref = engine.generate(h.SKEWED, [h.skewed_params(i) for i in range(3)])
+    got = _by_prompt(results, assignment, "tokens")
+    assert [got[i] for i in range(3)] == ref
+    moved = sum(r["experts_moved"] for rank in (0, 1) for r in results[rank]["reports"])
+    assert moved > 0  # copies did change rank while requests ran
+
+
 @pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
 def test_dead_or_frozen_rank_fails_the_group_within_bounded_time(tiny_v3, how):
     timeout = 3.0

@@ -69,7 +69,7 @@ def quant_dequant_groups(x: torch.Tensor, group: int, eps: float = 1e-10) -> tor
     tiles = pad.view(m, groups, group)
     scales = tiles.abs().amax(-1, keepdim=True).clamp_min(eps) / FP8_MAX
     q = (tiles / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return (q.float() * scales).view(m, -1)[:, :k]
+    return (q.float() * scales).reshape(m, groups * group)[:, :k]  # m may be 0 (an idle rank)
 
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,

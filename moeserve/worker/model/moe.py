@@ -93,17 +93,22 @@ class Experts(nn.Module):
         # Shared experts stacked after the routed ones by MoE.fuse_shared_experts.
         self.num_shared_slots = 0
 
-    def set_placement(self, expert_ids: list[int], w13: torch.Tensor | None = None,
-                      w2: torch.Tensor | None = None) -> None:
-        """Hold `expert_ids` (EPLB may list an expert twice) with the given stacked weights, or
-        uninitialised ones to be loaded from the checkpoint."""
+    def stacked(self) -> dict[str, nn.Parameter]:
+        """The tensors held per local slot (dim 0): w13, w2 and, fp8, their block scales.
+        What EPLB moves when an expert changes rank: a weight without its scales would be
+        read with another expert's."""
+        names = ("w13", "w2") + (("w13_scale", "w2_scale") if self.fp8_block else ())
+        return {name: getattr(self, name) for name in names}
+
+    def set_placement(self, expert_ids: list[int],
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Hold `expert_ids` (EPLB may list an expert twice) with the given stacked tensors
+        (every one of `stacked`, slot-major), or uninitialised ones to be loaded from the
+        checkpoint."""
         n = len(expert_ids)
-        self.w13.data = w13 if w13 is not None else self.w13.data.new_empty(
-            n, *self.w13.shape[1:])
-        self.w2.data = w2 if w2 is not None else self.w2.data.new_empty(n, *self.w2.shape[1:])
-        for scale in (self.w13_scale, self.w2_scale):
-            if scale is not None:  # fp8 placements are loaded, never moved (no EPLB)
-                scale.data = scale.data.new_empty(n, *scale.shape[1:])
+        for name, param in self.stacked().items():
+            param.data = (tensors[name] if tensors is not None
+                          else param.data.new_empty(n, *param.shape[1:]))
         self.expert_ids = list(expert_ids)
         self.local_slot = {}
         for i, g in enumerate(expert_ids):

@@ -179,27 +179,32 @@ def _move_experts(ctx: ParallelContext, experts: Experts, old: torch.Tensor,
         held = set(old_r[dst])
         return sorted({e for e in new_r[dst] if e not in held and source[e] == src})
 
-    w13, w2 = experts.w13.data, experts.w2.data
-    row = w13[0].numel() + w2[0].numel()
+    # An expert travels as one row of bytes: its weights and, fp8, their scales (gloo and
+    # NCCL move uint8 whatever the dtypes inside).
+    held = {name: p.data for name, p in experts.stacked().items()}
+    sizes = [t[0].numel() * t.element_size() for t in held.values()]
     mine = {e: s for s, e in reversed(list(enumerate(old_r[me])))}
     send_lists = [needed(d, me) if d != me else [] for d in range(world)]
     recv_lists = [needed(me, s) if s != me else [] for s in range(world)]
-    sends = [torch.cat([w13[mine[e]].flatten(), w2[mine[e]].flatten()])
+    sends = [torch.cat([t[mine[e]].reshape(-1).view(torch.uint8) for t in held.values()])
              for lst in send_lists for e in lst]
-    send = torch.stack(sends) if sends else w13.new_empty(0, row)
+    send = torch.stack(sends) if sends else torch.empty(0, sum(sizes), dtype=torch.uint8,
+                                                         device=experts.w13.device)
     n_recv = sum(len(lst) for lst in recv_lists)
-    recv = w13.new_empty(n_recv, row)
+    recv = send.new_empty(n_recv, sum(sizes))
     ctx.wait(dist.all_to_all_single(
         recv, send, [len(lst) for lst in recv_lists], [len(lst) for lst in send_lists],
         group=ctx.group, async_op=True))
     fetched = {e: recv[i] for i, e in enumerate(e for lst in recv_lists for e in lst)}
-    new13, new2 = torch.empty_like(w13), torch.empty_like(w2)
+    new = {name: torch.empty_like(t) for name, t in held.items()}
     for slot, e in enumerate(new_r[me]):
-        if e in mine:
-            new13[slot], new2[slot] = w13[mine[e]], w2[mine[e]]
-        else:
-            flat = fetched[e]
-            new13[slot] = flat[: w13[0].numel()].view_as(w13[0])
-            new2[slot] = flat[w13[0].numel():].view_as(w2[0])
-    experts.set_placement(new_r[me], new13, new2)
+        offset = 0
+        for (name, t), size in zip(held.items(), sizes, strict=True):
+            if e in mine:
+                new[name][slot] = t[mine[e]]
+            else:
+                new[name][slot].reshape(-1).view(torch.uint8).copy_(
+                    fetched[e][offset : offset + size])
+            offset += size
+    experts.set_placement(new_r[me], new)
     return n_recv
