@@ -58,6 +58,9 @@ def plan_split(meta, use_mha: Callable[[int, int], bool]) -> AttentionSplit:
     packed = [s for s in mha_seqs if qlens[s] == slens[s]]
     while len(packed) > 1 and packed[-1] - packed[0] != len(packed) - 1:
         packed.pop(0)  # keep a consecutive run (the usual layout is one)
+    # the packed expansion is bounded as one sequence's is (use_mha's size limit)
+    while len(packed) > 1 and not use_mha(*(2 * [sum(qlens[s] for s in packed)])):
+        packed.pop()
     fresh = fresh_slots = None
     if packed:
         fresh = slice(starts[packed[0]], starts[packed[-1] + 1])
