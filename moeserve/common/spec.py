@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moeserve.common.errors import ConfigError
 from moeserve.common.spec_base import FieldRuleError, _cel, _field_path, _message, _Model
-from moeserve.common.spec_model import ModelSource, ModelSpec, Parallelism
+from moeserve.common.spec_model import CompileCacheSpec, ModelSource, ModelSpec, Parallelism
 from moeserve.common.spec_ops import (
     AutoscalingSpec,
     PreflightSpec,
@@ -269,6 +269,7 @@ class MoEDeploymentSpec(_Model):
     image_pull_secrets: list[str] = Field(default_factory=list)
     cluster_domain: str = Field("cluster.local", min_length=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    compile_cache: CompileCacheSpec = Field(default_factory=CompileCacheSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     prefill: PoolSpec
     decode: PoolSpec

@@ -16,6 +16,7 @@ from moeserve.common.model_presets import ModelShape, planned_model_config
 from moeserve.common.spec_base import FieldRuleError, _cel, _Model
 
 __all__ = ["MODELS_DIR", "Parallelism", "PvcSource", "HostPathSource", "ModelSource",
+           "CompileCacheSpec",
            "ModelSpec"]
 
 # Where a worker or router container mounts the model volume.
@@ -68,6 +69,29 @@ class ModelSource(_Model):
         if len(chosen) != 1:
             raise FieldRuleError("", f"exactly one of pvc, hostPath, preset must be set, got "
                                      f"{chosen or 'none'}")
+        return self
+
+
+class CompileCacheSpec(_Model):
+    """Where workers keep compiled kernels (Triton's cache) across pod restarts: a directory on
+    the node, or a PersistentVolumeClaim (ReadWriteMany where pods span nodes). Without one
+    each new pod compiles its kernels again before it reports ready (H200, V2-Lite: start-up
+    54-64 s cold against 33 s with the cache warm). Entries are keyed by kernel source, GPU
+    and compiler version, so pods of different images and nodes can share one."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!(has(self.pvc) && has(self.hostPath))", "set at most one of pvc, hostPath"),
+    ]})
+
+    pvc: str | None = Field(None, min_length=1,
+                            description="PersistentVolumeClaim mounted as the cache.")
+    host_path: str | None = Field(None, pattern=r"^/",
+                                  description="Directory on the node (created if missing).")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> CompileCacheSpec:
+        if self.pvc and self.host_path:
+            raise FieldRuleError("", "set at most one of pvc, hostPath")
         return self
 
 

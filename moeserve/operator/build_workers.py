@@ -96,6 +96,8 @@ def _port(name: str, port: int) -> dict[str, Any]:
 # worker then finishes what it holds within its drain grace, and the kubelet's
 # terminationGracePeriodSeconds covers both plus a margin before SIGKILL.
 PRESTOP_SLEEP_S = 5
+# Triton's kernel cache: in the pod's /cache emptyDir, or spec.compileCache mounted here.
+TRITON_CACHE_DIR = "/cache/triton"
 WORKER_TERMINATION_GRACE_S = PRESTOP_SLEEP_S + WORKER_DRAIN_GRACE_S + 5
 
 
@@ -119,7 +121,7 @@ def worker_launch(dep: MoEDeployment, role: Role,
         target_args=tuple(tls_args(dep)),
         # Caches (Triton, torch inductor, HF) go to the writable emptyDir, not the read-only root.
         target_env=(("HOME", "/cache"), ("XDG_CACHE_HOME", "/cache"),
-                    ("TRITON_CACHE_DIR", "/cache/triton")),
+                    ("TRITON_CACHE_DIR", TRITON_CACHE_DIR)),
     )  # fmt: skip
     launch = plan_worker(pool_launch(dep, role, dep.spec.model.container_path()), where)
     env: list[dict[str, Any]] = [
@@ -150,6 +152,21 @@ def _resources(pool: PoolSpec) -> dict[str, Any]:
     if limits:
         out["limits"] = limits
     return out
+
+
+def compile_cache_volumes(dep: MoEDeployment) -> tuple[list[dict[str, Any]],
+                                                        list[dict[str, Any]]]:
+    """(volumes, mounts) of spec.compileCache: Triton's cache kept beyond the pod (none: it
+    lives in the pod's /cache emptyDir and each new pod compiles again)."""
+    cache = dep.spec.compile_cache
+    if cache.pvc:
+        volume: dict[str, Any] = {"persistentVolumeClaim": {"claimName": cache.pvc}}
+    elif cache.host_path:
+        volume = {"hostPath": {"path": cache.host_path, "type": "DirectoryOrCreate"}}
+    else:
+        return [], []
+    return ([{"name": "compile-cache", **volume}],
+            [{"name": "compile-cache", "mountPath": TRITON_CACHE_DIR}])
 
 
 def model_volume(dep: MoEDeployment) -> dict[str, Any]:
@@ -184,6 +201,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
     pool = dep.spec.pool(role)
     image = pool.image or dep.spec.image
     command, env = worker_launch(dep, role, group)
+    cache_volumes, cache_mounts = compile_cache_volumes(dep)
     container = {
         "name": "worker",
         "image": image,
@@ -206,6 +224,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *cache_mounts,
             *tls_mounts(dep),
         ],
     }
@@ -223,6 +242,7 @@ def _pod_spec(dep: MoEDeployment, role: Role, group: int) -> dict[str, Any]:
             {"name": "cache", "emptyDir": {}},
             {"name": "dshm",
              "emptyDir": {"medium": "Memory", "sizeLimit": pool.shared_memory_size}},
+            *cache_volumes,
             *tls_volumes(dep),
         ],
     }

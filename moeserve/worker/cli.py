@@ -66,8 +66,37 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p  # fmt: skip
 
 
+def usable_kernel_cache(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """Point TRITON_CACHE_DIR at a directory this process can write: a shared cache mounted
+    read-only or owned by another user (a node directory the worker's uid cannot write)
+    would make every compilation fail. Falls back to a private one under the temp dir;
+    returns a warning naming why, or None when the configured one is usable."""
+    configured = env.get("TRITON_CACHE_DIR")
+    if not configured:
+        return None
+    try:
+        os.makedirs(configured, exist_ok=True)
+        probe = os.path.join(configured, f".write-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+        return None
+    except OSError as e:
+        import tempfile
+
+        fallback = os.path.join(tempfile.gettempdir(), "moeserve-triton-cache")
+        env["TRITON_CACHE_DIR"] = fallback
+        return (f"kernel cache {configured} is not writable ({e.strerror or e}): compiling "
+                f"into {fallback}, which this pod loses; kernels compile again at every start")
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     require_engine("the engine a worker serves")
+    warning = usable_kernel_cache()  # before Triton is imported: it reads the variable once
+    if warning:
+        import logging
+
+        logging.getLogger("moeserve.worker").warning("%s", warning)
     from moeserve.common import aio
     from moeserve.worker.server import serve_worker
 

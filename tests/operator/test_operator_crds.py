@@ -177,6 +177,8 @@ CEL_CASES = {
     ),
     "metrics auth without keys": ({"router": {"apiKeyMetrics": True}},
                                   "spec.router.apiKeyMetrics"),
+    "two compile caches": ({"compileCache": {"pvc": "c", "hostPath": "/var/cache/x"}},
+                           "spec.compileCache"),
     "two sources": (
         {"model": {"source": {"preset": "tiny", "hostPath": {"path": "/x"}}}},
         "spec.model.source",

@@ -174,6 +174,30 @@ def test_pods_are_locked_down() -> None:
                 assert "/tmp" in mounts  # the one writable scratch place
 
 
+@pytest.mark.parametrize("cache,volume", [
+    ({"hostPath": "/var/cache/moeserve"},
+     {"hostPath": {"path": "/var/cache/moeserve", "type": "DirectoryOrCreate"}}),
+    ({"pvc": "kernel-cache"}, {"persistentVolumeClaim": {"claimName": "kernel-cache"}}),
+])
+def test_compile_cache_outlives_the_pod(cache: dict[str, Any], volume: dict[str, Any]) -> None:
+    """spec.compileCache mounts where TRITON_CACHE_DIR points, in every worker pod: a new pod
+    then finds the kernels the last one compiled instead of compiling them before ready."""
+    objs = rendered(variant("tiny-cpu.yaml", compileCache=cache))
+    validate_all(objs)
+    pods = [o["spec"]["template"]["spec"] for o in _by(objs, "StatefulSet").values()]
+    assert pods
+    for pod in pods:
+        worker = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in worker["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        assert mounts[env["TRITON_CACHE_DIR"]] == "compile-cache"
+        assert {"name": "compile-cache", **volume} in pod["volumes"]
+    # without it the cache is the pod's own emptyDir, nothing extra mounted
+    plain = _by(rendered(example("tiny-cpu.yaml")), "StatefulSet")
+    for sts in plain.values():
+        assert all(v["name"] != "compile-cache" for v in sts["spec"]["template"]["spec"]["volumes"])
+
+
 def test_router_rbac_is_discovery_only_and_hpa_targets_pool() -> None:
     objs = rendered(example("deepseek-v3-wide-ep.yaml"))
     role = _by(objs, "Role")["deepseek-v3-router"]
