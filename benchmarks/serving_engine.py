@@ -177,7 +177,8 @@ def main() -> None:
         extra = {}
         for item in args.engine_arg:
             key, _, value = item.partition("=")
-            extra[key] = int(value) if value.lstrip("-").isdigit() else value
+            extra[key] = (int(value) if value.lstrip("-").isdigit()
+                          else {"true": True, "false": False}.get(value.lower(), value))
         rows = []
         for budget in args.budgets:
             config = EngineConfig(model=model, device=args.device, dtype="auto",

@@ -54,6 +54,12 @@ class EngineConfig:
     """largest decode batch run as a CUDA graph (capped at max_num_seqs)"""
     cuda_graph_max_context: int = 4096
     """longest sequence a torch-path decode CUDA graph serves (kernel path: max_model_len)"""
+    mixed_cuda_graphs: bool = False
+    """also capture mixed steps (decode rows beside up to 4 prompt chunks) as CUDA graphs, on a
+    grid of decode-row and prompt-token sizes (worker/mixed_graphs.py); experimental: off
+    until measured against eager mixed steps on a GPU"""
+    mixed_graph_max_tokens: int = 2048
+    """largest prompt-token size of a captured mixed step (capped at the step budget)"""
     warmup: bool = True
     """a serving worker runs dummy requests over every shape its limits allow (prefill sizes,
     the decode batch ladder, sampling variants) before it reports ready, so no request waits
@@ -115,6 +121,9 @@ class EngineConfig:
         if self.quantization not in ("auto", "fp8", "dequant"):
             raise ValueError(
                 f"quantization must be auto, fp8 or dequant, got {self.quantization!r}")
+        if self.mixed_graph_max_tokens < 128:
+            raise ValueError("mixed_graph_max_tokens must be >= 128, got "
+                             f"{self.mixed_graph_max_tokens}")
         if self.dp != self.ep:
             # Attention ranks and expert ranks are the same processes (no tensor parallelism).
             raise ValueError(f"dp must equal ep, got dp={self.dp} ep={self.ep}")

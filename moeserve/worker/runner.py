@@ -17,6 +17,7 @@ from moeserve.worker.cuda_graphs import DecodeGraphs
 from moeserve.worker.grammar import GrammarCompiler, Grammars
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.logits_processors import gather_logprobs, penalty_inputs
+from moeserve.worker.mixed_graphs import MixedGraphs
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.parallel.group import ParallelContext
@@ -34,6 +35,10 @@ __all__ = ["ModelRunner", "PendingSample", "cpu_threads", "resolve_device", "res
            "resolve_quantization"]
 
 logger = logging.getLogger(__name__)
+
+# Prompt chunks a captured mixed step holds beside its decode rows (the step budget admits
+# a few prompts a step at the sizes the graphs cover).
+MIXED_GRAPH_PROMPTS = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,8 +159,11 @@ class ModelRunner:
                                                  model_config.eos_token_id), self.device)
         # Not with expert parallelism: dispatch reads row counts back to the host every layer.
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.graphs = self._capture_graphs(max_model_len)
+            if config.mixed_cuda_graphs and self.backend == "triton":
+                self.mixed_graphs = self._capture_mixed_graphs(max_model_len)
 
     def _log_memory_plan(self, max_model_len: int) -> None:
         """What this process holds, beside the plan's arithmetic (common/memory_plan.py)."""
@@ -185,6 +193,22 @@ class ModelRunner:
             graphs.capture()
         except RuntimeError as e:  # an op of this model/dtype cannot be captured
             logger.warning("decode CUDA graphs disabled, running eagerly: %s", e,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            return None
+        return graphs
+
+    def _capture_mixed_graphs(self, max_model_len: int) -> MixedGraphs | None:
+        config = self.config
+        graphs = MixedGraphs(
+            self.model, self.kv_cache, self.last_sampled, self.block_size,
+            max_decode_rows=min(config.cuda_graph_max_batch, config.max_num_seqs),
+            max_prompt_tokens=min(config.mixed_graph_max_tokens, config.max_num_batched_tokens),
+            max_prompt_seqs=MIXED_GRAPH_PROMPTS, max_context=max_model_len,
+            backend=self.backend)
+        try:
+            graphs.capture()
+        except RuntimeError as e:
+            logger.warning("mixed-step CUDA graphs disabled, running eagerly: %s", e,
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             return None
         return graphs
@@ -272,6 +296,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         elif len(sample_reqs) == len(reqs) and self._decode_graph_fits(query_lens, context_lens):
             logits = self.graphs.run(token_ids, context_lens, tables)
+        elif self.mixed_graphs is not None and self.mixed_graphs.fits(query_lens, context_lens):
+            if not sample_reqs:
+                return self._run_mixed_unsampled(token_ids, context_lens, query_lens, tables)
+            hidden = self.mixed_graphs.run(token_ids, context_lens, query_lens, tables,
+                                           sample_rows)
+            logits = self.model.compute_logits(hidden)
         else:
             meta, positions = AttentionMetadata.build(
                 tables, context_lens, query_lens, self.block_size, self.device
@@ -323,6 +353,13 @@ class ModelRunner:
                    for r, ahead, row in sample_reqs]
         return penalty_inputs(params, outputs, [r.prompt_token_ids for r, _, _ in sample_reqs],
                               self.model_config.vocab_size, self.device, self.last_sampled)
+
+    def _run_mixed_unsampled(self, token_ids, context_lens, query_lens, tables
+                             ) -> SampledTokens:  # fmt: skip
+        """A captured mixed step of prompt chunks only (none ends its prompt): it writes their
+        KV; nothing is sampled."""
+        self.mixed_graphs.run(token_ids, context_lens, query_lens, tables, [])
+        return SampledTokens([], None)
 
     def _decode_graph_fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
         """A pure decode step (one new token per request) within the captured sizes."""

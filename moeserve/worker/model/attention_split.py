@@ -18,7 +18,22 @@ import torch
 
 from moeserve.worker.host_to_device import to_device
 
-__all__ = ["AttentionSplit", "plan_split"]
+__all__ = ["AttentionSplit", "PromptRegion", "plan_split"]
+
+
+@dataclass(frozen=True)
+class PromptRegion:
+    """Multi-token sequences attending absorbed as one batch of fixed shape (a captured mixed
+    step: mixed_graphs.py): their tokens are ``rows`` of the step; tables / seq_lens / starts
+    describe ``num_seqs`` sequences, the unused ones with no tokens; ``valid`` marks the rows
+    that belong to one (the others are padding, whose attention output is zeroed)."""
+
+    rows: slice
+    tables: torch.Tensor
+    seq_lens: torch.Tensor
+    starts: torch.Tensor
+    max_query_len: int
+    valid: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,8 @@ class AttentionSplit:
     rest: the other sequences' tokens (a slice when contiguous, else an index tensor), None
     when there are none; rest_tables / rest_seq_lens / rest_starts / rest_max_query_len
     describe them as a batch of their own; rest_decode: each has exactly one new token (the
-    decode kernel serves them)."""
+    decode kernel serves them). prompts: set only for captured mixed steps, whose split is
+    fixed in advance (mixed_graphs.py)."""
 
     mha: tuple[tuple[int, int, int], ...]
     num_packed: int
@@ -43,6 +59,7 @@ class AttentionSplit:
     rest_starts: torch.Tensor | None
     rest_max_query_len: int
     rest_decode: bool
+    prompts: PromptRegion | None = None
 
 
 def plan_split(meta, use_mha: Callable[[int, int], bool]) -> AttentionSplit:

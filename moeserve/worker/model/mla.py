@@ -192,7 +192,7 @@ class MLAttention(nn.Module):
         if meta.split is None:
             meta.split = plan_split(meta, self._mha_worth_it)
         split: AttentionSplit = meta.split
-        if not split.mha:
+        if not split.mha and split.prompts is None:
             return self._absorbed_kernel(q_nope, q_pe, layer_cache, meta.block_tables,
                                          meta.seq_lens, meta.query_start_loc, meta.max_query_len)
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_head_dim)
@@ -219,6 +219,13 @@ class MLAttention(nn.Module):
                                           split.rest_seq_lens, split.rest_starts,
                                           split.rest_max_query_len)
             out[split.rest] = o
+        if split.prompts is not None:  # a captured mixed step's prompts, absorbed
+            region = split.prompts
+            o = self._absorbed_kernel(q_nope[region.rows], q_pe[region.rows], layer_cache,
+                                      region.tables, region.seq_lens, region.starts,
+                                      region.max_query_len)
+            # padding rows belong to no sequence: the kernel leaves them unwritten
+            out[region.rows] = torch.where(region.valid[:, None, None], o, 0)
         return out
 
     def _mha_worth_it(self, query_len: int, seq_len: int) -> bool:
