@@ -3,6 +3,7 @@ issue 22's attacks mixed in; exits non-zero when a target fails.
 
     python benchmarks/soak.py --minutes 30              # the issue's run
     python benchmarks/soak.py --minutes 5 --log soak.log
+    python benchmarks/soak.py --minutes 4 --attacks partial_bodies   # one attack kind only
 
 Targets, checked at the end (a one-screen summary, PASS/FAIL per line):
 
@@ -180,7 +181,7 @@ class Soak:
                 # with nothing of theirs in flight (what it kept, not what it is handling).
                 quiet = (now - t0) % a.rss_window_s >= a.rss_window_s - a.rss_quiet_s
                 if a.attack_every and now >= next_attack and not quiet:
-                    kind = self.atk.KINDS[n_attacks % len(self.atk.KINDS)]
+                    kind = a.attacks[n_attacks % len(a.attacks)]
                     attackers.submit(attacks.run, kind)
                     n_attacks, next_attack = n_attacks + 1, next_attack + a.attack_every
                 if now >= next_minute:
@@ -263,7 +264,7 @@ class Soak:
         log = attacks.log
         checks.append(("attacks", not log.unexpected and sum(log.expected.values()) > 0,
                        "as expected " + ", ".join(f"{k} {log.expected[k]}" for k in
-                                                  self.atk.KINDS) +
+                                                  a.attacks) +
                        f"; retryable {sum(log.retryable.values())}; unexpected "
                        f"{sum(log.unexpected.values())}"))  # fmt: skip
         checks.append(self._rss_check())
@@ -312,6 +313,9 @@ def main() -> int:
     p.add_argument("--attack-every", type=float, default=5.0,
                    help="seconds between attacks (each kind of benchmarks/soak_attacks.py in "
                         "turn); 0: none")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated attack kinds to run in turn (default: all of "
+                        "benchmarks/soak_attacks.py)")
     p.add_argument("--huge-prompt-mb", type=float, default=3.0)
     p.add_argument("--partial-bodies", type=int, default=20,
                    help="bodies held open at once by one partial_bodies attack (1 MiB each)")
@@ -336,6 +340,12 @@ def main() -> int:
     # `python benchmarks/soak.py` from the repository root: the shared request helpers live
     # in tests/ (the e2e tests use the same ones), the attacks beside this file.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.soak_attacks import KINDS
+
+    args.attacks = [k for k in (args.attacks or ",".join(KINDS)).split(",") if k]
+    unknown = [k for k in args.attacks if k not in KINDS]
+    if unknown or not args.attacks:
+        p.error(f"--attacks: unknown or no kind {unknown}; known: {', '.join(KINDS)}")
     return Soak(args).run()
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeserve.common.errors import InvalidRequestError
-from moeserve.common.heap import TRIM_ABOVE_CHARS, trim_heap
+from moeserve.common.heap import TRIM_ABOVE_CHARS, DeferredTrim, trim_heap
 from moeserve.common.sampling import SamplingParams, TokenLogprobs
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.serving import Router
@@ -63,13 +63,21 @@ class Frontend:
         self.metrics = metrics
         metrics.bind_model(model_id)  # the served name labels the request series
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        # The tokenizing thread trims at once; what the request frees after (its ids, its
+        # body's chunks) and what concurrent huge prompts left (each thread trimmed while
+        # another still held memory) goes with a second trim a moment later.
+        self._trim_after_prompt = DeferredTrim(what="huge prompts")
 
     async def prompt_ids_async(self, prompt: str | list[int]) -> list[int]:
         """``prompt_ids`` on the tokenizer threads: the event loop keeps serving meanwhile."""
         if isinstance(prompt, list) and len(prompt) < _INLINE_IDS:
             return self.prompt_ids(prompt)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self._prompt_ids_trimmed, prompt)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self._prompt_ids_trimmed, prompt)
+        finally:
+            if len(prompt) >= TRIM_ABOVE_CHARS:
+                self._trim_after_prompt.soon(len(prompt))
 
     def _prompt_ids_trimmed(self, prompt: str | list[int]) -> list[int]:
         try:

@@ -2,7 +2,8 @@
 
 - ``BodyBudget``: one budget of request-body bytes buffered across every request in flight.
   ``--max-body-bytes`` bounds one body; this bounds them all, so many partial bodies held open
-  cannot grow the router's memory without limit. Past it a body gets 503 (retryable).
+  cannot grow the router's memory without limit. Past it a body gets 503 (retryable). When
+  many bytes were buffered at once and half of them have drained, the heap is trimmed.
 - ``read_json_body``: reads a body within that budget, its own size limit and a deadline (408),
   and parses it; JSON nested too deep for the parser is a 400, not a RecursionError.
 - ``header_timeout_protocol``: uvicorn's HTTP protocol with a deadline for a request's headers.
@@ -27,6 +28,7 @@ from moeserve.common.errors import (
     PayloadTooLargeError,
     UnavailableError,
 )
+from moeserve.common.heap import DeferredTrim
 
 __all__ = ["BodyBudget", "BodyTimeoutError", "HttpLimits", "check_stop", "header_timeout_protocol",
            "read_json_body"]
@@ -47,12 +49,22 @@ class HttpLimits:
     max_stop_length: int = 1024  # characters
 
 
+# Bodies buffered at once past this many bytes are followed by a heap trim once half of it has
+# drained: their chunks (tens of KiB each) come from the C heap, scattered under whatever was
+# allocated meanwhile, and stay resident otherwise (common/heap.py). Ordinary traffic buffers
+# far less at a time and never trims.
+TRIM_AFTER_BODY_BYTES = 4 << 20
+
+
 class BodyBudget:
     """Bytes buffered by bodies being read; the event loop is the only writer."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, trim_after: int = TRIM_AFTER_BODY_BYTES):
         self.limit = limit
         self.used = 0
+        self.trim_after = trim_after
+        self.peak = 0  # the most buffered at once since the last trim was scheduled
+        self.trim = DeferredTrim(what="request bodies")
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
@@ -60,9 +72,13 @@ class BodyBudget:
                 f"the router is reading {self.used} bytes of request bodies, its limit "
                 f"(--max-buffered-bytes {self.limit}); retry shortly")
         self.used += n
+        self.peak = max(self.peak, self.used)
 
     def give(self, n: int) -> None:
         self.used -= n
+        if self.peak >= self.trim_after and self.used <= self.peak // 2:
+            self.trim.soon(self.peak - self.used)
+            self.peak = self.used
 
 
 async def _read(request: Request, limit: int, budget: BodyBudget, held: list[int]) -> bytes:
