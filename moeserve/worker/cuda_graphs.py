@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,9 +22,35 @@ from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.forward_context import KernelBackend
 from moeserve.worker.sampler import feed_back
 
-__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+__all__ = ["DecodeGraphs", "capture_graphs", "graph_batch_sizes"]
 
 logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
+
+
+def capture_graphs(keys: Iterable[K], stage: Callable[[K], None],
+                   forward: Callable[[K], torch.Tensor], label: Callable[[K], str]
+                   ) -> dict[K, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:  # fmt: skip
+    """One CUDA graph of ``forward(key)`` per key, in the order given (largest first: the
+    smaller reuse the first one's memory pool), on inputs ``stage(key)`` left valid. Each runs
+    once eagerly first: lazy initialisation must not happen inside a capture."""
+    graphs = {}
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for key in keys:
+            stage(key)
+            forward(key)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = forward(key)
+            graphs[key] = (graph, out)
+            WATCH.note("cuda_graph", label(key))
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -102,22 +130,13 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every ladder size, largest first so smaller graphs reuse its memory pool."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.sizes):
-                # Capture on a valid step: padding rows (block 0, one token) throughout.
-                self._device_inputs.zero_()
-                self._inputs(bs)[3].fill_(1)
-                self._forward(bs)  # warm-up: lazy initialisation must not happen in capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(bs)
-                self._graphs[bs] = (graph, logits)
-                WATCH.note("cuda_graph", f"decode batch {bs}")
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+
+        def pad(bs: int) -> None:  # a valid step: padding rows (block 0, one token)
+            self._device_inputs.zero_()
+            self._inputs(bs)[3].fill_(1)
+
+        self._graphs = capture_graphs(reversed(self.sizes), pad, self._forward,
+                                      lambda bs: f"decode batch {bs}")
         self.capture_s = time.perf_counter() - start
         logger.info("captured decode CUDA graphs for batch sizes %s (context <= %d)",
                     self.sizes, self.max_context)

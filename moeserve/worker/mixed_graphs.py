@@ -24,7 +24,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from moeserve.worker.compile_watch import WATCH
+from moeserve.worker.cuda_graphs import capture_graphs
 from moeserve.worker.host_to_device import to_device
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.attention_split import AttentionSplit, PromptRegion
@@ -124,21 +124,10 @@ class MixedGraphs:
     def capture(self) -> None:
         """Every (decode, prompt) size, largest first so the smaller reuse its memory."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for d in reversed(self.decode_sizes):
-                for p in reversed(self.prompt_sizes):
-                    self._stage_padding(d, p)
-                    self.forward(d, p)  # lazy initialisation must not happen in capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        hidden = self.forward(d, p)
-                    self._graphs[(d, p)] = (graph, hidden)
-                    WATCH.note("cuda_graph", f"mixed step {d} decode rows + {p} prompt tokens")
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        cells = [(d, p) for d in reversed(self.decode_sizes) for p in reversed(self.prompt_sizes)]
+        self._graphs = capture_graphs(
+            cells, lambda c: self._stage_padding(*c), lambda c: self.forward(*c),
+            lambda c: f"mixed step {c[0]} decode rows + {c[1]} prompt tokens")
         self.capture_s = time.perf_counter() - start
         logger.info("captured mixed-step CUDA graphs: decode rows %s x prompt tokens %s",
                     self.decode_sizes, self.prompt_sizes)
