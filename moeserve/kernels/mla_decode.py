@@ -14,11 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.common.batch_class import batch_class
 from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel",
-           "default_block_h", "default_num_splits", "default_tiles", "batch_class"]
+           "default_block_h", "default_num_splits", "default_tiles"]
 
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -128,14 +129,6 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     # graphs: batch 1 at 4k 9.9 us against 11.8 with 64 and ~15 with 32; at 1k 8.6 / 9.4 /
     # 9.1: short contexts leave most splits empty, which store nothing and are not merged).
     return max(1, min(128 if num_seqs <= 2 else 32, triton.cdiv(2 * num_sms, programs)))
-
-
-def batch_class(num_seqs: int) -> int:
-    """The batch size whose tiles and split count a batch of num_seqs takes: the next power
-    of two up to 8, then the next multiple of 16 (the decode CUDA graphs' ladder)."""
-    if num_seqs <= 8:
-        return 1 << max(0, num_seqs - 1).bit_length()
-    return -(-num_seqs // 16) * 16
 
 
 def default_block_h(num_heads: int, num_seqs: int = 1) -> int:

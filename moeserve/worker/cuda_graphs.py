@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from moeserve.common.batch_class import batch_classes
 from moeserve.worker.compile_watch import WATCH
 from moeserve.worker.model import AttentionMetadata, DeepseekForCausalLM
 from moeserve.worker.model.forward_context import KernelBackend
@@ -54,10 +55,9 @@ def capture_graphs(keys: Iterable[K], stage: Callable[[K], None],
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_batch (always including max_batch)."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
-    sizes += list(range(16, max_batch, 16)) + [max_batch]
-    return sorted(set(sizes))
+    """1, 2, 4, 8, then every 16 up to max_batch (always including max_batch): the batch
+    classes (common/batch_class.py), whose kernel variants eager steps then reuse."""
+    return batch_classes(max_batch)
 
 
 class DecodeGraphs:

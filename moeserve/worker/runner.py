@@ -297,10 +297,10 @@ class ModelRunner:
         elif len(sample_reqs) == len(reqs) and self._decode_graph_fits(query_lens, context_lens):
             logits = self.graphs.run(token_ids, context_lens, tables)
         elif self.mixed_graphs is not None and self.mixed_graphs.fits(query_lens, context_lens):
-            if not sample_reqs:
-                return self._run_mixed_unsampled(token_ids, context_lens, query_lens, tables)
             hidden = self.mixed_graphs.run(token_ids, context_lens, query_lens, tables,
                                            sample_rows)
+            if not sample_reqs:  # prompt chunks only: their KV is written, nothing sampled
+                return SampledTokens([], None)
             logits = self.model.compute_logits(hidden)
         else:
             meta, positions = AttentionMetadata.build(
@@ -353,13 +353,6 @@ class ModelRunner:
                    for r, ahead, row in sample_reqs]
         return penalty_inputs(params, outputs, [r.prompt_token_ids for r, _, _ in sample_reqs],
                               self.model_config.vocab_size, self.device, self.last_sampled)
-
-    def _run_mixed_unsampled(self, token_ids, context_lens, query_lens, tables
-                             ) -> SampledTokens:  # fmt: skip
-        """A captured mixed step of prompt chunks only (none ends its prompt): it writes their
-        KV; nothing is sampled."""
-        self.mixed_graphs.run(token_ids, context_lens, query_lens, tables, [])
-        return SampledTokens([], None)
 
     def _decode_graph_fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
         """A pure decode step (one new token per request) within the captured sizes."""
