@@ -50,6 +50,7 @@ def closed_loop(engine: LLMEngine, args, tag: str, profile_window: bool) -> dict
         add()
     steps: list[tuple[float, int, int]] = []  # (seconds, prompt tokens, output tokens)
     prev = engine.stats()
+    replays0 = getattr(getattr(engine.runner, "mixed_graphs", None), "replays", 0)
     t0 = time.perf_counter()
     prof_at = args.requests // 2
     while engine.has_unfinished_requests():
@@ -73,6 +74,9 @@ def closed_loop(engine: LLMEngine, args, tag: str, profile_window: bool) -> dict
                 if issued < args.requests:
                     add()
     wall = time.perf_counter() - t0
+    graphs = getattr(engine.runner, "mixed_graphs", None)
+    if graphs is not None:
+        print(f"{tag}: mixed steps replayed as CUDA graphs: {graphs.replays - replays0}")
     out_tokens = sum(s[2] for s in steps)
     decode = [s for s in steps if s[1] == 0]
     mixed = [s for s in steps if s[1] > 0]

@@ -76,6 +76,7 @@ class MixedGraphs:
         self._device = torch.zeros(n, dtype=torch.int64, device=dev)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
+        self.replays = 0  # steps served by a captured graph (benchmarks report the share)
 
     # ------------------------------------------------------------------ layout
 
@@ -204,6 +205,7 @@ class MixedGraphs:
         if self._graphs:
             graph, hidden = self._graphs[(d, p)]
             graph.replay()
+            self.replays += 1
         else:
             hidden = self.forward(d, p)
         return hidden[to_device([rows[r] for r in sample_rows], hidden.device, torch.int64)]

@@ -58,16 +58,21 @@ def test_mixed_step_layout_matches_the_torch_step(tiny_v2, request, device):
     assert not graphs.fits([1, 1], [3, 4])  # decode only: the decode graphs' step
     assert not graphs.fits([20, 20], [0, 0])  # 40 prompt tokens > 32
     every = list(range(len(ids)))
+    if device == "cuda":  # the captured graphs themselves; the capture writes only block 0
+        before = cache.clone()
+        graphs.capture()
+        assert rel_err(cache[1:], before[1:]) == 0
     with torch.inference_mode():
         got = graphs.run(ids, contexts, qlens, [tables[n] for n in names], every)
         assert got.shape == want.shape
         assert rel_err(fast.compute_logits(got), ref.compute_logits(want)) < TF32_TOL
+    assert graphs.replays == (1 if device == "cuda" else 0)
     # every real token's latent landed where the torch step put it; padding only in block 0
     assert rel_err(cache[1:], want_cache[1:]) < TF32_TOL
 
 
 @pytest.mark.slow  # ~50 s: an engine's steps through the Triton interpreter
-def test_engine_steps_through_the_mixed_layout(tiny_v2, request, monkeypatch):
+def test_engine_steps_through_the_mixed_layout(tiny_v2, request, monkeypatch, device):
     """The runner hands mixed steps (decode rows beside prompt chunks, chunks that sample
     nothing) to the mixed layout and samples the right rows: the same greedy tokens as the
     plain-torch engine."""
@@ -78,17 +83,22 @@ def test_engine_steps_through_the_mixed_layout(tiny_v2, request, monkeypatch):
     request.getfixturevalue("tf32_matmul")
 
     def engine(mixed: bool) -> tuple[LLMEngine, list[int]]:
-        eng = LLMEngine(EngineConfig(model=str(tiny_v2), device="cpu", block_size=BLOCK,
+        # On the CPU, the kernel path through the interpreter against plain torch; on a GPU,
+        # captured mixed-step graphs against the eager kernel path.
+        eng = LLMEngine(EngineConfig(model=str(tiny_v2), device=device, block_size=BLOCK,
                                      num_kv_blocks=64, max_model_len=128,
                                      max_num_batched_tokens=24, enable_prefix_caching=False))
         runner = eng.runner
         used = [0]
         if mixed:
-            runner.backend = "triton"  # the kernel path, through the interpreter
-            runner.model.fuse_weights()
+            if device == "cpu":
+                runner.backend = "triton"
+                runner.model.fuse_weights()
             graphs = MixedGraphs(runner.model, runner.kv_cache, runner.last_sampled, BLOCK,
                                  max_decode_rows=4, max_prompt_tokens=24, max_prompt_seqs=4,
                                  max_context=128, backend="triton")
+            if device == "cuda":
+                graphs.capture()
             run = graphs.run
 
             def counted(*args, **kwargs):
@@ -119,4 +129,6 @@ def test_engine_steps_through_the_mixed_layout(tiny_v2, request, monkeypatch):
         outs.append(got)
         if mixed:
             assert used[0] >= 2  # a chunk that samples nothing, and a chunk beside decodes
+            replays = eng.runner.mixed_graphs.replays
+            assert replays == (used[0] if device == "cuda" else 0)
     assert outs[1] == outs[0] and all(len(v) == 3 for v in outs[0].values())
