@@ -29,7 +29,7 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
-from moeserve.kernels.mla_prefill import mla_prefill
+from moeserve.kernels.mla_prefill import PrefillConfig, mla_prefill
 from moeserve.kernels.mla_prefill_mha import gather_latents, mla_prefill_mha
 from moeserve.kernels.moe_config import MoeConfig, moe_config, moe_config_fp8
 
@@ -255,12 +255,51 @@ def sweep_fp8(token_counts: list[int], bw: float, sweep: bool) -> list[dict]:
     return rows
 
 
+def prefill_tiles(lengths: list[int]) -> list[dict]:
+    """The absorbed prefill kernel alone (the form mixed-step CUDA graphs use for prompt
+    chunks) over its tile configs: one sequence of n new tokens after n cached ones."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    block, scale, rows = 64, (NOPE + ROPE) ** -0.5, []
+    for n in lengths:
+        pages = 2 * n // block
+        cache = torch.randn(pages + 1, block, KV_LORA + ROPE, device="cuda", generator=gen)
+        cache = cache.to(DTYPE)
+        table = torch.randperm(pages, device="cuda", generator=gen)[None] + 1
+        lens, starts = torch.tensor([2 * n], device="cuda"), torch.tensor([0, n], device="cuda")
+        q = torch.randn(n, HEADS, KV_LORA + ROPE, device="cuda", generator=gen).to(DTYPE)
+        ref = mla_prefill(q, cache, table, lens, starts, n, scale, KV_LORA).float()
+        flops = 2 * HEADS * (2 * KV_LORA + ROPE) * n * (n + n / 2)
+        results = []
+        for bm, bn, w, st in itertools.product([32, 64, 128], [16, 32, 64], [4, 8], [1, 2]):
+            cfg = PrefillConfig(bm, bn, w, st)
+            run = lambda cfg=cfg: mla_prefill(q, cache, table, lens, starts, n, scale, KV_LORA,
+                                              config=cfg)  # noqa: E731
+            try:
+                err = float((run().float() - ref).norm() / ref.norm())
+                results.append((_ms(run), cfg, err))
+            except Exception as exc:  # out of shared memory / registers for this tile
+                print(f"  n={n} {cfg}: {type(exc).__name__}", flush=True)
+        default = next(r for r in results if r[1] == PrefillConfig())
+        best = min(results, key=lambda r: r[0])
+        top = ", ".join(f"{c.block_m}/{c.block_n}/{c.num_warps}/{c.num_stages} {ms:.3f}"
+                        for ms, c, _ in sorted(results, key=lambda r: r[0])[:5])
+        print(f"absorbed prefill n={n} (+{n} cached): default {default[0]:.3f} ms "
+              f"({flops / default[0] / 1e9:.0f} TFLOP/s), best {best[0]:.3f} ms "
+              f"({flops / best[0] / 1e9:.0f} TFLOP/s, err {best[2]:.1e})  M/N/w/s: {top}",
+              flush=True)
+        rows.append({"tokens": n, "default_ms": default[0], "best_ms": best[0],
+                     "best": best[1].__dict__})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 1024,
                                                                8192])
     ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--prefill-tiles", type=int, nargs="*", default=[],
+                    help="sweep the absorbed prefill kernel's tiles at these lengths")
     ap.add_argument("--used-experts", type=int, nargs="+", default=[EXPERTS],
                     help="route over only the first N experts (the random V2-Lite checkpoint "
                     "hits ~14 of 64 at batch 128)")
@@ -278,6 +317,7 @@ def main() -> None:
                 json.dump(out_fp8, f, indent=2)
         return
     out = {"copy_gbps": bw, "prefill": [] if args.skip_prefill else prefill_forms(args.prefill),
+           "prefill_tiles": prefill_tiles(args.prefill_tiles),
            "moe": {used: sweep_moe(args.tokens, bw, used) for used in args.used_experts}}
     if args.json:
         with open(args.json, "w") as f:
