@@ -12,6 +12,7 @@ heads fastest: each key tile read from the cache serves every head of several to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,8 @@ import triton.language as tl
 from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
-__all__ = ["mla_prefill", "mla_prefill_ref", "mla_prefill_kernel", "PrefillConfig"]
+__all__ = ["mla_prefill", "mla_prefill_ref", "mla_prefill_kernel", "PrefillConfig",
+           "default_prefill_config"]
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -35,6 +37,37 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
+
+
+def default_prefill_config(block_r: int, block_pe: int, elem_size: int,
+                           shared_memory: int) -> PrefillConfig:
+    """The tuned tiles, shrunk (stages first, then keys) until the query tile and the buffered
+    key tiles fit ``shared_memory`` bytes less a little for Triton: float32 caches (parity
+    tests on a GPU) and GPUs with less shared memory than Hopper's 227 KiB get smaller ones."""
+    cfg = PrefillConfig()
+    width = (block_r + block_pe) * elem_size
+    budget = shared_memory - 4 * 1024
+
+    def need(c: PrefillConfig) -> int:
+        return (c.block_m + c.num_stages * c.block_n) * width
+
+    while need(cfg) > budget:
+        if cfg.num_stages > 1:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 16:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > 16:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+        else:
+            break
+    return cfg
+
+
+def _shared_memory(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 227 * 1024  # the interpreter: no limit; Hopper's, so the CPU runs the GPU tiles
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
 
 
 # Not specialized on the block table's stride (its width: the step's longest sequence).
@@ -128,7 +161,9 @@ def mla_prefill(
         raise ValueError("q, layer_cache and block_tables need a contiguous last dim")
     if q.dtype != layer_cache.dtype:
         raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
-    cfg = config or PrefillConfig()
+    block_r, block_pe = triton.next_power_of_2(kv_lora_rank), max(16, triton.next_power_of_2(rope))
+    cfg = config or default_prefill_config(block_r, block_pe, q.element_size(),
+                                           _shared_memory(q.device))
     out = q.new_empty(num_tokens, num_heads, kv_lora_rank)
     if num_tokens == 0:
         return out
@@ -138,8 +173,7 @@ def mla_prefill(
         num_heads, layer_cache.shape[1], scale * LOG2E,
         q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=triton.next_power_of_2(kv_lora_rank),
-        BLOCK_PE=max(16, triton.next_power_of_2(rope)), BLOCK_M=cfg.block_m,
+        KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=block_r, BLOCK_PE=block_pe, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.mla_prefill import PrefillConfig, mla_prefill, mla_prefill_ref
+from moeserve.kernels.mla_prefill import (
+    PrefillConfig,
+    default_prefill_config,
+    mla_prefill,
+    mla_prefill_ref,
+)
 from moeserve.worker.model.attention_metadata import AttentionMetadata
 from moeserve.worker.model.mla import causal_mask, gather_context, pad_queries
 from tests.kernels.helpers import TF32_TOL, paged_cache, rel_err, tolerance
@@ -60,3 +65,15 @@ def test_mla_prefill_matches_model_absorbed_attention(device):
     out = mla_prefill(q, layer_cache, tables, lens, starts, max(query_lens), 0.25, rank,
                       config=PrefillConfig(16, 16, 4, 1))
     assert rel_err(out, expected) < TF32_TOL
+
+
+def test_default_tiles_fit_the_gpu_shared_memory():
+    """The tuned tiles (64 keys, double-buffered) where they fit a Hopper block's 227 KiB in
+    bf16; float32 caches and smaller GPUs get tiles that fit instead of a launch failure."""
+    kib = 1024
+    assert default_prefill_config(512, 64, 2, 227 * kib) == PrefillConfig(64, 64, 8, 2)
+    assert default_prefill_config(512, 64, 4, 227 * kib) == PrefillConfig(64, 32, 8, 1)
+    for elem in (1, 2, 4):
+        for smem in (99 * kib, 164 * kib, 227 * kib):
+            c = default_prefill_config(512, 64, elem, smem)
+            assert (c.block_m + c.num_stages * c.block_n) * 576 * elem <= smem - 4 * kib
