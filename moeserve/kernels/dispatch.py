@@ -144,9 +144,12 @@ def mla_decode(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.T
 
 def mla_prefill(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                scale: float, kv_lora_rank: int, backend: str | None = None) -> torch.Tensor:
+                scale: float, kv_lora_rank: int, backend: str | None = None,
+                q_pe: torch.Tensor | None = None) -> torch.Tensor:
     """`moeserve.kernels.mla_prefill.mla_prefill` (shapes there) on the selected backend."""
     name = _choose("mla_prefill", q.device, backend)
+    if name != "triton" and q_pe is not None:  # they take the joint query
+        q, q_pe = torch.cat([q, q_pe], dim=-1), None
     if name == "flashinfer":
         try:
             out = _flashinfer_mla(q, layer_cache, block_tables, seq_lens,
@@ -156,9 +159,12 @@ def mla_prefill(q: torch.Tensor, layer_cache: torch.Tensor, block_tables: torch.
         except Exception as exc:
             _vendor_failed("mla_prefill", exc)
             name = "triton"
-    fn = _prefill.mla_prefill_ref if name == "torch" else _prefill.mla_prefill
-    out = fn(q, layer_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-             kv_lora_rank)
+    if name == "torch":
+        out = _prefill.mla_prefill_ref(q, layer_cache, block_tables, seq_lens, query_start_loc,
+                                       max_query_len, scale, kv_lora_rank)
+    else:
+        out = _prefill.mla_prefill(q, layer_cache, block_tables, seq_lens, query_start_loc,
+                                   max_query_len, scale, kv_lora_rank, q_pe=q_pe)
     _REGISTRY.last["mla_prefill"] = name
     return out
 

@@ -73,9 +73,10 @@ def _shared_memory(device: torch.device) -> int:
 # Not specialized on the block table's stride (its width: the step's longest sequence).
 @triton.jit(do_not_specialize=["stride_bts"])
 def mla_prefill_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, o_ptr,
+    q_ptr, q_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, o_ptr,
     num_heads, block_size, scale_log2,
-    stride_qt, stride_qh, stride_cb, stride_ct, stride_bts, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_pet, stride_peh, stride_cb, stride_ct, stride_bts, stride_ot,
+    stride_oh,
     KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -102,7 +103,8 @@ def mla_prefill_kernel(
     q_rows = q_ptr + (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
     q_nope = tl.load(q_rows[:, None] + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
                      other=0.0)
-    q_pe = tl.load(q_rows[:, None] + KV_LORA + offs_pe[None, :],
+    q_pe_rows = q_pe_ptr + (q_start + token).to(tl.int64) * stride_pet + head * stride_peh
+    q_pe = tl.load(q_pe_rows[:, None] + offs_pe[None, :],
                    mask=row_ok[:, None] & pe_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -136,11 +138,14 @@ def mla_prefill(
     scale: float,
     kv_lora_rank: int,
     config: PrefillConfig | None = None,
+    q_pe: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed causal MLA attention of a ragged batch of new tokens over the paged cache.
 
     q: [T, H, kv_dim] new tokens' queries (latent then rotated q_pe), sequence after sequence;
-        bf16/fp16/fp32, last dim contiguous.
+        bf16/fp16/fp32, last dim contiguous. Or, with ``q_pe`` [T, H, rope] given apart, the
+        latent query [T, H, kv_lora_rank] alone (any strides but the last: no concatenated
+        copy of the two is made).
     layer_cache: [num_blocks, block_size, kv_dim], q's dtype, strided (e.g. `kv_cache[:, l]`),
         already holding the new tokens' latents.
     block_tables: [S, max_blocks] int32/int64. seq_lens: [S] int32/int64, cached tokens after
@@ -148,8 +153,14 @@ def mla_prefill(
     max_query_len: the largest new-token count (sizes the grid without reading the device).
     Returns [T, H, kv_lora_rank] in q's dtype.
     """
-    num_tokens, num_heads, kv_dim = q.shape
-    rope = kv_dim - kv_lora_rank
+    if q_pe is None:
+        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [T, H, "
+                         f"{kv_lora_rank}] / [T, H, rope]")
+    num_tokens, num_heads = q.shape[:2]
+    rope = q_pe.shape[2]
+    kv_dim = kv_lora_rank + rope
     num_seqs = seq_lens.shape[0]
     if layer_cache.shape[-1] != kv_dim or rope <= 0 or layer_cache.dim() != 3:
         raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
@@ -157,9 +168,10 @@ def mla_prefill(
     if block_tables.shape[0] != num_seqs or query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)}, query_start_loc "
                          f"{tuple(query_start_loc.shape)} do not match {num_seqs} sequences")
-    if q.stride(-1) != 1 or layer_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("q, layer_cache and block_tables need a contiguous last dim")
-    if q.dtype != layer_cache.dtype:
+    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
+            or block_tables.stride(-1) != 1):
+        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
+    if not q.dtype == q_pe.dtype == layer_cache.dtype:
         raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
     block_r, block_pe = triton.next_power_of_2(kv_lora_rank), max(16, triton.next_power_of_2(rope))
     cfg = config or default_prefill_config(block_r, block_pe, q.element_size(),
@@ -169,9 +181,10 @@ def mla_prefill(
         return out
     grid = (num_seqs, triton.cdiv(max_query_len * num_heads, cfg.block_m))
     mla_prefill_kernel[grid](
-        q, layer_cache, block_tables, seq_lens, query_start_loc, out,
+        q, q_pe, layer_cache, block_tables, seq_lens, query_start_loc, out,
         num_heads, layer_cache.shape[1], scale * LOG2E,
-        q.stride(0), q.stride(1), layer_cache.stride(0), layer_cache.stride(1),
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), layer_cache.stride(0),
+        layer_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         KV_LORA=kv_lora_rank, ROPE=rope, BLOCK_R=block_r, BLOCK_PE=block_pe, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

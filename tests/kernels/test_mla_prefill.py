@@ -49,6 +49,21 @@ def test_mla_prefill_matches_ref(context_lens, query_lens, block_size, heads, ra
     assert rel_err(out, ref) < tolerance(dtype)
 
 
+def test_query_parts_given_apart(device):
+    """The latent query as the model makes it (a [T, H, R] view of an [H, T, R] batched GEMM
+    result) and q_pe apart give the joint query's output: no concatenated copy needed."""
+    q, layer_cache, tables, lens, starts = _inputs([40, 0], [9, 33], 16, 4, 32, 16,
+                                                   torch.bfloat16, device, 4)
+    latent = q[..., :32].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not latent.is_contiguous()
+    args = (layer_cache, tables, lens, starts, 33, 0.3, 32)
+    want = mla_prefill(q, *args)
+    got = mla_prefill(latent, *args, q_pe=q[..., 32:].contiguous())
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="q_pe"):
+        mla_prefill(q, *args, q_pe=q[..., 32:])
+
+
 def test_mla_prefill_matches_model_absorbed_attention(device):
     """The model's SDPA over gathered latents (mla.py) is the same math as the kernel."""
     context_lens, query_lens, block_size, heads, rank, rope = [6, 0, 17], [5, 8, 2], 16, 3, 20, 6

@@ -238,9 +238,9 @@ class MLAttention(nn.Module):
                          query_start_loc, max_query_len) -> torch.Tensor:
         from moeserve import kernels
 
-        o = kernels.mla_prefill(self._absorb_query(q_nope, q_pe), layer_cache, block_tables,
+        o = kernels.mla_prefill(self._latent_query(q_nope), layer_cache, block_tables,
                                 seq_lens, query_start_loc, max_query_len, self.softmax_scale,
-                                self.kv_lora_rank)
+                                self.kv_lora_rank, q_pe=q_pe)
         return self._unabsorb(o)
 
     def _unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
