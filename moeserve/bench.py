@@ -159,9 +159,21 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
             rec.error = "no tokens received"
     except Exception as e:  # noqa: BLE001 - one bad request is counted, never ends the run
         # When it broke tells a dropped connection (before any token) from a cut stream.
-        rec.error = (f"{type(e).__name__}: {e} (after {rec.output_tokens} tokens, "
+        rec.error = (f"{describe_error(e)} (after {rec.output_tokens} tokens, "
                      f"{time.perf_counter() - start:.1f} s)")
     return rec
+
+
+def describe_error(e: BaseException) -> str:
+    """The exception and what caused it: httpx's ReadError has an empty message, and a
+    reset connection (the server closed it with the request unread) only shows in the OS
+    error underneath."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 4:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}".rstrip(": "))
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)
 
 
 async def _discover(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[str, int]:

@@ -18,15 +18,17 @@ import httpx
 import pytest
 import uvicorn
 
+from moeserve.router.connection_timeouts import timed_http_protocol
 from moeserve.router.frontend import Frontend
 from moeserve.router.http_app import create_app
-from moeserve.router.limits import HttpLimits, header_timeout_protocol
+from moeserve.router.limits import HttpLimits
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.settings import RouterSettings
 from moeserve.router.tokenizer import load_tokenizer
 from moeserve.worker.tokenizer_files import write_tokenizer
 
-LIMITS = HttpLimits(max_buffered_bytes=2 << 20, header_timeout_s=0.5, body_timeout_s=1.0)
+LIMITS = HttpLimits(max_buffered_bytes=2 << 20, header_timeout_s=0.5, keep_alive_timeout_s=1.5,
+                    body_timeout_s=1.0)
 
 
 class ScriptedRouter:
@@ -51,7 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
                         RouterMetrics())
     app = create_app(frontend, lambda: True, LIMITS)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                            http=header_timeout_protocol(LIMITS.header_timeout_s))
+                            http=timed_http_protocol(LIMITS.header_timeout_s,
+                                                     LIMITS.keep_alive_timeout_s))
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -129,6 +132,52 @@ def test_slow_headers_are_disconnected(server: SimpleNamespace) -> None:
         start = time.monotonic()
         assert sock.recv(1024) == b""  # closed by the router, not by our 5 s socket timeout
         assert time.monotonic() - start < 3
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a Content-Length body) off a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_an_idle_connection_stays_past_the_header_deadline(server: SimpleNamespace) -> None:
+    """A client's pool reuses a connection after a pause longer than the header deadline
+    (httpx keeps them 5 s, proxies 60 s): the router must not close it at that moment, or the
+    request lands on a closing socket and the client sees a reset with no response."""
+    with _connect(server) as sock:
+        sock.sendall(HEALTH)
+        assert _response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(LIMITS.header_timeout_s * 2)  # idle: under keep_alive_timeout_s
+        sock.sendall(HEALTH)
+        assert _response(sock).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert sock.recv(1024) == b""  # then closed once idle for keep_alive_timeout_s
+        assert LIMITS.keep_alive_timeout_s - 0.2 < time.monotonic() - start < 4
+
+
+def test_slow_headers_after_an_idle_pause_are_disconnected(server: SimpleNamespace) -> None:
+    """The idle allowance is not a slow client's: once a next request's first byte arrives,
+    its headers are due within the header deadline."""
+    with _connect(server) as sock:
+        sock.sendall(HEALTH)
+        assert _response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        start = time.monotonic()
+        assert sock.recv(1024) == b""
+        assert time.monotonic() - start < LIMITS.keep_alive_timeout_s
 
 
 def test_a_body_that_does_not_arrive_gets_408(server: SimpleNamespace) -> None:

@@ -105,7 +105,8 @@ class RayWorkerPool(WorkerPool):
 
 # `moeserve router` flags that mean nothing inside Serve: its proxy owns the HTTP server and
 # the port; workers are found through Ray. Given anyway, they are refused, never ignored.
-RAY_REFUSED_ROUTER_FLAGS = ("--header-timeout-s", "--config", "--prefill", "--decode")
+RAY_REFUSED_ROUTER_FLAGS = ("--header-timeout-s", "--keep-alive-timeout-s", "--config",
+                            "--prefill", "--decode")
 
 
 def parse_router_argv(argv: list[str]) -> argparse.Namespace:

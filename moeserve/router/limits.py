@@ -1,14 +1,13 @@
 """What one client can make the router hold: buffered body bytes, slow connections, stop strings.
 
+The connections' timers, with these limits' values, are in connection_timeouts.py.
+
 - ``BodyBudget``: one budget of request-body bytes buffered across every request in flight.
   ``--max-body-bytes`` bounds one body; this bounds them all, so many partial bodies held open
   cannot grow the router's memory without limit. Past it a body gets 503 (retryable). When
   many bytes were buffered at once and half of them have drained, the heap is trimmed.
 - ``read_json_body``: reads a body within that budget, its own size limit and a deadline (408),
   and parses it; JSON nested too deep for the parser is a 400, not a RecursionError.
-- ``header_timeout_protocol``: uvicorn's HTTP protocol with a deadline for a request's headers.
-  uvicorn's keep-alive timer stops at the first byte, so a client sending headers slowly would
-  hold its connection forever.
 - ``check_stop``: the count and length of stop strings (each is matched on every token).
 """
 
@@ -30,8 +29,7 @@ from moeserve.common.errors import (
 )
 from moeserve.common.heap import DeferredTrim
 
-__all__ = ["BodyBudget", "BodyTimeoutError", "HttpLimits", "check_stop", "header_timeout_protocol",
-           "read_json_body"]
+__all__ = ["BodyBudget", "BodyTimeoutError", "HttpLimits", "check_stop", "read_json_body"]
 
 
 class BodyTimeoutError(MoeServeError):
@@ -43,7 +41,8 @@ class BodyTimeoutError(MoeServeError):
 @dataclass(frozen=True)
 class HttpLimits:
     max_buffered_bytes: int = 256 << 20  # all bodies being read at once
-    header_timeout_s: float = 10.0  # from connect (or the last response) to complete headers
+    header_timeout_s: float = 10.0  # from connect (or a request's first byte) to its headers
+    keep_alive_timeout_s: float = 75.0  # idle after a response (router/connection_timeouts.py)
     body_timeout_s: float = 30.0  # from the headers to the body's last byte
     max_stop_strings: int = 64
     max_stop_length: int = 1024  # characters
@@ -126,38 +125,3 @@ def check_stop(stop: Sequence[str], limits: HttpLimits) -> None:
         raise InvalidRequestError(
             f"a stop string has {longest} characters; at most {limits.max_stop_length} are "
             "accepted", param="stop")
-
-
-def header_timeout_protocol(timeout_s: float) -> type:
-    """uvicorn's HTTP protocol class, closing a connection whose next request's headers are
-    not complete ``timeout_s`` after it opened or after its last response."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def _arm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            waiting_after = self.cycle  # a new request replaces it once its headers are in
-            self._header_timer = self.loop.call_later(timeout_s, self._expire, waiting_after)
-
-        def _expire(self, waiting_after: object) -> None:
-            if self.cycle is waiting_after and not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol

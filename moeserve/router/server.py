@@ -27,9 +27,10 @@ from moeserve.router.auth import ApiKeyMiddleware, ApiKeys, GrpcApiKeyIntercepto
 from moeserve.router.chat import add_chat_arguments, chat_options, prepare_tokenizer
 from moeserve.router.choices import run_choices
 from moeserve.router.config import resolve_router_config, track_explicit_flags
+from moeserve.router.connection_timeouts import timed_http_protocol, uvicorn_keep_alive
 from moeserve.router.frontend import Frontend, Usage
 from moeserve.router.http_app import OpenStreams, create_app
-from moeserve.router.limits import HttpLimits, check_stop, header_timeout_protocol
+from moeserve.router.limits import HttpLimits, check_stop
 from moeserve.router.metrics import RouterMetrics
 from moeserve.router.openapi import install_openapi
 from moeserve.router.policy import Policy
@@ -165,8 +166,8 @@ def _bind(host: str, port: int) -> socket.socket:
 def http_limits(args: argparse.Namespace) -> HttpLimits:
     return HttpLimits(
         max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout_s,
-        body_timeout_s=args.body_timeout_s, max_stop_strings=args.max_stop_strings,
-        max_stop_length=args.max_stop_length,
+        keep_alive_timeout_s=args.keep_alive_timeout_s, body_timeout_s=args.body_timeout_s,
+        max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
     )  # fmt: skip
 
 
@@ -239,7 +240,9 @@ async def serve_router(args: argparse.Namespace) -> None:
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=2,
-                                http=header_timeout_protocol(args.header_timeout_s))
+                                timeout_keep_alive=uvicorn_keep_alive(args.keep_alive_timeout_s),
+                                http=timed_http_protocol(args.header_timeout_s,
+                                                         args.keep_alive_timeout_s))
         server = _DrainingServer(config, router, settings.drain_grace_s, app.state.streams)
         # Parsed by `moeserve up` and tests: the real ports when 0 was asked for.
         print(f"moeserve router listening on http://{args.host}:{http_port} "
@@ -301,6 +304,9 @@ def add_router_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="request-body bytes buffered across all requests before new ones get 503")
     p.add_argument("--header-timeout-s", type=float, default=h.header_timeout_s,
                    help="close a connection whose request headers take longer than this")
+    p.add_argument("--keep-alive-timeout-s", type=float, default=h.keep_alive_timeout_s,
+                   help="close a connection idle this long after its last response (keep it "
+                        "above the idle timeout of clients' pools and proxies in front)")
     p.add_argument("--body-timeout-s", type=float, default=h.body_timeout_s,
                    help="a request body not received within this gets 408")
     p.add_argument("--max-stop-strings", type=int, default=h.max_stop_strings,
