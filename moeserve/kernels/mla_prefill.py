@@ -13,6 +13,7 @@ heads fastest: each key tile read from the cache serves every head of several to
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class PrefillConfig:
     num_stages: int = 2
 
 
+@functools.lru_cache(maxsize=64)  # called per layer and step: shapes repeat
 def default_prefill_config(block_r: int, block_pe: int, elem_size: int,
                            shared_memory: int) -> PrefillConfig:
     """The tuned tiles, shrunk (stages first, then keys) until the query tile and the buffered
@@ -66,7 +68,13 @@ def default_prefill_config(block_r: int, block_pe: int, elem_size: int,
 def _shared_memory(device: torch.device) -> int:
     if device.type != "cuda":
         return 227 * 1024  # the interpreter: no limit; Hopper's, so the CPU runs the GPU tiles
-    props = torch.cuda.get_device_properties(device)
+    return _cuda_shared_memory(device.index if device.index is not None else
+                               torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
 
 
