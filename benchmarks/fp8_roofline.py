@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.device_timing import mean_seconds
 from benchmarks.gpu_roofline import (
@@ -41,11 +40,11 @@ from benchmarks.gpu_roofline import (
     prefill_flops,
     release,
 )
+from benchmarks.logit_compare import all_logits, compare_logits
 from moeserve.common.sampling import SamplingParams
 from moeserve.worker.checkpoint import make_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
-from moeserve.worker.model import AttentionMetadata
 
 
 def fp8_matmul_tflops() -> float:
@@ -133,18 +132,6 @@ def bench_prefill(engine: LLMEngine, label: str, args, peaks, rows) -> None:
         print(rows[-1], flush=True)
 
 
-@torch.inference_mode()
-def all_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
-    """Float32 logits of every position of one prompt (one forward over the paged cache)."""
-    runner = engine.runner
-    bs = runner.block_size
-    blocks = list(range(1, -(-len(ids) // bs) + 1))
-    meta, pos = AttentionMetadata.build([blocks], [0], [len(ids)], bs, runner.device)
-    hidden = runner.model(torch.tensor(ids, device=runner.device), pos, runner.kv_cache, meta,
-                          runner.backend)
-    return runner.model.compute_logits(hidden).cpu()
-
-
 def run_engine(model_dir: str, label: str, args, peaks, rows, prompt) -> torch.Tensor:
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig(
@@ -225,13 +212,7 @@ def main() -> None:
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=2))
     if len(logits) == 2:
-        # float64: a float32 dot over 1k x 129k logits drifts past 1
-        a, b = logits["fp8"].double(), logits["dequant"].double()
-        result["w8a8_vs_exact"] = {
-            "positions": a.shape[0],
-            "cosine": F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(),
-            "cosine_per_position_mean": F.cosine_similarity(a, b, dim=-1).mean().item(),
-            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+        result["w8a8_vs_exact"] = compare_logits(logits["fp8"], logits["dequant"])
         print(result["w8a8_vs_exact"], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from moeserve.worker.tokenizer_files import refresh_tokenizer, write_tokenizer
 
 __all__ = [
     "PRESETS", "preset_config", "make_checkpoint", "random_tensors", "ensure_tiny_checkpoint",
-    "default_cache_dir",
+    "default_cache_dir", "checkpoint_tensors", "write_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,19 @@ def _is_fp8_target(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in skip)
 
 
+def checkpoint_tensors(name: str, t: torch.Tensor, dtype: torch.dtype,
+                       fp8: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores for weight `name`: with `fp8`, the tensors DeepSeek-V3's
+    release quantizes (projection, dense MLP and expert weights) as float8_e4m3fn with float32
+    `weight_scale_inv` per block of FP8_QUANTIZATION_CONFIG's size; everything else (and every
+    tensor without `fp8`) in `dtype`."""
+    if fp8 and _is_fp8_target(name, t):
+        block = FP8_QUANTIZATION_CONFIG["weight_block_size"]
+        q, s = _quantize_fp8(t.float(), (block[0], block[1]))
+        return {name: q, name + "_scale_inv": s}
+    return {name: t.to(dtype)}
+
+
 def make_checkpoint(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -126,13 +139,33 @@ def make_checkpoint(
     config_layout: str = "deepseek",
 ) -> Path:
     """Write a random checkpoint to `out_dir`; returns the directory."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = preset_config(preset, layers, experts, dtype)
     if fp8:
         cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    out = write_checkpoint(out_dir, cfg, random_tensors(ModelConfig.from_dict(cfg), seed, device),
+                           shard_bytes=shard_bytes, config_layout=config_layout)
+    write_tokenizer(out, vocab_size=cfg["vocab_size"], bos_id=cfg["bos_token_id"],
+                    eos_id=cfg["eos_token_id"])
+    return out
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    cfg: dict[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    shard_bytes: int = 2 << 30,
+    config_layout: str = "deepseek",
+) -> Path:
+    """Write (name, float tensor) weights of the model `cfg` (config.json contents) in the
+    HuggingFace layout: fp8 as `checkpoint_tensors` stores them when `cfg` has a
+    quantization_config, the rest in cfg["torch_dtype"]; safetensors shards with their index
+    and config.json (no tokenizer). Returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     config = ModelConfig.from_dict(cfg)
-    torch_dtype = getattr(torch, dtype)
+    fp8 = cfg.get("quantization_config") is not None
+    torch_dtype = getattr(torch, cfg.get("torch_dtype") or "bfloat16")
     weight_map: dict[str, str] = {}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -140,11 +173,8 @@ def make_checkpoint(
     params = sum(math.prod(shape) for _, shape in _tensor_shapes(config))
     with progress(params, "drawing weights", unit="param", unit_scale=True,
                   logger=logger) as bar:  # fmt: skip
-        for name, t in random_tensors(config, seed, device):
-            group = {name: t.to(torch_dtype)}
-            if fp8 and _is_fp8_target(name, t):
-                q, s = _quantize_fp8(t, (128, 128))
-                group = {name: q, name + "_scale_inv": s}
+        for name, t in tensors:
+            group = checkpoint_tensors(name, t, torch_dtype, fp8)
             nbytes = sum(v.numel() * v.element_size() for v in group.values())
             if size and size + nbytes > shard_bytes:
                 shards.append({})
@@ -162,8 +192,6 @@ def make_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(_layout(cfg, config_layout), indent=2))
-    write_tokenizer(out, vocab_size=cfg["vocab_size"], bos_id=cfg["bos_token_id"],
-                    eos_id=cfg["eos_token_id"])
     return out
 
 
