@@ -10,6 +10,7 @@ freed the blocks the READ was still writing, after which the stream ended with
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -18,7 +19,7 @@ from moeserve.common.sampling import SamplingParams
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import EngineLoop
-from moeserve.worker.kv_handoff.agent import TransferResult, TransferState
+from moeserve.worker.kv_handoff.agent import TransferHandle, TransferResult, TransferState
 from moeserve.worker.kv_handoff.decode import KVPuller
 from moeserve.worker.metrics import WorkerMetrics
 from tests.test_engine_disagg import PROMPT
@@ -88,7 +89,7 @@ class _FakeAgent:
         self.finished: list[bool] = []
 
     def read_blocks(self, peer, remote, local, notif):
-        return object()
+        return TransferHandle(peer, len(local), 64 * len(local), time.monotonic())
 
     def poll(self, xfer):
         return TransferState.DONE if self.done else TransferState.PENDING
