@@ -8,10 +8,11 @@ program holds and which keys each may see.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "load_latent_tile", "online_softmax_step"]
+__all__ = ["LOG2E", "load_latent_tile", "online_softmax_step", "split_query"]
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale * LOG2E and exponentiated with exp2
 
@@ -40,3 +41,26 @@ def online_softmax_step(s, m_i, l_i, acc, kv):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
     return m_new, l_i, acc
+
+
+def split_query(q: torch.Tensor, q_pe: torch.Tensor | None, layer_cache: torch.Tensor,
+                block_tables: torch.Tensor, kv_lora_rank: int,
+                rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent query [N, H, kv_lora_rank], q_pe [N, H, rope]) of an MLA kernel's arguments: the
+    joint query split, or the two given apart; ValueError naming what does not fit the cache.
+    ``rows`` names the first dim in messages (S sequences, T tokens)."""
+    if q_pe is None:
+        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [{rows}, H, "
+                         f"{kv_lora_rank}] / [{rows}, H, rope]")
+    kv_dim = q.shape[2] + q_pe.shape[2]
+    if layer_cache.dim() != 3 or layer_cache.shape[2] != kv_dim or kv_dim <= kv_lora_rank:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
+                         f"with kv_lora_rank={kv_lora_rank}")
+    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
+            or block_tables.stride(-1) != 1):
+        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
+    if not q.dtype == q_pe.dtype == layer_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
+    return q, q_pe

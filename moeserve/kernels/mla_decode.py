@@ -15,7 +15,12 @@ import triton
 import triton.language as tl
 
 from moeserve.common.batch_class import batch_class
-from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
+from moeserve.kernels.mla_common import (
+    LOG2E,
+    load_latent_tile,
+    online_softmax_step,
+    split_query,
+)
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_decode_kernel", "mla_decode_reduce_kernel",
@@ -229,24 +234,11 @@ def _split_query(q: torch.Tensor, q_pe: torch.Tensor | None, layer_cache: torch.
                  block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent query, q_pe) of `mla_decode`'s arguments; ValueError naming what does not fit."""
-    if q_pe is None:
-        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
-    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
-        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [S, H, "
-                         f"{kv_lora_rank}] / [S, H, rope]")
+    q, q_pe = split_query(q, q_pe, layer_cache, block_tables, kv_lora_rank, "S")
     num_seqs = q.shape[0]
-    kv_dim = q.shape[2] + q_pe.shape[2]
-    if layer_cache.dim() != 3 or layer_cache.shape[2] != kv_dim or kv_dim <= kv_lora_rank:
-        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
-                         f"with kv_lora_rank={kv_lora_rank}")
     if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
                          f"{tuple(seq_lens.shape)} do not match {num_seqs} sequences")
-    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
-            or block_tables.stride(-1) != 1):
-        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
-    if not q.dtype == q_pe.dtype == layer_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
     return q, q_pe
 
 

@@ -20,7 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.mla_common import LOG2E, load_latent_tile, online_softmax_step
+from moeserve.kernels.mla_common import (
+    LOG2E,
+    load_latent_tile,
+    online_softmax_step,
+    split_query,
+)
 from moeserve.kernels.mla_prefill_mha import gather_latents
 
 __all__ = ["mla_prefill", "mla_prefill_ref", "mla_prefill_kernel", "PrefillConfig",
@@ -161,26 +166,13 @@ def mla_prefill(
     max_query_len: the largest new-token count (sizes the grid without reading the device).
     Returns [T, H, kv_lora_rank] in q's dtype.
     """
-    if q_pe is None:
-        q, q_pe = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
-    elif q_pe.shape[:2] != q.shape[:2] or q.shape[2] != kv_lora_rank:
-        raise ValueError(f"q {tuple(q.shape)} / q_pe {tuple(q_pe.shape)} must be [T, H, "
-                         f"{kv_lora_rank}] / [T, H, rope]")
+    q, q_pe = split_query(q, q_pe, layer_cache, block_tables, kv_lora_rank, "T")
     num_tokens, num_heads = q.shape[:2]
     rope = q_pe.shape[2]
-    kv_dim = kv_lora_rank + rope
     num_seqs = seq_lens.shape[0]
-    if layer_cache.shape[-1] != kv_dim or rope <= 0 or layer_cache.dim() != 3:
-        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(layer_cache.shape)} disagree "
-                         f"with kv_lora_rank={kv_lora_rank}")
     if block_tables.shape[0] != num_seqs or query_start_loc.shape != (num_seqs + 1,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)}, query_start_loc "
                          f"{tuple(query_start_loc.shape)} do not match {num_seqs} sequences")
-    if (q.stride(-1) != 1 or q_pe.stride(-1) != 1 or layer_cache.stride(-1) != 1
-            or block_tables.stride(-1) != 1):
-        raise ValueError("q, q_pe, layer_cache and block_tables need a contiguous last dim")
-    if not q.dtype == q_pe.dtype == layer_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but the cache is {layer_cache.dtype}")
     block_r, block_pe = triton.next_power_of_2(kv_lora_rank), max(16, triton.next_power_of_2(rope))
     cfg = config or default_prefill_config(block_r, block_pe, q.element_size(),
                                            _shared_memory(q.device))

@@ -54,7 +54,6 @@ __all__ = ["KVPuller"]
 logger = logging.getLogger(__name__)
 
 
-
 # The event loop's timers have millisecond resolution (uvloop: a sleep under ~0.5 ms returns at
 # once, 0.8 ms sleeps 1.1 ms), so polling a READ with growing sub-millisecond sleeps saw a
 # transfer of tens of microseconds end at 1.1 or 3.2 ms: kv_transfer_seconds measured the
