@@ -40,7 +40,30 @@ __all__ = [
     "run_descs",
     "decode_release_notif",
     "encode_release_notif",
+    "poll_sleep_s",
+    "yield_budget_s",
 ]
+
+# Timers have millisecond resolution where it matters (uvloop: a sleep under ~0.5 ms returns at
+# once, 0.8 ms sleeps 1.1 ms; time.sleep adds ~50 us of timer slack), so polling a READ with
+# growing sub-millisecond sleeps saw a transfer of tens of microseconds end at 1.1 or 3.2 ms:
+# kv_transfer_seconds measured the poll, not the copy. While a transfer could still be running
+# at device speed a poll only yields; after that it sleeps a millisecond at a time.
+POLL_SLEEP_S = 1e-3
+YIELD_BYTES_PER_S = 20e9  # a pessimistic device-path rate: longer than this is not a GPU copy
+YIELD_MIN_S, YIELD_MAX_S = 2e-4, 5e-3
+
+
+def yield_budget_s(num_bytes: int) -> float:
+    """How long to poll a READ of ``num_bytes`` without sleeping."""
+    return min(YIELD_MAX_S, YIELD_MIN_S + num_bytes / YIELD_BYTES_PER_S)
+
+
+def poll_sleep_s(num_bytes: int, waited_s: float) -> float:
+    """Seconds to sleep before the next look at a READ of ``num_bytes`` that has run
+    ``waited_s``: 0 (yield only) within its yield budget, then a millisecond."""
+    return 0.0 if waited_s < yield_budget_s(num_bytes) else POLL_SLEEP_S
+
 
 # Bumped whenever the metadata blob or the meaning of a descriptor changes.
 METADATA_VERSION = 1
@@ -353,16 +376,15 @@ class KVTransferAgent:
 
     def wait(self, handle: TransferHandle, timeout_s: float) -> TransferResult:
         """Block until the transfer ends or ``timeout_s`` passes; never hangs."""
-        deadline = time.monotonic() + timeout_s
-        sleep = 1e-5
+        started = time.monotonic()
         while True:
             state = self.poll(handle)
             if state is not TransferState.PENDING:
                 return self.finish(handle)
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
                 return self.finish(handle, timed_out=True)
-            time.sleep(sleep)
-            sleep = min(sleep * 2, 1e-3)
+            time.sleep(poll_sleep_s(handle.num_bytes, waited))
 
     def take_notifs(self) -> list[tuple[str, bytes]]:
         """Notifications received since the last call, as (peer name, message)."""

@@ -43,6 +43,7 @@ from moeserve.worker.kv_handoff.agent import (
     TransferHandle,
     TransferState,
     encode_release_notif,
+    poll_sleep_s,
 )
 from moeserve.worker.kv_handoff.prefill import release_metadata
 from moeserve.worker.kv_handoff.signing import handle_verifies
@@ -52,21 +53,6 @@ from moeserve.worker.scheduler import RemoteKVBlocks
 __all__ = ["KVPuller"]
 
 logger = logging.getLogger(__name__)
-
-
-# The event loop's timers have millisecond resolution (uvloop: a sleep under ~0.5 ms returns at
-# once, 0.8 ms sleeps 1.1 ms), so polling a READ with growing sub-millisecond sleeps saw a
-# transfer of tens of microseconds end at 1.1 or 3.2 ms: kv_transfer_seconds measured the
-# poll, not the copy. While a transfer could still be running at device speed the poll only
-# yields to the loop's other work; after that it sleeps a millisecond at a time.
-POLL_SLEEP_S = 1e-3
-YIELD_BYTES_PER_S = 20e9  # a pessimistic device-path rate: longer than this is not a GPU copy
-YIELD_MIN_S, YIELD_MAX_S = 2e-4, 5e-3
-
-
-def yield_budget_s(num_bytes: int) -> float:
-    """How long to poll a READ of ``num_bytes`` without sleeping."""
-    return min(YIELD_MAX_S, YIELD_MIN_S + num_bytes / YIELD_BYTES_PER_S)
 
 
 class KVPuller:
@@ -154,12 +140,12 @@ class KVPuller:
             await asyncio.sleep(min(self.faults.stall_transfer_s, self.timeout_s))
             if self.faults.stall_transfer_s >= self.timeout_s:
                 return False
-        yield_until = time.monotonic() + yield_budget_s(xfer.num_bytes)
+        started = time.monotonic()
         while self.agent.poll(xfer) is TransferState.PENDING:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            await asyncio.sleep(0 if now < yield_until else POLL_SLEEP_S)
+            await asyncio.sleep(poll_sleep_s(xfer.num_bytes, now - started))
         return True
 
     def _failed(self, rid: str, reason: str) -> None:
