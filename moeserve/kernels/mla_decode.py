@@ -92,32 +92,35 @@ def mla_decode_kernel(
 
 @triton.jit
 def mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr, seq_lens_ptr,
+    o_part_ptr, lse_ptr, out_ptr, seq_lens_ptr, num_heads,
     stride_ps, stride_ph, stride_psp, stride_ls, stride_lh, stride_os, stride_oh,
     KV_LORA: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HEADS: tl.constexpr,
 ):
+    """Merge the splits of BLOCK_HEADS heads of one sequence over a BLOCK_R slice of the value
+    width: a program a head was tens of thousands of tiny programs at V3's 128 heads."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    # Only the splits a sequence of this length used (stage 1 stored nothing for the rest).
-    sp_ok = tl.arange(0, BLOCK_SPLITS) < tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS,
-                                                                      BLOCK_N))
     offs_sp = tl.arange(0, BLOCK_SPLITS)
+    # Only the splits a sequence of this length used (stage 1 stored nothing for the rest).
+    sp_ok = offs_sp < tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N))
+    h_ok = heads < num_heads
     # A third grid axis cuts the value width: at batch 1 one program per head would pull
     # [splits, 512] float32 partials alone (16 programs on 132 SMs).
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + offs_sp, mask=sp_ok,
-                  other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(sp_ok, tl.exp2(lse - m), 0.0)
-    w = w / tl.sum(w, 0)
-    parts = tl.load(o_part_ptr + seq * stride_ps + head * stride_ph
-                    + offs_sp[:, None] * stride_psp + offs_r[None, :],
-                    mask=sp_ok[:, None] & (offs_r < KV_LORA)[None, :], other=0.0)
-    out = tl.sum(parts * w[:, None], 0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_r,
-             out.to(out_ptr.dtype.element_ty), mask=offs_r < KV_LORA)
+    hs_ok = h_ok[:, None] & sp_ok[None, :]
+    lse = tl.load(lse_ptr + seq * stride_ls + heads[:, None] * stride_lh + offs_sp[None, :],
+                  mask=hs_ok, other=float("-inf"))
+    m = tl.max(lse, 1)
+    w = tl.where(hs_ok, tl.exp2(lse - tl.where(h_ok, m, 0.0)[:, None]), 0.0)
+    w = w / tl.maximum(tl.sum(w, 1), 1e-30)[:, None]
+    parts = tl.load(o_part_ptr + seq * stride_ps + heads[:, None, None] * stride_ph
+                    + offs_sp[None, :, None] * stride_psp + offs_r[None, None, :],
+                    mask=hs_ok[:, :, None] & (offs_r < KV_LORA)[None, None, :], other=0.0)
+    out = tl.sum(parts * w[:, :, None], 1)
+    tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_r[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & (offs_r < KV_LORA)[None, :])
 
 
 def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
@@ -127,8 +130,10 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     Depends only on the batch shape, never on sequence lengths, so a CUDA graph captured for a
     batch size stays valid whatever the context lengths are at replay.
     """
-    if num_seqs >= 64:  # enough sequences to fill the GPU: few splits, less merging
-        return 2 if num_seqs < 128 else 1
+    if num_seqs >= 64:  # enough sequences to fill the GPU: few splits, less merging; two
+        # beat one at 128 / 256 too (tune_mla_decode.py, H200, 16 heads: batch 128 at 1k 68.8
+        # against 73.6 us, at 4k 216.6 against 269.2; batch 256 at 4k 421.5 against 493.5)
+        return 2
     programs = num_seqs * triton.cdiv(num_heads, block_h)
     # Batch 1-2: 128 splits of one 32-key tile per 4k of context (`tune_mla_decode.py`, H100,
     # graphs: batch 1 at 4k 9.9 us against 11.8 with 64 and ~15 with 32; at 1k 8.6 / 9.4 /
@@ -154,7 +159,8 @@ def default_tiles(num_seqs: int, block_h: int = 16) -> tuple[int, int]:
     (V3, H200: batch 256 at 1k 391 us against 499 with 32-key tiles)."""
     if block_h >= 64:
         return 64, 8
-    return (64, 8) if 64 <= num_seqs < 256 else (32, 4)
+    # H200, two splits from batch 128: 32-key tiles over 4 warps (the timings above)
+    return (64, 8) if 64 <= num_seqs < 128 else (32, 4)
 
 
 def mla_decode(
@@ -220,12 +226,16 @@ def mla_decode(
     if splits == 1:
         return out
     r_chunk = min(block_r, 128)
-    mla_decode_reduce_kernel[(num_seqs, num_heads, triton.cdiv(kv_lora_rank, r_chunk))](
-        o_part, lse, out, seq_lens,
+    block_splits = triton.next_power_of_2(splits)
+    # Heads a merge program takes: an [heads, splits, 128] float32 tile of at most 8k values.
+    merge_h = min(triton.next_power_of_2(num_heads), max(1, 8192 // (block_splits * r_chunk)))
+    mla_decode_reduce_kernel[(num_seqs, triton.cdiv(num_heads, merge_h),
+                              triton.cdiv(kv_lora_rank, r_chunk))](
+        o_part, lse, out, seq_lens, num_heads,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         KV_LORA=kv_lora_rank, BLOCK_R=r_chunk, NUM_SPLITS=splits,
-        BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_N=block_n, num_warps=4,
+        BLOCK_SPLITS=block_splits, BLOCK_N=block_n, BLOCK_HEADS=merge_h, num_warps=4,
     )
     return out
 

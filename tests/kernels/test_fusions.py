@@ -36,8 +36,9 @@ def test_rmsnorm_matches_ref(tokens, dim, dtype, residual, seed, device):
     (64, 32, 16, torch.float32, False, True, 1),
     (16, 24, 8, torch.float16, True, False, 2),
 ])
+@pytest.mark.parametrize("heads", [3, 40])  # 40: three programs a token, the last ragged
 def test_rope_cache_write_matches_ref(block_size, rank, rope, dtype, norm, interleave, seed,
-                                      device):
+                                      heads, device):
     gen = torch.Generator().manual_seed(seed)
     tokens, num_blocks = 11, 5
     rotary = RotaryEmbedding(rope, RopeConfig(), max_positions=300, interleave=interleave)
@@ -51,8 +52,8 @@ def test_rope_cache_write_matches_ref(block_size, rank, rope, dtype, norm, inter
     cache = cache.to(dtype).to(device)
     expected = cache.clone()
     cos, sin = rotary.cos_cache.to(device), rotary.sin_cache.to(device)
-    # Queries of 3 heads as the projection lays them out: [nope | rope] per head.
-    q = torch.randn(tokens, 3, 5 + rope, generator=gen).to(dtype).to(device)
+    # Queries as the projection lays them out: [nope | rope] per head.
+    q = torch.randn(tokens, heads, 5 + rope, generator=gen).to(dtype).to(device)
     q_expected = q.clone()
     rope_cache_write(c_kv, k_pe, positions, cos, sin, slots, cache[:, 1], weight, 1e-6,
                      interleave, q_pe=q[..., 5:])

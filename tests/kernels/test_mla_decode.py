@@ -20,8 +20,11 @@ CASES = [
 ]
 
 
-# 64..255 sequences take 64-key tiles over 8 warps and two splits by default (default_tiles).
+# 64..127 sequences take 64-key tiles over 8 warps and two splits by default (default_tiles).
 CASES.append(([(7 * i) % 150 + 1 for i in range(70)], 16, 2, 16, 8, None, torch.bfloat16, 5))
+# From 128 sequences: two splits of 32-key tiles; the merge takes 32 of the 40 heads a program
+# (a ragged second head block).
+CASES.append(([(5 * i) % 90 + 1 for i in range(130)], 16, 40, 16, 8, None, torch.bfloat16, 8))
 # V3-like head counts from batch 32 on: 64 heads a program (default_block_h), one head block and
 # a ragged second (70 heads).
 CASES.append(([(11 * i) % 20 + 1 for i in range(32)], 16, 70, 16, 8, 1, torch.bfloat16, 7))
