@@ -130,10 +130,12 @@ def default_num_splits(num_seqs: int, num_heads: int, block_h: int = 16,
     Depends only on the batch shape, never on sequence lengths, so a CUDA graph captured for a
     batch size stays valid whatever the context lengths are at replay.
     """
-    if num_seqs >= 64:  # enough sequences to fill the GPU: few splits, less merging; two
-        # beat one at 128 / 256 too (tune_mla_decode.py, H200, 16 heads: batch 128 at 1k 68.8
-        # against 73.6 us, at 4k 216.6 against 269.2; batch 256 at 4k 421.5 against 493.5)
-        return 2
+    if num_seqs >= 64:  # enough sequences to fill the GPU: few splits, less merging. With
+        # 16 heads a program two beat one at 128 / 256 too (tune_mla_decode.py, H200: batch
+        # 128 at 1k 68.8 against 73.6 us, at 4k 216.6 against 269.2; batch 256 at 4k 421.5
+        # against 493.5); 64 heads a program (V3) at batch 256 took 470 us a layer with two
+        # and its merge against 431 with one (profile_decode.py --preset v3 --fp8).
+        return 2 if num_seqs < 128 or block_h < 64 else 1
     programs = num_seqs * triton.cdiv(num_heads, block_h)
     # Batch 1-2: 128 splits of one 32-key tile per 4k of context (`tune_mla_decode.py`, H100,
     # graphs: batch 1 at 4k 9.9 us against 11.8 with 64 and ~15 with 32; at 1k 8.6 / 9.4 /
