@@ -75,7 +75,7 @@ def moe_align_block_size_ref(
     return sorted_ids[:total], block_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_copies", "num_experts", "total"])
 def moe_align_kernel(
     ids_ptr, sorted_ids_ptr, block_expert_ptr, num_copies, num_experts, total,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr,
@@ -147,7 +147,9 @@ def moe_align_kernel(
 SINGLE_PROGRAM_MAX_ONEHOT = 8192
 
 
-@triton.jit
+# Integer arguments are loop bounds and counts that follow the step's token count: specializing
+# on them (== 1, divisible by 16) compiled variants mid-serving that no warm-up step had made.
+@triton.jit(do_not_specialize=["num_copies", "num_experts", "total"])
 def moe_align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ids_ptr, num_copies, num_experts,
                            total, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
                            TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr):
@@ -168,7 +170,7 @@ def moe_align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ids_ptr, num_copies
                  mask=(rows < total) & (rows < (p + 1) * rows_per))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_experts", "total", "num_tokens"])
 def moe_align_offsets_kernel(chunk_counts_ptr, block_expert_ptr, routed_rows_ptr, num_chunks,
                              num_experts, total, num_tokens,
                              BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -211,7 +213,7 @@ def moe_align_offsets_kernel(chunk_counts_ptr, block_expert_ptr, routed_rows_ptr
                  mask=blocks < total // BLOCK_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_copies", "num_experts"])
 def moe_align_place_kernel(ids_ptr, chunk_start_ptr, routed_rows_ptr, sorted_ids_ptr,
                            num_copies, num_experts,
                            BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr,
