@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 
 from moeserve.common.sampling import SamplingParams
+from moeserve.worker.checkpoint import checkpoint_tensors
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.weights import dequantize_fp8_blocks
@@ -31,6 +32,7 @@ def test_fp8_checkpoint_close_to_full_precision(tmp_path):
         assert f.get_tensor(name + "_scale_inv").shape == (1, 1)
         assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight_scale_inv").shape == (
             1, 2)
+
     prompt = list(range(10, 40))
     logits = []
     for path in (full, fp8):
@@ -47,3 +49,16 @@ def test_fp8_checkpoint_close_to_full_precision(tmp_path):
     cos = torch.nn.functional.cosine_similarity(logits[0].flatten(), logits[1].flatten(), dim=0)
     assert cos > 0.99  # e4m3 keeps ~3 significant bits per weight
     assert not torch.equal(logits[0], logits[1])  # the fp8 weights really were used
+
+
+def test_router_bias_stays_float32_as_v3_ships_it():
+    """DeepSeek-V3/R1 store the noaux_tc router's e_score_correction_bias in float32 beside
+    bf16 and fp8 weights; a bf16 copy would move expert choices near ties."""
+    bias = torch.randn(256) * 0.1
+    for fp8 in (False, True):
+        stored = checkpoint_tensors("model.layers.3.mlp.gate.e_score_correction_bias", bias,
+                                    torch.bfloat16, fp8)
+        assert stored["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    gate = checkpoint_tensors("model.layers.3.mlp.gate.weight", torch.randn(256, 128),
+                              torch.bfloat16, True)
+    assert gate["model.layers.3.mlp.gate.weight"].dtype == torch.bfloat16  # as shipped

@@ -117,7 +117,10 @@ def checkpoint_tensors(name: str, t: torch.Tensor, dtype: torch.dtype,
     """What a checkpoint stores for weight `name`: with `fp8`, the tensors DeepSeek-V3's
     release quantizes (projection, dense MLP and expert weights) as float8_e4m3fn with float32
     `weight_scale_inv` per block of FP8_QUANTIZATION_CONFIG's size; everything else (and every
-    tensor without `fp8`) in `dtype`."""
+    tensor without `fp8`) in `dtype`, except the router's `e_score_correction_bias`, which
+    DeepSeek-V3/R1 ship in float32 (a bf16 copy moves expert choices near ties)."""
+    if name.endswith("e_score_correction_bias"):
+        return {name: t.float()}
     if fp8 and _is_fp8_target(name, t):
         block = FP8_QUANTIZATION_CONFIG["weight_block_size"]
         q, s = _quantize_fp8(t.float(), (block[0], block[1]))
