@@ -164,21 +164,30 @@ class Frontend:
         try:
             async for chunk in gen:
                 now = time.perf_counter()
-                if chunk.token_ids:
+                # Router.generate's Chunk; stand-ins for it may leave logprobs out.
+                logprobs = getattr(chunk, "logprobs", None)
+                token_ids = list(chunk.token_ids)
+                text = ""
+                if detok is not None:  # a message may carry several tokens (a worker that
+                    # fell behind coalesces): a stop string ends the text at its own token
+                    for i, token in enumerate(token_ids):
+                        text += detok.push([token])
+                        if detok.stopped:
+                            token_ids = token_ids[: i + 1]
+                            logprobs = logprobs[: i + 1] if logprobs else logprobs
+                            break
+                if token_ids:
                     if usage.completion_tokens == 0:
                         self.metrics.time_to_first_token.observe(now - start)
                         usage.cached_tokens = chunk.num_cached_tokens
                     else:
                         self.metrics.inter_token_latency.observe(now - last)
                     last = now
-                usage.completion_tokens += len(chunk.token_ids)
-                # Router.generate's Chunk; stand-ins for it may leave logprobs out.
-                logprobs = getattr(chunk, "logprobs", None)
-                self.metrics.generation_tokens.inc(len(chunk.token_ids))
-                text = detok.push(chunk.token_ids) if detok is not None else ""
+                usage.completion_tokens += len(token_ids)
+                self.metrics.generation_tokens.inc(len(token_ids))
                 if detok is not None and detok.stopped:
                     self._done(start, "stop")
-                    yield Delta(text, chunk.token_ids, True, "stop", logprobs)
+                    yield Delta(text, token_ids, True, "stop", logprobs)
                     return  # closing the generator aborts the request on the workers
                 if chunk.finished:
                     text += detok.flush() if detok is not None else ""
@@ -186,9 +195,9 @@ class Frontend:
                     if detok is not None and detok.stopped:
                         reason = "stop"
                     self._done(start, reason)
-                    yield Delta(text, chunk.token_ids, True, reason, logprobs)
+                    yield Delta(text, token_ids, True, reason, logprobs)
                     return
-                yield Delta(text, chunk.token_ids, logprobs=logprobs)
+                yield Delta(text, token_ids, logprobs=logprobs)
         finally:
             await gen.aclose()
 

@@ -12,7 +12,8 @@ from moeserve.common.errors import ConfigError
 from moeserve.common.sampling import TokenLogprobs
 from moeserve.worker.request import Request
 
-__all__ = ["EngineCoreOutput", "RemoteKVBlocks", "SchedulerConfig", "SchedulerOutput"]
+__all__ = ["EngineCoreOutput", "RemoteKVBlocks", "SchedulerConfig", "SchedulerOutput",
+           "merge_outputs"]
 
 
 @dataclass
@@ -88,6 +89,21 @@ class EngineCoreOutput:
     # One per new token when the request asked for logprobs and they were computed here
     # (None for a first token sampled by a prefill worker).
     new_logprobs: list[TokenLogprobs] | None = None
+
+
+def merge_outputs(first: EngineCoreOutput, later: object) -> EngineCoreOutput | None:
+    """``first`` and the next output of the same request as one (tokens in order, the later
+    one's end), or None where they do not merge: ``later`` is not an output (an error), or
+    only one of them carries logprobs (a prefill worker's first token has none here)."""
+    if (not isinstance(later, EngineCoreOutput) or first.finished
+            or (first.new_logprobs is None) != (later.new_logprobs is None)):
+        return None
+    logprobs = None
+    if first.new_logprobs is not None and later.new_logprobs is not None:
+        logprobs = first.new_logprobs + later.new_logprobs
+    return EngineCoreOutput(first.request_id, first.new_token_ids + later.new_token_ids,
+                            later.finished, later.finish_reason, first.num_cached_tokens,
+                            logprobs)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from moeserve.worker.kv_handoff.compat import engine_fingerprint
 from moeserve.worker.kv_handoff.decode import KVPuller
 from moeserve.worker.kv_handoff.prefill import HandleTable, KVHandleServicer, PrefillHandoff
 from moeserve.worker.metrics import StreamTiming, WorkerMetrics
+from moeserve.worker.scheduler_types import merge_outputs
 from moeserve.worker.stop_signals import ignore_stop_signals, on_stop_signals, wait_group_stopped
 from moeserve.worker.warmup import build_engine, warm_up
 from moeserve.worker.worker_events import EventHub
@@ -214,12 +215,23 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
             first_msg = True
             sent = 0
             timing = StreamTiming(self.metrics, arrived)
+            held = None  # an item taken from the queue that did not merge into a message
             while not finished:
                 sent += 1
                 await self._inject_stream_fault(sent)
-                out = await stream.get()
+                out, held = (held, None) if held is not None else (await stream.get(), None)
                 if isinstance(out, Exception):
                     raise out
+                # Outputs of several steps already queued (this loop fell behind the engine)
+                # go out as one message: at hundreds of streams a message per token a step
+                # costs the worker more host time than the step (benchmarks/stream_overhead).
+                while not stream.empty():
+                    later = stream.get_nowait()
+                    merged = merge_outputs(out, later)
+                    if merged is None:
+                        held = later
+                        break
+                    out = merged
                 finished = out.finished
                 timing.tokens(len(out.new_token_ids), finished)
                 self.metrics.generation_tokens.inc(len(out.new_token_ids))
