@@ -2,10 +2,11 @@
 step of N rows every S ms?
 
 The real WorkerServicer and gRPC server (the tiny checkpoint's engine, for its config and
-fingerprint) over a paced stand-in for the engine's step: it sleeps S ms with the GIL released
-(the engine thread waiting on the GPU), optionally spins H ms holding it (the engine's own
-Python per step), and emits one token for each running request. A client process opens N
-Generate streams at once. If the worker's loop keeps up, a step takes S + H ms; if streaming N
+fingerprint) over a paced stand-in for the engine's step: it spins H ms holding the GIL (the
+engine's own Python for the next step, which async scheduling overlaps with the GPU), sleeps
+for the rest of S ms with the GIL released (waiting on the GPU), and emits one token for each
+running request. A client process opens N Generate streams at once. If the worker's loop
+keeps up, a step takes S ms; if streaming N
 messages a step costs more host time than that, steps stretch (the GPU would idle), which is
 what this measures (the median time between steps that held every stream), with the worker
 process's CPU time per streamed token.
@@ -58,10 +59,14 @@ class PacedSteps:
     def step(self) -> list[EngineCoreOutput]:
         if len(self.left) == self.streams:
             self.full_steps.append(time.perf_counter())
-        time.sleep(self.step_s)  # the GPU's time: the GIL is free
-        end = time.perf_counter() + self.host_s
-        while time.perf_counter() < end:  # the engine's Python: the GIL is held
+        # Async scheduling: the engine's Python for the next step (GIL held) runs while the
+        # GPU computes this one; then it waits, GIL free, for what is left of the GPU's time.
+        start = time.perf_counter()
+        while time.perf_counter() < start + self.host_s:
             pass
+        left = self.step_s - (time.perf_counter() - start)
+        if left > 0:
+            time.sleep(left)
         self.steps += 1
         outs = []
         for rid, left in list(self.left.items()):
@@ -128,7 +133,7 @@ async def _cell(engine: LLMEngine, streams: int, step_s: float, host_s: float,
     full = paced.full_steps
     gaps_full = [b - a for a, b in zip(full, full[1:], strict=False)]
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    busy = steps * host_s
+    busy = steps * host_s  # the stand-in's own spinning is not streaming cost
     return {"streams": streams, "step_ms": step_s * 1e3, "host_ms": host_s * 1e3,
             "switch_ms": sys.getswitchinterval() * 1e3,
             "steps": steps, "full_steps": len(full),
@@ -143,7 +148,7 @@ async def main() -> None:
     ap.add_argument("--step-ms", type=float, nargs="+", default=[10.5, 13.7],
                     help="GPU time a step (H200, V2-Lite: 10.5 ms at 64 rows, 13.7 at 256)")
     ap.add_argument("--host-ms", type=float, default=0.0,
-                    help="the engine thread's own Python a step (GIL held)")
+                    help="the engine thread's own Python a step (GIL held), within the step")
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--switch-interval-ms", type=float, nargs="+", default=[0.0],
                     help="the worker's GIL switch interval(s) to compare; 0: the worker's own")
@@ -155,7 +160,7 @@ async def main() -> None:
         for streams, step_ms in zip(args.streams, args.step_ms, strict=True):
             r = await _cell(engine, streams, step_ms / 1e3, args.host_ms / 1e3, args.tokens,
                             switch_ms / 1e3 if switch_ms else None)
-            _print_row(r, step_ms + args.host_ms)
+            _print_row(r, max(step_ms, args.host_ms))
 
 
 def _print_row(r: dict, expected_ms: float) -> None:

@@ -27,8 +27,9 @@ T = TypeVar("T")
 # How long a thread may hold the GIL while another waits for it. The engine thread waits on the
 # GPU with the GIL released and needs it back the moment a step ends; the event loop streaming
 # hundreds of tokens a step holds it meanwhile, for up to Python's default 5 ms. Measured with
-# benchmarks/stream_overhead.py (256 streams, a 13.7 ms step, 2-core CPU): steps stretched to
-# 1.16x their time at 5 ms, 1.05x at 0.5 ms (64 streams: 1.04x either way).
+# benchmarks/stream_overhead.py (2-core CPU; 256 streams, a 13.7 ms step of which the engine's
+# own Python takes 3 ms): steps stretched to 1.18-1.24x at 5 ms, 1.07-1.10x at 0.5 ms; 64
+# streams at 10.5 ms: 1.03x either way.
 ENGINE_GIL_SWITCH_INTERVAL_S = 5e-4
 
 
