@@ -12,8 +12,9 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.stream_overhead import PacedSteps
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
-from moeserve.common.sampling import SamplingParams, TokenLogprobs
+from moeserve.common.sampling import TokenLogprobs
 from moeserve.router.frontend import Frontend
 from moeserve.router.http_app import create_app
 from moeserve.router.metrics import RouterMetrics
@@ -46,24 +47,14 @@ def test_merge_outputs_joins_tokens_and_logprobs_in_order() -> None:
     assert merge_outputs(_out([1], finished=True), _out([2])) is None
 
 
-class BurstSteps:
+class BurstSteps(PacedSteps):
     """Each step emits ``burst`` outputs for every request at once, as a worker loop that
     fell ``burst`` steps behind its engine would find them queued."""
 
     def __init__(self, burst: int) -> None:
+        super().__init__(step_s=0.0, host_s=0.0)
         self.burst = burst
-        self.left: dict[str, int] = {}
         self.next_token = 100
-
-    def add_request(self, rid: str, prompt: list[int], params, **_) -> None:
-        self.left[rid] = params.max_tokens
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.left)
-
-    def abort_request(self, rid: str) -> list[EngineCoreOutput]:
-        self.left.pop(rid, None)
-        return []
 
     def step(self) -> list[EngineCoreOutput]:
         outs = []
