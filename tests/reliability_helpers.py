@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,8 +44,10 @@ def reference_tokens(model_dir: str, prompts: list[list[int]], max_tokens: int,
 
 
 def stream_tokens(url: str, prompt: list[int], max_tokens: int, timeout_s: float = 120.0,
-                  client: httpx.Client | None = None, **extra) -> Outcome:  # fmt: skip
-    """One streamed greedy completion; token ids as streamed, or the error it ended with."""
+                  client: httpx.Client | None = None, first_token: threading.Event | None = None,
+                  **extra) -> Outcome:  # fmt: skip
+    """One streamed greedy completion; token ids as streamed, or the error it ended with.
+    ``first_token`` is set when the first token ids arrive."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True, **extra}  # fmt: skip
     out = Outcome()
@@ -69,6 +72,8 @@ def stream_tokens(url: str, prompt: list[int], max_tokens: int, timeout_s: float
                 if ids:
                     if out.ttft_s is None:
                         out.ttft_s = now - start
+                        if first_token is not None:
+                            first_token.set()
                     else:
                         out.itl_s.append((now - last) / len(ids))
                         out.max_gap_s = max(out.max_gap_s, now - last)

@@ -108,11 +108,15 @@ def test_sigstopped_worker_streams_migrate_when_the_probe_marks_it_down(model_di
     with LocalCluster(spec, log=None) as cluster:
         frozen = cluster.worker("decode-0")
         outs: dict[int, object] = {}
+        started = [threading.Event() for _ in range(2)]
         threads = [threading.Thread(target=lambda i=i: outs.__setitem__(
-            i, stream_tokens(cluster.url, prompts[i], n, timeout_s=60))) for i in range(2)]
+            i, stream_tokens(cluster.url, prompts[i], n, timeout_s=60, first_token=started[i])))
+            for i in range(2)]  # fmt: skip
         for t in threads:
             t.start()
-        time.sleep(0.5)  # both streams under way, one on each worker
+        # both streams under way, one on each worker (a fixed pause raced a loaded machine:
+        # streams not yet started, or already done)
+        assert all(e.wait(30) for e in started)
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         try:
             for t in threads:

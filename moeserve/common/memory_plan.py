@@ -50,7 +50,8 @@ class Tensor:
     """``count`` tensors of one shape. ``routed``: a routed expert's (split over EP ranks);
     ``fp8``: stored e4m3 with block scales in an fp8 checkpoint; ``dequantized``: held in the
     serving dtype even when the engine keeps fp8 weights; ``float32``: held in float32
-    whatever the serving dtype (router gate)."""
+    whatever the serving dtype (router gate); ``stored_float32``: also written in float32 by
+    a checkpoint whatever its dtype (the noaux_tc router's bias, as DeepSeek-V3 ships it)."""
 
     group: str
     shape: tuple[int, ...]
@@ -59,6 +60,7 @@ class Tensor:
     fp8: bool = False
     dequantized: bool = False
     float32: bool = False
+    stored_float32: bool = False
 
     @property
     def numel(self) -> int:
@@ -108,7 +110,8 @@ def model_tensors(c: ModelConfig) -> list[Tensor]:
         straddles = c.fp8_block_size is not None and inter % c.fp8_block_size[0] != 0
         out.append(Tensor("router gate", (experts, h), moe_layers, float32=True))
         if c.topk_method == "noaux_tc":
-            out.append(Tensor("router gate", (experts,), moe_layers, float32=True))
+            out.append(Tensor("router gate", (experts,), moe_layers, float32=True,
+                              stored_float32=True))
         for rows, cols in ((inter, h), (inter, h), (h, inter)):
             linear("routed experts", rows, cols, experts * moe_layers, True, straddles)
         if c.n_shared_experts:
@@ -121,13 +124,16 @@ def model_tensors(c: ModelConfig) -> list[Tensor]:
 
 def checkpoint_bytes(c: ModelConfig) -> dict[str, int]:
     """Bytes per dtype of the checkpoint's tensors, as `moeserve make-checkpoint` writes them:
-    fp8 weights and float32 scales for an fp8 config, everything else in ``torch_dtype``."""
+    fp8 weights and float32 scales for an fp8 config, the router's bias in float32, everything
+    else in ``torch_dtype``."""
     out: dict[str, int] = {}
     dtype = _dtype(c.torch_dtype, "config.json torch_dtype")
     for t in model_tensors(c):
         if t.fp8 and c.fp8_block_size:
             _add(out, FP8, t.numel)
             _add(out, "float32", 4 * t.scale_numel(c.fp8_block_size))
+        elif t.stored_float32:
+            _add(out, "float32", 4 * t.numel)
         else:
             _add(out, dtype, t.numel * DTYPE_BYTES[dtype])
     return out
