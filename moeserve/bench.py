@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import httpx
@@ -27,7 +29,7 @@ import httpx
 from moeserve.bench_stats import RequestRecord, format_table, summarize
 from moeserve.common.progress import progress
 
-__all__ = ["BenchConfig", "RequestRecord", "add_bench_parser", "make_prompts",
+__all__ = ["BenchConfig", "ClientLeases", "RequestRecord", "add_bench_parser", "make_prompts",
            "parse_extra_body", "run_bench", "sample_lengths"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -211,31 +213,77 @@ def _check_load(cfg: BenchConfig) -> None:
         raise ValueError(f"--request-rate must be > 0 (inf: all at once), got {cfg.request_rate}")
 
 
+class ClientLeases:
+    """One-connection httpx clients, each lent to one request at a time.
+
+    httpx's connection pool walks every connection it holds on each request's start and end
+    (``is_idle``, ``has_expired``: a ``poll()`` and a ``getpeername()`` per socket;
+    encode/httpx#3215): with 128 streams open, a cProfile of the bench put 6 of its 9.5 s of
+    CPU there, and at 256 streams on the H200 the bench's own loop, not the server, set the
+    throughput (docs/performance.md). A free list of one-connection clients makes the pool's
+    work per request constant; connections are still kept alive and reused.
+    """
+
+    def __init__(self, cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self._cfg, self._transport = cfg, transport
+        self._free: list[httpx.AsyncClient] = []
+        self._all: list[httpx.AsyncClient] = []
+        # One TLS context for all: building one loads the CA bundle (~20 ms each).
+        self._verify = httpx.create_ssl_context() if cfg.url.startswith("https") else False
+        self._shared = self._client(transport) if transport is not None else None
+
+    def _client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        if transport is None:
+            one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            # Without TCP_NODELAY httpx's header and body writes meet delayed ACKs: +40 ms TTFT.
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            transport = httpx.AsyncHTTPTransport(verify=self._verify, socket_options=nodelay,
+                                                  limits=one)
+        client = httpx.AsyncClient(base_url=self._cfg.url, timeout=self._cfg.timeout_s,
+                                   transport=transport)  # fmt: skip
+        self._all.append(client)
+        return client
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._shared is not None:  # an injected transport (tests): one client for all
+            yield self._shared
+            return
+        client = self._free.pop() if self._free else self._client(None)
+        try:
+            yield client
+        finally:
+            self._free.append(client)
+
+    async def aclose(self) -> None:
+        for client in self._all:
+            await client.aclose()
+
+
 async def run_bench(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None = None) -> dict:
     """Run the load, print the summary table, write ``cfg.out``; returns the summary dict."""
     _check_load(cfg)
     lengths = sample_lengths(cfg)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    if transport is None:
-        # Without TCP_NODELAY httpx's header and body writes meet delayed ACKs: +40 ms TTFT.
-        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-        transport = httpx.AsyncHTTPTransport(socket_options=nodelay, limits=limits)
-    async with httpx.AsyncClient(
-        base_url=cfg.url, timeout=cfg.timeout_s, limits=limits, transport=transport
-    ) as client:
-        model, max_id = await _discover(client, cfg)
+    clients = ClientLeases(cfg, transport)
+    try:
+        async with clients.lease() as client:
+            model, max_id = await _discover(client, cfg)
         prompts = make_prompts(cfg, max_id, lengths)
         rng = random.Random(cfg.seed + 1)
         sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency > 0 else None
         bar = progress(len(prompts), "requests", unit="req", logger=logger,
                        enabled=cfg.progress)  # fmt: skip
 
+        async def one(prompt: list[int], output_len: int) -> RequestRecord:
+            async with clients.lease() as client:
+                return await _one(client, cfg, model, prompt, output_len)
+
         async def run(prompt: list[int], output_len: int) -> RequestRecord:
             if sem is None:
-                rec = await _one(client, cfg, model, prompt, output_len)
+                rec = await one(prompt, output_len)
             else:
                 async with sem:
-                    rec = await _one(client, cfg, model, prompt, output_len)
+                    rec = await one(prompt, output_len)
             bar.update(1)
             return rec
 
@@ -248,6 +296,8 @@ async def run_bench(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None
                     await asyncio.sleep(rng.expovariate(cfg.request_rate))
             records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+    finally:
+        await clients.aclose()
     summary = summarize(list(records), duration, cfg.concurrency)
     print(format_table(summary))
     if cfg.out:

@@ -128,3 +128,65 @@ def test_extra_body_reaches_every_request_and_bad_json_is_named(capsys) -> None:
     asyncio.run(run_bench(cfg, transport=_fake_server(seen, failures=False)))
     assert len(seen) == 3
     assert all(b["response_format"] == {"type": "json_object"} and b["stream"] for b in seen)
+
+
+async def _sse_server(connections: list[tuple], in_flight: list[int]) -> asyncio.Server:
+    """A keep-alive HTTP/1.1 server on a real socket that streams every completion as SSE and
+    records, per request, the connection (peer address) it came on and how many requests were
+    in flight at once."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                path = lines[0].split()[1]
+                size = next((int(h.split(":")[1]) for h in lines
+                             if h.lower().startswith("content-length:")), 0)  # fmt: skip
+                body = json.loads(await reader.readexactly(size)) if size else {}
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight[1], in_flight[0])
+                await asyncio.sleep(0.01)  # the requests of one batch overlap
+                if path == "/v1/models":
+                    payload = json.dumps({"data": [{"id": "tiny", "vocab_size": 100}]}).encode()
+                    kind = b"application/json"
+                else:
+                    connections.append(peer)
+                    chunks = [{"choices": [{"index": 0, "text": "x", "token_ids": [i]}]}
+                              for i in range(body["max_tokens"])]  # fmt: skip
+                    payload = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode()
+                    payload += b"data: [DONE]\n\n"
+                    kind = b"text/event-stream"
+                in_flight[0] -= 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def test_bench_over_real_sockets_keeps_to_its_concurrency_and_reuses_connections() -> None:
+    """Each request borrows a kept-alive connection of its own: never more connections than
+    the concurrency, never two requests at once on one, and all of them reused."""
+
+    async def main() -> dict:
+        connections: list[tuple] = []
+        in_flight = [0, 0]
+        server = await _sse_server(connections, in_flight)
+        port = server.sockets[0].getsockname()[1]
+        cfg = BenchConfig(url=f"http://127.0.0.1:{port}", num_prompts=24, input_len=4,
+                          output_len=3, concurrency=4, progress=False)  # fmt: skip
+        async with server:
+            summary = await run_bench(cfg)
+        return {"summary": summary, "connections": connections, "in_flight": in_flight}
+
+    got = asyncio.run(main())
+    assert got["summary"]["completed"] == 24 and got["summary"]["failed"] == 0
+    assert got["summary"]["total_output_tokens"] == 24 * 3
+    assert len(got["connections"]) == 24
+    assert len(set(got["connections"])) <= 4  # kept alive and reused, one request at a time
+    assert got["in_flight"][1] <= 4
