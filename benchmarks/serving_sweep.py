@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import re
 import shlex
 import sys
@@ -49,7 +50,50 @@ CONFIGS = {"agg": (0, 1), "pd": (1, 1)}  # (prefill workers, decode workers)
 _COMPILES = re.compile(r'^moeserve:worker_compilations_after_ready_total\{kind="\w+"\} (\S+)$',
                        re.M)  # fmt: skip
 _STARTUP = re.compile(r'^moeserve:worker_startup_seconds\{phase="(\w+)"\} (\S+)$', re.M)
+_STEPS = re.compile(r'^moeserve:engine_step_seconds_(sum|count)\{kind="(\w+)"\} (\S+)$', re.M)
+_STEP_TOKENS = re.compile(r"^moeserve:engine_step_prompt_tokens_sum (\S+)$", re.M)
 _KV = re.compile(r"^moeserve:kv_transfer_(bytes_total|seconds_sum|seconds_count) (\S+)$", re.M)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """A worker's engine-step counters (``moeserve:engine_step_*``), cumulative or a load's."""
+
+    decode_n: float = 0.0
+    decode_s: float = 0.0
+    mixed_n: float = 0.0
+    mixed_s: float = 0.0
+    prompt_tokens: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> StepCounts:
+        got = {f"{kind}_{'n' if stat == 'count' else 's'}": float(v)
+               for stat, kind, v in _STEPS.findall(text)}  # fmt: skip
+        tokens = _STEP_TOKENS.search(text)
+        return cls(**{k: v for k, v in got.items() if k in cls.__dataclass_fields__},
+                   prompt_tokens=float(tokens.group(1)) if tokens else 0.0)  # fmt: skip
+
+    def minus(self, before: StepCounts) -> StepCounts:
+        return StepCounts(*(a - b for a, b in zip(dataclasses.astuple(self),
+                                                   dataclasses.astuple(before), strict=True)))
+
+    def describe(self) -> str:
+        """``decode N x M ms | mixed N x M ms, T prompt tokens``."""
+        def mean(total: float, n: float) -> float:
+            return total / n if n else 0.0
+
+        return (f"{self.decode_n:.0f} x {1e3 * mean(self.decode_s, self.decode_n):.1f} ms | "
+                f"{self.mixed_n:.0f} x {1e3 * mean(self.mixed_s, self.mixed_n):.1f} ms, "
+                f"{mean(self.prompt_tokens, self.mixed_n):.0f} prompt tokens")
+
+
+def _steps(workers: dict[str, str]) -> dict[str, StepCounts]:
+    """Each worker's cumulative step counters, by child name."""
+    out = {}
+    for name, url in workers.items():
+        with contextlib.suppress(httpx.HTTPError):
+            out[name] = StepCounts.parse(httpx.get(url, timeout=5).text)
+    return out
 
 
 @dataclass
@@ -62,6 +106,8 @@ class Run:
     fresh: bool  # the first load this cluster ran since it started
     summary: dict
     compilations: float
+    # per worker (child name): its engine steps during this load (StepCounts.minus)
+    steps: dict[str, StepCounts] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,8 +191,9 @@ class Sweep:
         for group in groups:
             start = time.perf_counter()
             with self._cluster(config) as cluster:
-                workers = [c.metrics for c in cluster.children
-                           if c.name != "router" and c.metrics]  # fmt: skip
+                named = {c.name: c.metrics for c in cluster.children
+                         if c.name != "router" and c.metrics}  # fmt: skip
+                workers = list(named.values())
                 _, phases = _scrape(workers)
                 self.starts.append(ConfigStart(config, time.perf_counter() - start, phases))
                 print(f"[sweep] {config} ready in {time.perf_counter() - start:.1f} s "
@@ -154,13 +201,16 @@ class Sweep:
                 fresh = True
                 for shape, conc in group:
                     for i in range(1 + self.args.steady_repeats):
+                        before = _steps(named)
                         summary = self._load(cluster.url, shape, conc)
                         if i in (0, self.args.steady_repeats):
                             compiles, _ = _scrape(workers)
+                            steps = {k: v.minus(before.get(k, StepCounts()))
+                                     for k, v in _steps(named).items()}  # fmt: skip
                             self.runs.append(Run(config, shape, conc, summary["completed"] +
                                                  summary["failed"], "first" if i == 0 else
                                                  "steady", fresh and i == 0, summary,
-                                                 compiles))  # fmt: skip
+                                                 compiles, steps))  # fmt: skip
                     if self.args.compare_body is not None:
                         summary = self._load(cluster.url, shape, conc, self.args.compare_body)
                         compiles, _ = _scrape(workers)
@@ -217,6 +267,17 @@ def markdown(sweep: Sweep, title: str) -> str:
         tput = f["output_throughput"] / st["output_throughput"] if st["output_throughput"] else 0
         ttft = f["ttft_ms"]["p99"] / st["ttft_ms"]["p99"] if st["ttft_ms"]["p99"] else 0
         lines.append(f"| {config} | {shape[0]}/{shape[1]} | {conc} | {tput:.2f} | {ttft:.2f} |")
+    stepped = [r for r in sweep.runs if r.steps]
+    if stepped:
+        lines += ["", "Engine steps per load, each worker (`moeserve:engine_step_*`): decode "
+                  "steps x mean wall time | mixed steps x mean wall time, mean prompt tokens:",
+                  "", "| config | in/out | conc | run | worker | decode | mixed |",
+                  "|---|---|---:|---|---|---|---|"]  # fmt: skip
+        for r in stepped:
+            for worker, counts in r.steps.items():
+                decode, mixed = counts.describe().split(" | ")
+                lines.append(f"| {r.config} | {r.shape[0]}/{r.shape[1]} | {r.concurrency} | "
+                             f"{r.label} | {worker} | {decode} | {mixed} |")
     compared = [(pair["steady"], pair["steady+body"]) for pair in by_cell.values()
                 if "steady" in pair and "steady+body" in pair]  # fmt: skip
     if compared:

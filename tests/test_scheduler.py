@@ -421,3 +421,59 @@ def test_full_pool_admits_no_remote_kv_request():
     usage = sched.kv.usage
     assert sched.add_remote_kv_request(make_req("r", PROMPTS["b"])) is None
     assert list(sched.requests) == ["q"] and sched.kv.usage == usage
+
+
+def _step(sched, model, tokens=None):
+    out = sched.schedule()
+    for o in sched.update_from_output(out, model(sched, out)):
+        if tokens is not None:
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return out
+
+
+def test_prefill_hold_gathers_prompts_that_arrive_a_step_apart_into_one_step():
+    """With prefill_hold_steps=2 a prompt that arrives beside running decodes waits (the
+    decodes go on) until more prompts fill the free budget or two steps have passed; the
+    outputs stay those of each request alone."""
+    model, got = FakeModel(), {}
+    sched = make_sched(max_num_batched_tokens=32, prefill_hold_steps=2, prefix_caching=False)
+    sched.add_request(make_req("run", [5, 9, 2], max_tokens=12))
+    assert _step(sched, model, got).num_scheduled_tokens == {"run": 3}  # nobody running
+    sched.add_request(make_req("p1", list(range(1, 11))))
+    out = _step(sched, model, got)
+    assert out.num_scheduled_tokens == {"run": 1}  # held: 10 tokens leave 31 short
+    sched.add_request(make_req("p2", list(range(20, 32))))
+    out = _step(sched, model, got)
+    assert out.num_scheduled_tokens == {"run": 1}  # held a second step: 22 of 31
+    sched.add_request(make_req("p3", list(range(40, 51))))
+    out = _step(sched, model, got)  # 33 tokens fill the 31 free: admitted together
+    assert out.num_scheduled_tokens == {"run": 1, "p1": 10, "p2": 12, "p3": 9}
+    while sched.has_unfinished_requests():
+        _step(sched, model, got)
+    assert got["p1"] == alone(list(range(1, 11)))
+    assert got["p2"] == alone(list(range(20, 32)))
+    assert got["p3"] == alone(list(range(40, 51)))
+    assert got["run"] == alone([5, 9, 2], max_tokens=12)
+
+
+def test_prefill_hold_ends_after_its_steps_and_is_off_by_default():
+    for hold, admitted_at in ((0, 1), (3, 4)):
+        model = FakeModel()
+        sched = make_sched(max_num_batched_tokens=32, prefill_hold_steps=hold)
+        sched.add_request(make_req("run", [5, 9, 2], max_tokens=12))
+        _step(sched, model)
+        sched.add_request(make_req("late", [7, 7, 7]))
+        steps = [_step(sched, model) for _ in range(admitted_at)]
+        assert all(s.num_scheduled_tokens == {"run": 1} for s in steps[:-1]), hold
+        assert steps[-1].num_scheduled_tokens == {"run": 1, "late": 3}, hold
+
+
+def test_prefill_hold_never_delays_a_batch_that_is_full_or_idle():
+    model = FakeModel()
+    sched = make_sched(max_num_batched_tokens=64, max_num_seqs=2, prefill_hold_steps=5)
+    sched.add_request(make_req("run", [5, 9, 2], max_tokens=12))
+    _step(sched, model)
+    sched.add_request(make_req("last", [1, 2]))  # the batch's last seat: nobody can join it
+    assert _step(sched, model).num_scheduled_tokens == {"run": 1, "last": 2}
+    with pytest.raises(ConfigError, match="prefill_hold_steps"):
+        SchedulerConfig(prefill_hold_steps=-1)

@@ -7,7 +7,15 @@ import argparse
 
 import pytest
 
-from benchmarks.serving_sweep import ConfigStart, Run, Sweep, build_parser, markdown, parse_shape
+from benchmarks.serving_sweep import (
+    ConfigStart,
+    Run,
+    StepCounts,
+    Sweep,
+    build_parser,
+    markdown,
+    parse_shape,
+)
 
 
 def test_shapes_parse_and_bad_ones_are_named() -> None:
@@ -52,3 +60,26 @@ def test_compare_body_rows_are_set_beside_the_steady_state() -> None:
     table = markdown(sweep, "t")
     assert "| agg | 1000/100 | 64 | 10.00 / 10.80 | 1.08 | 6000 / 5600 |" in table
     assert "| agg | 1000/100 | 64 | 1.00 | 1.00 |" in table  # first/steady unaffected
+
+
+def _metrics_text(decode: tuple[int, float], mixed: tuple[int, float], tokens: int) -> str:
+    return (f'moeserve:engine_step_seconds_count{{kind="decode"}} {decode[0]}.0\n'
+            f'moeserve:engine_step_seconds_sum{{kind="decode"}} {decode[1]}\n'
+            f'moeserve:engine_step_seconds_count{{kind="mixed"}} {mixed[0]}.0\n'
+            f'moeserve:engine_step_seconds_sum{{kind="mixed"}} {mixed[1]}\n'
+            f"moeserve:engine_step_prompt_tokens_sum {tokens}.0\n")
+
+
+def test_step_counts_of_a_load_are_the_workers_counters_difference() -> None:
+    before = StepCounts.parse(_metrics_text((10, 0.1), (2, 0.2), 2000))
+    after = StepCounts.parse(_metrics_text((110, 1.16), (10, 1.0), 10000))
+    load = after.minus(before)
+    assert (load.decode_n, load.mixed_n, load.prompt_tokens) == (100, 8, 8000)
+    assert load.decode_s == pytest.approx(1.06) and load.mixed_s == pytest.approx(0.8)
+    assert load.describe() == "100 x 10.6 ms | 8 x 100.0 ms, 1000 prompt tokens"
+    assert StepCounts.parse("no such metric 1\n") == StepCounts()
+    sweep = Sweep(build_parser().parse_args([]), None)
+    sweep.runs.append(Run("agg", (1000, 100), 64, 8, "steady", False, _summary(900, 300), 0,
+                          {"decode-0": load}))
+    assert ("| agg | 1000/100 | 64 | steady | decode-0 | 100 x 10.6 ms | 8 x 100.0 ms, 1000 "
+            "prompt tokens |") in markdown(sweep, "t")

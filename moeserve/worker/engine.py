@@ -97,6 +97,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
+                prefill_hold_steps=config.prefill_hold_steps,
             ),
             self.kv_manager,
         )
@@ -283,6 +284,11 @@ class LLMEngine:
 
     def take_kv_events(self) -> list:
         return self.kv_manager.take_events()
+
+    @property
+    def prompt_tokens_computed(self) -> int:
+        """Prompt tokens run through the model so far (not cached, not transferred)."""
+        return self._prompt_computed
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -43,6 +43,8 @@ class EngineLoop:
 
     ``on_tick(engine)`` runs in the engine thread every ``tick_s`` (KV events, load, NIXL
     notifications, lease sweeps): everything that must touch the engine but is not a request.
+    ``on_step(seconds, prompt_tokens)`` runs after every step with its wall time and the prompt
+    tokens it computed (0: a pure decode step), for the step metrics.
     """
 
     def __init__(
@@ -52,10 +54,12 @@ class EngineLoop:
         on_tick: Callable[[LLMEngine], None] | None = None,
         tick_s: float = 0.02,
         idle_wait_s: float = 0.01,
+        on_step: Callable[[float, int], None] | None = None,
     ):
         self.engine = engine
         self._loop = loop
         self._on_tick = on_tick
+        self._on_step = on_step
         self._tick_s = tick_s
         self._idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], asyncio.Future | None]]
@@ -166,7 +170,11 @@ class EngineLoop:
                     except queue.Empty:
                         item = None
                 if engine.has_unfinished_requests():
+                    prompt_before, started = engine.prompt_tokens_computed, time.perf_counter()
                     outputs = engine.step()
+                    if self._on_step is not None:
+                        self._on_step(time.perf_counter() - started,
+                                      engine.prompt_tokens_computed - prompt_before)
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
                 now = time.monotonic()

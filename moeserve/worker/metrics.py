@@ -21,6 +21,8 @@ from moeserve.worker.compile_watch import WATCH, CompileWatch
 
 __all__ = ["WorkerMetrics", "StartupCollector", "StreamTiming"]
 
+STEP_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
 _DOCS = {
     "num_requests_running": "Requests in the running batch.",
     "num_requests_waiting": "Requests waiting to be scheduled.",
@@ -62,7 +64,27 @@ class WorkerMetrics(ServingMetrics):
             buckets=ITL_BUCKETS,
             registry=r,
         )
+        self.step_seconds = Histogram(
+            "moeserve:engine_step_seconds",
+            "Wall time of each engine step, by kind: decode (every running request one token) "
+            "or mixed (prompt tokens computed, beside any decodes).",
+            ["kind"], buckets=ITL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step_prompt_tokens = Histogram(
+            "moeserve:engine_step_prompt_tokens",
+            "Prompt tokens each mixed step computed: many small mixed steps cost more than "
+            "few full ones (each pays the step's fixed cost).",
+            buckets=STEP_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(StartupCollector(WATCH))
+
+    def observe_step(self, seconds: float, prompt_tokens: int) -> None:
+        """One engine step (called from the engine thread)."""
+        if prompt_tokens:
+            self.step_seconds.labels("mixed").observe(seconds)
+            self.step_prompt_tokens.observe(prompt_tokens)
+        else:
+            self.step_seconds.labels("decode").observe(seconds)
 
 
 class StartupCollector(Collector):

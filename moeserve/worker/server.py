@@ -95,7 +95,8 @@ class WorkerServicer(KVHandleServicer, worker_pb2_grpc.WorkerServicer):
         self.hub.draining = True
 
     def start(self) -> None:
-        self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), on_tick=self._tick)
+        self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), on_tick=self._tick,
+                               on_step=self.metrics.observe_step)
         self.loop.start()
 
     def stop(self) -> None:
