@@ -52,6 +52,7 @@ _COMPILES = re.compile(r'^moeserve:worker_compilations_after_ready_total\{kind="
 _STARTUP = re.compile(r'^moeserve:worker_startup_seconds\{phase="(\w+)"\} (\S+)$', re.M)
 _STEPS = re.compile(r'^moeserve:engine_step_seconds_(sum|count)\{kind="(\w+)"\} (\S+)$', re.M)
 _STEP_TOKENS = re.compile(r"^moeserve:engine_step_prompt_tokens_sum (\S+)$", re.M)
+_STEP_GAPS = re.compile(r"^moeserve:engine_step_gap_seconds_(sum|count) (\S+)$", re.M)
 _KV = re.compile(r"^moeserve:kv_transfer_(bytes_total|seconds_sum|seconds_count) (\S+)$", re.M)
 
 
@@ -64,11 +65,15 @@ class StepCounts:
     mixed_n: float = 0.0
     mixed_s: float = 0.0
     prompt_tokens: float = 0.0
+    gap_n: float = 0.0
+    gap_s: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> StepCounts:
         got = {f"{kind}_{'n' if stat == 'count' else 's'}": float(v)
                for stat, kind, v in _STEPS.findall(text)}  # fmt: skip
+        got.update({f"gap_{'n' if stat == 'count' else 's'}": float(v)
+                    for stat, v in _STEP_GAPS.findall(text)})  # fmt: skip
         tokens = _STEP_TOKENS.search(text)
         return cls(**{k: v for k, v in got.items() if k in cls.__dataclass_fields__},
                    prompt_tokens=float(tokens.group(1)) if tokens else 0.0)  # fmt: skip
@@ -78,13 +83,14 @@ class StepCounts:
                                                    dataclasses.astuple(before), strict=True)))
 
     def describe(self) -> str:
-        """``decode N x M ms | mixed N x M ms, T prompt tokens``."""
+        """``decode N x M ms | mixed N x M ms, T prompt tokens | G ms between steps``."""
         def mean(total: float, n: float) -> float:
             return total / n if n else 0.0
 
         return (f"{self.decode_n:.0f} x {1e3 * mean(self.decode_s, self.decode_n):.1f} ms | "
                 f"{self.mixed_n:.0f} x {1e3 * mean(self.mixed_s, self.mixed_n):.1f} ms, "
-                f"{mean(self.prompt_tokens, self.mixed_n):.0f} prompt tokens")
+                f"{mean(self.prompt_tokens, self.mixed_n):.0f} prompt tokens | "
+                f"{1e3 * mean(self.gap_s, self.gap_n):.2f} ms")
 
 
 def _steps(workers: dict[str, str]) -> dict[str, StepCounts]:
@@ -270,14 +276,15 @@ def markdown(sweep: Sweep, title: str) -> str:
     stepped = [r for r in sweep.runs if r.steps]
     if stepped:
         lines += ["", "Engine steps per load, each worker (`moeserve:engine_step_*`): decode "
-                  "steps x mean wall time | mixed steps x mean wall time, mean prompt tokens:",
-                  "", "| config | in/out | conc | run | worker | decode | mixed |",
-                  "|---|---|---:|---|---|---|---|"]  # fmt: skip
+                  "steps x mean wall time | mixed steps x mean wall time, mean prompt tokens | "
+                  "mean time between two steps while busy:", "",
+                  "| config | in/out | conc | run | worker | decode | mixed | between |",
+                  "|---|---|---:|---|---|---|---|---:|"]  # fmt: skip
         for r in stepped:
             for worker, counts in r.steps.items():
-                decode, mixed = counts.describe().split(" | ")
+                decode, mixed, gap = counts.describe().split(" | ")
                 lines.append(f"| {r.config} | {r.shape[0]}/{r.shape[1]} | {r.concurrency} | "
-                             f"{r.label} | {worker} | {decode} | {mixed} |")
+                             f"{r.label} | {worker} | {decode} | {mixed} | {gap} |")
     compared = [(pair["steady"], pair["steady+body"]) for pair in by_cell.values()
                 if "steady" in pair and "steady+body" in pair]  # fmt: skip
     if compared:

@@ -67,7 +67,9 @@ def _metrics_text(decode: tuple[int, float], mixed: tuple[int, float], tokens: i
             f'moeserve:engine_step_seconds_sum{{kind="decode"}} {decode[1]}\n'
             f'moeserve:engine_step_seconds_count{{kind="mixed"}} {mixed[0]}.0\n'
             f'moeserve:engine_step_seconds_sum{{kind="mixed"}} {mixed[1]}\n'
-            f"moeserve:engine_step_prompt_tokens_sum {tokens}.0\n")
+            f"moeserve:engine_step_prompt_tokens_sum {tokens}.0\n"
+            f"moeserve:engine_step_gap_seconds_count {decode[0] + mixed[0]}.0\n"
+            f"moeserve:engine_step_gap_seconds_sum {0.0005 * (decode[0] + mixed[0])}\n")
 
 
 def test_step_counts_of_a_load_are_the_workers_counters_difference() -> None:
@@ -76,10 +78,10 @@ def test_step_counts_of_a_load_are_the_workers_counters_difference() -> None:
     load = after.minus(before)
     assert (load.decode_n, load.mixed_n, load.prompt_tokens) == (100, 8, 8000)
     assert load.decode_s == pytest.approx(1.06) and load.mixed_s == pytest.approx(0.8)
-    assert load.describe() == "100 x 10.6 ms | 8 x 100.0 ms, 1000 prompt tokens"
+    assert load.describe() == "100 x 10.6 ms | 8 x 100.0 ms, 1000 prompt tokens | 0.50 ms"
     assert StepCounts.parse("no such metric 1\n") == StepCounts()
     sweep = Sweep(build_parser().parse_args([]), None)
     sweep.runs.append(Run("agg", (1000, 100), 64, 8, "steady", False, _summary(900, 300), 0,
                           {"decode-0": load}))
     assert ("| agg | 1000/100 | 64 | steady | decode-0 | 100 x 10.6 ms | 8 x 100.0 ms, 1000 "
-            "prompt tokens |") in markdown(sweep, "t")
+            "prompt tokens | 0.50 ms |") in markdown(sweep, "t")

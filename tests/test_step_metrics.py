@@ -57,5 +57,7 @@ def test_worker_exports_step_time_by_kind_and_prompt_tokens_per_mixed_step(tiny_
     assert _sample(metrics, "moeserve:engine_step_prompt_tokens_sum") == 20 + 12
     assert _sample(metrics, "moeserve:engine_step_prompt_tokens_count") == 2
     assert _sample(metrics, "moeserve:engine_step_seconds_sum", {"kind": "mixed"}) > 0
+    # a gap after every step that left its request unfinished (each request's last one did not)
+    assert _sample(metrics, "moeserve:engine_step_gap_seconds_count") == mixed + decode - 2
     text = generate_latest(metrics.registry).decode()
     assert 'moeserve:engine_step_seconds_bucket{kind="decode",le="0.01"}' in text

@@ -43,8 +43,10 @@ class EngineLoop:
 
     ``on_tick(engine)`` runs in the engine thread every ``tick_s`` (KV events, load, NIXL
     notifications, lease sweeps): everything that must touch the engine but is not a request.
-    ``on_step(seconds, prompt_tokens)`` runs after every step with its wall time and the prompt
-    tokens it computed (0: a pure decode step), for the step metrics.
+    ``on_step(seconds, prompt_tokens, gap)`` runs after every step with its wall time, the
+    prompt tokens it computed (0: a pure decode step) and the time since the previous step
+    ended if that one left requests unfinished (None otherwise): what the thread spent between
+    two steps (commands, outputs, housekeeping, waiting for the GIL), for the step metrics.
     """
 
     def __init__(
@@ -54,7 +56,7 @@ class EngineLoop:
         on_tick: Callable[[LLMEngine], None] | None = None,
         tick_s: float = 0.02,
         idle_wait_s: float = 0.01,
-        on_step: Callable[[float, int], None] | None = None,
+        on_step: Callable[[float, int, float | None], None] | None = None,
     ):
         self.engine = engine
         self._loop = loop
@@ -152,6 +154,7 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         next_tick = 0.0
+        ended: float | None = None  # when the last step ended, while work remained
         while not self._stop.is_set():
             try:
                 busy = engine.has_unfinished_requests()
@@ -172,9 +175,11 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     prompt_before, started = engine.prompt_tokens_computed, time.perf_counter()
                     outputs = engine.step()
+                    now = time.perf_counter()
                     if self._on_step is not None:
-                        self._on_step(time.perf_counter() - started,
-                                      engine.prompt_tokens_computed - prompt_before)
+                        self._on_step(now - started, engine.prompt_tokens_computed - prompt_before,
+                                      None if ended is None else started - ended)
+                    ended = now if engine.has_unfinished_requests() else None
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
                 now = time.monotonic()

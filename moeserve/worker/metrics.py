@@ -76,10 +76,18 @@ class WorkerMetrics(ServingMetrics):
             "few full ones (each pays the step's fixed cost).",
             buckets=STEP_TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
+        self.step_gap_seconds = Histogram(
+            "moeserve:engine_step_gap_seconds",
+            "Time between two engine steps while requests were unfinished: the engine thread's "
+            "work between steps (commands, outputs, housekeeping) and its waits for the GIL.",
+            buckets=ITL_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(StartupCollector(WATCH))
 
-    def observe_step(self, seconds: float, prompt_tokens: int) -> None:
-        """One engine step (called from the engine thread)."""
+    def observe_step(self, seconds: float, prompt_tokens: int, gap: float | None = None) -> None:
+        """One engine step (called from the engine thread); ``gap``: since the previous one."""
+        if gap is not None:
+            self.step_gap_seconds.observe(gap)
         if prompt_tokens:
             self.step_seconds.labels("mixed").observe(seconds)
             self.step_prompt_tokens.observe(prompt_tokens)
