@@ -156,6 +156,12 @@ class EngineLoop:
         next_tick = 0.0
         ended: float | None = None  # when the last step ended, while work remained
         while not self._stop.is_set():
+            if self._loop.is_closed():
+                # The server is gone without stopping this thread (its stop() timed out on a
+                # long step): nobody is left to answer, and failing "every open request"
+                # through a closed loop would only raise again.
+                logger.info("event loop closed; engine thread stops")
+                return
             try:
                 busy = engine.has_unfinished_requests()
                 try:
@@ -187,6 +193,9 @@ class EngineLoop:
                     next_tick = now + self._tick_s
                     self._on_tick(engine)
             except Exception as e:
+                if self._loop.is_closed():
+                    logger.info("event loop closed during a step; engine thread stops")
+                    return
                 logger.exception("engine loop failed; failing every open request")
                 self.error = e
                 self._loop.call_soon_threadsafe(self._fail_all, e)
