@@ -53,6 +53,7 @@ _STARTUP = re.compile(r'^moeserve:worker_startup_seconds\{phase="(\w+)"\} (\S+)$
 _STEPS = re.compile(r'^moeserve:engine_step_seconds_(sum|count)\{kind="(\w+)"\} (\S+)$', re.M)
 _STEP_TOKENS = re.compile(r"^moeserve:engine_step_prompt_tokens_sum (\S+)$", re.M)
 _STEP_GAPS = re.compile(r"^moeserve:engine_step_gap_seconds_(sum|count) (\S+)$", re.M)
+_TTFT = re.compile(r"^moeserve:time_to_first_token_seconds_(sum|count)(?:\{[^}]*\})? (\S+)$", re.M)
 _KV = re.compile(r"^moeserve:kv_transfer_(bytes_total|seconds_sum|seconds_count) (\S+)$", re.M)
 
 
@@ -67,6 +68,8 @@ class StepCounts:
     prompt_tokens: float = 0.0
     gap_n: float = 0.0
     gap_s: float = 0.0
+    ttft_n: float = 0.0  # time to first token as this process saw it (summed over labels)
+    ttft_s: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> StepCounts:
@@ -74,6 +77,9 @@ class StepCounts:
                for stat, kind, v in _STEPS.findall(text)}  # fmt: skip
         got.update({f"gap_{'n' if stat == 'count' else 's'}": float(v)
                     for stat, v in _STEP_GAPS.findall(text)})  # fmt: skip
+        for stat, v in _TTFT.findall(text):
+            key = f"ttft_{'n' if stat == 'count' else 's'}"
+            got[key] = got.get(key, 0.0) + float(v)
         tokens = _STEP_TOKENS.search(text)
         return cls(**{k: v for k, v in got.items() if k in cls.__dataclass_fields__},
                    prompt_tokens=float(tokens.group(1)) if tokens else 0.0)  # fmt: skip
@@ -82,19 +88,23 @@ class StepCounts:
         return StepCounts(*(a - b for a, b in zip(dataclasses.astuple(self),
                                                    dataclasses.astuple(before), strict=True)))
 
-    def describe(self) -> str:
-        """``decode N x M ms | mixed N x M ms, T prompt tokens | G ms between steps``."""
+    def columns(self) -> tuple[str, str, str, str]:
+        """(decode ``N x M ms``, mixed ``N x M ms, T prompt tokens``, mean gap between steps,
+        mean TTFT here); "-" for what this process does not have."""
         def mean(total: float, n: float) -> float:
             return total / n if n else 0.0
 
-        return (f"{self.decode_n:.0f} x {1e3 * mean(self.decode_s, self.decode_n):.1f} ms | "
-                f"{self.mixed_n:.0f} x {1e3 * mean(self.mixed_s, self.mixed_n):.1f} ms, "
-                f"{mean(self.prompt_tokens, self.mixed_n):.0f} prompt tokens | "
-                f"{1e3 * mean(self.gap_s, self.gap_n):.2f} ms")
+        steps = self.decode_n or self.mixed_n
+        decode = f"{self.decode_n:.0f} x {1e3 * mean(self.decode_s, self.decode_n):.1f} ms"
+        mixed = (f"{self.mixed_n:.0f} x {1e3 * mean(self.mixed_s, self.mixed_n):.1f} ms, "
+                 f"{mean(self.prompt_tokens, self.mixed_n):.0f} prompt tokens")
+        gap = f"{1e3 * mean(self.gap_s, self.gap_n):.2f} ms"
+        ttft = f"{1e3 * mean(self.ttft_s, self.ttft_n):.0f} ms" if self.ttft_n else "-"
+        return (decode, mixed, gap, ttft) if steps else ("-", "-", "-", ttft)
 
 
 def _steps(workers: dict[str, str]) -> dict[str, StepCounts]:
-    """Each worker's cumulative step counters, by child name."""
+    """Each process's cumulative step and TTFT counters, by name (the workers, "router")."""
     out = {}
     for name, url in workers.items():
         with contextlib.suppress(httpx.HTTPError):
@@ -200,6 +210,7 @@ class Sweep:
                 named = {c.name: c.metrics for c in cluster.children
                          if c.name != "router" and c.metrics}  # fmt: skip
                 workers = list(named.values())
+                named["router"] = f"{cluster.url}/metrics"  # its TTFT, beside the workers'
                 _, phases = _scrape(workers)
                 self.starts.append(ConfigStart(config, time.perf_counter() - start, phases))
                 print(f"[sweep] {config} ready in {time.perf_counter() - start:.1f} s "
@@ -275,16 +286,18 @@ def markdown(sweep: Sweep, title: str) -> str:
         lines.append(f"| {config} | {shape[0]}/{shape[1]} | {conc} | {tput:.2f} | {ttft:.2f} |")
     stepped = [r for r in sweep.runs if r.steps]
     if stepped:
-        lines += ["", "Engine steps per load, each worker (`moeserve:engine_step_*`): decode "
-                  "steps x mean wall time | mixed steps x mean wall time, mean prompt tokens | "
-                  "mean time between two steps while busy:", "",
-                  "| config | in/out | conc | run | worker | decode | mixed | between |",
-                  "|---|---|---:|---|---|---|---|---:|"]  # fmt: skip
+        lines += ["", "Per load, each process (`moeserve:engine_step_*`, "
+                  "`moeserve:time_to_first_token_seconds`): decode steps x mean wall time | "
+                  "mixed steps x mean wall time, mean prompt tokens | mean time between two "
+                  "steps while busy | mean TTFT from the request's arrival there (the bench's "
+                  "own: the table above):", "",
+                  "| config | in/out | conc | run | process | decode | mixed | between | TTFT |",
+                  "|---|---|---:|---|---|---|---|---:|---:|"]  # fmt: skip
         for r in stepped:
-            for worker, counts in r.steps.items():
-                decode, mixed, gap = counts.describe().split(" | ")
+            for name, counts in r.steps.items():
+                decode, mixed, gap, ttft = counts.columns()
                 lines.append(f"| {r.config} | {r.shape[0]}/{r.shape[1]} | {r.concurrency} | "
-                             f"{r.label} | {worker} | {decode} | {mixed} | {gap} |")
+                             f"{r.label} | {name} | {decode} | {mixed} | {gap} | {ttft} |")
     compared = [(pair["steady"], pair["steady+body"]) for pair in by_cell.values()
                 if "steady" in pair and "steady+body" in pair]  # fmt: skip
     if compared:

@@ -219,28 +219,3 @@ def test_async_scheduling_setting_is_checked(tiny_v3):
         EngineConfig(model=str(tiny_v3), async_scheduling="yes")
     with pytest.raises(ValueError, match="expert parallelism"):
         EngineConfig(model=str(tiny_v3), async_scheduling="on", ep=2, dp=2)
-
-
-def test_held_prompts_let_the_decodes_run_ahead_and_keep_their_tokens(tiny_v3):
-    """prefill_hold_steps: a prompt arriving beside running decodes waits while the decodes
-    keep running ahead (no synchronous step for it), joins within the hold, and every request
-    gets the synchronous engine's tokens."""
-    prompts = _prompts((3, 9, 17), seed=7)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    ref = _engine(tiny_v3, "off").generate(prompts, params)
-    engine = _engine(tiny_v3, "on", prefill_hold_steps=3, max_num_batched_tokens=64)
-    ahead = _spy_ahead(engine)
-    admitted_at: dict[str, int] = {}
-
-    def join(engine, step, got):
-        if step == 3:
-            engine.add_request("2", prompts[2], params)
-        if "2" in got and "2" not in admitted_at:
-            admitted_at["2"] = step
-
-    got = _run(engine, [(str(i), p, params) for i, p in enumerate(prompts[:2])], join)
-    assert [_tokens(got[str(i)]) for i in range(3)] == ref
-    # held three steps (after the one already ahead when it arrived), then admitted
-    assert admitted_at["2"] == 3 + 1 + 3 + 1
-    assert len(ahead) >= 3  # the held steps ran ahead
-    assert engine.stats().kv_usage == 0.0

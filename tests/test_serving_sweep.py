@@ -78,10 +78,16 @@ def test_step_counts_of_a_load_are_the_workers_counters_difference() -> None:
     load = after.minus(before)
     assert (load.decode_n, load.mixed_n, load.prompt_tokens) == (100, 8, 8000)
     assert load.decode_s == pytest.approx(1.06) and load.mixed_s == pytest.approx(0.8)
-    assert load.describe() == "100 x 10.6 ms | 8 x 100.0 ms, 1000 prompt tokens | 0.50 ms"
+    assert load.columns() == ("100 x 10.6 ms", "8 x 100.0 ms, 1000 prompt tokens", "0.50 ms",
+                              "-")  # fmt: skip
+    router = StepCounts.parse('moeserve:time_to_first_token_seconds_count{model_name="m"} 4.0\n'
+                              'moeserve:time_to_first_token_seconds_sum{model_name="m"} 1.0\n')
+    assert router.columns() == ("-", "-", "-", "250 ms")
     assert StepCounts.parse("no such metric 1\n") == StepCounts()
     sweep = Sweep(build_parser().parse_args([]), None)
     sweep.runs.append(Run("agg", (1000, 100), 64, 8, "steady", False, _summary(900, 300), 0,
-                          {"decode-0": load}))
+                          {"decode-0": load, "router": router}))
+    table = markdown(sweep, "t")
     assert ("| agg | 1000/100 | 64 | steady | decode-0 | 100 x 10.6 ms | 8 x 100.0 ms, 1000 "
-            "prompt tokens | 0.50 ms |") in markdown(sweep, "t")
+            "prompt tokens | 0.50 ms | - |") in table
+    assert "| agg | 1000/100 | 64 | steady | router | - | - | - | 250 ms |" in table

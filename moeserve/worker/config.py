@@ -43,10 +43,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 0
     """token budget of one step (chunked prefill splits longer prompts); 0: 8192 on a GPU,
     2048 on the CPU (see docs/performance.md, "GPU defaults")"""
-    prefill_hold_steps: int = 0
-    """decode steps that waiting prompts may wait beside running requests for more prompts
-    to fill the step budget, so that prompts arriving together run as one mixed step (TGI's
-    max_waiting_tokens); 0: admitted at once. Experimental: not yet measured on a GPU"""
     enable_prefix_caching: bool = True
     """reuse KV of identical prompt prefixes"""
     enforce_eager: bool = False

@@ -97,7 +97,6 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
-                prefill_hold_steps=config.prefill_hold_steps,
             ),
             self.kv_manager,
         )

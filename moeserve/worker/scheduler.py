@@ -69,7 +69,6 @@ class Scheduler:
         self._aborted_reading: dict[str, Request] = {}
         self._ahead: list[SchedulerOutput] = []  # from schedule_ahead, not applied yet
         self._free_later: list[Request] = []  # finished, but a step in `_ahead` writes their KV
-        self._held_steps = 0  # steps in a row that left waiting prompts for later (hold_prompts)
 
     @property
     def num_running(self) -> int:
@@ -188,38 +187,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         # Admitting right after preempting would only thrash the cache.
         if not out.preempted_req_ids:
-            if self.hold_prompts(budget):
-                self._held_steps += 1
-            else:
-                self._held_steps = 0
-                self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget)
         return out
-
-    def hold_prompts(self, free_budget: int) -> bool:
-        """True: this step leaves the waiting prompts for a later one (``prefill_hold_steps``).
-
-        A step that computes prompt tokens costs far more than a decode step whatever its
-        size (the eager step's launches; weights read at a lower reuse), so prompts that arrive
-        a few milliseconds apart (one client's requests, finished together, replaced
-        together) are better run as one mixed step than as several. Waiting prompts are held
-        while requests are running (their decodes go on), for at most ``prefill_hold_steps``
-        steps in a row, and only while they would leave the step's free budget short and
-        the batch has room for more arrivals. A request whose KV came from a prefill worker
-        is a decode to admit: never held.
-        """
-        hold = self.config.prefill_hold_steps
-        if not hold or self._held_steps >= hold or not self.running or not self.waiting:
-            return False
-        if len(self.running) + len(self.waiting) >= self.config.max_num_seqs:
-            return False  # the batch fills with those waiting: nobody else can join them
-        need = 0
-        for req in self.waiting:
-            if req.block_ids:
-                return False
-            need += req.num_tokens - req.num_computed_tokens
-            if need >= free_budget:
-                return False
-        return True
 
     def schedule_ahead(
         self, prev: SchedulerOutput, sampled_rows: dict[str, int]
@@ -233,10 +202,9 @@ class Scheduler:
         when this step is not a plain continuation (waiting requests to admit, a prompt
         chunk in flight, no blocks without preempting): then apply ``prev`` and ``schedule``.
         """
-        if len(self.running) > self.config.max_num_batched_tokens:
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
             return None
-        held = self.hold_prompts(self.config.max_num_batched_tokens - len(self.running))
-        if self.waiting and len(self.running) < self.config.max_num_seqs and not held:
+        if len(self.running) > self.config.max_num_batched_tokens:
             return None
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
         rows = []
@@ -264,8 +232,6 @@ class Scheduler:
             self._add_to_batch(out, req, 1)
         self._finished_req_ids = set()
         self._ahead.append(out)
-        if held:
-            self._held_steps += 1
         return out
 
     def _finishes_on_next_token(self, req: Request) -> bool:

@@ -22,8 +22,6 @@ class SchedulerConfig:
 
     ``long_prefill_token_threshold`` caps one request's tokens per step (0 = only the budget
     caps it). ``max_model_len`` None means limited by KV capacity alone.
-    ``prefill_hold_steps``: steps that waiting prompts may be left beside running decodes until
-    enough arrive to fill the step's free budget (0 = admitted at once; see Scheduler).
     """
 
     max_num_seqs: int = 256
@@ -31,7 +29,6 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
-    prefill_hold_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -39,8 +36,6 @@ class SchedulerConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.long_prefill_token_threshold < 0:
             raise ConfigError("long_prefill_token_threshold must be >= 0")
-        if self.prefill_hold_steps < 0:
-            raise ConfigError(f"prefill_hold_steps must be >= 0, got {self.prefill_hold_steps}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not self.enable_chunked_prefill and (
