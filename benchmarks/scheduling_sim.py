@@ -25,13 +25,17 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import statistics
+import sys
 import time
 
 import grpc
+import httpx
 import torch
 
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
+from moeserve.bench import BenchConfig, run_bench
 from moeserve.common.sampling import SamplingParams
+from moeserve.deploy.local import _LISTEN
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
@@ -187,6 +191,62 @@ async def through_worker(args) -> dict:
     return r
 
 
+def _bench(url: str, args, conn) -> None:
+    cfg = BenchConfig(url=url, num_prompts=args.requests, concurrency=args.concurrency,
+                      input_len=args.prompt, output_len=args.output, progress=False)
+    summary = asyncio.run(run_bench(cfg))
+    conn.send((summary["duration_s"], summary["ttft_ms"]["p50"], summary["failed"]))
+
+
+async def through_router(args) -> dict:
+    """The same worker behind a real router process (HTTP, tokenizer, prefix routing), loaded
+    by `moeserve bench` in its own process."""
+    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
+                                     args.budget, args.mixed_host_ms / 1e3)
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    servicer = WorkerServicer(engine, "decode", f"127.0.0.1:{port}", None, WorkerMetrics())
+    servicer.start()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    await server.start()
+    router = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moeserve.cli", "router", "--model", str(ensure_tiny_checkpoint()),
+        "--decode", f"127.0.0.1:{port}", "--port", "0", "--insecure-worker-plane",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(router.stdout.readline(), 60)).decode()
+            if not line:
+                raise RuntimeError("the router exited during start-up")
+            m = _LISTEN.search(line)
+            url = m.group(2) if m else None
+        drain = asyncio.ensure_future(router.stdout.read())  # keep its pipe from filling
+        async with httpx.AsyncClient() as client:  # ready once it has seen the worker
+            for _ in range(200):
+                if (await client.get(f"{url}/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+        conn, child = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(target=_bench, args=(url, args, child))
+        proc.start()
+        while not conn.poll():
+            await asyncio.sleep(0.05)
+        wall, ttft_p50, failed = conn.recv()
+        proc.join()
+    finally:
+        router.terminate()
+        await router.wait()
+        await server.stop(grace=1)
+        await asyncio.to_thread(servicer.stop)
+    drain.cancel()
+    r = _result("through the router", wall, args, device)
+    r["ttft_p50_ms"] = ttft_p50
+    if failed:
+        r["path"] += f" ({failed} failed)"
+    return r
+
+
 def _result(path: str, wall: float, args, device: ModelledDevice) -> dict:
     mixed = [p for p, _ in device.steps if p]
     return {"path": path, "stagger_ms": args.arrival_stagger_ms,
@@ -208,6 +268,8 @@ async def main() -> None:
                          "as behind a router that handles one request at a time")
     ap.add_argument("--mixed-host-ms", type=float, nargs="+", default=[0.0],
                     help="of a mixed step's time, the host's launching with the GIL held")
+    ap.add_argument("--router", action="store_true",
+                    help="also through a router process, loaded by `moeserve bench`")
     args = ap.parse_args()
     rows = []
     for host_ms in args.mixed_host_ms:
@@ -216,13 +278,15 @@ async def main() -> None:
                                          "arrival_stagger_ms": stagger_ms})
             if stagger_ms == args.arrival_stagger_ms[0]:
                 rows.append(engine_alone(cell))
+                if args.router:
+                    rows.append(await through_router(cell))
             rows.append(await through_worker(cell))
     print("| path | mixed step host ms | arrival stagger ms | output tok/s | mixed steps | "
           "prompt tokens a mixed step | decode steps | device busy | TTFT p50 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ttft = f"{r['ttft_p50_ms']:.0f}" if "ttft_p50_ms" in r else ""
-        stagger = "" if r["path"] == "engine alone" else f"{r['stagger_ms']:g}"
+        stagger = f"{r['stagger_ms']:g}" if r["path"] == "through the worker" else ""
         print(f"| {r['path']} | {r['host_ms']:g} | {stagger} | {r['tok_s']:.0f} | "
               f"{r['mixed_steps']} | {r['prompt_per_mixed']:.0f} | {r['decode_steps']} | "
               f"{r['device_busy']:.0%} | {ttft} |")
