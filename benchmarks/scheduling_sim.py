@@ -16,7 +16,7 @@ Step cost (V2-Lite, bf16, H200; fitted to docs/performance.md's measurements, th
 rows, 98.1 at 8000 and 64, 126.4 at 7837 and 238).
 
     python benchmarks/scheduling_sim.py [--concurrency 64] [--requests 256]
-        [--arrival-stagger-ms 0 3] [--mixed-host-ms 0 60]
+        [--arrival-stagger-ms 0 3] [--mixed-host-ms 0 60] [--router]
 """
 
 from __future__ import annotations
