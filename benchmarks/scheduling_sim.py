@@ -32,6 +32,10 @@ import grpc
 import httpx
 import torch
 
+try:
+    from benchmarks.local_worker import served_engine
+except ModuleNotFoundError:  # run as `python benchmarks/<this>.py`: its directory is on the path
+    from local_worker import served_engine
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.bench import BenchConfig, run_bench
 from moeserve.common.sampling import SamplingParams
@@ -39,11 +43,9 @@ from moeserve.deploy.local import _LISTEN
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
-from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.sampler import SampledTokens
 from moeserve.worker.scheduler import Scheduler
 from moeserve.worker.scheduler_types import SchedulerOutput
-from moeserve.worker.server import WorkerServicer
 
 
 def step_ms(prompt_tokens: int, rows: int) -> float:
@@ -167,25 +169,23 @@ def _client(address: str, args, conn) -> None:
     asyncio.run(run())
 
 
-async def through_worker(args) -> dict:
-    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
-                                     args.budget, args.mixed_host_ms / 1e3)
-    server = grpc.aio.server()
-    port = server.add_insecure_port("127.0.0.1:0")
-    servicer = WorkerServicer(engine, "both", f"127.0.0.1:{port}", None, WorkerMetrics())
-    servicer.start()
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    await server.start()
+async def _from_process(target, *args):  # noqa: ANN001, ANN202
+    """Run ``target(*args, conn)`` in a spawned process; what it sends back."""
     conn, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_client,
-                                           args=(f"127.0.0.1:{port}", args, child))
+    proc = mp.get_context("spawn").Process(target=target, args=(*args, child))
     proc.start()
     while not conn.poll():
         await asyncio.sleep(0.05)
-    wall, ttft = conn.recv()
+    got = conn.recv()
     proc.join()
-    await server.stop(grace=1)
-    await asyncio.to_thread(servicer.stop)
+    return got
+
+
+async def through_worker(args) -> dict:
+    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
+                                     args.budget, args.mixed_host_ms / 1e3)
+    async with served_engine(engine) as (address, _):
+        wall, ttft = await _from_process(_client, address, args)
     r = _result("through the worker", wall, args, device)
     r["ttft_p50_ms"] = 1e3 * statistics.median(ttft)
     return r
@@ -203,16 +203,22 @@ async def through_router(args) -> dict:
     by `moeserve bench` in its own process."""
     engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
                                      args.budget, args.mixed_host_ms / 1e3)
-    server = grpc.aio.server()
-    port = server.add_insecure_port("127.0.0.1:0")
-    servicer = WorkerServicer(engine, "decode", f"127.0.0.1:{port}", None, WorkerMetrics())
-    servicer.start()
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    await server.start()
+    async with served_engine(engine, "decode") as (address, _):
+        wall, ttft_p50, failed = await _behind_router(address, args)
+    r = _result("through the router", wall, args, device)
+    r["ttft_p50_ms"] = ttft_p50
+    if failed:
+        r["path"] += f" ({failed} failed)"
+    return r
+
+
+async def _behind_router(address: str, args) -> tuple[float, float, int]:
+    """A router process in front of the worker at ``address``, loaded by the bench."""
     router = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "moeserve.cli", "router", "--model", str(ensure_tiny_checkpoint()),
-        "--decode", f"127.0.0.1:{port}", "--port", "0", "--insecure-worker-plane",
+        "--decode", address, "--port", "0", "--insecure-worker-plane",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    drain = None
     try:
         url = None
         while url is None:
@@ -227,24 +233,12 @@ async def through_router(args) -> dict:
                 if (await client.get(f"{url}/health")).status_code == 200:
                     break
                 await asyncio.sleep(0.1)
-        conn, child = mp.get_context("spawn").Pipe()
-        proc = mp.get_context("spawn").Process(target=_bench, args=(url, args, child))
-        proc.start()
-        while not conn.poll():
-            await asyncio.sleep(0.05)
-        wall, ttft_p50, failed = conn.recv()
-        proc.join()
+        return await _from_process(_bench, url, args)
     finally:
         router.terminate()
         await router.wait()
-        await server.stop(grace=1)
-        await asyncio.to_thread(servicer.stop)
-    drain.cancel()
-    r = _result("through the router", wall, args, device)
-    r["ttft_p50_ms"] = ttft_p50
-    if failed:
-        r["path"] += f" ({failed} failed)"
-    return r
+        if drain is not None:
+            drain.cancel()
 
 
 def _result(path: str, wall: float, args, device: ModelledDevice) -> dict:

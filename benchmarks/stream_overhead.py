@@ -27,13 +27,15 @@ import time
 
 import grpc
 
+try:
+    from benchmarks.local_worker import served_engine
+except ModuleNotFoundError:  # run as `python benchmarks/<this>.py`: its directory is on the path
+    from local_worker import served_engine
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
-from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.scheduler_types import EngineCoreOutput
-from moeserve.worker.server import WorkerServicer
 
 
 class PacedSteps:
@@ -108,27 +110,20 @@ async def _cell(engine: LLMEngine, streams: int, step_s: float, host_s: float,
     paced.streams = streams
     for name in ("add_request", "has_unfinished_requests", "abort_request", "step"):
         setattr(engine, name, getattr(paced, name))
-    server = grpc.aio.server()
-    port = server.add_insecure_port("127.0.0.1:0")
-    servicer = WorkerServicer(engine, "both", f"127.0.0.1:{port}", None, WorkerMetrics())
-    servicer.start()  # sets the worker's GIL switch interval (engine_loop)
-    if switch_s is not None:  # a comparison with another one
-        sys.setswitchinterval(switch_s)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    await server.start()
-    conn, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_client,
-                                           args=(f"127.0.0.1:{port}", streams, tokens, child))
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    steps0 = paced.steps
-    proc.start()
-    while not conn.poll():
-        await asyncio.sleep(0.05)
-    wall, gaps = conn.recv()
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    proc.join()
-    await server.stop(grace=1)
-    await asyncio.to_thread(servicer.stop)
+    async with served_engine(engine) as (address, _):
+        if switch_s is not None:  # a comparison with the worker's own interval
+            sys.setswitchinterval(switch_s)
+        conn, child = mp.get_context("spawn").Pipe()
+        proc = mp.get_context("spawn").Process(target=_client,
+                                               args=(address, streams, tokens, child))
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        steps0 = paced.steps
+        proc.start()
+        while not conn.poll():
+            await asyncio.sleep(0.05)
+        wall, gaps = conn.recv()
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        proc.join()
     steps = paced.steps - steps0
     full = paced.full_steps
     gaps_full = [b - a for a, b in zip(full, full[1:], strict=False)]

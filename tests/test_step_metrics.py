@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 from prometheus_client import generate_latest
 
+from benchmarks.local_worker import served_engine
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.metrics import WorkerMetrics
-from moeserve.worker.server import WorkerServicer
 
 
 def _sample(metrics: WorkerMetrics, name: str, labels: dict[str, str] | None = None) -> float:
@@ -29,25 +29,16 @@ def test_worker_exports_step_time_by_kind_and_prompt_tokens_per_mixed_step(tiny_
     metrics = WorkerMetrics()
 
     async def go() -> None:
-        servicer = WorkerServicer(engine, "both", "127.0.0.1:0", None, metrics)
-        servicer.start()
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
-                for rid, prompt in (("a", list(range(3, 23))), ("b", list(range(5, 17)))):
-                    req = worker_pb2.WorkerGenerateRequest(
-                        request_id=rid, prompt_token_ids=prompt,
-                        sampling=common_pb2.SamplingParams(max_tokens=5, temperature=0.0,
-                                                           ignore_eos=True))  # fmt: skip
-                    msgs = [m async for m in stub.Generate(req, timeout=30)]
-                    assert sum(len(m.token_ids) for m in msgs) == 5
-        finally:
-            await server.stop(grace=1)
-            await asyncio.to_thread(servicer.stop)
+        async with (served_engine(engine, metrics=metrics) as (address, _),
+                    grpc.aio.insecure_channel(address) as channel):
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            for rid, prompt in (("a", list(range(3, 23))), ("b", list(range(5, 17)))):
+                req = worker_pb2.WorkerGenerateRequest(
+                    request_id=rid, prompt_token_ids=prompt,
+                    sampling=common_pb2.SamplingParams(max_tokens=5, temperature=0.0,
+                                                       ignore_eos=True))  # fmt: skip
+                msgs = [m async for m in stub.Generate(req, timeout=30)]
+                assert sum(len(m.token_ids) for m in msgs) == 5
 
     asyncio.run(go())
     mixed = _sample(metrics, "moeserve:engine_step_seconds_count", {"kind": "mixed"})

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.local_worker import served_engine
 from benchmarks.stream_overhead import PacedSteps
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.common.sampling import TokenLogprobs
@@ -24,9 +25,7 @@ from moeserve.router.tokenizer import load_tokenizer
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
 from moeserve.worker.engine_loop import ENGINE_GIL_SWITCH_INTERVAL_S
-from moeserve.worker.metrics import WorkerMetrics
 from moeserve.worker.scheduler_types import EngineCoreOutput, merge_outputs
-from moeserve.worker.server import WorkerServicer
 from moeserve.worker.tokenizer_files import write_tokenizer
 
 
@@ -82,23 +81,14 @@ def test_a_worker_behind_its_engine_coalesces_queued_tokens(engine: LLMEngine,
         monkeypatch.setattr(engine, name, getattr(steps, name))
 
     async def go() -> list[list[int]]:
-        servicer = WorkerServicer(engine, "both", "127.0.0.1:0", None, WorkerMetrics())
-        servicer.start()
-        assert sys.getswitchinterval() <= ENGINE_GIL_SWITCH_INTERVAL_S
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
-                req = worker_pb2.WorkerGenerateRequest(
-                    request_id="r1", prompt_token_ids=[1, 2],
-                    sampling=common_pb2.SamplingParams(max_tokens=7, temperature=0.0))
-                msgs = [msg async for msg in stub.Generate(req, timeout=10)]
-        finally:
-            await server.stop(grace=1)
-            await asyncio.to_thread(servicer.stop)
+        async with (served_engine(engine) as (address, _),
+                    grpc.aio.insecure_channel(address) as channel):
+            assert sys.getswitchinterval() <= ENGINE_GIL_SWITCH_INTERVAL_S
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            req = worker_pb2.WorkerGenerateRequest(
+                request_id="r1", prompt_token_ids=[1, 2],
+                sampling=common_pb2.SamplingParams(max_tokens=7, temperature=0.0))
+            msgs = [msg async for msg in stub.Generate(req, timeout=10)]
         assert msgs[-1].finished and msgs[-1].finish_reason == "length"
         return [list(m.token_ids) for m in msgs]
 
