@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -204,19 +205,29 @@ async def through_router(args) -> dict:
     engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
                                      args.budget, args.mixed_host_ms / 1e3)
     async with served_engine(engine, "decode") as (address, _):
-        wall, ttft_p50, failed = await _behind_router(address, args)
+        wall, ttft_p50, failed, router_us = await _behind_router(address, args)
     r = _result("through the router", wall, args, device)
     r["ttft_p50_ms"] = ttft_p50
+    print(f"router: {router_us:.0f} us of CPU per output token", flush=True)
     if failed:
         r["path"] += f" ({failed} failed)"
     return r
 
 
-async def _behind_router(address: str, args) -> tuple[float, float, int]:
-    """A router process in front of the worker at ``address``, loaded by the bench."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _behind_router(address: str, args) -> tuple[float, float, int, float]:
+    """A router process in front of the worker at ``address``, loaded by the bench: (wall s,
+    TTFT p50 ms, failed requests, the router's CPU microseconds per output token)."""
+    profile = ["-m", "cProfile", "-o", args.profile_router] if args.profile_router else []
     router = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moeserve.cli", "router", "--model", str(ensure_tiny_checkpoint()),
-        "--decode", address, "--port", "0", "--insecure-worker-plane",
+        sys.executable, *profile, "-m", "moeserve.cli", "router",
+        "--model", str(ensure_tiny_checkpoint()), "--decode", address, "--port", "0",
+        "--insecure-worker-plane",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     drain = None
     try:
@@ -233,7 +244,10 @@ async def _behind_router(address: str, args) -> tuple[float, float, int]:
                 if (await client.get(f"{url}/health")).status_code == 200:
                     break
                 await asyncio.sleep(0.1)
-        return await _from_process(_bench, url, args)
+        cpu0 = _cpu_seconds(router.pid)
+        wall, ttft_p50, failed = await _from_process(_bench, url, args)
+        router_us = (_cpu_seconds(router.pid) - cpu0) / (args.requests * args.output) * 1e6
+        return wall, ttft_p50, failed, router_us
     finally:
         router.terminate()
         await router.wait()
@@ -264,6 +278,8 @@ async def main() -> None:
                     help="of a mixed step's time, the host's launching with the GIL held")
     ap.add_argument("--router", action="store_true",
                     help="also through a router process, loaded by `moeserve bench`")
+    ap.add_argument("--profile-router", metavar="PATH",
+                    help="run that router under cProfile, its stats written to PATH")
     args = ap.parse_args()
     rows = []
     for host_ms in args.mixed_host_ms:
