@@ -30,10 +30,15 @@ import gc
 import json
 import logging
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# Run as `python benchmarks/fp8_accuracy.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

@@ -25,9 +25,14 @@ import gc
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Run as `python benchmarks/fp8_roofline.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -13,9 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Run as `python benchmarks/kernels_bench.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import triton

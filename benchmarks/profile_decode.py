@@ -10,10 +10,15 @@ step, grouped into attention / MoE / dense / other by kernel name.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+# Run as `python benchmarks/profile_decode.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch.profiler import ProfilerActivity, profile

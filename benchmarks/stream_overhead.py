@@ -24,13 +24,15 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
-try:
-    from benchmarks.local_worker import served_engine
-except ModuleNotFoundError:  # run as `python benchmarks/<this>.py`: its directory is on the path
-    from local_worker import served_engine
+# Run as `python benchmarks/stream_overhead.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.local_worker import served_engine
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from functools import partial
+from pathlib import Path
+
+# Run as `python benchmarks/tune_fp8_gemm.py`, only benchmarks/ is on the path: its siblings are
+# imported as benchmarks.* from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from triton.testing import do_bench
