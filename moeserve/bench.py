@@ -225,7 +225,7 @@ class ClientLeases:
     """
 
     def __init__(self, cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None = None):
-        self._cfg, self._transport = cfg, transport
+        self._cfg = cfg
         self._free: list[httpx.AsyncClient] = []
         self._all: list[httpx.AsyncClient] = []
         # One TLS context for all: building one loads the CA bundle (~20 ms each).
