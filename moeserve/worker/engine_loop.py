@@ -45,8 +45,9 @@ class EngineLoop:
     notifications, lease sweeps): everything that must touch the engine but is not a request.
     ``on_step(seconds, prompt_tokens, gap)`` runs after every step with its wall time, the
     prompt tokens it computed (0: a pure decode step) and the time since the previous step
-    ended if that one left requests unfinished (None otherwise): what the thread spent between
-    two steps (commands, outputs, housekeeping, waiting for the GIL), for the step metrics.
+    ended if the loop stayed busy in between (None after an idle wait): what the thread spent
+    between two steps (commands, outputs, housekeeping, waiting for the GIL), for the step
+    metrics. (No extra ``has_unfinished_requests``: with expert parallelism it is a collective.)
     """
 
     def __init__(
@@ -154,7 +155,7 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         next_tick = 0.0
-        ended: float | None = None  # when the last step ended, while work remained
+        ended: float | None = None  # when the last step ended (None: idle since)
         while not self._stop.is_set():
             if self._loop.is_closed():
                 # The server is gone without stopping this thread (its stop() timed out on a
@@ -164,6 +165,8 @@ class EngineLoop:
                 return
             try:
                 busy = engine.has_unfinished_requests()
+                if not busy:
+                    ended = None  # what follows is idle time, not a gap between steps
                 try:
                     # Idle: sleep until work arrives; busy: only take what is already queued.
                     if busy:
@@ -185,7 +188,7 @@ class EngineLoop:
                     if self._on_step is not None:
                         self._on_step(now - started, engine.prompt_tokens_computed - prompt_before,
                                       None if ended is None else started - ended)
-                    ended = now if engine.has_unfinished_requests() else None
+                    ended = now
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
                 now = time.monotonic()
