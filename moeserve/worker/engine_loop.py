@@ -157,12 +157,6 @@ class EngineLoop:
         next_tick = 0.0
         ended: float | None = None  # when the last step ended (None: idle since)
         while not self._stop.is_set():
-            if self._loop.is_closed():
-                # The server is gone without stopping this thread (its stop() timed out on a
-                # long step): nobody is left to answer, and failing "every open request"
-                # through a closed loop would only raise again.
-                logger.info("event loop closed; engine thread stops")
-                return
             try:
                 busy = engine.has_unfinished_requests()
                 if not busy:
@@ -184,11 +178,11 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     prompt_before, started = engine.prompt_tokens_computed, time.perf_counter()
                     outputs = engine.step()
-                    now = time.perf_counter()
+                    done = time.perf_counter()
                     if self._on_step is not None:
-                        self._on_step(now - started, engine.prompt_tokens_computed - prompt_before,
+                        self._on_step(done - started, engine.prompt_tokens_computed - prompt_before,
                                       None if ended is None else started - ended)
-                    ended = now
+                    ended = done
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
                 now = time.monotonic()
@@ -197,7 +191,10 @@ class EngineLoop:
                     self._on_tick(engine)
             except Exception as e:
                 if self._loop.is_closed():
-                    logger.info("event loop closed during a step; engine thread stops")
+                    # The server is gone without stopping this thread (its stop() timed out
+                    # on a long step) and the call into its loop raised: nobody is left to
+                    # answer, and failing "every open request" through it would raise again.
+                    logger.info("event loop closed; engine thread stops")
                     return
                 logger.exception("engine loop failed; failing every open request")
                 self.error = e
