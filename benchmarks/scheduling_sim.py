@@ -104,14 +104,15 @@ class ModelledDevice:
         return _Sampled(sampled, self.free_at)
 
 
-def modelled_engine(max_len: int, concurrency: int, budget: int,
-                    mixed_host_s: float = 0.0) -> tuple:
+def modelled_engine(args) -> tuple[LLMEngine, ModelledDevice]:
+    """An engine for ``args``' load whose runner launches on the modelled device."""
+    max_len, concurrency = args.prompt + args.output + 64, args.concurrency
     engine = LLMEngine(EngineConfig(
         model=str(ensure_tiny_checkpoint()), device="cpu", async_scheduling="on",
-        max_model_len=max_len, max_num_batched_tokens=budget,
+        max_model_len=max_len, max_num_batched_tokens=args.budget,
         max_num_seqs=max(256, concurrency), enable_prefix_caching=False,
         num_kv_blocks=(concurrency + 8) * (max_len // 64 + 2)))
-    device = ModelledDevice(mixed_host_s)
+    device = ModelledDevice(args.mixed_host_ms / 1e3)
     engine.runner.launch = device.launch
     return engine, device
 
@@ -121,21 +122,18 @@ def _prompt(i: int, length: int) -> list[int]:
 
 
 def engine_alone(args) -> dict:
-    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
-                                     args.budget, args.mixed_host_ms / 1e3)
+    engine, device = modelled_engine(args)
     params = SamplingParams(max_tokens=args.output, temperature=0, ignore_eos=True)
-    issued = done = 0
+    issued = 0
     start = time.perf_counter()
     for _ in range(args.concurrency):
         engine.add_request(str(issued), _prompt(issued, args.prompt), params)
         issued += 1
     while engine.has_unfinished_requests():
         for o in engine.step():
-            if o.finished:
-                done += 1
-                if issued < args.requests:
-                    engine.add_request(str(issued), _prompt(issued, args.prompt), params)
-                    issued += 1
+            if o.finished and issued < args.requests:
+                engine.add_request(str(issued), _prompt(issued, args.prompt), params)
+                issued += 1
     return _result("engine alone", time.perf_counter() - start, args, device)
 
 
@@ -185,8 +183,7 @@ async def _from_process(target, *args):  # noqa: ANN001, ANN202
 
 
 async def through_worker(args) -> dict:
-    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
-                                     args.budget, args.mixed_host_ms / 1e3)
+    engine, device = modelled_engine(args)
     async with served_engine(engine) as (address, _):
         wall, ttft = await _from_process(_client, address, args)
     r = _result("through the worker", wall, args, device)
@@ -204,8 +201,7 @@ def _bench(url: str, args, conn) -> None:
 async def through_router(args) -> dict:
     """The same worker behind a real router process (HTTP, tokenizer, prefix routing), loaded
     by `moeserve bench` in its own process."""
-    engine, device = modelled_engine(args.prompt + args.output + 64, args.concurrency,
-                                     args.budget, args.mixed_host_ms / 1e3)
+    engine, device = modelled_engine(args)
     async with served_engine(engine, "decode") as (address, _):
         wall, ttft_p50, failed, router_us = await _behind_router(address, args)
     r = _result("through the router", wall, args, device)
