@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.local_worker import served_engine
 from moeserve.api import common_pb2, worker_pb2, worker_pb2_grpc
 from moeserve.bench import BenchConfig, run_bench
+from moeserve.common.listen_line import LISTEN_LINE
 from moeserve.common.sampling import SamplingParams
-from moeserve.deploy.local import _LISTEN
 from moeserve.worker.checkpoint import ensure_tiny_checkpoint
 from moeserve.worker.config import EngineConfig
 from moeserve.worker.engine import LLMEngine
@@ -234,7 +234,7 @@ async def _behind_router(address: str, args) -> tuple[float, float, int, float]:
             line = (await asyncio.wait_for(router.stdout.readline(), 60)).decode()
             if not line:
                 raise RuntimeError("the router exited during start-up")
-            m = _LISTEN.search(line)
+            m = LISTEN_LINE.search(line)
             url = m.group(2) if m else None
         drain = asyncio.ensure_future(router.stdout.read())  # keep its pipe from filling
         async with httpx.AsyncClient() as client:  # ready once it has seen the worker

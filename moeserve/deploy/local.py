@@ -33,6 +33,7 @@ from moeserve.common.launch_plan import (
     pool_launch,
     worker_launch,
 )
+from moeserve.common.listen_line import LISTEN_LINE
 from moeserve.common.optional import require
 from moeserve.common.served_name import served_model_name
 from moeserve.common.spec import ENV_METRICS_KEYS, MoEDeployment, Role
@@ -55,9 +56,6 @@ __all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_
 # decode worker. A manifest (`up -f`) keeps its own value.
 LAPTOP_DISAGG_THRESHOLD = 0
 
-_LISTEN = re.compile(
-    r"moeserve (worker|router) listening on (\S+)(?: grpc (\S+))?(?: metrics (\S+))?"
-)
 
 
 class StartupError(MoeServeError):
@@ -183,7 +181,7 @@ class LocalCluster:
 
     def _pump(self, child: _Child, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            m = _LISTEN.search(line)
+            m = LISTEN_LINE.search(line)
             if m and not child.ready.is_set():
                 child.address = child.address or m.group(2)
                 child.grpc, child.metrics = child.grpc or m.group(3), child.metrics or m.group(4)

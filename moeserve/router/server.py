@@ -20,6 +20,7 @@ from moeserve.common.errors import InvalidRequestError, MoeServeError, Unavailab
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
 from moeserve.common.heap import pin_mmap_threshold
 from moeserve.common.launch_plan import STARTUP_TIMEOUT_S
+from moeserve.common.listen_line import announce_listening
 from moeserve.common.structured import check_structured
 from moeserve.common.tls import add_port, add_tls_arguments, tls_from_args
 from moeserve.common.worker_auth import add_worker_auth_arguments, worker_auth_from_env
@@ -245,8 +246,8 @@ async def serve_router(args: argparse.Namespace) -> None:
                                                          args.keep_alive_timeout_s))
         server = _DrainingServer(config, router, settings.drain_grace_s, app.state.streams)
         # Parsed by `moeserve up` and tests: the real ports when 0 was asked for.
-        print(f"moeserve router listening on http://{args.host}:{http_port} "
-              f"grpc {args.host}:{grpc_port}", flush=True)  # fmt: skip
+        announce_listening("router", f"http://{args.host}:{http_port}",
+                           grpc=f"{args.host}:{grpc_port}")
         try:
             await server.serve(sockets=[sock])
         finally:

@@ -22,6 +22,7 @@ from moeserve.api.wire import abort_with, logprobs_to_proto, sampling_from_proto
 from moeserve.common import worker_auth
 from moeserve.common.errors import InvalidRequestError, MoeServeError, UnavailableError
 from moeserve.common.grpc_guard import MalformedRequestInterceptor
+from moeserve.common.listen_line import announce_listening
 from moeserve.common.optional import require
 from moeserve.common.tls import TlsConfig, add_port, tls_from_args
 from moeserve.worker.engine import LLMEngine, freeze_startup_heap
@@ -376,12 +377,12 @@ async def serve_worker(args: argparse.Namespace, ready: asyncio.Event | None = N
 
         keys = worker_metrics_keys(auth.peer_tokens if auth is not None else ())
         httpd = start_metrics_server(args.metrics_port, args.host, metrics.registry, keys=keys)
-        metrics_note = f" metrics http://{args.host}:{httpd.server_port}/metrics"
+        metrics_url = f"http://{args.host}:{httpd.server_port}/metrics"
     else:
-        metrics_note = ""
+        metrics_url = None
     await server.start()
     logger.info("worker %s (%s) serving on %s", args.role, engine.config.model_id, address)
-    print(f"moeserve worker listening on {address}{metrics_note}", flush=True)
+    announce_listening("worker", address, metrics=metrics_url)
     if ready is not None:
         ready.set()
     # Left running: cancelling wait_for_termination() cancels the shutdown server.stop() awaits.
