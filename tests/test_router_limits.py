@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -82,6 +81,7 @@ def test_health_answers_while_a_big_prompt_is_tokenized(server: SimpleNamespace)
         result.append(_post(server, {"prompt": prompt, "max_tokens": 1}))
         done.set()
 
+    started = time.perf_counter()
     threading.Thread(target=big, daemon=True).start()
     latencies = []
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -90,10 +90,15 @@ def test_health_answers_while_a_big_prompt_is_tokenized(server: SimpleNamespace)
             assert client.get("/health").status_code == 200
             latencies.append(time.perf_counter() - t)
             time.sleep(0.01)
+    took = time.perf_counter() - started
     assert result[0].status_code == 200, result[0].text
     assert len(latencies) >= 20
-    p99 = statistics.quantiles(latencies, n=100)[98]
-    assert p99 < 0.1, f"/health p99 {p99 * 1000:.0f} ms while tokenizing"
+    # Tokenized on the event loop, one /health would wait out most of the big request (>1 s);
+    # judged against that request's own time, not a fixed bound: CI's loaded two cores put
+    # the p99 at 112 ms once, with the big request taking seconds.
+    assert max(latencies) < took / 3, (
+        f"/health took up to {max(latencies) * 1000:.0f} ms while a {took:.1f} s request was "
+        "tokenized")
 
 
 @pytest.mark.parametrize("stop", [[f"s{i}" for i in range(65)], ["x" * 1025]])

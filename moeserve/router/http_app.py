@@ -53,6 +53,31 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+_MARK = "\x00text\x00"  # serialized as "\u0000text\u0000": no id or model name holds it
+
+
+class _TextEvents:
+    """SSE events of a stream's plain text chunks (a choice's text alone: no finish reason,
+    ids or logprobs), most of a stream: the protocol's own chunk, built once with a marker
+    for the text, serialized and split around it; each token then costs one ``json.dumps`` of
+    its text (~1 us against ~7 us for the whole chunk). One ``created`` for the stream's
+    chunks, as OpenAI's streams have."""
+
+    def __init__(self, build: Callable[[int, str], dict]) -> None:
+        self._build = build
+        self._parts: dict[int, tuple[bytes, bytes] | None] = {}  # per choice index
+
+    def event(self, index: int, text: str) -> bytes:
+        parts = self._parts.get(index, False)
+        if parts is False:
+            doc = _sse(self._build(index, _MARK))
+            split = doc.split(json.dumps(_MARK).encode())
+            parts = self._parts[index] = (split[0], split[1]) if len(split) == 2 else None
+        if parts is None:
+            return _sse(self._build(index, text))
+        return parts[0] + json.dumps(text).encode() + parts[1]
+
+
 async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
     """Non-streaming requests: cancel the work when the client goes away."""
     while not work.done():
@@ -310,29 +335,38 @@ async def _stream(
 ) -> AsyncIterator[bytes]:  # fmt: skip
     """SSE body; if the client disconnects Starlette cancels this, which closes ``deltas``."""
     started: set[int] = set()  # choices whose first chat chunk (with the role) went out
+    if kind == "completion":
+        text_events = _TextEvents(lambda i, text: P.completion_chunk(rid, model, text, index=i))
+    else:
+        text_events = _TextEvents(
+            lambda i, text: P.chat_chunk(rid, model, {"content": text}, index=i))
 
-    def chunk(d: Delta) -> dict | None:
+    def event(d: Delta) -> bytes | None:
         ids = d.token_ids if with_ids else None
         lp = fmt[d.index].render(d.logprobs) if fmt and d.logprobs else None
         if kind == "completion":
-            return P.completion_chunk(rid, model, d.text, d.finish_reason, ids, index=d.index,
-                                      logprobs=lp)
+            if not (d.finish_reason or ids or lp):
+                return text_events.event(d.index, d.text)
+            return _sse(P.completion_chunk(rid, model, d.text, d.finish_reason, ids,
+                                           index=d.index, logprobs=lp))  # fmt: skip
         role = d.index not in started
         started.add(d.index)
         out = outs[d.index]
         delta = out.delta(d.text, d.token_ids, d.finished)
         if not (delta or role or d.finished or ids or lp):
             return None  # all held back (a tool-call marker may be arriving)
+        if not (role or d.finished or ids or lp) and delta.keys() == {"content"}:
+            return text_events.event(d.index, delta["content"])
         delta = {"role": "assistant", **delta} if role else delta
-        return P.chat_chunk(rid, model, delta, out.finish_reason(d.finish_reason), ids,
-                            index=d.index, logprobs=lp)  # fmt: skip
+        return _sse(P.chat_chunk(rid, model, delta, out.finish_reason(d.finish_reason), ids,
+                                 index=d.index, logprobs=lp))  # fmt: skip
 
     try:
-        yield _sse(chunk(first))  # type: ignore[arg-type]  # a first chunk is never held
+        yield event(first)  # type: ignore[misc]  # a first chunk is never held
         if not first.finished or n > 1:
             async for d in deltas:
-                if (c := chunk(d)) is not None:
-                    yield _sse(c)
+                if (e := event(d)) is not None:
+                    yield e
         if include_usage:
             u = P.usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                              reasoning_total(outs))  # fmt: skip

@@ -42,8 +42,9 @@ from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Policy, choose, should_disaggregate
 from moeserve.router.rpc import AttemptFailed, KVRefused, MigrationLimitError
 from moeserve.router.settings import RouterSettings
+from moeserve.router.stream_watch import StreamWatch
 from moeserve.router.wake import WakeGate
-from moeserve.router.workers import LostWatch, WorkerClient, WorkerPool
+from moeserve.router.workers import WorkerClient, WorkerPool
 
 __all__ = ["Chunk", "DeadlineExceededError", "Router"]
 
@@ -321,10 +322,10 @@ class Router:
         prefill_cached = resp.num_cached_tokens if resp is not None else 0
         call = d.stub.Generate(req, timeout=max(deadline - time.monotonic(), 0.001))
         stream = call.__aiter__()
-        watch = LostWatch()
+        watch = StreamWatch()
         got = False
         try:
-            with d.watching_lost(watch.fire):
+            with d.watching_lost(watch.worker_lost):
                 while True:
                     msg = await self._next(d, stream, got, deadline, watch)
                     got = True
@@ -341,11 +342,12 @@ class Router:
         except grpc.RpcError as e:
             raise self._classify(e, d, got, resp is not None) from None
         finally:
+            watch.close()
             if not call.done():  # a finished call has nothing to cancel; skip the C call
                 call.cancel()
 
     async def _next(self, d: WorkerClient, stream, got: bool, deadline: float,
-                    watch: LostWatch) -> worker_pb2.WorkerGenerateResponse:  # fmt: skip
+                    watch: StreamWatch) -> worker_pb2.WorkerGenerateResponse:  # fmt: skip
         """The stream's next message within the first-token or stall timeout; a worker the
         health probe found gone (``watch``) ends the wait at once."""
         s = self.settings
@@ -357,24 +359,17 @@ class Router:
         # timeout must never read as a stalled worker (ejection).
         by_deadline = remaining <= wait
         try:
-            if watch.reason is None:
-                # asyncio.timeout, not wait_for: no extra task per streamed message.
-                async with asyncio.timeout(max(min(wait, remaining), 0.001)) as scope:
-                    watch.scope = scope
-                    try:
-                        return await anext(stream)
-                    finally:
-                        watch.scope = None
+            return await watch.next(stream, max(min(wait, remaining), 0.001))
         except StopAsyncIteration:
             raise AttemptFailed(d, f"{d.address} ended the stream early", True) from None
         except TimeoutError:
-            if watch.reason is None:
-                if by_deadline:
-                    raise DeadlineExceededError("request exceeded its timeout") from None
-                self.metrics.phase_timeouts.labels(phase).inc()
-                raise AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s "
-                                        f"({phase})", True) from None  # fmt: skip
-        raise AttemptFailed(d, f"{d.address} is gone ({watch.reason})", True)
+            if watch.lost is not None:
+                raise AttemptFailed(d, f"{d.address} is gone ({watch.lost})", True) from None
+            if by_deadline:
+                raise DeadlineExceededError("request exceeded its timeout") from None
+            self.metrics.phase_timeouts.labels(phase).inc()
+            raise AttemptFailed(d, f"{d.address} sent nothing for {wait:.1f} s ({phase})",
+                                True) from None  # fmt: skip
 
     def _classify(self, e: grpc.RpcError, d: WorkerClient, got: bool, had_kv: bool) -> Exception:
         code = e.code()

@@ -30,23 +30,9 @@ from moeserve.router.metrics import RouterMetrics
 from moeserve.router.policy import Candidate, WorkerLoad
 from moeserve.router.prefix_index import PrefixIndex
 
-__all__ = ["LostWatch", "WorkerClient", "WorkerPool"]
+__all__ = ["WorkerClient", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
-
-
-class LostWatch:
-    """A stream's view of ``WorkerClient.lost``: ``reason`` once the health probe found the
-    worker gone; the wait under way (``scope``) then expires at once."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.scope: asyncio.Timeout | None = None
-
-    def fire(self, reason: str) -> None:
-        self.reason = reason
-        if self.scope is not None and not self.scope.expired():
-            self.scope.reschedule(0)  # in the past: the wait raises TimeoutError now
 
 
 class WorkerClient:
