@@ -19,21 +19,23 @@ def _parse(event: bytes) -> dict:
     return json.loads(event[6:-2])
 
 
+@pytest.mark.parametrize("with_ids", [False, True])
 @pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_template_events_equal_the_protocols_chunks(kind: str) -> None:
+def test_template_events_equal_the_protocols_chunks(kind: str, with_ids: bool) -> None:
     rid, model = "cmpl-abc", 'model "quoted" \\ name'
     if kind == "completion":
-        def build(i: int, text: str) -> dict:
-            return P.completion_chunk(rid, model, text, index=i)
+        def build(i: int, text: str, ids: object) -> dict:
+            return P.completion_chunk(rid, model, text, None, ids, index=i)
     else:
-        def build(i: int, text: str) -> dict:
-            return P.chat_chunk(rid, model, {"content": text}, index=i)
-    events = _TextEvents(build)
+        def build(i: int, text: str, ids: object) -> dict:
+            return P.chat_chunk(rid, model, {"content": text}, None, ids, index=i)
+    events = _TextEvents(build, with_ids)
     created = None
     for index in (0, 3):
-        for text in TEXTS:
-            got = _parse(events.event(index, text))
-            want = build(index, text)
+        for n, text in enumerate(TEXTS):
+            ids = list(range(100_000, 100_000 + n))  # none, one, several
+            got = _parse(events.event(index, text, ids))
+            want = build(index, text, ids if with_ids else None)
             created = created or got["created"]
             assert got["created"] == created  # one for the whole stream
             got["created"] = want["created"]
@@ -44,6 +46,8 @@ def test_a_name_holding_the_marker_falls_back_to_whole_chunks() -> None:
     from moeserve.router.http_app import _MARK
 
     model = f"m{_MARK}"  # the marker twice in the serialized chunk: no template
-    events = _TextEvents(lambda i, text: P.completion_chunk("id", model, text, index=i))
-    got = _parse(events.event(0, "x"))
+    events = _TextEvents(lambda i, text, ids: P.completion_chunk("id", model, text, None, ids,
+                                                                 index=i), True)
+    got = _parse(events.event(0, "x", [5, 6]))
     assert got["model"] == model and got["choices"][0]["text"] == "x"
+    assert got["choices"][0]["token_ids"] == [5, 6]

@@ -57,25 +57,30 @@ _MARK = "\x00text\x00"  # serialized as "\u0000text\u0000": no id or model name 
 
 
 class _TextEvents:
-    """SSE events of a stream's plain text chunks (a choice's text alone: no finish reason,
-    ids or logprobs), most of a stream: the protocol's own chunk, built once with a marker
-    for the text, serialized and split around it; each token then costs one ``json.dumps`` of
-    its text (~1 us against ~7 us for the whole chunk). One ``created`` for the stream's
-    chunks, as OpenAI's streams have."""
+    """SSE events of a stream's plain text chunks (a choice's text, and its token ids when
+    the request asked for them; no finish reason or logprobs), most of a stream: the
+    protocol's own chunk, built once with markers for the text and the ids, serialized and
+    split around them; each token then costs a ``json.dumps`` of its text (~1 us against
+    ~7 us for the whole chunk). One ``created`` for the stream's chunks, as OpenAI's streams
+    have."""
 
-    def __init__(self, build: Callable[[int, str], dict]) -> None:
+    def __init__(self, build: Callable[[int, str, Any], dict], with_ids: bool) -> None:
         self._build = build
-        self._parts: dict[int, tuple[bytes, bytes] | None] = {}  # per choice index
+        self._with_ids = with_ids
+        self._parts: dict[int, list[bytes] | None] = {}  # per choice index
 
-    def event(self, index: int, text: str) -> bytes:
+    def event(self, index: int, text: str, token_ids: list[int]) -> bytes:
         parts = self._parts.get(index, False)
         if parts is False:
-            doc = _sse(self._build(index, _MARK))
+            doc = _sse(self._build(index, _MARK, _MARK if self._with_ids else None))
             split = doc.split(json.dumps(_MARK).encode())
-            parts = self._parts[index] = (split[0], split[1]) if len(split) == 2 else None
+            parts = self._parts[index] = split if len(split) == 2 + self._with_ids else None
         if parts is None:
-            return _sse(self._build(index, text))
-        return parts[0] + json.dumps(text).encode() + parts[1]
+            return _sse(self._build(index, text, token_ids if self._with_ids else None))
+        event = parts[0] + json.dumps(text).encode() + parts[1]
+        if self._with_ids:
+            event += f"[{','.join(map(str, token_ids))}]".encode() + parts[2]
+        return event
 
 
 async def _until_disconnect(request: Request, work: asyncio.Task) -> None:
@@ -336,17 +341,20 @@ async def _stream(
     """SSE body; if the client disconnects Starlette cancels this, which closes ``deltas``."""
     started: set[int] = set()  # choices whose first chat chunk (with the role) went out
     if kind == "completion":
-        text_events = _TextEvents(lambda i, text: P.completion_chunk(rid, model, text, index=i))
+        text_events = _TextEvents(
+            lambda i, text, ids: P.completion_chunk(rid, model, text, None, ids, index=i),
+            with_ids)
     else:
         text_events = _TextEvents(
-            lambda i, text: P.chat_chunk(rid, model, {"content": text}, index=i))
+            lambda i, text, ids: P.chat_chunk(rid, model, {"content": text}, None, ids, index=i),
+            with_ids)
 
     def event(d: Delta) -> bytes | None:
         ids = d.token_ids if with_ids else None
         lp = fmt[d.index].render(d.logprobs) if fmt and d.logprobs else None
         if kind == "completion":
-            if not (d.finish_reason or ids or lp):
-                return text_events.event(d.index, d.text)
+            if not (d.finish_reason or lp):
+                return text_events.event(d.index, d.text, d.token_ids)
             return _sse(P.completion_chunk(rid, model, d.text, d.finish_reason, ids,
                                            index=d.index, logprobs=lp))  # fmt: skip
         role = d.index not in started
@@ -355,8 +363,8 @@ async def _stream(
         delta = out.delta(d.text, d.token_ids, d.finished)
         if not (delta or role or d.finished or ids or lp):
             return None  # all held back (a tool-call marker may be arriving)
-        if not (role or d.finished or ids or lp) and delta.keys() == {"content"}:
-            return text_events.event(d.index, delta["content"])
+        if not (role or d.finished or lp) and delta.keys() == {"content"}:
+            return text_events.event(d.index, delta["content"], d.token_ids)
         delta = {"role": "assistant", **delta} if role else delta
         return _sse(P.chat_chunk(rid, model, delta, out.finish_reason(d.finish_reason), ids,
                                  index=d.index, logprobs=lp))  # fmt: skip
