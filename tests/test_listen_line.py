@@ -45,3 +45,12 @@ def test_router_line_carries_http_and_grpc() -> None:
     line = "moeserve router listening on http://127.0.0.1:8000 grpc 127.0.0.1:9000"
     m = LISTEN_LINE.fullmatch(line)
     assert m and m.group(1, 2, 3) == ("router", "http://127.0.0.1:8000", "127.0.0.1:9000")
+
+
+def test_a_stdout_without_a_descriptor_still_gets_the_line(capsys) -> None:  # noqa: ANN001
+    from moeserve.common.listen_line import announce_listening
+
+    announce_listening("worker", "127.0.0.1:1", metrics="http://127.0.0.1:2/metrics")
+    out = capsys.readouterr().out
+    m = LISTEN_LINE.fullmatch(out.rstrip("\n"))
+    assert m and m.group(2, 4) == ("127.0.0.1:1", "http://127.0.0.1:2/metrics")

@@ -24,5 +24,10 @@ def announce_listening(kind: str, address: str, *, grpc: str | None = None,
     line = f"moeserve {kind} listening on {address}"
     line += f" grpc {grpc}" if grpc else ""
     line += f" metrics {metrics}" if metrics else ""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured in-process (a test, an embedder)
+        print(line, flush=True)
+        return
     sys.stdout.flush()  # what was printed before goes first
-    os.write(sys.stdout.fileno(), (line + "\n").encode())
+    os.write(fd, (line + "\n").encode())
