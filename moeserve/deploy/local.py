@@ -57,7 +57,6 @@ __all__ = ["LocalCluster", "ClusterSpec", "StartupError", "Interrupted", "local_
 LAPTOP_DISAGG_THRESHOLD = 0
 
 
-
 class StartupError(MoeServeError):
     """A child did not come up; its own output (above, prefixed with its name) says why."""
 

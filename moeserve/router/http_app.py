@@ -70,11 +70,11 @@ class _TextEvents:
         self._parts: dict[int, list[bytes] | None] = {}  # per choice index
 
     def event(self, index: int, text: str, token_ids: list[int]) -> bytes:
-        parts = self._parts.get(index, False)
-        if parts is False:
+        if index not in self._parts:
             doc = _sse(self._build(index, _MARK, _MARK if self._with_ids else None))
             split = doc.split(json.dumps(_MARK).encode())
-            parts = self._parts[index] = split if len(split) == 2 + self._with_ids else None
+            self._parts[index] = split if len(split) == 2 + self._with_ids else None
+        parts = self._parts[index]
         if parts is None:
             return _sse(self._build(index, text, token_ids if self._with_ids else None))
         event = parts[0] + json.dumps(text).encode() + parts[1]
